@@ -1,0 +1,9 @@
+//! picklegate's core, free of Python: the manifest, hashing, opcode scanning and the decisions.
+//! The binding crate converts types and maps each error here to one Python exception.
+
+pub mod callsite;
+pub mod event;
+pub mod hash;
+pub mod manifest;
+pub mod policy;
+pub mod scan;

@@ -1,0 +1,355 @@
+//! The manifest: the frozen list of pickles a deployment may load (`[[allow]]`), the transports
+//! it trusts by globals (`[[trust]]`), and extra loader modules, parsed from TOML version 1.
+
+use crate::callsite::{callsite_matches, global_matches};
+use crate::hash::Digest;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+use toml::Spanned;
+
+pub const SUPPORTED_VERSION: i64 = 1;
+
+/// One reviewed pickle, allowed at the callsites its pattern matches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllowEntry {
+    pub sha256: Digest,
+    pub callsite: String,
+    pub note: Option<String>,
+    pub globals: Vec<String>,
+    pub line: usize,
+}
+
+impl AllowEntry {
+    /// An entry that lists no globals accepts whatever the reviewed bytes resolve.
+    pub fn permits_global(&self, module: &str, name: &str) -> bool {
+        self.globals.is_empty() || self.globals.iter().any(|p| global_matches(p, module, name))
+    }
+}
+
+/// A transport whose pickles change on every call: trusted by callsite, bounded by globals.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrustRule {
+    pub callsite: String,
+    pub globals: Vec<String>,
+    pub line: usize,
+}
+
+impl TrustRule {
+    pub fn permits_global(&self, module: &str, name: &str) -> bool {
+        self.globals.iter().any(|p| global_matches(p, module, name))
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Manifest {
+    pub source: String,
+    pub allow: Vec<AllowEntry>,
+    pub trust: Vec<TrustRule>,
+    pub loaders: Vec<String>,
+    by_sha256: HashMap<Digest, Vec<usize>>,
+}
+
+/// A manifest that cannot be used. Every variant names the file; parse errors name line and column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManifestError {
+    Unreadable { file: String, reason: String },
+    Invalid { file: String, line: usize, column: usize, message: String },
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ManifestError::Unreadable { file, reason } => {
+                write!(f, "{file}: cannot read the pickle manifest: {reason}")
+            }
+            ManifestError::Invalid { file, line, column, message } => {
+                write!(f, "{file}:{line}:{column}: {message}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    version: Option<Spanned<i64>>,
+    #[serde(default)]
+    allow: Vec<Spanned<RawAllow>>,
+    #[serde(default)]
+    trust: Vec<Spanned<RawTrust>>,
+    #[serde(default)]
+    loaders: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAllow {
+    sha256: Spanned<String>,
+    callsite: Spanned<String>,
+    note: Option<String>,
+    #[serde(default)]
+    globals: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrust {
+    callsite: Spanned<String>,
+    globals: Spanned<Vec<Spanned<String>>>,
+}
+
+/// Byte offset to 1-based (line, column), counting columns in characters.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+struct Located<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Located<'_> {
+    fn error(&self, span: Range<usize>, message: impl Into<String>) -> ManifestError {
+        let (line, column) = line_column(self.text, span.start);
+        ManifestError::Invalid { file: self.file.to_string(), line, column, message: message.into() }
+    }
+
+    fn line_of(&self, span: &Range<usize>) -> usize {
+        line_column(self.text, span.start).0
+    }
+
+    fn pattern(&self, value: &Spanned<String>, what: &str) -> Result<String, ManifestError> {
+        let text = value.get_ref().trim();
+        if text.is_empty() {
+            return Err(self.error(value.span(), format!("{what} must not be empty")));
+        }
+        if text.chars().any(char::is_whitespace) {
+            return Err(self.error(
+                value.span(),
+                format!("{what} {text:?} contains whitespace; expected `module:qualname` or `module.name`, with `*` globs"),
+            ));
+        }
+        Ok(text.to_string())
+    }
+
+    fn global_patterns(&self, values: &[Spanned<String>]) -> Result<Vec<String>, ManifestError> {
+        values.iter().map(|g| self.pattern(g, "a global pattern")).collect()
+    }
+}
+
+impl Manifest {
+    /// Reads and validates the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Self, ManifestError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ManifestError::Unreadable { file: file.clone(), reason: e.to_string() })?;
+        Self::parse(&text, &file)
+    }
+
+    /// Parses manifest text; `file` is only used to name the source in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ManifestError> {
+        let at = Located { file, text };
+        let raw: RawManifest = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            at.error(span, e.message().trim().to_string())
+        })?;
+
+        match &raw.version {
+            None => {
+                return Err(at.error(0..0, format!(
+                    "missing `version = {SUPPORTED_VERSION}` at the top of the manifest"
+                )))
+            }
+            Some(v) if *v.get_ref() != SUPPORTED_VERSION => {
+                return Err(at.error(v.span(), format!(
+                    "unknown manifest version {}; this picklegate reads version {SUPPORTED_VERSION}",
+                    v.get_ref()
+                )))
+            }
+            Some(_) => {}
+        }
+
+        let mut manifest = Manifest { source: file.to_string(), ..Default::default() };
+        manifest.allow.reserve(raw.allow.len());
+        for entry in &raw.allow {
+            let line = at.line_of(&entry.span());
+            let entry = entry.get_ref();
+            let sha256 = Digest::parse(entry.sha256.get_ref().trim()).map_err(|e| {
+                at.error(entry.sha256.span(), format!("bad sha256 {:?}: {e}", entry.sha256.get_ref()))
+            })?;
+            manifest.allow.push(AllowEntry {
+                sha256,
+                callsite: at.pattern(&entry.callsite, "callsite")?,
+                note: entry.note.clone(),
+                globals: at.global_patterns(&entry.globals)?,
+                line,
+            });
+        }
+        for rule in &raw.trust {
+            let line = at.line_of(&rule.span());
+            let rule = rule.get_ref();
+            if rule.globals.get_ref().is_empty() {
+                return Err(at.error(
+                    rule.globals.span(),
+                    "a [[trust]] rule needs at least one global pattern; it bounds what the transport may resolve",
+                ));
+            }
+            manifest.trust.push(TrustRule {
+                callsite: at.pattern(&rule.callsite, "callsite")?,
+                globals: at.global_patterns(rule.globals.get_ref())?,
+                line,
+            });
+        }
+        for loader in &raw.loaders {
+            manifest.loaders.push(at.pattern(loader, "a loader module")?);
+        }
+        manifest.index();
+        Ok(manifest)
+    }
+
+    /// A manifest with no rules: `enforce` with it denies every load.
+    pub fn empty(source: &str) -> Self {
+        Manifest { source: source.to_string(), ..Default::default() }
+    }
+
+    fn index(&mut self) {
+        self.by_sha256 = HashMap::with_capacity(self.allow.len());
+        for (i, entry) in self.allow.iter().enumerate() {
+            self.by_sha256.entry(entry.sha256).or_default().push(i);
+        }
+    }
+
+    /// The `[[allow]]` entries for these bytes, in manifest order.
+    pub fn entries_for(&self, sha256: &Digest) -> impl Iterator<Item = (usize, &AllowEntry)> {
+        self.by_sha256
+            .get(sha256)
+            .into_iter()
+            .flatten()
+            .map(move |&i| (i, &self.allow[i]))
+    }
+
+    /// The first `[[trust]]` rule whose callsite pattern matches.
+    pub fn trust_for(&self, callsite: &str) -> Option<(usize, &TrustRule)> {
+        self.trust.iter().enumerate().find(|(_, r)| callsite_matches(&r.callsite, callsite))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHA: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    fn invalid(text: &str) -> (usize, usize, String) {
+        match Manifest::parse(text, "m.toml") {
+            Err(ManifestError::Invalid { file, line, column, message }) => {
+                assert_eq!(file, "m.toml");
+                (line, column, message)
+            }
+            other => panic!("expected an Invalid error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_the_spec_example() {
+        let text = format!(
+            "version = 1\n\n[[allow]]\nsha256 = \"{SHA}\"\ncallsite = \"myapp.serving:load_model\"\nnote = \"resnet\"\nglobals = [\"collections.OrderedDict\"]\n\n[[trust]]\ncallsite = \"multiprocessing.*\"\nglobals = [\"multiprocessing.pool.*\"]\n\nloaders = []\n"
+        );
+        // `loaders` after a table header belongs to that table: the spec places it at the top.
+        let text = text.replace("\nloaders = []\n", "\n");
+        let m = Manifest::parse(&format!("loaders = [\"myorg.io\"]\n{text}"), "m.toml").unwrap();
+        assert_eq!(m.allow.len(), 1);
+        assert_eq!(m.allow[0].line, 4);
+        assert_eq!(m.allow[0].note.as_deref(), Some("resnet"));
+        assert_eq!(m.trust[0].line, 10);
+        assert_eq!(m.loaders, vec!["myorg.io".to_string()]);
+        let digest = Digest::parse(SHA).unwrap();
+        assert_eq!(m.entries_for(&digest).count(), 1);
+        assert_eq!(m.entries_for(&Digest::of(b"other")).count(), 0);
+        assert!(m.trust_for("multiprocessing.connection:Connection.recv").is_some());
+        assert!(m.trust_for("myapp:main").is_none());
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let (line, column, message) =
+            invalid(&format!("version = 1\n[[allow]]\nsha256 = \"{SHA}\"\ncallsite = \"a:b\"\nnotes = \"x\"\n"));
+        assert_eq!((line, column), (5, 1));
+        assert!(message.contains("unknown field `notes`"), "{message}");
+    }
+
+    #[test]
+    fn bad_hex_is_located() {
+        let bad = "g".repeat(64);
+        let (line, column, message) =
+            invalid(&format!("version = 1\n[[allow]]\nsha256 = \"{bad}\"\ncallsite = \"a:b\"\n"));
+        assert_eq!((line, column), (3, 10));
+        assert!(message.contains("hex"), "{message}");
+    }
+
+    #[test]
+    fn wrong_length_is_located() {
+        let (line, _, message) = invalid("version = 1\n[[allow]]\nsha256 = \"abcd\"\ncallsite = \"a:b\"\n");
+        assert_eq!(line, 3);
+        assert!(message.contains("found 4 characters"), "{message}");
+    }
+
+    #[test]
+    fn unknown_and_missing_version() {
+        let (line, column, message) = invalid("version = 2\n");
+        assert_eq!((line, column), (1, 11));
+        assert!(message.contains("unknown manifest version 2"), "{message}");
+        let (_, _, message) = invalid("loaders = []\n");
+        assert!(message.contains("missing `version = 1`"), "{message}");
+    }
+
+    #[test]
+    fn toml_syntax_error_is_located() {
+        let (line, _, _) = invalid("version = 1\n[[allow]\n");
+        assert_eq!(line, 2);
+    }
+
+    #[test]
+    fn missing_callsite_and_wrong_type() {
+        let (line, _, message) = invalid(&format!("version = 1\n[[allow]]\nsha256 = \"{SHA}\"\n"));
+        assert_eq!(line, 2);
+        assert!(message.contains("callsite"), "{message}");
+        let (line, _, message) = invalid("version = 1\n[[trust]]\ncallsite = \"a.*\"\nglobals = \"x\"\n");
+        assert_eq!(line, 4);
+        assert!(message.contains("sequence") || message.contains("array"), "{message}");
+    }
+
+    #[test]
+    fn trust_needs_globals() {
+        let (line, column, message) = invalid("version = 1\n[[trust]]\ncallsite = \"a.*\"\nglobals = []\n");
+        assert_eq!((line, column), (4, 11));
+        assert!(message.contains("at least one global"), "{message}");
+    }
+
+    #[test]
+    fn unreadable_file_names_the_path() {
+        let err = Manifest::load(Path::new("/nonexistent/pickles.toml")).unwrap_err();
+        assert!(err.to_string().starts_with("/nonexistent/pickles.toml: cannot read"), "{err}");
+    }
+
+    #[test]
+    fn lookup_by_sha_is_indexed() {
+        let mut text = String::from("version = 1\n");
+        for i in 0..2000u32 {
+            let sha = Digest::of(&i.to_le_bytes());
+            text.push_str(&format!("[[allow]]\nsha256 = \"{sha}\"\ncallsite = \"app:f{i}\"\n"));
+        }
+        let m = Manifest::parse(&text, "big.toml").unwrap();
+        let (i, e) = m.entries_for(&Digest::of(&1234u32.to_le_bytes())).next().unwrap();
+        assert_eq!((i, e.callsite.as_str()), (1234, "app:f1234"));
+    }
+}

@@ -1,0 +1,498 @@
+//! Load decisions as pure functions: the operator's manifest and mode, then the code's
+//! `no_pickles`/`allow_pickles` scope, then the backstop's ruling on each resolved global.
+
+use crate::callsite::callsite_matches;
+use crate::hash::Digest;
+use crate::manifest::Manifest;
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+/// How the operator wants violations handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mode {
+    Off,
+    Record,
+    Warn,
+    Enforce,
+}
+
+impl Mode {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "enforce" => Ok(Mode::Enforce),
+            "warn" => Ok(Mode::Warn),
+            "record" => Ok(Mode::Record),
+            "off" => Ok(Mode::Off),
+            _ => Err(format!("unknown picklegate mode {text:?}; expected one of enforce, warn, record, off")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Off => "off",
+            Mode::Record => "record",
+            Mode::Warn => "warn",
+            Mode::Enforce => "enforce",
+        }
+    }
+}
+
+/// Why a load (or a global) was let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Approval {
+    /// No rule applies: mode `off`, or a mode that runs everything and reports.
+    Unchecked,
+    /// The bytes are listed in `[[allow]]` entry N for this callsite.
+    Entry(usize),
+    /// The callsite is a transport trusted by `[[trust]]` rule N and its globals fit.
+    Trust(usize),
+}
+
+/// Why the operator's policy refuses a load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// `enforce` with no manifest: the global no-pickle mode.
+    NoPolicy,
+    /// The sha256 is not in the manifest and no `[[trust]]` rule covers the callsite.
+    NotListed,
+    /// The sha256 is listed, but for other callsites.
+    WrongCallsite { listed_for: Vec<String> },
+    /// A trusted transport's pickle resolves a global its rule does not list.
+    UntrustedGlobal { rule: usize, global: String },
+    /// A trusted transport's pickle could not be scanned, so its globals are unknown.
+    Unscannable { rule: usize, reason: String },
+    /// The backstop saw a global resolved by an unpickler that picklegate did not decide on.
+    OutsideApprovedLoad { global: String },
+    /// A global outside the `globals` list of the entry that approved the load.
+    GlobalNotInEntry { entry: usize, global: String },
+}
+
+/// What to do with a load or a global, given the verdict and the mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Run,
+    /// Run it, and log the refusal the mode chose not to enforce (`warn`) or the load (`record`).
+    RunAndReport,
+    Refuse,
+}
+
+/// The outcome of judging one load or one global.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Judgement {
+    pub verdict: Result<Approval, Refusal>,
+    pub action: Action,
+}
+
+/// The facts about a load that the policy looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct Load<'a> {
+    pub sha256: &'a Digest,
+    pub callsite: &'a str,
+}
+
+/// A global as scanned from the bytes or resolved by the unpickler: `(module, name)`.
+pub type Global = (String, String);
+
+/// The operator's layer: a mode and, optionally, a manifest.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub mode: Mode,
+    pub manifest: Option<Arc<Manifest>>,
+}
+
+impl Policy {
+    /// Judges a load. `scan_globals` is called only when a `[[trust]]` rule needs the globals.
+    pub fn judge_load(
+        &self,
+        load: Load<'_>,
+        scan_globals: impl FnOnce() -> Result<Vec<Global>, String>,
+    ) -> Judgement {
+        if self.mode == Mode::Off {
+            return Judgement { verdict: Ok(Approval::Unchecked), action: Action::Run };
+        }
+        let verdict = self.rule_for_load(load, scan_globals);
+        let action = self.action_for(&verdict);
+        Judgement { verdict, action }
+    }
+
+    fn rule_for_load(
+        &self,
+        load: Load<'_>,
+        scan_globals: impl FnOnce() -> Result<Vec<Global>, String>,
+    ) -> Result<Approval, Refusal> {
+        let Some(manifest) = &self.manifest else { return Err(Refusal::NoPolicy) };
+        let mut listed_for = Vec::new();
+        for (index, entry) in manifest.entries_for(load.sha256) {
+            if callsite_matches(&entry.callsite, load.callsite) {
+                return Ok(Approval::Entry(index));
+            }
+            listed_for.push(entry.callsite.clone());
+        }
+        if let Some((index, rule)) = manifest.trust_for(load.callsite) {
+            let globals = scan_globals().map_err(|reason| Refusal::Unscannable { rule: index, reason })?;
+            return match globals.iter().find(|(m, n)| !rule.permits_global(m, n)) {
+                Some((m, n)) => Err(Refusal::UntrustedGlobal { rule: index, global: format!("{m}.{n}") }),
+                None => Ok(Approval::Trust(index)),
+            };
+        }
+        if listed_for.is_empty() {
+            Err(Refusal::NotListed)
+        } else {
+            Err(Refusal::WrongCallsite { listed_for })
+        }
+    }
+
+    fn action_for(&self, verdict: &Result<Approval, Refusal>) -> Action {
+        match (self.mode, verdict) {
+            (Mode::Off, _) => Action::Run,
+            (Mode::Record, _) => Action::RunAndReport,
+            (Mode::Warn, Ok(_)) => Action::Run,
+            (Mode::Warn, Err(_)) => Action::RunAndReport,
+            (Mode::Enforce, Ok(_)) => Action::Run,
+            (Mode::Enforce, Err(_)) => Action::Refuse,
+        }
+    }
+
+    /// The approval a load that runs carries into the backstop: in `warn` and `record`, a refused
+    /// load still runs, and its globals are then only reported.
+    pub fn approval_while_running(&self, judgement: &Judgement) -> Approval {
+        judgement.verdict.clone().unwrap_or(Approval::Unchecked)
+    }
+
+    /// The backstop: judges a global resolved while `active` (the innermost load picklegate
+    /// decided on this thread, if any) runs. `callsite` is computed only when needed.
+    pub fn judge_global(
+        &self,
+        active: Option<Approval>,
+        module: &str,
+        name: &str,
+        callsite: impl FnOnce() -> String,
+    ) -> Judgement {
+        if self.mode == Mode::Off {
+            return Judgement { verdict: Ok(Approval::Unchecked), action: Action::Run };
+        }
+        let global = || format!("{module}.{name}");
+        let verdict = match (active, &self.manifest) {
+            (Some(Approval::Unchecked), _) => Ok(Approval::Unchecked),
+            (Some(Approval::Entry(i)), Some(m)) if m.allow[i].permits_global(module, name) => {
+                Ok(Approval::Entry(i))
+            }
+            (Some(Approval::Entry(i)), _) => Err(Refusal::GlobalNotInEntry { entry: i, global: global() }),
+            (Some(Approval::Trust(i)), Some(m)) if m.trust[i].permits_global(module, name) => {
+                Ok(Approval::Trust(i))
+            }
+            (Some(Approval::Trust(i)), _) => Err(Refusal::UntrustedGlobal { rule: i, global: global() }),
+            (None, Some(m)) => match m.trust_for(&callsite()) {
+                Some((i, rule)) if rule.permits_global(module, name) => Ok(Approval::Trust(i)),
+                Some((i, _)) => Err(Refusal::UntrustedGlobal { rule: i, global: global() }),
+                None => Err(Refusal::OutsideApprovedLoad { global: global() }),
+            },
+            (None, None) => Err(Refusal::OutsideApprovedLoad { global: global() }),
+        };
+        let action = match (self.mode, &verdict) {
+            (Mode::Record, Ok(_)) => Action::Run,
+            _ => self.action_for(&verdict),
+        };
+        Judgement { verdict, action }
+    }
+}
+
+impl Refusal {
+    /// One sentence on what was refused, for messages and logs.
+    pub fn describe(&self, manifest: Option<&Manifest>) -> String {
+        match self {
+            Refusal::NoPolicy => "picklegate is in enforce mode with no manifest: every pickle load is refused".into(),
+            Refusal::NotListed => "this pickle's sha256 is not in the manifest".into(),
+            Refusal::WrongCallsite { listed_for } => format!(
+                "this pickle's sha256 is in the manifest, but only for callsite(s) {}",
+                listed_for.join(", ")
+            ),
+            Refusal::UntrustedGlobal { rule, global } => format!(
+                "global {global} is not allowed by the [[trust]] rule{}",
+                rule_location(manifest, |m| m.trust.get(*rule).map(|r| (r.line, r.callsite.as_str())))
+            ),
+            Refusal::Unscannable { rule, reason } => format!(
+                "the pickle could not be scanned for the [[trust]] rule{}: {reason}",
+                rule_location(manifest, |m| m.trust.get(*rule).map(|r| (r.line, r.callsite.as_str())))
+            ),
+            Refusal::OutsideApprovedLoad { global } => format!(
+                "global {global} was resolved by an unpickler outside any approved load (backstop)"
+            ),
+            Refusal::GlobalNotInEntry { entry, global } => format!(
+                "global {global} is not in the globals list of the [[allow]] entry{}",
+                rule_location(manifest, |m| m.allow.get(*entry).map(|e| (e.line, e.callsite.as_str())))
+            ),
+        }
+    }
+}
+
+fn rule_location(
+    manifest: Option<&Manifest>,
+    find: impl Fn(&Manifest) -> Option<(usize, &str)>,
+) -> String {
+    manifest
+        .and_then(|m| find(m).map(|(line, callsite)| format!(" for {callsite} at {}:{line}", m.source)))
+        .unwrap_or_default()
+}
+
+/// Where a token was made or is used: the thread and the asyncio task (0 outside a task).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub thread: u64,
+    pub task: u64,
+}
+
+/// What the scope knows of a token passed to `allow_pickles`.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenFacts {
+    pub id: u64,
+    pub origin: Origin,
+    pub open: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadToken {
+    Finished,
+    OtherThread,
+    OtherTask,
+    NotInScope,
+}
+
+impl fmt::Display for BadToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BadToken::Finished => "the token's no_pickles() block has already finished",
+            BadToken::OtherThread => "the token was made by no_pickles() in another thread",
+            BadToken::OtherTask => "the token was made by no_pickles() in another asyncio task",
+            BadToken::NotInScope => "the token's no_pickles() block is not active in this context",
+        })
+    }
+}
+
+/// Why the code's own narrowing refuses a load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScopeRefusal {
+    /// Inside a `no_pickles()` block that no `allow_pickles(token)` lifted.
+    NoPickles,
+    /// Inside `allow_pickles(token, only_objects=[...])` that does not list these bytes.
+    NotInOnlyObjects,
+}
+
+#[derive(Debug)]
+enum Layer {
+    NoPickles { token: u64 },
+    Allow { token: u64, only: Option<HashSet<Digest>> },
+}
+
+#[derive(Debug)]
+struct Node {
+    layer: Layer,
+    outer: Scope,
+}
+
+/// The code's narrowing, innermost layer first; immutable, so a context variable can hold it.
+#[derive(Debug, Clone, Default)]
+pub struct Scope(Option<Arc<Node>>);
+
+impl Scope {
+    pub fn is_open(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn push(&self, layer: Layer) -> Scope {
+        Scope(Some(Arc::new(Node { layer, outer: self.clone() })))
+    }
+
+    fn layers(&self) -> impl Iterator<Item = &Layer> {
+        let mut cursor = self.0.as_deref();
+        std::iter::from_fn(move || {
+            let node = cursor?;
+            cursor = node.outer.0.as_deref();
+            Some(&node.layer)
+        })
+    }
+
+    /// Enters a `no_pickles()` block made with token `token`.
+    pub fn no_pickles(&self, token: u64) -> Scope {
+        self.push(Layer::NoPickles { token })
+    }
+
+    /// Enters `allow_pickles(token, only_objects)`, if the token may open a block here.
+    pub fn allow(&self, token: TokenFacts, here: Origin, only: Option<HashSet<Digest>>) -> Result<Scope, BadToken> {
+        if !token.open {
+            return Err(BadToken::Finished);
+        }
+        if token.origin.thread != here.thread {
+            return Err(BadToken::OtherThread);
+        }
+        if token.origin.task != here.task {
+            return Err(BadToken::OtherTask);
+        }
+        if !self.layers().any(|l| matches!(l, Layer::NoPickles { token: t } if *t == token.id)) {
+            return Err(BadToken::NotInScope);
+        }
+        Ok(self.push(Layer::Allow { token: token.id, only }))
+    }
+
+    /// Whether a load of these bytes may run in this scope. `allow_pickles(token)` lifts only
+    /// its own token's block, so it never opens more than was open outside that block.
+    pub fn permits(&self, sha256: Option<&Digest>) -> Result<(), ScopeRefusal> {
+        let mut lifted: Vec<u64> = Vec::new();
+        for layer in self.layers() {
+            match layer {
+                Layer::Allow { token, only } => {
+                    if let Some(only) = only {
+                        if !sha256.is_some_and(|d| only.contains(d)) {
+                            return Err(ScopeRefusal::NotInOnlyObjects);
+                        }
+                    }
+                    lifted.push(*token);
+                }
+                Layer::NoPickles { token } if !lifted.contains(token) => return Err(ScopeRefusal::NoPickles),
+                Layer::NoPickles { .. } => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HERE: Origin = Origin { thread: 1, task: 0 };
+
+    fn manifest(text: &str) -> Arc<Manifest> {
+        Arc::new(Manifest::parse(&format!("version = 1\n{text}"), "m.toml").unwrap())
+    }
+
+    fn allow_entry(digest: &Digest, callsite: &str) -> String {
+        format!("[[allow]]\nsha256 = \"{digest}\"\ncallsite = \"{callsite}\"\n")
+    }
+
+    fn no_scan() -> Result<Vec<Global>, String> {
+        panic!("the globals should not be scanned here")
+    }
+
+    #[test]
+    fn listed_pickle_at_its_callsite_runs_elsewhere_refused() {
+        let d = Digest::of(b"model");
+        let policy = Policy { mode: Mode::Enforce, manifest: Some(manifest(&allow_entry(&d, "app.serve:load_*"))) };
+        let ok = policy.judge_load(Load { sha256: &d, callsite: "app.serve:load_model" }, no_scan);
+        assert_eq!(ok, Judgement { verdict: Ok(Approval::Entry(0)), action: Action::Run });
+        let elsewhere = policy.judge_load(Load { sha256: &d, callsite: "app.other:f" }, no_scan);
+        assert_eq!(elsewhere.action, Action::Refuse);
+        assert_eq!(elsewhere.verdict, Err(Refusal::WrongCallsite { listed_for: vec!["app.serve:load_*".into()] }));
+        let flipped = Digest::of(b"modeL");
+        let other = policy.judge_load(Load { sha256: &flipped, callsite: "app.serve:load_model" }, no_scan);
+        assert_eq!(other.verdict, Err(Refusal::NotListed));
+    }
+
+    #[test]
+    fn enforce_without_manifest_refuses_everything_warn_reports_off_runs() {
+        let d = Digest::of(b"x");
+        let load = Load { sha256: &d, callsite: "a:b" };
+        let enforce = Policy { mode: Mode::Enforce, manifest: None };
+        assert_eq!(enforce.judge_load(load, no_scan).verdict, Err(Refusal::NoPolicy));
+        assert_eq!(enforce.judge_load(load, no_scan).action, Action::Refuse);
+        let warn = Policy { mode: Mode::Warn, manifest: None };
+        assert_eq!(warn.judge_load(load, no_scan).action, Action::RunAndReport);
+        let off = Policy { mode: Mode::Off, manifest: None };
+        assert_eq!(off.judge_load(load, no_scan).action, Action::Run);
+        let record = Policy { mode: Mode::Record, manifest: None };
+        assert_eq!(record.judge_load(load, no_scan).action, Action::RunAndReport);
+    }
+
+    #[test]
+    fn trust_rules_bound_globals() {
+        let policy = Policy {
+            mode: Mode::Enforce,
+            manifest: Some(manifest("[[trust]]\ncallsite = \"multiprocessing.*\"\nglobals = [\"multiprocessing.pool.*\", \"app.tasks.*\"]\n")),
+        };
+        let d = Digest::of(b"task");
+        let at = Load { sha256: &d, callsite: "multiprocessing.connection:Connection.recv" };
+        let good = policy.judge_load(at, || Ok(vec![("app.tasks".into(), "square".into())]));
+        assert_eq!(good.verdict, Ok(Approval::Trust(0)));
+        let bad = policy.judge_load(at, || Ok(vec![("posix".into(), "system".into())]));
+        assert_eq!(bad.verdict, Err(Refusal::UntrustedGlobal { rule: 0, global: "posix.system".into() }));
+        let dotted = policy.judge_load(at, || Ok(vec![("app.tasks".into(), "os.system".into())]));
+        assert_eq!(dotted.action, Action::Refuse);
+        let broken = policy.judge_load(at, || Err("truncated".into()));
+        assert!(matches!(broken.verdict, Err(Refusal::Unscannable { .. })));
+        let elsewhere = policy.judge_load(Load { sha256: &d, callsite: "app:main" }, no_scan);
+        assert_eq!(elsewhere.verdict, Err(Refusal::NotListed));
+    }
+
+    #[test]
+    fn backstop_judges_globals() {
+        let d = Digest::of(b"m");
+        let text = format!(
+            "{}globals = [\"collections.OrderedDict\"]\n[[trust]]\ncallsite = \"multiprocessing.*\"\nglobals = [\"app.*\"]\n",
+            allow_entry(&d, "app:load")
+        );
+        let policy = Policy { mode: Mode::Enforce, manifest: Some(manifest(&text)) };
+        let never = || -> String { panic!("callsite not needed inside a decided load") };
+        assert_eq!(policy.judge_global(Some(Approval::Entry(0)), "collections", "OrderedDict", never).action, Action::Run);
+        assert_eq!(policy.judge_global(Some(Approval::Entry(0)), "posix", "system", never).action, Action::Refuse);
+        assert_eq!(policy.judge_global(Some(Approval::Unchecked), "posix", "system", never).action, Action::Run);
+        let escaped = policy.judge_global(None, "posix", "system", || "app:main".into());
+        assert_eq!(escaped.verdict, Err(Refusal::OutsideApprovedLoad { global: "posix.system".into() }));
+        let transport = policy.judge_global(None, "app", "f", || "multiprocessing.queues:SimpleQueue.get".into());
+        assert_eq!(transport.verdict, Ok(Approval::Trust(0)));
+        let warn = Policy { mode: Mode::Warn, ..policy.clone() };
+        assert_eq!(warn.judge_global(None, "posix", "system", || "app:main".into()).action, Action::RunAndReport);
+        let deny_all = Policy { mode: Mode::Enforce, manifest: None };
+        assert_eq!(deny_all.judge_global(None, "builtins", "dict", || "a:b".into()).action, Action::Refuse);
+    }
+
+    #[test]
+    fn scope_no_pickles_and_allow() {
+        let d = Digest::of(b"x");
+        let open = Scope::default();
+        assert!(open.is_open());
+        assert_eq!(open.permits(Some(&d)), Ok(()));
+        let token = TokenFacts { id: 7, origin: HERE, open: true };
+        let closed = open.no_pickles(7);
+        assert_eq!(closed.permits(Some(&d)), Err(ScopeRefusal::NoPickles));
+        let lifted = closed.allow(token, HERE, None).unwrap();
+        assert_eq!(lifted.permits(Some(&d)), Ok(()));
+        let only = closed.allow(token, HERE, Some([Digest::of(b"y")].into())).unwrap();
+        assert_eq!(only.permits(Some(&d)), Err(ScopeRefusal::NotInOnlyObjects));
+        assert_eq!(only.permits(Some(&Digest::of(b"y"))), Ok(()));
+        assert_eq!(only.permits(None), Err(ScopeRefusal::NotInOnlyObjects));
+    }
+
+    #[test]
+    fn bad_tokens_are_refused() {
+        let scope = Scope::default().no_pickles(7);
+        let facts = |open, origin| TokenFacts { id: 7, origin, open };
+        assert_eq!(scope.allow(facts(false, HERE), HERE, None).unwrap_err(), BadToken::Finished);
+        let other_thread = Origin { thread: 2, task: 0 };
+        assert_eq!(scope.allow(facts(true, other_thread), HERE, None).unwrap_err(), BadToken::OtherThread);
+        let other_task = Origin { thread: 1, task: 99 };
+        assert_eq!(scope.allow(facts(true, other_task), HERE, None).unwrap_err(), BadToken::OtherTask);
+        let stranger = TokenFacts { id: 8, origin: HERE, open: true };
+        assert_eq!(scope.allow(stranger, HERE, None).unwrap_err(), BadToken::NotInScope);
+    }
+
+    #[test]
+    fn lifting_an_outer_token_does_not_lift_an_inner_block() {
+        let d = Digest::of(b"x");
+        let app = TokenFacts { id: 1, origin: HERE, open: true };
+        let scope = Scope::default().no_pickles(1).no_pickles(2).allow(app, HERE, None).unwrap();
+        assert_eq!(scope.permits(Some(&d)), Err(ScopeRefusal::NoPickles));
+        // An allow inside an only_objects block keeps the outer narrowing.
+        let narrowed = Scope::default().no_pickles(1).allow(app, HERE, Some([Digest::of(b"y")].into())).unwrap();
+        let inner = TokenFacts { id: 3, origin: HERE, open: true };
+        let reopened = narrowed.no_pickles(3).allow(inner, HERE, None).unwrap();
+        assert_eq!(reopened.permits(Some(&d)), Err(ScopeRefusal::NotInOnlyObjects));
+    }
+
+    #[test]
+    fn modes_parse_with_a_clear_error() {
+        assert_eq!(Mode::parse("ENFORCE"), Ok(Mode::Enforce));
+        let err = Mode::parse("strict").unwrap_err();
+        assert!(err.contains("\"strict\"") && err.contains("enforce, warn, record, off"), "{err}");
+    }
+}
