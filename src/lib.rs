@@ -1,1 +1,82 @@
-//! placeholder
+//! `picklegate._core`: the thin pyo3 layer over `picklegate-core`. It converts types, keeps the
+//! process-wide state, registers the audit hook, and raises one Python exception per core error.
+
+mod audit;
+mod buffer;
+mod errors;
+mod interpose;
+mod load;
+mod state;
+mod tokens;
+
+use buffer::Bytes;
+use picklegate_core::hash::Digest;
+use picklegate_core::scan::{Need, Progress, Scanner};
+use pyo3::prelude::*;
+
+/// The sha256 of a bytes-like object, as 64 hex digits.
+#[pyfunction]
+fn sha256(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<String> {
+    let bytes = Bytes::borrow(data)?;
+    let slice = bytes.as_slice();
+    Ok(py.detach(|| Digest::of(slice)).to_hex())
+}
+
+/// The sha256 of a file's whole content (what `sha256sum` prints).
+#[pyfunction]
+fn sha256_file(py: Python<'_>, path: std::path::PathBuf) -> PyResult<String> {
+    let digest = py.detach(|| std::fs::File::open(&path).and_then(Digest::of_reader));
+    digest.map(|d| d.to_hex()).map_err(|e| {
+        pyo3::exceptions::PyOSError::new_err(format!("{}: {e}", path.display()))
+    })
+}
+
+/// Reads a pickle from a stream without over-reading: it says how many bytes to read next.
+#[pyclass(module = "picklegate._core")]
+struct StreamScanner {
+    scanner: Scanner,
+}
+
+#[pymethods]
+impl StreamScanner {
+    #[new]
+    fn new() -> Self {
+        StreamScanner { scanner: Scanner::default() }
+    }
+
+    /// Given all bytes read so far: `None` when the pickle is complete, `-1` to read a line,
+    /// or the number of bytes to read next.
+    fn feed(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Option<i64>> {
+        let bytes = Bytes::borrow(data)?;
+        match self.scanner.feed(bytes.as_slice()) {
+            Ok(Progress::Done(_)) => Ok(None),
+            Ok(Progress::NeedMore(Need::Line)) => Ok(Some(-1)),
+            Ok(Progress::NeedMore(Need::Bytes(n))) => Ok(Some(n as i64)),
+            Err(e) => Err(errors::scan_error(py, &e)),
+        }
+    }
+
+    /// The error for a stream that ended before STOP.
+    fn truncated(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<PyErr> {
+        let bytes = Bytes::borrow(data)?;
+        Ok(errors::scan_error(py, &self.scanner.truncation(bytes.as_slice())))
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(sha256, m)?)?;
+    m.add_function(wrap_pyfunction!(sha256_file, m)?)?;
+    m.add_function(wrap_pyfunction!(state::configure, m)?)?;
+    m.add_function(wrap_pyfunction!(state::current_state, m)?)?;
+    m.add_function(wrap_pyfunction!(state::is_loader_module, m)?)?;
+    m.add_function(wrap_pyfunction!(load::guarded_load, m)?)?;
+    m.add_function(wrap_pyfunction!(interpose::redirect_builtin, m)?)?;
+    m.add_function(wrap_pyfunction!(audit::install_backstop, m)?)?;
+    m.add_function(wrap_pyfunction!(tokens::new_token, m)?)?;
+    m.add_function(wrap_pyfunction!(tokens::close_token, m)?)?;
+    m.add_class::<tokens::Token>()?;
+    m.add_class::<tokens::ScopeObj>()?;
+    m.add_class::<StreamScanner>()?;
+    Ok(())
+}

@@ -1,0 +1,51 @@
+"""picklegate decides every pickle load before one opcode runs: only reviewed pickles, by
+sha256, at the callsites a manifest names; a token-guarded ``no_pickles()``; a no-pickle mode."""
+
+import logging as _logging
+import os as _os
+
+from . import _core, _interpose
+from ._errors import BadTokenError, NoPickleError, PickleDeniedError, PolicyError, ScanError
+from ._scope import allow_pickles, no_pickles
+
+Token = _core.Token
+
+__all__ = [
+    "BadTokenError",
+    "NoPickleError",
+    "PickleDeniedError",
+    "PolicyError",
+    "ScanError",
+    "Token",
+    "allow_pickles",
+    "install",
+    "no_pickles",
+    "sha256",
+    "state",
+]
+
+__version__ = "0.1.0"
+
+_logging.getLogger("picklegate").addHandler(_logging.NullHandler())
+
+
+def install(policy=None, mode=None):
+    """Guard every pickle load in this process.
+
+    ``policy`` is a manifest path (TOML v1); ``mode`` is ``enforce`` (the default),
+    ``warn``, ``record`` or ``off``. ``enforce`` without a policy refuses every load.
+    Calling it again can only make the guard stricter. Returns a one-line description."""
+    path = _os.fspath(policy) if policy is not None else None
+    description = _core.configure(mode, path, "code", _os.environ.get("PICKLEGATE_LOG"))
+    _interpose.activate()
+    return description
+
+
+def state():
+    """``(mode, manifest path or None, who set it)``, or ``None`` when not installed."""
+    return _core.current_state()
+
+
+def sha256(data):
+    """The sha256 hex digest picklegate uses for a bytes-like object."""
+    return _core.sha256(data)

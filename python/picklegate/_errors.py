@@ -1,0 +1,33 @@
+"""The exceptions picklegate raises, one class per kind of refusal or mistake.
+
+They live in Python because the load refusals must subclass ``pickle.UnpicklingError``."""
+
+import pickle
+
+
+class _Refusal:
+    def __init__(self, message, callsite=None, sha256=None, size=None):
+        super().__init__(message)
+        self.callsite = callsite
+        self.sha256 = sha256
+        self.size = int(size) if size is not None else None
+
+
+class PickleDeniedError(_Refusal, pickle.UnpicklingError):
+    """The operator's policy (manifest and mode) refused a load or a global."""
+
+
+class NoPickleError(_Refusal, pickle.UnpicklingError):
+    """The code's own ``no_pickles()`` block (or ``only_objects``) refused a load."""
+
+
+class BadTokenError(Exception):
+    """``allow_pickles()`` was given a token that may not open a block here."""
+
+
+class PolicyError(Exception):
+    """The policy cannot be used: malformed manifest (with file:line:col), unknown mode, ..."""
+
+
+class ScanError(pickle.UnpicklingError):
+    """The bytes are not a well-formed pickle (truncated, unknown opcode, ...)."""

@@ -1,0 +1,242 @@
+"""Routes every unpickling entry point of ``pickle`` and ``_pickle`` through one decision point,
+``_core.guarded_load``, which hashes the exact bytes that the real unpickler then reads."""
+
+import _pickle
+import functools
+import io
+import logging
+import os
+import pickle
+import threading
+
+from . import _callsite, _core, _scope
+
+
+def _unwrapped(obj):
+    return getattr(obj, "__picklegate_original__", obj)
+
+
+_ORIGINAL_LOADS = _unwrapped(_pickle.loads)
+_ORIGINAL_LOAD = _unwrapped(_pickle.load)
+_CUnpickler = _unwrapped(_pickle.Unpickler)
+_PyUnpickler = pickle._Unpickler
+_original_py_load = _unwrapped(_PyUnpickler.load)
+
+_lock = threading.Lock()
+_patched = False
+
+
+def _source_name(file):
+    name = getattr(file, "name", None)
+    if isinstance(name, (str, bytes)):
+        try:
+            return os.path.abspath(os.fsdecode(name))
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _seekable(file):
+    try:
+        return bool(file.seekable())
+    except Exception:
+        return False
+
+
+def _read_one_pickle(read, readline):
+    """Reads exactly one pickle from a stream that cannot seek, asking the scanner how much."""
+    scanner = _core.StreamScanner()
+    data = bytearray()
+    while True:
+        need = scanner.feed(data)
+        if need is None:
+            return bytes(data)
+        chunk = readline() if need < 0 else read(need)
+        if not chunk:
+            if not data:
+                return b""  # end of stream: the unpickler raises EOFError, as callers expect
+            raise scanner.truncated(data)
+        data += chunk
+
+
+def _take(file):
+    """Reads what the next load consumes. Returns ``(data, source, finish)``; ``finish(n)``
+    leaves the file just past the ``n`` bytes the unpickler used."""
+    if not (hasattr(file, "read") and hasattr(file, "readline")):
+        raise TypeError("file must have 'read' and 'readline' attributes")
+    source = _source_name(file)
+    if _seekable(file):
+        start = file.tell()
+        data = file.read()
+        return data, source, lambda used: file.seek(start + used)
+    return _read_one_pickle(file.read, file.readline), source, lambda used: None
+
+
+def _options(fix_imports, encoding, errors, buffers):
+    return {"fix_imports": fix_imports, "encoding": encoding, "errors": errors, "buffers": buffers}
+
+
+def loads(data, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=()):
+    run = functools.partial(_ORIGINAL_LOADS, data, **_options(fix_imports, encoding, errors, buffers))
+    return _core.guarded_load(data, _scope.SCOPE.get(), None, run, _callsite.current)
+
+
+def load(file, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=()):
+    data, source, finish = _take(file)
+
+    def run():
+        stream = io.BytesIO(data)
+        try:
+            return _CUnpickler(stream, **_options(fix_imports, encoding, errors, buffers)).load()
+        finally:
+            finish(stream.tell())
+
+    return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _callsite.current)
+
+
+class Unpickler(_CUnpickler):
+    """``pickle.Unpickler``, deciding each ``load()`` on the bytes it is about to read."""
+
+    __doc__ = _CUnpickler.__doc__
+
+    def __init__(self, file, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=()):
+        options = _options(fix_imports, encoding, errors, buffers)
+        super().__init__(file, **options)
+        self._picklegate_source = (file, options)
+
+    def load(self):
+        try:
+            file, options = self._picklegate_source
+        except AttributeError:
+            raise pickle.UnpicklingError(
+                f"Unpickler.__init__() was not called by {type(self).__name__}.__init__()"
+            ) from None
+        data, source, finish = _take(file)
+
+        def run():
+            stream = io.BytesIO(data)
+            # Point the C unpickler at the hashed bytes; find_class and persistent_load stay.
+            _CUnpickler.__init__(self, stream, **options)
+            try:
+                return _CUnpickler.load(self)
+            finally:
+                finish(stream.tell())
+
+        return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _callsite.current)
+
+
+Unpickler.__module__ = _CUnpickler.__module__
+Unpickler.__qualname__ = _CUnpickler.__qualname__
+
+
+class _Replay:
+    """Serves a pure-Python unpickler the hashed bytes while keeping the real file's position in
+    step, so subclasses that read the file themselves (joblib reads arrays) stay aligned."""
+
+    def __init__(self, data, file, start):
+        self._stream = io.BytesIO(data)
+        self._file = file
+        self._start = start
+
+    def _call(self, method, *args):
+        if self._file is not None:
+            self._stream.seek(self._file.tell() - self._start)
+        result = method(*args)
+        if self._file is not None:
+            self._file.seek(self._start + self._stream.tell())
+        return result
+
+    def read(self, n=-1):
+        return self._call(self._stream.read, n)
+
+    def readline(self):
+        return self._call(self._stream.readline)
+
+
+def _guarded_py_load(self):
+    """``pickle._Unpickler.load``, patched on the class so subclasses made before install
+    (joblib's, dill's) are decided too."""
+    read = getattr(self, "_file_read", None)
+    readline = getattr(self, "_file_readline", None)
+    if read is None or readline is None:
+        return _original_py_load(self)  # raises the usual "__init__() was not called" error
+    file = getattr(read, "__self__", None)
+    source = _source_name(file)
+    if file is not None and _seekable(file):
+        start = file.tell()
+        data = file.read()
+        replay = _Replay(data, file, start)
+    else:
+        data = _read_one_pickle(read, readline)
+        replay = _Replay(data, None, 0)
+
+    def run():
+        self._file_read, self._file_readline = replay.read, replay.readline
+        try:
+            return _original_py_load(self)
+        finally:
+            self._file_read, self._file_readline = read, readline
+
+    return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _callsite.current)
+
+
+def _py_loads(s, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=None):
+    if isinstance(s, str):
+        raise TypeError("Can't load pickle from unicode string")
+    return _PyUnpickler(io.BytesIO(s), **_options(fix_imports, encoding, errors, buffers)).load()
+
+
+def _py_load(file, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=None):
+    return _PyUnpickler(file, **_options(fix_imports, encoding, errors, buffers)).load()
+
+
+for _wrapper, _original in (
+    (loads, _ORIGINAL_LOADS),
+    (load, _ORIGINAL_LOAD),
+    (Unpickler, _CUnpickler),
+    (_guarded_py_load, _original_py_load),
+):
+    _wrapper.__picklegate_original__ = _original
+
+
+def _patch_modules():
+    for module in (pickle, _pickle):
+        module.loads = loads
+        module.load = load
+        module.Unpickler = Unpickler
+    pickle._loads = _py_loads
+    pickle._load = _py_load
+    _PyUnpickler.load = _guarded_py_load
+
+
+def _redirect_c_functions():
+    """Reaches references to ``_pickle.loads``/``load`` captured before install. If this
+    CPython's layout is unknown, the backstop still refuses every global they resolve."""
+    global _ORIGINAL_LOADS, _ORIGINAL_LOAD
+    try:
+        _ORIGINAL_LOADS = _core.redirect_builtin("loads", _ORIGINAL_LOADS, loads)
+        _ORIGINAL_LOAD = _core.redirect_builtin("load", _ORIGINAL_LOAD, load)
+    except (TypeError, RuntimeError) as error:
+        logging.getLogger("picklegate").warning(
+            "picklegate: references to _pickle.loads captured before install are covered by "
+            "the audit-hook backstop only: %s", error)
+
+
+def activate():
+    """Patches the entry points and registers the backstop; safe to call any number of times."""
+    global _patched
+    with _lock:
+        _core.install_backstop(_callsite.current, _scope.SCOPE)
+        if not _patched:
+            _redirect_c_functions()
+        _patch_modules()
+        _callsite.forget_loaders()
+        _patched = True
+
+
+def activate_implicitly():
+    """``no_pickles()`` with nothing installed switches the interposer on with mode ``off``."""
+    if _core.current_state() is None:
+        _core.configure("off", None, "implicit")
+    if not _patched:
+        activate()

@@ -1,0 +1,49 @@
+"""The token API: ``no_pickles()`` narrows loads to nothing in its block and yields a token;
+``allow_pickles(token)`` lifts exactly that block's narrowing. Scope is per context."""
+
+import asyncio
+import contextlib
+import contextvars
+import threading
+
+from . import _core
+
+SCOPE = contextvars.ContextVar("picklegate_scope", default=_core.Scope())
+
+
+def _here():
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    return threading.get_ident(), 0 if task is None else id(task)
+
+
+@contextlib.contextmanager
+def no_pickles():
+    """Refuse every pickle load in this block (``NoPickleError``) unless the token lifts it."""
+    from . import _interpose
+
+    _interpose.activate_implicitly()
+    token = _core.new_token(*_here())
+    reset = SCOPE.set(SCOPE.get().no_pickles(token))
+    try:
+        yield token
+    finally:
+        _core.close_token(token)
+        SCOPE.reset(reset)
+
+
+@contextlib.contextmanager
+def allow_pickles(token, only_objects=None):
+    """Lift the narrowing of the ``no_pickles()`` block that made ``token``, back to what was
+    allowed just outside it; with ``only_objects``, only for the listed ``sha256:...`` hashes."""
+    if only_objects is not None:
+        if isinstance(only_objects, str):
+            raise TypeError("only_objects must be a list of 'sha256:...' strings, not one string")
+        only_objects = list(only_objects)
+    reset = SCOPE.set(SCOPE.get().allow(token, *_here(), only_objects))
+    try:
+        yield
+    finally:
+        SCOPE.reset(reset)

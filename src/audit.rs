@@ -1,0 +1,139 @@
+//! The backstop: a PEP 578 audit hook, registered from Rust so it cannot be removed, that judges
+//! every `pickle.find_class` event, catching unpicklers the interposer never saw.
+
+use crate::errors::{self, RefusalFacts};
+use crate::load::{active_approval, now};
+use crate::state::{self, emit};
+use crate::tokens::ScopeObj;
+use picklegate_core::event::Event;
+use picklegate_core::policy::{Action, Mode};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+type AuditHook = unsafe extern "C" fn(*const c_char, *mut ffi::PyObject, *mut c_void) -> c_int;
+
+extern "C" {
+    fn PySys_AddAuditHook(hook: AuditHook, user_data: *mut c_void) -> c_int;
+}
+
+const FIND_CLASS: &[u8] = b"pickle.find_class";
+const SELF_CHECK: &str = "picklegate.audit-hook-check";
+
+/// What the hook needs from Python, captured once so rebinding module attributes changes nothing.
+struct Backstop {
+    callsite: Py<PyAny>,
+    scope_var: Py<PyAny>,
+}
+
+static BACKSTOP: PyOnceLock<Backstop> = PyOnceLock::new();
+static SELF_CHECK_SEEN: AtomicBool = AtomicBool::new(false);
+
+unsafe extern "C" fn hook(event: *const c_char, args: *mut ffi::PyObject, _: *mut c_void) -> c_int {
+    let name = CStr::from_ptr(event).to_bytes();
+    if name == SELF_CHECK.as_bytes() {
+        SELF_CHECK_SEEN.store(true, Ordering::SeqCst);
+        return 0;
+    }
+    if name != FIND_CLASS {
+        return 0;
+    }
+    let py = Python::assume_attached();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let args = Bound::from_borrowed_ptr(py, args);
+        judge(py, &args)
+    }));
+    match outcome {
+        Ok(Ok(())) => 0,
+        Ok(Err(err)) => {
+            err.restore(py);
+            -1
+        }
+        Err(_) => {
+            errors::policy_error(py, "picklegate's backstop failed; refusing the global".into()).restore(py);
+            -1
+        }
+    }
+}
+
+fn text(obj: PyResult<Bound<'_, PyAny>>) -> String {
+    match obj {
+        Ok(o) => o.extract::<String>().unwrap_or_else(|_| o.repr().map(|r| r.to_string()).unwrap_or_default()),
+        Err(_) => "?".into(),
+    }
+}
+
+fn judge(py: Python<'_>, args: &Bound<'_, PyAny>) -> PyResult<()> {
+    let Some(backstop) = BACKSTOP.get(py) else { return Ok(()) };
+    let (module, name) = (text(args.get_item(0)), text(args.get_item(1)));
+    let gate = state::current();
+    let policy = state::policy_of(&gate);
+    let active = active_approval();
+    let callsite = || text(backstop.callsite.bind(py).call0());
+    if active.is_none() {
+        let scope = backstop.scope_var.bind(py).call_method0("get")?;
+        let scope = scope.cast::<ScopeObj>().map_err(PyErr::from)?;
+        if scope.get().inner.permits(None).is_err() {
+            let site = callsite();
+            let message = format!(
+                "picklegate refused global {module}.{name} at {site}: an unpickler that bypassed picklegate ran inside a no_pickles() block"
+            );
+            return Err(errors::no_pickle(py, message, &RefusalFacts { callsite: site, sha256: None, size: None }));
+        }
+    }
+    if policy.mode == Mode::Off {
+        return Ok(());
+    }
+    let mut site: Option<String> = None;
+    let judgement = policy.judge_global(active, &module, &name, || site.get_or_insert_with(callsite).clone());
+    if judgement.action == Action::Run {
+        return Ok(());
+    }
+    let Err(refusal) = &judgement.verdict else { return Ok(()) };
+    let site = site.unwrap_or_else(callsite);
+    let reason = refusal.describe(policy.manifest.as_deref());
+    let refused = judgement.action == Action::Refuse;
+    emit(&Event {
+        time: now(),
+        pid: std::process::id(),
+        mode: policy.mode.as_str(),
+        decision: if refused { "deny" } else { "warn" },
+        callsite: site.clone(),
+        sha256: None,
+        size: None,
+        globals: vec![format!("{module}.{name}")],
+        source: None,
+        reason: Some(reason.clone()),
+    });
+    if !refused {
+        return Ok(());
+    }
+    let message = format!(
+        "picklegate refused global {module}.{name} at {site}: {reason}. If this unpickler is a trusted transport, add a [[trust]] rule with callsite = \"{site}\" and globals = [\"{module}.{name}\"]."
+    );
+    Err(errors::pickle_denied(py, message, &RefusalFacts { callsite: site, sha256: None, size: None }))
+}
+
+/// Registers the hook once and proves it runs (another hook may veto `sys.addaudithook`).
+#[pyfunction]
+pub fn install_backstop(py: Python<'_>, callsite: Py<PyAny>, scope_var: Py<PyAny>) -> PyResult<()> {
+    let mut first = false;
+    BACKSTOP.get_or_init(py, || {
+        first = true;
+        Backstop { callsite, scope_var }
+    });
+    if first && unsafe { PySys_AddAuditHook(hook, std::ptr::null_mut()) } != 0 {
+        return Err(PyErr::take(py).unwrap_or_else(|| errors::policy_error(py, "PySys_AddAuditHook failed".into())));
+    }
+    py.import("sys")?.call_method1("audit", (SELF_CHECK,))?;
+    if !SELF_CHECK_SEEN.load(Ordering::SeqCst) {
+        return Err(errors::policy_error(
+            py,
+            "picklegate could not register its audit hook (another audit hook vetoed sys.addaudithook); refusing to run unguarded".into(),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! The process-wide configuration (mode, manifest, who set it) and the event log behind the
+//! `log` crate, which writes JSON lines to `PICKLEGATE_LOG` and forwards them to Python logging.
+
+use crate::errors;
+use parking_lot::{Mutex, RwLock};
+use picklegate_core::event::{Event, Sink};
+use picklegate_core::manifest::Manifest;
+use picklegate_core::policy::{Mode, Policy};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Who configured the gate. The environment is the operator: code may only make it stricter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// `no_pickles()` switched the interposer on with no policy; any install replaces it.
+    Implicit,
+    Code,
+    Environment,
+}
+
+impl Origin {
+    fn parse(text: &str) -> PyResult<Self> {
+        match text {
+            "implicit" => Ok(Origin::Implicit),
+            "code" => Ok(Origin::Code),
+            "environment" => Ok(Origin::Environment),
+            other => Err(pyo3::exceptions::PyValueError::new_err(format!("unknown origin {other:?}"))),
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Origin::Implicit => "implicit",
+            Origin::Code => "code",
+            Origin::Environment => "environment",
+        }
+    }
+}
+
+pub struct Gate {
+    pub policy: Policy,
+    pub origin: Origin,
+}
+
+impl Gate {
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.policy.manifest.as_deref()
+    }
+
+    fn source(&self) -> Option<&str> {
+        self.manifest().map(|m| m.source.as_str())
+    }
+}
+
+static GATE: RwLock<Option<Arc<Gate>>> = RwLock::new(None);
+
+/// The gate now in force; `None` until something installs picklegate.
+pub fn current() -> Option<Arc<Gate>> {
+    GATE.read().clone()
+}
+
+const UNINSTALLED: Policy = Policy { mode: Mode::Off, manifest: None };
+
+pub fn policy_of(gate: &Option<Arc<Gate>>) -> &Policy {
+    gate.as_ref().map_or(&UNINSTALLED, |g| &g.policy)
+}
+
+/// Sets the mode and manifest. A second call may only tighten what is in force: it cannot lower
+/// the mode or swap the manifest, so a library cannot undo what the operator or application set.
+#[pyfunction]
+#[pyo3(signature = (mode, policy, origin, log=None))]
+pub fn configure(
+    py: Python<'_>,
+    mode: Option<&str>,
+    policy: Option<&str>,
+    origin: &str,
+    log: Option<&str>,
+) -> PyResult<String> {
+    let origin = Origin::parse(origin)?;
+    let mode = match mode.map(Mode::parse).transpose() {
+        Ok(mode) => mode.unwrap_or(Mode::Enforce),
+        Err(message) => return Err(errors::policy_error(py, message)),
+    };
+    let manifest = match policy {
+        Some(path) => Some(Arc::new(Manifest::load(Path::new(path)).map_err(|e| errors::manifest_error(py, &e))?)),
+        None => None,
+    };
+    if let Some(setting) = log {
+        let sink = Sink::parse(setting).map_err(|e| errors::policy_error(py, e.to_string()))?;
+        *LOGGER.sink.lock() = Some(sink);
+    }
+    ensure_logger();
+
+    let mut slot = GATE.write();
+    let wanted = Gate { policy: Policy { mode, manifest }, origin };
+    match slot.as_ref() {
+        Some(held) if held.origin != Origin::Implicit => {
+            let same_manifest = wanted.source().is_none() || wanted.source() == held.source();
+            if same_manifest && wanted.policy.mode > held.policy.mode {
+                let tightened = Gate {
+                    policy: Policy { mode: wanted.policy.mode, manifest: held.policy.manifest.clone() },
+                    origin: held.origin,
+                };
+                *slot = Some(Arc::new(tightened));
+            } else if !(same_manifest && wanted.policy.mode == held.policy.mode) {
+                let message = format!(
+                    "picklegate: install(mode={:?}, policy={:?}) ignored: already installed by the {} with mode {:?} and policy {:?}; code can only make it stricter",
+                    wanted.policy.mode.as_str(),
+                    wanted.source(),
+                    held.origin.as_str(),
+                    held.policy.mode.as_str(),
+                    held.source(),
+                );
+                log::warn!(target: "picklegate", "{}", serde_json::json!({"event": "install-ignored", "message": message}));
+            }
+        }
+        _ => *slot = Some(Arc::new(wanted)),
+    }
+    Ok(describe(slot.as_ref()))
+}
+
+fn describe(gate: Option<&Arc<Gate>>) -> String {
+    match gate {
+        None => "picklegate: not installed".into(),
+        Some(g) => format!(
+            "picklegate: mode={} policy={} (set by {})",
+            g.policy.mode.as_str(),
+            g.source().unwrap_or("<none: every load is refused in enforce>"),
+            g.origin.as_str()
+        ),
+    }
+}
+
+/// `(mode, manifest path, origin)` of the gate in force, or `None`.
+#[pyfunction]
+pub fn current_state() -> Option<(String, Option<String>, String)> {
+    current().map(|g| {
+        (g.policy.mode.as_str().to_string(), g.source().map(str::to_string), g.origin.as_str().to_string())
+    })
+}
+
+/// True when frames of `module` are skipped when naming the callsite.
+#[pyfunction]
+pub fn is_loader_module(module: &str) -> bool {
+    let extra = current().and_then(|g| g.manifest().map(|m| m.loaders.clone())).unwrap_or_default();
+    picklegate_core::callsite::is_loader_module(module, &extra)
+}
+
+struct EventLogger {
+    sink: Mutex<Option<Sink>>,
+}
+
+static LOGGER: EventLogger = EventLogger { sink: Mutex::new(None) };
+static PY_LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+fn ensure_logger() {
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
+}
+
+impl log::Log for EventLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.target() == "picklegate"
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let line = record.args().to_string();
+        {
+            let mut sink = self.sink.lock();
+            let sink = sink.get_or_insert(Sink::Stderr);
+            if let Err(e) = sink.write_line(&format!("{line}\n")) {
+                eprintln!("picklegate: cannot write to the log {}: {e}", sink.describe());
+            }
+        }
+        let level = if record.level() <= log::Level::Warn { 30 } else { 20 };
+        Python::attach(|py| {
+            let forwarded = PY_LOGGER
+                .get_or_try_init(py, || {
+                    py.import("logging")?.call_method1("getLogger", ("picklegate",)).map(Bound::unbind)
+                })
+                .and_then(|logger| logger.bind(py).call_method1("log", (level, line)).map(drop));
+            if let Err(e) = forwarded {
+                e.write_unraisable(py, None);
+            }
+        });
+    }
+
+    fn flush(&self) {}
+}
+
+/// Logs one decision: refusals at warning level, everything else at info.
+pub fn emit(event: &Event) {
+    let line = event.to_json_line();
+    let line = line.trim_end();
+    if matches!(event.decision, "deny" | "warn") {
+        log::warn!(target: "picklegate", "{line}");
+    } else {
+        log::info!(target: "picklegate", "{line}");
+    }
+}

@@ -1,0 +1,102 @@
+//! The token API's objects: `Token`, which Python code cannot construct, and `Scope`, the
+//! immutable narrowing stack that `picklegate._scope` keeps in a context variable.
+
+use crate::errors;
+use picklegate_core::hash::Digest;
+use picklegate_core::policy::{Origin, Scope, TokenFacts};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
+
+/// The proof that a piece of code opened a `no_pickles()` block. Only that block's code has it.
+#[pyclass(frozen, module = "picklegate")]
+pub struct Token {
+    id: u64,
+    origin: Origin,
+    open: AtomicBool,
+}
+
+#[pymethods]
+impl Token {
+    fn __repr__(&self) -> String {
+        let state = if self.open.load(Ordering::Acquire) { "open" } else { "finished" };
+        format!("<picklegate.Token #{} ({state})>", self.id)
+    }
+}
+
+/// Makes the token of a new `no_pickles()` block, bound to the thread and task that made it.
+#[pyfunction]
+pub fn new_token(thread: u64, task: u64) -> Token {
+    Token { id: NEXT_TOKEN.fetch_add(1, Ordering::Relaxed), origin: Origin { thread, task }, open: AtomicBool::new(true) }
+}
+
+/// Marks a token's block as finished: the token opens nothing from now on.
+#[pyfunction]
+pub fn close_token(token: PyRef<'_, Token>) {
+    token.open.store(false, Ordering::Release);
+}
+
+#[pyclass(frozen, module = "picklegate._core", name = "Scope")]
+pub struct ScopeObj {
+    pub inner: Scope,
+}
+
+#[pymethods]
+impl ScopeObj {
+    /// The open scope: nothing narrowed.
+    #[new]
+    fn new() -> Self {
+        ScopeObj { inner: Scope::default() }
+    }
+
+    #[getter]
+    fn is_open(&self) -> bool {
+        self.inner.is_open()
+    }
+
+    fn no_pickles(&self, token: PyRef<'_, Token>) -> ScopeObj {
+        ScopeObj { inner: self.inner.no_pickles(token.id) }
+    }
+
+    /// The scope inside `allow_pickles(token, only_objects)`, or `BadTokenError`.
+    #[pyo3(signature = (token, thread, task, only_objects=None))]
+    fn allow(
+        &self,
+        py: Python<'_>,
+        token: &Bound<'_, PyAny>,
+        thread: u64,
+        task: u64,
+        only_objects: Option<Vec<String>>,
+    ) -> PyResult<ScopeObj> {
+        let Ok(token) = token.cast::<Token>() else {
+            return Err(errors::bad_token_message(
+                py,
+                format!(
+                    "allow_pickles() refused the token: {} is not a token made by picklegate.no_pickles()",
+                    token.repr().map(|r| r.to_string()).unwrap_or_else(|_| "the object".into())
+                ),
+            ));
+        };
+        let token = token.get();
+        let only = only_objects
+            .map(|names| {
+                names
+                    .iter()
+                    .map(|name| {
+                        Digest::parse(name).map_err(|e| {
+                            PyValueError::new_err(format!("only_objects entry {name:?}: {e}; write \"sha256:<64 hex digits>\""))
+                        })
+                    })
+                    .collect::<PyResult<HashSet<Digest>>>()
+            })
+            .transpose()?;
+        let facts = TokenFacts { id: token.id, origin: token.origin, open: token.open.load(Ordering::Acquire) };
+        self.inner
+            .allow(facts, Origin { thread, task }, only)
+            .map(|inner| ScopeObj { inner })
+            .map_err(|e| errors::bad_token(py, &e))
+    }
+}
