@@ -71,7 +71,7 @@ fn judge(py: Python<'_>, args: &Bound<'_, PyAny>) -> PyResult<()> {
     let (module, name) = (text(args.get_item(0)), text(args.get_item(1)));
     let gate = state::current();
     let policy = state::policy_of(&gate);
-    let active = active_approval();
+    let active = active_approval(py)?;
     let callsite = || text(backstop.callsite.bind(py).call0());
     if active.is_none() {
         let scope = backstop.scope_var.bind(py).call_method0("get")?;

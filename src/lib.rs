@@ -71,6 +71,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(state::current_state, m)?)?;
     m.add_function(wrap_pyfunction!(state::is_loader_module, m)?)?;
     m.add_function(wrap_pyfunction!(load::guarded_load, m)?)?;
+    m.add_function(wrap_pyfunction!(load::guarded_container, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::redirect_builtin, m)?)?;
     m.add_function(wrap_pyfunction!(audit::install_backstop, m)?)?;
     m.add_function(wrap_pyfunction!(tokens::new_token, m)?)?;

@@ -11,27 +11,55 @@ use picklegate_core::manifest::Manifest;
 use picklegate_core::policy::{Action, Approval, Judgement, Load, Mode, Refusal, ScopeRefusal};
 use picklegate_core::scan::{self, Report, ScanError};
 use pyo3::prelude::*;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Hashing this much or more releases the GIL (only for immutable buffers).
 const DETACH_THRESHOLD: usize = 1 << 20;
 
-thread_local! {
-    /// The approvals of the loads now running on this thread, innermost last.
-    static ACTIVE: RefCell<Vec<Approval>> = const { RefCell::new(Vec::new()) };
+/// What runs on this thread: a pickle load picklegate approved, or a loader library's call on a
+/// whole file (torch.load, joblib.load...) whose inner pickle loads are judged as that file.
+#[derive(Clone)]
+pub enum Frame {
+    Load(Approval),
+    Container(Rc<Container>),
 }
 
-/// The approval of the innermost load picklegate decided on this thread, if one is running.
-pub fn active_approval() -> Option<Approval> {
-    ACTIVE.with(|a| a.borrow().last().copied())
+/// A file a loader library reads: judged once, on the whole file's hash, by its first pickle
+/// load (or at once when `eager`), and that verdict covers the loads it makes directly.
+pub struct Container {
+    data: Py<PyAny>,
+    sha: Digest,
+    callsite: String,
+    source: Option<String>,
+    scope: Py<ScopeObj>,
+    settled: Cell<Option<Approval>>,
+}
+
+thread_local! {
+    /// The loads and containers now running on this thread, innermost last.
+    static ACTIVE: RefCell<Vec<Frame>> = const { RefCell::new(Vec::new()) };
+}
+
+fn innermost() -> Option<Frame> {
+    ACTIVE.with(|a| a.borrow().last().cloned())
+}
+
+/// The approval the backstop applies to a global resolved now, if a decided load is running.
+pub fn active_approval(py: Python<'_>) -> PyResult<Option<Approval>> {
+    match innermost() {
+        None => Ok(None),
+        Some(Frame::Load(approval)) => Ok(Some(approval)),
+        Some(Frame::Container(container)) => settle(py, &container).map(Some),
+    }
 }
 
 struct Running;
 
 impl Running {
-    fn enter(approval: Approval) -> Self {
-        ACTIVE.with(|a| a.borrow_mut().push(approval));
+    fn enter(frame: Frame) -> Self {
+        ACTIVE.with(|a| a.borrow_mut().push(frame));
         Running
     }
 }
@@ -75,56 +103,51 @@ fn suggestion(refusal: &Refusal, manifest: Option<&Manifest>, sha: &Digest, call
     }
 }
 
-/// Judges the load of `data` and, if it may run, calls `run()` (which unpickles `data`).
-#[pyfunction]
-#[pyo3(signature = (data, scope, source, run, callsite))]
-pub fn guarded_load(
-    py: Python<'_>,
-    data: &Bound<'_, PyAny>,
-    scope: PyRef<'_, ScopeObj>,
-    source: Option<String>,
-    run: &Bound<'_, PyAny>,
-    callsite: &Bound<'_, PyAny>,
-) -> PyResult<Py<PyAny>> {
-    let gate = state::current();
-    let policy = state::policy_of(&gate);
-    if policy.mode == Mode::Off && scope.inner.is_open() {
-        return run.call0().map(Bound::unbind);
-    }
-    let bytes = Bytes::borrow(data)?;
-    let slice = bytes.as_slice();
-    if slice.is_empty() {
-        // Nothing to decide: the unpickler raises its own EOFError, as callers expect.
-        return run.call0().map(Bound::unbind);
-    }
-    let sha = if slice.len() >= DETACH_THRESHOLD && data.is_instance_of::<pyo3::types::PyBytes>() {
+/// The facts of one decision: the bytes (for the scan), their hash, and where they were loaded.
+struct Facts<'a> {
+    bytes: &'a [u8],
+    sha: Digest,
+    callsite: &'a str,
+    source: Option<&'a str>,
+}
+
+fn hash(py: Python<'_>, data: &Bound<'_, PyAny>, slice: &[u8]) -> Digest {
+    if slice.len() >= DETACH_THRESHOLD && data.is_instance_of::<pyo3::types::PyBytes>() {
         py.detach(|| Digest::of(slice))
     } else {
         Digest::of(slice)
-    };
-    let callsite: String = callsite.call0()?.extract()?;
+    }
+}
+
+/// Judges one load against the operator's policy, then the code's scope; logs; raises the
+/// refusal, or returns the approval the load runs under.
+fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Approval> {
+    let gate = state::current();
+    let policy = state::policy_of(&gate);
+    let Facts { bytes, sha, callsite, source } = *facts;
     let mut report: Option<Result<Report, ScanError>> = None;
-    let judgement: Judgement = policy.judge_load(Load { sha256: &sha, callsite: &callsite }, || {
-        let scanned = report.get_or_insert_with(|| scan::scan(slice));
+    let judgement: Judgement = policy.judge_load(Load { sha256: &sha, callsite }, || {
+        let scanned = report.get_or_insert_with(|| scan::scan(bytes));
         scanned.as_ref().map(|r| r.globals.clone()).map_err(|e| e.to_string())
     });
     let scope_verdict = scope.inner.permits(Some(&sha));
     let refused = judgement.action == Action::Refuse || scope_verdict.is_err();
     if refused || judgement.action == Action::RunAndReport {
-        report.get_or_insert_with(|| scan::scan(slice));
+        report.get_or_insert_with(|| scan::scan(bytes));
     }
     let globals = global_names(&report);
-    let facts = RefusalFacts { callsite: callsite.clone(), sha256: Some(sha.to_hex()), size: Some(slice.len() as u64) };
+    let refusal_facts =
+        RefusalFacts { callsite: callsite.to_string(), sha256: Some(sha.to_hex()), size: Some(bytes.len() as u64) };
     let event = |decision: &'static str, reason: Option<String>| Event {
         time: now(),
         pid: std::process::id(),
         mode: policy.mode.as_str(),
         decision,
-        callsite: callsite.clone(),
+        callsite: callsite.to_string(),
         sha256: Some(sha.to_hex()),
-        size: Some(slice.len() as u64),
+        size: Some(bytes.len() as u64),
         globals: globals.clone(),
-        source: source.clone(),
+        source: source.map(str::to_string),
         reason,
     };
     let manifest = policy.manifest.as_deref();
@@ -134,11 +157,11 @@ pub fn guarded_load(
         emit(&event("deny", Some(reason.clone())));
         let message = format!(
             "picklegate refused to unpickle {} bytes (sha256 {sha}) at {callsite}{}: {reason}.\n{}",
-            slice.len(),
-            source.as_ref().map(|s| format!(" from {s}")).unwrap_or_default(),
-            suggestion(refusal, manifest, &sha, &callsite, &globals)
+            bytes.len(),
+            source.map(|s| format!(" from {s}")).unwrap_or_default(),
+            suggestion(refusal, manifest, &sha, callsite, &globals)
         );
-        return Err(errors::pickle_denied(py, message, &facts));
+        return Err(errors::pickle_denied(py, message, &refusal_facts));
     }
     if let Err(scope_refusal) = scope_verdict {
         let (reason, remedy) = match scope_refusal {
@@ -154,9 +177,9 @@ pub fn guarded_load(
         emit(&event("deny", Some(reason.to_string())));
         let message = format!(
             "picklegate refused to unpickle {} bytes (sha256 {sha}) at {callsite}: {reason}. To permit it, {remedy}.",
-            slice.len()
+            bytes.len()
         );
-        return Err(errors::no_pickle(py, message, &facts));
+        return Err(errors::no_pickle(py, message, &refusal_facts));
     }
     match (&judgement.verdict, policy.mode) {
         (_, Mode::Record) => emit(&event("record", None)),
@@ -165,6 +188,95 @@ pub fn guarded_load(
         }
         _ => {}
     }
-    let _running = Running::enter(policy.approval_while_running(&judgement));
+    Ok(policy.approval_while_running(&judgement))
+}
+
+/// Judges a container on its whole file, once.
+fn settle(py: Python<'_>, container: &Container) -> PyResult<Approval> {
+    if let Some(approval) = container.settled.get() {
+        return Ok(approval);
+    }
+    let data = container.data.bind(py);
+    let bytes = Bytes::borrow(data)?;
+    let facts = Facts {
+        bytes: bytes.as_slice(),
+        sha: container.sha,
+        callsite: &container.callsite,
+        source: container.source.as_deref(),
+    };
+    let approval = decide(py, &container.scope.borrow(py), &facts)?;
+    container.settled.set(Some(approval));
+    Ok(approval)
+}
+
+fn passthrough(scope: &ScopeObj) -> bool {
+    let gate = state::current();
+    state::policy_of(&gate).mode == Mode::Off && scope.inner.is_open()
+}
+
+/// Judges the load of the pickle `data` and, if it may run, calls `run()`, which unpickles
+/// exactly `data`. Inside a container, the container's verdict stands for it.
+#[pyfunction]
+#[pyo3(signature = (data, scope, source, run, callsite))]
+pub fn guarded_load(
+    py: Python<'_>,
+    data: &Bound<'_, PyAny>,
+    scope: PyRef<'_, ScopeObj>,
+    source: Option<String>,
+    run: &Bound<'_, PyAny>,
+    callsite: &Bound<'_, PyAny>,
+) -> PyResult<Py<PyAny>> {
+    if passthrough(&scope) {
+        return run.call0().map(Bound::unbind);
+    }
+    if let Some(Frame::Container(container)) = innermost() {
+        let _running = Running::enter(Frame::Load(settle(py, &container)?));
+        return run.call0().map(Bound::unbind);
+    }
+    let bytes = Bytes::borrow(data)?;
+    let slice = bytes.as_slice();
+    if slice.is_empty() {
+        // Nothing to decide: the unpickler raises its own EOFError, as callers expect.
+        return run.call0().map(Bound::unbind);
+    }
+    let callsite: String = callsite.call0()?.extract()?;
+    let facts = Facts { bytes: slice, sha: hash(py, data, slice), callsite: &callsite, source: source.as_deref() };
+    let _running = Running::enter(Frame::Load(decide(py, &scope, &facts)?));
+    run.call0().map(Bound::unbind)
+}
+
+/// Runs a loader library's call on a whole file, `data`, already read into memory: `run()` must
+/// read only `data`. The file is judged by its own hash, at once when `eager`, else at its first
+/// pickle load (a numeric `.npy` never unpickles, so it is never judged).
+#[pyfunction]
+#[pyo3(signature = (data, scope, source, run, callsite, eager))]
+pub fn guarded_container(
+    py: Python<'_>,
+    data: &Bound<'_, PyAny>,
+    scope: Bound<'_, ScopeObj>,
+    source: Option<String>,
+    run: &Bound<'_, PyAny>,
+    callsite: &Bound<'_, PyAny>,
+    eager: bool,
+) -> PyResult<Py<PyAny>> {
+    if passthrough(scope.get()) || matches!(innermost(), Some(Frame::Container(_))) {
+        return run.call0().map(Bound::unbind);
+    }
+    let sha = {
+        let bytes = Bytes::borrow(data)?;
+        hash(py, data, bytes.as_slice())
+    };
+    let container = Rc::new(Container {
+        data: data.clone().unbind(),
+        sha,
+        callsite: callsite.call0()?.extract()?,
+        source,
+        scope: scope.unbind(),
+        settled: Cell::new(None),
+    });
+    if eager {
+        settle(py, &container)?;
+    }
+    let _running = Running::enter(Frame::Container(container));
     run.call0().map(Bound::unbind)
 }

@@ -9,7 +9,7 @@ import os
 import pickle
 import threading
 
-from . import _callsite, _core, _scope
+from . import _callsite, _core, _loaders, _scope
 
 
 def _unwrapped(obj):
@@ -115,8 +115,12 @@ class Unpickler(_CUnpickler):
 
         def run():
             stream = io.BytesIO(data)
-            # Point the C unpickler at the hashed bytes; find_class and persistent_load stay.
+            # Point the C unpickler at the hashed bytes. Re-initialising forgets a
+            # persistent_load set on the instance (torch sets one), so carry it over.
+            persistent_load = getattr(self, "persistent_load", None)
             _CUnpickler.__init__(self, stream, **options)
+            if persistent_load is not None:
+                self.persistent_load = persistent_load
             try:
                 return _CUnpickler.load(self)
             finally:
@@ -165,6 +169,7 @@ def _guarded_py_load(self):
     if file is not None and _seekable(file):
         start = file.tell()
         data = file.read()
+        file.seek(start)  # the file's position is the truth the replay follows
         replay = _Replay(data, file, start)
     else:
         data = _read_one_pickle(read, readline)
@@ -230,6 +235,7 @@ def activate():
         if not _patched:
             _redirect_c_functions()
         _patch_modules()
+        _loaders.activate()
         _callsite.forget_loaders()
         _patched = True
 
