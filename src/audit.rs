@@ -4,12 +4,11 @@
 use crate::errors::{self, RefusalFacts};
 use crate::load::{active_approval, now};
 use crate::state::{self, emit};
-use crate::tokens::ScopeObj;
+use crate::tokens::{current_scope, register_scope_var};
 use picklegate_core::event::Event;
 use picklegate_core::policy::{Action, Mode};
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,13 +22,7 @@ extern "C" {
 const FIND_CLASS: &[u8] = b"pickle.find_class";
 const SELF_CHECK: &str = "picklegate.audit-hook-check";
 
-/// What the hook needs from Python, captured once so rebinding module attributes changes nothing.
-struct Backstop {
-    callsite: Py<PyAny>,
-    scope_var: Py<PyAny>,
-}
-
-static BACKSTOP: PyOnceLock<Backstop> = PyOnceLock::new();
+static REGISTERED: AtomicBool = AtomicBool::new(false);
 static SELF_CHECK_SEEN: AtomicBool = AtomicBool::new(false);
 
 unsafe extern "C" fn hook(event: *const c_char, args: *mut ffi::PyObject, _: *mut c_void) -> c_int {
@@ -67,15 +60,13 @@ fn text(obj: PyResult<Bound<'_, PyAny>>) -> String {
 }
 
 fn judge(py: Python<'_>, args: &Bound<'_, PyAny>) -> PyResult<()> {
-    let Some(backstop) = BACKSTOP.get(py) else { return Ok(()) };
     let (module, name) = (text(args.get_item(0)), text(args.get_item(1)));
     let gate = state::current();
     let policy = state::policy_of(&gate);
     let active = active_approval(py)?;
-    let callsite = || text(backstop.callsite.bind(py).call0());
+    let callsite = || crate::callsite::current(py).map(|s| s.to_string()).unwrap_or_else(|_| "?:?".into());
     if active.is_none() {
-        let scope = backstop.scope_var.bind(py).call_method0("get")?;
-        let scope = scope.cast::<ScopeObj>().map_err(PyErr::from)?;
+        let scope = current_scope(py)?;
         if scope.get().inner.permits(None).is_err() {
             let site = callsite();
             let message = format!(
@@ -118,13 +109,11 @@ fn judge(py: Python<'_>, args: &Bound<'_, PyAny>) -> PyResult<()> {
 }
 
 /// Registers the hook once and proves it runs (another hook may veto `sys.addaudithook`).
+/// `scope_var` is the context variable holding the code's scope.
 #[pyfunction]
-pub fn install_backstop(py: Python<'_>, callsite: Py<PyAny>, scope_var: Py<PyAny>) -> PyResult<()> {
-    let mut first = false;
-    BACKSTOP.get_or_init(py, || {
-        first = true;
-        Backstop { callsite, scope_var }
-    });
+pub fn install_backstop(py: Python<'_>, scope_var: Py<PyAny>) -> PyResult<()> {
+    register_scope_var(py, scope_var);
+    let first = !REGISTERED.swap(true, Ordering::SeqCst);
     if first && unsafe { PySys_AddAuditHook(hook, std::ptr::null_mut()) } != 0 {
         return Err(PyErr::take(py).unwrap_or_else(|| errors::policy_error(py, "PySys_AddAuditHook failed".into())));
     }

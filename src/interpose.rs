@@ -2,11 +2,14 @@
 //! every reference to them, so pointing its `ml_meth` at picklegate reaches references captured
 //! before install (`from pickle import loads`, `cloudpickle.loads`, multiprocessing's).
 
+use crate::load::guarded_c_loads;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
+use std::sync::OnceLock;
 
 #[repr(C)]
 struct MethodDef {
@@ -39,59 +42,103 @@ extern "C" {
     ) -> *mut ffi::PyObject;
 }
 
-static LOADS_WRAPPER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+/// The original `_pickle.loads` implementation, once redirected.
+static ORIGINAL_LOADS: OnceLock<FastCallKeywords> = OnceLock::new();
+/// The Python wrapper that `_pickle.load` calls are sent to (it reads the file first).
 static LOAD_WRAPPER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
-unsafe fn forward(wrapper: &PyOnceLock<Py<PyAny>>, args: *const *mut ffi::PyObject, nargs: ffi::Py_ssize_t, kwnames: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    let py = Python::assume_attached();
-    match wrapper.get(py) {
-        Some(w) => PyObject_Vectorcall(w.as_ptr(), args, nargs as usize, kwnames),
-        None => {
-            pyo3::exceptions::PyRuntimeError::new_err("picklegate: interposed pickle function has no wrapper").restore(py);
+fn into_raw(py: Python<'_>, result: PyResult<Py<PyAny>>) -> *mut ffi::PyObject {
+    match result {
+        Ok(obj) => obj.into_ptr(),
+        Err(err) => {
+            err.restore(py);
             std::ptr::null_mut()
         }
     }
 }
 
-unsafe extern "C" fn loads_trampoline(_m: *mut ffi::PyObject, args: *const *mut ffi::PyObject, nargs: ffi::Py_ssize_t, kw: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    forward(&LOADS_WRAPPER, args, nargs, kw)
-}
-
-unsafe extern "C" fn load_trampoline(_m: *mut ffi::PyObject, args: *const *mut ffi::PyObject, nargs: ffi::Py_ssize_t, kw: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    forward(&LOAD_WRAPPER, args, nargs, kw)
-}
-
-/// Points the C function `original` (named `name`) at `wrapper`, and returns a fresh function
-/// object that still runs the original code, for the wrapper to call after its decision.
-#[pyfunction]
-pub fn redirect_builtin(py: Python<'_>, name: &str, original: &Bound<'_, PyAny>, wrapper: Py<PyAny>) -> PyResult<Py<PyAny>> {
-    let (slot, trampoline): (&PyOnceLock<Py<PyAny>>, FastCallKeywords) = match name {
-        "loads" => (&LOADS_WRAPPER, loads_trampoline),
-        "load" => (&LOAD_WRAPPER, load_trampoline),
-        other => return Err(pyo3::exceptions::PyValueError::new_err(format!("cannot redirect {other:?}"))),
-    };
-    if original.get_type().name()?.to_string() != "builtin_function_or_method" {
-        return Err(pyo3::exceptions::PyTypeError::new_err(format!("_pickle.{name} is not a C function")));
+/// `_pickle.loads(data, ...)`: judged in Rust, then the original C function on the same args.
+unsafe extern "C" fn loads_trampoline(
+    module: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    let py = Python::assume_attached();
+    let original = *ORIGINAL_LOADS.get().expect("redirected before the trampoline is installed");
+    let call_original = || Bound::from_owned_ptr_or_err(py, original(module, args, nargs, kwnames)).map(Bound::unbind);
+    if nargs < 1 {
+        return into_raw(py, call_original()); // the original raises its own TypeError
     }
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let data = Bound::from_borrowed_ptr(py, *args);
+        guarded_c_loads(py, &data, call_original)
+    }));
+    match outcome {
+        Ok(result) => into_raw(py, result),
+        Err(_) => into_raw(py, Err(PyRuntimeError::new_err("picklegate: internal error; the load was refused"))),
+    }
+}
+
+/// `_pickle.load(file, ...)`: forwarded to the Python wrapper, which reads the file and decides.
+unsafe extern "C" fn load_trampoline(
+    _module: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    let py = Python::assume_attached();
+    match LOAD_WRAPPER.get(py) {
+        Some(wrapper) => PyObject_Vectorcall(wrapper.as_ptr(), args, nargs as usize, kwnames),
+        None => into_raw(py, Err(PyRuntimeError::new_err("picklegate: _pickle.load has no wrapper"))),
+    }
+}
+
+/// Checks that `function` is the C function `name` with the calling convention picklegate knows.
+unsafe fn method_def(function: &Bound<'_, PyAny>, name: &str) -> PyResult<*mut MethodDef> {
+    if function.get_type().name()?.to_string() != "builtin_function_or_method" {
+        return Err(PyTypeError::new_err(format!("_pickle.{name} is not a C function")));
+    }
+    let def = (*(function.as_ptr() as *mut CFunctionHead)).m_ml;
+    let def_name = if def.is_null() || (*def).name.is_null() { "" } else { CStr::from_ptr((*def).name).to_str().unwrap_or("") };
+    if def_name != name || (*def).flags != METH_FASTCALL_KEYWORDS {
+        return Err(PyTypeError::new_err(format!(
+            "_pickle.{name} does not have the layout picklegate knows (name {def_name:?})"
+        )));
+    }
+    Ok(def)
+}
+
+/// Points `_pickle.loads` (the function object `original`) at the Rust decision point. Every
+/// reference to it, including ones captured before, now decides before it unpickles.
+#[pyfunction]
+pub fn redirect_loads(original: &Bound<'_, PyAny>) -> PyResult<()> {
     unsafe {
-        let head = original.as_ptr() as *mut CFunctionHead;
-        let def = (*head).m_ml;
-        let def_name = if def.is_null() || (*def).name.is_null() { "" } else { CStr::from_ptr((*def).name).to_str().unwrap_or("") };
-        if def_name != name || (*def).flags != METH_FASTCALL_KEYWORDS {
-            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
-                "_pickle.{name} does not have the layout picklegate knows (name {def_name:?}, flags {:#x})",
-                if def.is_null() { 0 } else { (*def).flags }
-            )));
+        let def = method_def(original, "loads")?;
+        if (*def).meth == loads_trampoline as *mut c_void {
+            return Ok(());
         }
-        if (*def).meth == trampoline as *mut c_void {
-            return Err(pyo3::exceptions::PyRuntimeError::new_err(format!("_pickle.{name} is already redirected")));
+        let current: FastCallKeywords = std::mem::transmute((*def).meth);
+        ORIGINAL_LOADS.set(current).map_err(|_| PyRuntimeError::new_err("_pickle.loads was redirected twice"))?;
+        (*def).meth = loads_trampoline as *mut c_void;
+    }
+    Ok(())
+}
+
+/// Points `_pickle.load` at `wrapper`, and returns a fresh function object that still runs the
+/// original code, for the wrapper to call after its decision.
+#[pyfunction]
+pub fn redirect_load(py: Python<'_>, original: &Bound<'_, PyAny>, wrapper: Py<PyAny>) -> PyResult<Py<PyAny>> {
+    unsafe {
+        let def = method_def(original, "load")?;
+        if (*def).meth == load_trampoline as *mut c_void {
+            return Err(PyRuntimeError::new_err("_pickle.load is already redirected"));
         }
         let copy = Box::into_raw(Box::new(MethodDef { name: (*def).name, meth: (*def).meth, flags: (*def).flags, doc: (*def).doc }));
-        let slf = ffi::PyCFunction_GetSelf(original.as_ptr());
-        let fresh = PyCFunction_NewEx(copy, slf, std::ptr::null_mut());
+        let fresh = PyCFunction_NewEx(copy, ffi::PyCFunction_GetSelf(original.as_ptr()), std::ptr::null_mut());
         let fresh = Bound::from_owned_ptr_or_err(py, fresh)?;
-        slot.set(py, wrapper).map_err(|_| pyo3::exceptions::PyRuntimeError::new_err("already redirected"))?;
-        (*def).meth = trampoline as *mut c_void;
+        LOAD_WRAPPER.set(py, wrapper).map_err(|_| PyValueError::new_err("_pickle.load was redirected twice"))?;
+        (*def).meth = load_trampoline as *mut c_void;
         Ok(fresh.unbind())
     }
 }

@@ -3,6 +3,7 @@
 
 mod audit;
 mod buffer;
+mod callsite;
 mod errors;
 mod interpose;
 mod load;
@@ -69,10 +70,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sha256_file, m)?)?;
     m.add_function(wrap_pyfunction!(state::configure, m)?)?;
     m.add_function(wrap_pyfunction!(state::current_state, m)?)?;
-    m.add_function(wrap_pyfunction!(state::is_loader_module, m)?)?;
     m.add_function(wrap_pyfunction!(load::guarded_load, m)?)?;
     m.add_function(wrap_pyfunction!(load::guarded_container, m)?)?;
-    m.add_function(wrap_pyfunction!(interpose::redirect_builtin, m)?)?;
+    m.add_function(wrap_pyfunction!(interpose::redirect_loads, m)?)?;
+    m.add_function(wrap_pyfunction!(interpose::redirect_load, m)?)?;
+    m.add_function(wrap_pyfunction!(callsite::current_callsite, m)?)?;
     m.add_function(wrap_pyfunction!(audit::install_backstop, m)?)?;
     m.add_function(wrap_pyfunction!(tokens::new_token, m)?)?;
     m.add_function(wrap_pyfunction!(tokens::close_token, m)?)?;

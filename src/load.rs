@@ -4,7 +4,8 @@
 use crate::buffer::Bytes;
 use crate::errors::{self, RefusalFacts};
 use crate::state::{self, emit};
-use crate::tokens::ScopeObj;
+use crate::callsite;
+use crate::tokens::{current_scope, ScopeObj};
 use picklegate_core::event::Event;
 use picklegate_core::hash::Digest;
 use picklegate_core::manifest::Manifest;
@@ -132,9 +133,10 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
     });
     let scope_verdict = scope.inner.permits(Some(&sha));
     let refused = judgement.action == Action::Refuse || scope_verdict.is_err();
-    if refused || judgement.action == Action::RunAndReport {
-        report.get_or_insert_with(|| scan::scan(bytes));
+    if !refused && judgement.action == Action::Run {
+        return Ok(policy.approval_while_running(&judgement)); // the common case: nothing to log
     }
+    report.get_or_insert_with(|| scan::scan(bytes));
     let globals = global_names(&report);
     let refusal_facts =
         RefusalFacts { callsite: callsite.to_string(), sha256: Some(sha.to_hex()), size: Some(bytes.len() as u64) };
@@ -214,8 +216,36 @@ fn passthrough(scope: &ScopeObj) -> bool {
     state::policy_of(&gate).mode == Mode::Off && scope.inner.is_open()
 }
 
-/// Judges the load of the pickle `data` and, if it may run, calls `run()`, which unpickles
-/// exactly `data`. Inside a container, the container's verdict stands for it.
+/// Judges the load of the pickle `data` and, if it may run, calls `run`, which unpickles exactly
+/// `data`. Inside a container, the container's verdict stands for it.
+fn guard(
+    py: Python<'_>,
+    data: &Bound<'_, PyAny>,
+    scope: &ScopeObj,
+    source: Option<&str>,
+    run: impl FnOnce() -> PyResult<Py<PyAny>>,
+    callsite: impl FnOnce() -> PyResult<String>,
+) -> PyResult<Py<PyAny>> {
+    if passthrough(scope) {
+        return run();
+    }
+    if let Some(Frame::Container(container)) = innermost() {
+        let _running = Running::enter(Frame::Load(settle(py, &container)?));
+        return run();
+    }
+    let bytes = Bytes::borrow(data)?;
+    let slice = bytes.as_slice();
+    if slice.is_empty() {
+        // Nothing to decide: the unpickler raises its own EOFError, as callers expect.
+        return run();
+    }
+    let callsite = callsite()?;
+    let facts = Facts { bytes: slice, sha: hash(py, data, slice), callsite: &callsite, source };
+    let _running = Running::enter(Frame::Load(decide(py, scope, &facts)?));
+    run()
+}
+
+/// The Python-level entry: `run()` unpickles `data` (read from a file or stream by the caller).
 #[pyfunction]
 #[pyo3(signature = (data, scope, source, run, callsite))]
 pub fn guarded_load(
@@ -226,23 +256,17 @@ pub fn guarded_load(
     run: &Bound<'_, PyAny>,
     callsite: &Bound<'_, PyAny>,
 ) -> PyResult<Py<PyAny>> {
-    if passthrough(&scope) {
-        return run.call0().map(Bound::unbind);
-    }
-    if let Some(Frame::Container(container)) = innermost() {
-        let _running = Running::enter(Frame::Load(settle(py, &container)?));
-        return run.call0().map(Bound::unbind);
-    }
-    let bytes = Bytes::borrow(data)?;
-    let slice = bytes.as_slice();
-    if slice.is_empty() {
-        // Nothing to decide: the unpickler raises its own EOFError, as callers expect.
-        return run.call0().map(Bound::unbind);
-    }
-    let callsite: String = callsite.call0()?.extract()?;
-    let facts = Facts { bytes: slice, sha: hash(py, data, slice), callsite: &callsite, source: source.as_deref() };
-    let _running = Running::enter(Frame::Load(decide(py, &scope, &facts)?));
-    run.call0().map(Bound::unbind)
+    guard(py, data, &scope, source.as_deref(), || run.call0().map(Bound::unbind), || callsite.call0()?.extract())
+}
+
+/// The C-level entry: `_pickle.loads` redirected here, `call_original` runs the real function.
+pub fn guarded_c_loads(
+    py: Python<'_>,
+    data: &Bound<'_, PyAny>,
+    call_original: impl FnOnce() -> PyResult<Py<PyAny>>,
+) -> PyResult<Py<PyAny>> {
+    let scope = current_scope(py)?;
+    guard(py, data, scope.get(), None, call_original, || Ok(callsite::current(py)?.to_string()))
 }
 
 /// Runs a loader library's call on a whole file, `data`, already read into memory: `run()` must

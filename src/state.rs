@@ -93,6 +93,7 @@ pub fn configure(
     }
     ensure_logger();
 
+    crate::callsite::forget();
     let mut slot = GATE.write();
     let wanted = Gate { policy: Policy { mode, manifest }, origin };
     match slot.as_ref() {
@@ -142,7 +143,6 @@ pub fn current_state() -> Option<(String, Option<String>, String)> {
 }
 
 /// True when frames of `module` are skipped when naming the callsite.
-#[pyfunction]
 pub fn is_loader_module(module: &str) -> bool {
     let extra = current().and_then(|g| g.manifest().map(|m| m.loaders.clone())).unwrap_or_default();
     picklegate_core::callsite::is_loader_module(module, &extra)

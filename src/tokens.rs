@@ -5,11 +5,40 @@ use crate::errors;
 use picklegate_core::hash::Digest;
 use picklegate_core::policy::{Origin, Scope, TokenFacts};
 use pyo3::exceptions::PyValueError;
+use pyo3::ffi;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use std::os::raw::c_int;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
+static SCOPE_VAR: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+extern "C" {
+    fn PyContextVar_Get(var: *mut ffi::PyObject, default: *mut ffi::PyObject, value: *mut *mut ffi::PyObject) -> c_int;
+}
+
+/// Remembers the context variable that holds the scope (`picklegate._scope.SCOPE`), once.
+pub fn register_scope_var(py: Python<'_>, var: Py<PyAny>) {
+    SCOPE_VAR.get_or_init(py, || var);
+}
+
+/// The scope of the running context; the open scope before anything was registered.
+pub fn current_scope(py: Python<'_>) -> PyResult<Bound<'_, ScopeObj>> {
+    let Some(var) = SCOPE_VAR.get(py) else {
+        return Bound::new(py, ScopeObj::new());
+    };
+    let mut value: *mut ffi::PyObject = std::ptr::null_mut();
+    if unsafe { PyContextVar_Get(var.as_ptr(), std::ptr::null_mut(), &mut value) } != 0 {
+        return Err(PyErr::fetch(py));
+    }
+    if value.is_null() {
+        return Bound::new(py, ScopeObj::new());
+    }
+    let value = unsafe { Bound::from_owned_ptr(py, value) };
+    value.cast_into::<ScopeObj>().map_err(PyErr::from)
+}
 
 /// The proof that a piece of code opened a `no_pickles()` block. Only that block's code has it.
 #[pyclass(frozen, module = "picklegate")]

@@ -9,7 +9,7 @@ import os
 import pickle
 import threading
 
-from . import _callsite, _core, _loaders, _scope
+from . import _core, _loaders, _scope
 
 
 def _unwrapped(obj):
@@ -24,6 +24,7 @@ _original_py_load = _unwrapped(_PyUnpickler.load)
 
 _lock = threading.Lock()
 _patched = False
+_redirected_loads = False
 
 
 def _source_name(file):
@@ -77,8 +78,9 @@ def _options(fix_imports, encoding, errors, buffers):
 
 
 def loads(data, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=()):
+    """The fallback for a CPython whose ``_pickle.loads`` cannot be redirected."""
     run = functools.partial(_ORIGINAL_LOADS, data, **_options(fix_imports, encoding, errors, buffers))
-    return _core.guarded_load(data, _scope.SCOPE.get(), None, run, _callsite.current)
+    return _core.guarded_load(data, _scope.SCOPE.get(), None, run, _core.current_callsite)
 
 
 def load(file, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=()):
@@ -91,7 +93,7 @@ def load(file, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffer
         finally:
             finish(stream.tell())
 
-    return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _callsite.current)
+    return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _core.current_callsite)
 
 
 class Unpickler(_CUnpickler):
@@ -126,7 +128,7 @@ class Unpickler(_CUnpickler):
             finally:
                 finish(stream.tell())
 
-        return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _callsite.current)
+        return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _core.current_callsite)
 
 
 Unpickler.__module__ = _CUnpickler.__module__
@@ -182,7 +184,7 @@ def _guarded_py_load(self):
         finally:
             self._file_read, self._file_readline = read, readline
 
-    return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _callsite.current)
+    return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _core.current_callsite)
 
 
 def _py_loads(s, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=None):
@@ -206,7 +208,7 @@ for _wrapper, _original in (
 
 def _patch_modules():
     for module in (pickle, _pickle):
-        module.loads = loads
+        module.loads = _ORIGINAL_LOADS if _redirected_loads else loads
         module.load = load
         module.Unpickler = Unpickler
     pickle._loads = _py_loads
@@ -215,15 +217,17 @@ def _patch_modules():
 
 
 def _redirect_c_functions():
-    """Reaches references to ``_pickle.loads``/``load`` captured before install. If this
-    CPython's layout is unknown, the backstop still refuses every global they resolve."""
-    global _ORIGINAL_LOADS, _ORIGINAL_LOAD
+    """Reaches references to ``_pickle.loads``/``load`` captured before install: ``loads`` is
+    judged in Rust with no Python frame in between. If this CPython's layout is unknown, the
+    Python wrappers guard the module attributes and the backstop guards captured references."""
+    global _ORIGINAL_LOAD, _redirected_loads
     try:
-        _ORIGINAL_LOADS = _core.redirect_builtin("loads", _ORIGINAL_LOADS, loads)
-        _ORIGINAL_LOAD = _core.redirect_builtin("load", _ORIGINAL_LOAD, load)
+        _core.redirect_loads(_ORIGINAL_LOADS)
+        _redirected_loads = True
+        _ORIGINAL_LOAD = _core.redirect_load(_ORIGINAL_LOAD, load)
     except (TypeError, RuntimeError) as error:
         logging.getLogger("picklegate").warning(
-            "picklegate: references to _pickle.loads captured before install are covered by "
+            "picklegate: references to _pickle.load(s) captured before install are covered by "
             "the audit-hook backstop only: %s", error)
 
 
@@ -231,12 +235,11 @@ def activate():
     """Patches the entry points and registers the backstop; safe to call any number of times."""
     global _patched
     with _lock:
-        _core.install_backstop(_callsite.current, _scope.SCOPE)
+        _core.install_backstop(_scope.SCOPE)
         if not _patched:
             _redirect_c_functions()
         _patch_modules()
         _loaders.activate()
-        _callsite.forget_loaders()
         _patched = True
 
 

@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 
-from . import _callsite, _core, _scope
+from . import _core, _scope
 
 _lock = threading.Lock()
 _patched_modules = set()
@@ -23,7 +23,7 @@ def _local_path(f):
 
 
 def _container(data, source, run, eager, callsite=None):
-    where = _callsite.current() if callsite is None else callsite
+    where = _core.current_callsite() if callsite is None else callsite
     return _core.guarded_container(data, _scope.SCOPE.get(), source, run, lambda: where, eager)
 
 
@@ -138,7 +138,7 @@ def _judge_members_later(npz, file):
     if path is None:
         return
     data = _read_whole(path) if not isinstance(npz.zip.fp, io.BytesIO) else npz.zip.fp.getvalue()
-    callsite = _callsite.current()
+    callsite = _core.current_callsite()
     base = type(npz)
 
     class GuardedNpzFile(base):

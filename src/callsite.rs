@@ -1,0 +1,96 @@
+//! Names the callsite from the interpreter's frames, in Rust: the nearest frame whose module
+//! is not a loader, as `module:qualname`, cached per (code, globals) pair.
+
+use crate::state;
+use parking_lot::Mutex;
+use pyo3::ffi;
+use pyo3::intern;
+use pyo3::prelude::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// What a frame of a given code object in given globals means for the callsite.
+enum Seen {
+    Loader,
+    Site(Arc<str>),
+}
+
+struct Cached {
+    seen: Seen,
+    // Held so that the pointers in the key cannot be reused by other objects.
+    _code: Py<PyAny>,
+    _globals: Py<PyAny>,
+}
+
+const CACHE_LIMIT: usize = 16_384;
+static CACHE: Mutex<Option<HashMap<(usize, usize), Cached>>> = Mutex::new(None);
+
+/// Forgets every cached answer (the manifest's `loaders` may have changed).
+pub fn forget() {
+    *CACHE.lock() = None;
+}
+
+fn classify(py: Python<'_>, code: &Bound<'_, PyAny>, globals: &Bound<'_, PyAny>) -> PyResult<Seen> {
+    let module: String = match globals.get_item(intern!(py, "__name__")) {
+        Ok(name) => name.extract().unwrap_or_else(|_| "?".into()),
+        Err(_) => "?".into(),
+    };
+    if state::is_loader_module(&module) {
+        return Ok(Seen::Loader);
+    }
+    let qualname = code
+        .getattr(intern!(py, "co_qualname"))
+        .or_else(|_| code.getattr(intern!(py, "co_name")))?;
+    Ok(Seen::Site(format!("{module}:{}", qualname.extract::<String>()?).into()))
+}
+
+/// The callsite of the code running now.
+pub fn current(py: Python<'_>) -> PyResult<Arc<str>> {
+    let raw = unsafe { ffi::PyEval_GetFrame() };
+    if raw.is_null() {
+        return Ok("?:?".into());
+    }
+    let mut frame = unsafe { Bound::from_borrowed_ptr(py, raw as *mut ffi::PyObject) };
+    loop {
+        let code = frame.getattr(intern!(py, "f_code"))?;
+        let globals = frame.getattr(intern!(py, "f_globals"))?;
+        let key = (code.as_ptr() as usize, globals.as_ptr() as usize);
+        let known: Option<Option<Arc<str>>> = CACHE.lock().as_ref().and_then(|c| {
+            c.get(&key).map(|entry| match &entry.seen {
+                Seen::Loader => None,
+                Seen::Site(site) => Some(site.clone()),
+            })
+        });
+        let site = match known {
+            Some(site) => site,
+            None => {
+                let seen = classify(py, &code, &globals)?;
+                let site = match &seen {
+                    Seen::Loader => None,
+                    Seen::Site(site) => Some(site.clone()),
+                };
+                let mut cache = CACHE.lock();
+                let cache = cache.get_or_insert_with(HashMap::new);
+                if cache.len() >= CACHE_LIMIT {
+                    cache.clear();
+                }
+                cache.insert(key, Cached { seen, _code: code.unbind(), _globals: globals.unbind() });
+                site
+            }
+        };
+        if let Some(site) = site {
+            return Ok(site);
+        }
+        let back = frame.getattr(intern!(py, "f_back"))?;
+        if back.is_none() {
+            return Ok("?:?".into());
+        }
+        frame = back;
+    }
+}
+
+/// `module:qualname` of the nearest frame outside pickle, picklegate and the loader libraries.
+#[pyfunction]
+pub fn current_callsite(py: Python<'_>) -> PyResult<String> {
+    current(py).map(|s| s.to_string())
+}
