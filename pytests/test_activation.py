@@ -1,6 +1,5 @@
-"""Environment activation (issue 3, acceptance 2 and 5): with only PICKLEGATE_* variables set,
-the .pth start-up hook guards a script before its first line, in this interpreter, in a fresh
-venv and in subprocess children; a policy that cannot be used stops the process in enforce."""
+"""PICKLEGATE_* variables alone guard a script from its first line (here, in a fresh venv, in children),
+and a policy that cannot be used stops the process under enforce (issue 3, acceptance 2 and 5)."""
 
 import os
 import pickle

@@ -1,6 +1,5 @@
-"""Child processes are guarded by the same policy (issue 3, acceptance 4): multiprocessing Pools
-(fork, spawn, forkserver) and a ProcessPoolExecutor work under enforce with the transport-trust
-example, and a canary task argument is refused in the worker by the globals allowlist."""
+"""multiprocessing Pools (fork, spawn, forkserver) and ProcessPoolExecutors work under enforce with the
+transport-trust example, and a canary task argument is refused in the worker (issue 3, acceptance 4)."""
 
 import pathlib
 

@@ -1,5 +1,5 @@
-"""The LD_PRELOAD library (issue 3, acceptance 1 and 3): invisible in processes that are not
-CPython; in a CPython without picklegate installed, shared or static libpython, it guards a script."""
+"""The LD_PRELOAD library is invisible in processes that are not CPython, and guards a CPython without
+picklegate installed, libpython shared or static (issue 3, acceptance 1 and 3); `picklegate run`."""
 
 import os
 import subprocess

@@ -1,6 +1,5 @@
-# Run by the preload library on the first audit event after CPython started, with LOCATION set to
-# the picklegate package directory that holds the library. It loads that package (unless one is
-# already imported), checks the preload's own hook, and activates picklegate from the environment.
+# Run by the preload library at the first audit event after start-up, LOCATION = the package directory
+# holding the library: loads that picklegate (unless one is imported) and activates it from the environment.
 import os
 import sys
 

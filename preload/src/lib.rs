@@ -1,8 +1,5 @@
-//! The LD_PRELOAD library: in CPython it registers a native audit hook before the runtime starts,
-//! and on the first audit event after start-up runs `bootstrap.py` to load picklegate from beside it.
-//!
-//! It links against libc only and finds every Python function with `dlsym`, so in a process that
-//! is not CPython (or when no `PICKLEGATE_*` variable is set) its constructor returns at once.
+//! The LD_PRELOAD library (libc only; Python functions found with dlsym): in CPython it registers an
+//! audit hook before start-up, then at the first event after start-up loads picklegate from beside it.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
@@ -43,6 +40,9 @@ extern "C" fn constructor() {
         return;
     }
     let Some(add_audit_hook) = (unsafe { symbol::<AddAuditHook>(b"PySys_AddAuditHook\0") }) else {
+        if unsafe { symbol::<IsInitialized>(b"Py_Initialize\0") }.is_some() {
+            stop("this CPython predates audit hooks (3.8); picklegate needs CPython 3.9 or later");
+        }
         return; // not CPython: stay invisible
     };
     let is_initialized = unsafe { symbol::<IsInitialized>(b"Py_IsInitialized\0") };
