@@ -84,3 +84,17 @@ def test_without_the_trust_rule_the_pool_transport_itself_is_refused(run_python,
     )
     assert proc.stdout.strip() == "BrokenProcessPool", proc.stderr
     assert "PickleDeniedError" in proc.stderr
+
+
+def test_pools_are_guarded_through_the_preload_alone(tmp_path, canary):
+    """A CPython without picklegate installed: spawn children inherit LD_PRELOAD and bootstrap too."""
+    from test_preload import STATIC_PYTHON, preload_path, run
+
+    path, _ = canary
+    (tmp_path / "app.py").write_text(SCRIPT)
+    env = {"PICKLEGATE_POLICY": str(EXAMPLE), "LD_PRELOAD": preload_path()}
+    proc = run([STATIC_PYTHON, "-I", "-S", "app.py", "spawn", str(path)], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "after canary 9 False" in proc.stdout and "executor canary BrokenProcessPool" in proc.stdout
+    assert "global posix.system is not allowed by the [[trust]] rule" in proc.stderr
+    assert not path.exists(), "the canary task argument ran in a worker"
