@@ -10,6 +10,7 @@ const LIBRARY: &str = "libpicklegate_preload.so";
 fn main() {
     println!("cargo:rerun-if-changed=preload/src");
     println!("cargo:rerun-if-changed=preload/Cargo.toml");
+    println!("cargo:rerun-if-changed=preload/Cargo.lock");
     if env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
         return; // LD_PRELOAD with an ELF constructor: Linux only
     }
@@ -18,10 +19,10 @@ fn main() {
     let target = env::var("TARGET").expect("cargo sets TARGET");
     let mut cargo = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cargo
-        .args(["build", "--release", "--package", "picklegate-preload", "--target", &target, "--target-dir"])
+        .args(["build", "--release", "--locked", "--target", &target, "--target-dir"])
         .arg(&out)
         .arg("--manifest-path")
-        .arg(root.join("Cargo.toml"));
+        .arg(root.join("preload").join("Cargo.toml"));
     let status = cargo.status().expect("cannot run cargo to build the preload library");
     assert!(status.success(), "building picklegate-preload failed ({status})");
     let built = out.join(&target).join("release").join(LIBRARY);

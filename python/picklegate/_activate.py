@@ -43,9 +43,10 @@ def _cannot_install(error, mode, policy, log):
         sys.stderr.write(f"picklegate: {error}\npicklegate: {where}: stopping, rather than run unguarded\n")
         sys.stderr.flush()
         os._exit(EX_CONFIG)
+    logged = ", every load is logged" if mode.strip().lower() != "off" else ""
     sys.stderr.write(
         f"picklegate: WARNING: {error}\npicklegate: WARNING: {where}: the policy is not in force; "
-        f"continuing in {mode} mode without it, every load is logged\n"
+        f"continuing in {mode} mode without it{logged}\n"
     )
     try:
         _install(mode, None, log)
