@@ -182,7 +182,12 @@ impl log::Log for EventLogger {
         Python::attach(|py| {
             let forwarded = PY_LOGGER
                 .get_or_try_init(py, || {
-                    py.import("logging")?.call_method1("getLogger", ("picklegate",)).map(Bound::unbind)
+                    // Imported on the first event, not at start-up. The NullHandler keeps Python's
+                    // last-resort handler from printing each line a second time.
+                    let logging = py.import("logging")?;
+                    let logger = logging.call_method1("getLogger", ("picklegate",))?;
+                    logger.call_method1("addHandler", (logging.call_method0("NullHandler")?,))?;
+                    Ok::<_, PyErr>(logger.unbind())
                 })
                 .and_then(|logger| logger.bind(py).call_method1("log", (level, line)).map(drop));
             if let Err(e) = forwarded {

@@ -1,7 +1,6 @@
 """picklegate decides every pickle load before one opcode runs: only reviewed pickles, by
 sha256, at the callsites a manifest names; a token-guarded ``no_pickles()``; a no-pickle mode."""
 
-import logging as _logging
 import os as _os
 
 from . import _core, _interpose
@@ -25,8 +24,6 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
-
-_logging.getLogger("picklegate").addHandler(_logging.NullHandler())
 
 
 def install(policy=None, mode=None):

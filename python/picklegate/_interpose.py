@@ -4,7 +4,6 @@
 import _pickle
 import functools
 import io
-import logging
 import os
 import pickle
 import threading
@@ -226,6 +225,8 @@ def _redirect_c_functions():
         _redirected_loads = True
         _ORIGINAL_LOAD = _core.redirect_load(_ORIGINAL_LOAD, load)
     except (TypeError, RuntimeError) as error:
+        import logging  # not at the top: importing logging costs start-up time in every process
+
         logging.getLogger("picklegate").warning(
             "picklegate: references to _pickle.load(s) captured before install are covered by "
             "the audit-hook backstop only: %s", error)

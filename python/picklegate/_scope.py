@@ -1,9 +1,9 @@
 """The token API: ``no_pickles()`` narrows loads to nothing in its block and yields a token;
 ``allow_pickles(token)`` lifts exactly that block's narrowing. Scope is per context."""
 
-import asyncio
 import contextlib
 import contextvars
+import sys
 import threading
 
 from . import _core
@@ -12,8 +12,11 @@ SCOPE = contextvars.ContextVar("picklegate_scope", default=_core.Scope())
 
 
 def _here():
+    # asyncio is not imported here: it costs tens of ms at start-up, and until the program
+    # imports it there is no task to be in.
+    asyncio = sys.modules.get("asyncio")
     try:
-        task = asyncio.current_task()
+        task = asyncio.current_task() if asyncio is not None else None
     except RuntimeError:
         task = None
     return threading.get_ident(), 0 if task is None else id(task)

@@ -1,0 +1,142 @@
+//! The LD_PRELOAD library (libc only; Python functions found with dlsym): in CPython it registers an
+//! audit hook before start-up, then at the first event after start-up loads picklegate from beside it.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+type AuditHook = unsafe extern "C" fn(*const c_char, *mut c_void, *mut c_void) -> c_int;
+type AddAuditHook = unsafe extern "C" fn(AuditHook, *mut c_void) -> c_int;
+type IsInitialized = unsafe extern "C" fn() -> c_int;
+type RunString = unsafe extern "C" fn(*const c_char, *mut c_void) -> c_int;
+
+/// What the hook needs once CPython runs: two C API functions and the bootstrap statement.
+struct Interpreter {
+    is_initialized: IsInitialized,
+    run_string: RunString,
+    bootstrap: CString,
+}
+
+static INTERPRETER: OnceLock<Interpreter> = OnceLock::new();
+
+const PENDING: u8 = 0;
+const RUNNING: u8 = 1;
+const DONE: u8 = 2;
+/// The bootstrap runs once: the imports it makes raise audit events that must not start it again.
+static STATE: AtomicU8 = AtomicU8::new(PENDING);
+static SELF_CHECK_SEEN: AtomicBool = AtomicBool::new(false);
+const SELF_CHECK: &[u8] = b"picklegate.preload-check";
+/// Exit status when picklegate cannot be set up in `enforce` (EX_CONFIG from sysexits.h).
+const EX_CONFIG: c_int = 78;
+
+#[used]
+#[link_section = ".init_array"]
+static CONSTRUCTOR: extern "C" fn() = constructor;
+
+extern "C" fn constructor() {
+    if !configured() {
+        return;
+    }
+    let Some(add_audit_hook) = (unsafe { symbol::<AddAuditHook>(b"PySys_AddAuditHook\0") }) else {
+        if unsafe { symbol::<IsInitialized>(b"Py_Initialize\0") }.is_some() {
+            stop("this CPython predates audit hooks (3.8); picklegate needs CPython 3.9 or later");
+        }
+        return; // not CPython: stay invisible
+    };
+    let is_initialized = unsafe { symbol::<IsInitialized>(b"Py_IsInitialized\0") };
+    let run_string = unsafe { symbol::<RunString>(b"PyRun_SimpleStringFlags\0") };
+    let (Some(is_initialized), Some(run_string)) = (is_initialized, run_string) else {
+        return stop("this CPython lacks Py_IsInitialized or PyRun_SimpleStringFlags");
+    };
+    let Some(package) = own_directory() else {
+        return stop("cannot find the directory of its own library (dladdr failed)");
+    };
+    let bootstrap = CString::new(bootstrap_statement(&package)).expect("hex digits contain no NUL");
+    let _ = INTERPRETER.set(Interpreter { is_initialized, run_string, bootstrap });
+    if unsafe { add_audit_hook(hook, std::ptr::null_mut()) } != 0 {
+        stop("PySys_AddAuditHook refused its hook");
+    }
+}
+
+/// True when the operator asked for picklegate; empty values count as unset, as for `PYTHON*`.
+fn configured() -> bool {
+    ["PICKLEGATE_POLICY", "PICKLEGATE_MODE"].iter().any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
+}
+
+/// `warn`, `record` and `off` carry on when picklegate cannot be set up; `enforce` stops.
+fn lenient() -> bool {
+    let mode = std::env::var("PICKLEGATE_MODE").unwrap_or_default();
+    matches!(mode.trim().to_ascii_lowercase().as_str(), "warn" | "record" | "off")
+}
+
+/// Reports a failure to set picklegate up; in `enforce` the process stops rather than run unguarded.
+fn stop(reason: &str) {
+    if lenient() {
+        eprintln!("picklegate preload: {reason}; WARNING: this process runs UNGUARDED");
+    } else {
+        eprintln!("picklegate preload: {reason}; stopping, rather than run unguarded");
+        unsafe { libc::_exit(EX_CONFIG) };
+    }
+}
+
+/// A function of the running process by name (`name` ends with NUL), or `None`.
+unsafe fn symbol<F>(name: &[u8]) -> Option<F> {
+    let address = libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr().cast());
+    (!address.is_null()).then(|| std::mem::transmute_copy::<*mut c_void, F>(&address))
+}
+
+/// The picklegate package directory: where this library is installed.
+fn own_directory() -> Option<PathBuf> {
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    let found = unsafe { libc::dladdr(constructor as *const c_void, &mut info) };
+    if found == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    let file = OsStr::from_bytes(unsafe { CStr::from_ptr(info.dli_fname) }.to_bytes());
+    // Resolve a relative LD_PRELOAD path now, before the program can change directory.
+    std::fs::canonicalize(file).ok()?.parent().map(PathBuf::from)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One expression statement, so nothing is bound in `__main__`; hex keeps any path byte intact.
+fn bootstrap_statement(package: &std::path::Path) -> String {
+    format!(
+        "exec(bytes.fromhex('{}').decode(), {{'__name__': 'picklegate-preload', 'LOCATION': __import__('os').fsdecode(bytes.fromhex('{}'))}})",
+        hex(include_str!("bootstrap.py").as_bytes()),
+        hex(package.as_os_str().as_bytes())
+    )
+}
+
+/// The program is about to run (`cpython.run_*`), or an embedding application imports a module
+/// after `Py_Initialize` finished: from here on, Python code may run.
+fn started(event: &[u8], interpreter: &Interpreter) -> bool {
+    event.starts_with(b"cpython.run_") || (event == b"import" && unsafe { (interpreter.is_initialized)() } != 0)
+}
+
+unsafe extern "C" fn hook(event: *const c_char, _args: *mut c_void, _user_data: *mut c_void) -> c_int {
+    let event = CStr::from_ptr(event).to_bytes();
+    if event == SELF_CHECK {
+        SELF_CHECK_SEEN.store(true, Ordering::SeqCst);
+        return 0;
+    }
+    if STATE.load(Ordering::Acquire) != PENDING {
+        return 0;
+    }
+    let Some(interpreter) = INTERPRETER.get() else { return 0 };
+    if !started(event, interpreter) || STATE.compare_exchange(PENDING, RUNNING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        return 0;
+    }
+    let status = (interpreter.run_string)(interpreter.bootstrap.as_ptr(), std::ptr::null_mut());
+    STATE.store(DONE, Ordering::Release);
+    if status != 0 {
+        stop("the bootstrap raised an exception (printed above)");
+    } else if !SELF_CHECK_SEEN.load(Ordering::SeqCst) {
+        stop("its audit hook did not see its own check event");
+    }
+    0
+}
