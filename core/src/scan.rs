@@ -206,6 +206,11 @@ impl Scanner {
         }
     }
 
+    /// The globals seen so far, also when the scan stopped at an error.
+    pub fn globals_so_far(&self) -> &[Global] {
+        &self.report.globals
+    }
+
     /// The error for input that ended before STOP.
     pub fn truncation(&self, buf: &[u8]) -> ScanError {
         let opcode = buf.get(self.pos).and_then(|&b| opcode_name(b)).unwrap_or("an opcode (no STOP)");
@@ -541,5 +546,25 @@ mod tests {
         assert!(matches!(scanner.feed(ODICT_P4).unwrap(), Progress::Done(_)));
         let mut text = Scanner::default();
         assert_eq!(text.feed(b"cposix\nsys").unwrap(), Progress::NeedMore(Need::Line));
+    }
+
+    #[test]
+    fn python_pickles_of_every_protocol_and_all_their_prefixes() {
+        // pickle.dumps([OrderedDict(a=Fraction(1, 3)), b"xy", "text", 3.5, 10**30, {1, 2}, None, True], protocol=p)
+        let vectors: [(&[u8], u8); 3] = [
+        (b"(lp0\nccollections\nOrderedDict\np1\n(tRp2\nVa\np3\ncfractions\nFraction\np4\n(I1\nI3\ntp5\nRp6\nsac_codecs\nencode\np7\n(Vxy\np8\nVlatin1\np9\ntp10\nRp11\naVtext\np12\naF3.5\naL1000000000000000000000000000000L\nac__builtin__\nset\np13\n((lp14\nI1\naI2\natp15\nRp16\naNaI01\na.", 0),
+        (b"\x80\x02]q\x00(ccollections\nOrderedDict\nq\x01)Rq\x02X\x01\x00\x00\x00aq\x03cfractions\nFraction\nq\x04K\x01K\x03\x86q\x05Rq\x06sc_codecs\nencode\nq\x07X\x02\x00\x00\x00xyq\x08X\x06\x00\x00\x00latin1q\t\x86q\nRq\x0bX\x04\x00\x00\x00textq\x0cG@\x0c\x00\x00\x00\x00\x00\x00\x8a\r\x00\x00\x00@\xea\xedtF\xd0\x9c,\x9f\x0cc__builtin__\nset\nq\r]q\x0e(K\x01K\x02e\x85q\x0fRq\x10N\x88e.", 2),
+        (b"\x80\x05\x95z\x00\x00\x00\x00\x00\x00\x00]\x94(\x8c\x0bcollections\x94\x8c\x0bOrderedDict\x94\x93\x94)R\x94\x8c\x01a\x94\x8c\tfractions\x94\x8c\x08Fraction\x94\x93\x94K\x01K\x03\x86\x94R\x94sC\x02xy\x94\x8c\x04text\x94G@\x0c\x00\x00\x00\x00\x00\x00\x8a\r\x00\x00\x00@\xea\xedtF\xd0\x9c,\x9f\x0c\x8f\x94(K\x01K\x02\x90N\x88e.", 5),
+        ];
+        for (data, protocol) in vectors {
+            let report = scan(data).unwrap();
+            assert_eq!(report.protocol, protocol);
+            let names: Vec<String> = report.globals.iter().map(|(m, n)| format!("{m}.{n}")).collect();
+            assert_eq!(names[..2], ["collections.OrderedDict".to_string(), "fractions.Fraction".to_string()]);
+            assert_eq!(names.iter().any(|n| n.ends_with(".set")), protocol < 4, "{names:?}");
+            for cut in 0..data.len() {
+                assert!(matches!(scan(&data[..cut]), Err(ScanError::Truncated { .. })), "protocol {protocol}, prefix {cut}");
+            }
+        }
     }
 }
