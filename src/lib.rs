@@ -5,6 +5,7 @@ mod audit;
 mod buffer;
 mod errors;
 mod interpose;
+mod inventory;
 mod load;
 mod state;
 mod tokens;
@@ -74,6 +75,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(interpose::redirect_builtin, m)?)?;
     m.add_function(wrap_pyfunction!(audit::install_backstop, m)?)?;
     m.add_function(wrap_pyfunction!(tokens::new_token, m)?)?;
+    m.add_function(wrap_pyfunction!(state::set_observer, m)?)?;
+    m.add_function(wrap_pyfunction!(inventory::scan_file, m)?)?;
+    m.add_function(wrap_pyfunction!(inventory::freeze_records, m)?)?;
+    m.add_function(wrap_pyfunction!(inventory::manifest_entries, m)?)?;
     m.add_function(wrap_pyfunction!(tokens::close_token, m)?)?;
     m.add_class::<tokens::Token>()?;
     m.add_class::<tokens::ScopeObj>()?;

@@ -1,6 +1,7 @@
 //! Finds the pickles inside the files that carry them (torch zip checkpoints, .npz, .npy object
 //! arrays, joblib files plain or compressed) and scans each one statically, running nothing.
 
+use crate::callsite::global_matches;
 use crate::scan::{Progress, Report, ScanError, Scanner};
 use std::fmt;
 use std::io::{Cursor, Read};
@@ -14,6 +15,14 @@ const NPY_MAGIC: &[u8] = b"\x93NUMPY";
 pub struct Part {
     pub name: String,
     pub report: Report,
+}
+
+impl Part {
+    /// The globals no `allow` pattern matches, then the imports no static scan can name.
+    pub fn outside(&self, allow: &[String]) -> Vec<String> {
+        let globals = self.report.globals.iter().filter(|(m, n)| !allow.iter().any(|p| global_matches(p, m, n)));
+        globals.map(|(m, n)| format!("{m}.{n}")).chain(self.report.unresolved.iter().cloned()).collect()
+    }
 }
 
 /// What a file is, and every pickle in it (none for a numeric .npy/.npz).
@@ -203,6 +212,15 @@ mod tests {
         let contents = scan_contents(ODICT_P4).unwrap();
         assert_eq!(contents.format, "pickle");
         assert_eq!(contents.parts[0].report.globals, odict());
+    }
+
+    #[test]
+    fn allowlist_uses_manifest_globs() {
+        let part = &scan_contents(ODICT_P4).unwrap().parts[0];
+        assert_eq!(part.outside(&[]), ["collections.OrderedDict"]);
+        assert!(part.outside(&["collections.*".into()]).is_empty());
+        let ext = &scan_contents(b"\x80\x02\x82\x01)R.").unwrap().parts[0];
+        assert_eq!(ext.outside(&["*".into()]).len(), 1, "unresolved imports are never allowed");
     }
 
     #[test]

@@ -68,7 +68,7 @@ impl RecordFile {
     }
 }
 
-/// A record line that cannot be used, located as `file:line`.
+/// A record line that cannot be used, located as `file:line` (line 0: the file as a whole).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordError {
     pub file: String,
@@ -78,7 +78,10 @@ pub struct RecordError {
 
 impl fmt::Display for RecordError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}: {}", self.file, self.line, self.message)
+        match self.line {
+            0 => write!(f, "{}: {}", self.file, self.message),
+            line => write!(f, "{}:{line}: {}", self.file, self.message),
+        }
     }
 }
 
@@ -182,6 +185,6 @@ pub(crate) mod tests {
     #[test]
     fn unreadable_file_is_named() {
         let err = read_records(Path::new("/nonexistent/r.jsonl")).unwrap_err();
-        assert!(err.to_string().starts_with("/nonexistent/r.jsonl:0: cannot read"), "{err}");
+        assert!(err.to_string().starts_with("/nonexistent/r.jsonl: cannot read"), "{err}");
     }
 }
