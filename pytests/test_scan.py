@@ -105,12 +105,26 @@ def test_joblib_dump_plain_and_compressed(tmp_path, compress, fmt):
     assert summary["parts"][0]["globals"] == EXPECTED
 
 
-def test_joblib_numpy_array_data_fails_closed(tmp_path):
+@pytest.mark.parametrize("compress", [0, ("zlib", 3), ("xz", 3)])
+def test_joblib_numpy_arrays_are_stepped_over(tmp_path, compress):
+    # joblib writes each array's raw bytes (or, for object arrays, a nested pickle) inside its
+    # pickle stream; the globals after the arrays and inside the object array must be found.
     path = tmp_path / "arrays.joblib"
-    joblib.dump({"w": numpy.arange(10.0)}, path)
+    objects = numpy.array([fractions.Fraction(1, 3), None], dtype=object)
+    joblib.dump({"w": numpy.arange(1000.0).reshape(10, 100), "i": numpy.arange(7, dtype="int16"),
+                 "o": objects, "after": collections.OrderedDict()}, path, compress=compress)
+    status, [summary] = scan_json(path)
+    assert status == 1, summary
+    found = summary["parts"][0]["globals"]
+    for expected in ["joblib.numpy_pickle.NumpyArrayWrapper", "fractions.Fraction", "collections.OrderedDict"]:
+        assert expected in found
+
+
+def test_joblib_wrapper_used_oddly_is_an_error(tmp_path):
+    path = tmp_path / "odd.joblib"
+    path.write_bytes(b"\x80\x04\x8c\x13joblib.numpy_pickle\x8c\x11NumpyArrayWrapper\x93)R.")
     status, [summary] = scan_json(path, allow=["*"])
-    assert status == 1
-    assert "NumpyArrayWrapper" in summary["error"] and summary["verdict"] == "ERROR"
+    assert status == 1 and "NumpyArrayWrapper used other than as joblib writes it" in summary["error"]
 
 
 def test_numpy_object_arrays_in_npy_and_npz(tmp_path):

@@ -6,8 +6,6 @@ use crate::scan::{Progress, Report, ScanError, Scanner};
 use std::fmt;
 use std::io::{Cursor, Read};
 
-/// The global joblib writes before raw array bytes that it puts inside the pickle stream.
-const JOBLIB_ARRAY_WRAPPER: (&str, &str) = ("joblib.numpy_pickle", "NumpyArrayWrapper");
 const NPY_MAGIC: &[u8] = b"\x93NUMPY";
 
 /// One pickle found in a file: `name` is the archive member, or empty for the file itself.
@@ -84,23 +82,35 @@ fn decompress(codec: &'static str, bytes: &[u8]) -> Result<Vec<u8>, String> {
     result.map(|()| out).map_err(|e| format!("{codec} stream cannot be decompressed: {e}"))
 }
 
-/// Scans one pickle; refuses joblib array data, which is not pickle opcodes and cannot be skipped
-/// without evaluating the array's shape and dtype.
-fn scan_pickle(part: &str, bytes: &[u8]) -> Result<Part, ContainerError> {
-    let mut scanner = Scanner::default();
-    let result = match scanner.feed(bytes) {
-        Ok(Progress::Done(report)) => Ok(report),
-        Ok(Progress::NeedMore(_)) => Err(scanner.truncation(bytes)),
-        Err(error) => Err(error),
-    };
-    let wrapper = (JOBLIB_ARRAY_WRAPPER.0.to_string(), JOBLIB_ARRAY_WRAPPER.1.to_string());
-    if scanner.globals_so_far().contains(&wrapper) || result.as_ref().is_ok_and(|r| r.globals.contains(&wrapper)) {
-        return Err(format_error(
-            part,
-            "joblib wrote numpy array bytes inside this pickle (NumpyArrayWrapper); the static scanner cannot step over them",
-        ));
+fn finish(scanner: &mut Scanner, bytes: &[u8]) -> Result<Report, ScanError> {
+    match scanner.feed(bytes)? {
+        Progress::Done(report) => Ok(report),
+        Progress::NeedMore(_) => Err(scanner.truncation(bytes)),
     }
-    result.map(|report| Part { name: part.to_string(), report }).map_err(|error| ContainerError::Pickle { part: part.to_string(), error })
+}
+
+/// Scans one pickle. A stream joblib may load is read both as `joblib.load` reads it (array bytes
+/// after each NumpyArrayWrapper) and as `pickle.load` does, up to where that fails, and the
+/// globals of both readings are reported: the same bytes can import different things in each.
+fn scan_pickle(part: &str, bytes: &[u8], maybe_joblib: bool) -> Result<Part, ContainerError> {
+    let broken = |error| ContainerError::Pickle { part: part.to_string(), error };
+    let mut first = if maybe_joblib { Scanner::for_joblib() } else { Scanner::default() };
+    let mut report = finish(&mut first, bytes).map_err(broken)?;
+    if maybe_joblib {
+        let mut plain = Scanner::default();
+        let plain_report = finish(&mut plain, bytes).unwrap_or_else(|_| plain.partial_report().clone());
+        for global in plain_report.globals {
+            if !report.globals.contains(&global) {
+                report.globals.push(global);
+            }
+        }
+        for import in plain_report.unresolved {
+            if !report.unresolved.contains(&import) {
+                report.unresolved.push(import);
+            }
+        }
+    }
+    Ok(Part { name: part.to_string(), report })
 }
 
 /// The pickle of an object array in a .npy (none for numeric arrays).
@@ -124,7 +134,7 @@ fn scan_npy(part: &str, bytes: &[u8]) -> Result<Option<Part>, ContainerError> {
         return Ok(None);
     }
     let name = if part.is_empty() { format!("object array at offset {data_at}") } else { format!("{part} (object array at offset {data_at})") };
-    scan_pickle(&name, &bytes[data_at..]).map(Some)
+    scan_pickle(&name, &bytes[data_at..], false).map(Some)
 }
 
 fn scan_zip(bytes: &[u8]) -> Result<Contents, ContainerError> {
@@ -143,7 +153,7 @@ fn scan_zip(bytes: &[u8]) -> Result<Contents, ContainerError> {
         member.read_to_end(&mut data).map_err(|e| format_error(&name, format!("cannot read the zip member: {e}")))?;
         if is_pickle {
             format = "torch zip";
-            parts.push(scan_pickle(&name, &data)?);
+            parts.push(scan_pickle(&name, &data, false)?);
         } else {
             format = if format == "zip" { "npz" } else { format };
             parts.extend(scan_npy(&name, &data)?);
@@ -170,9 +180,9 @@ pub fn scan_contents(bytes: &[u8]) -> Result<Contents, ContainerError> {
             "xz" => "joblib xz",
             _ => "joblib lzma",
         };
-        return Ok(Contents { format, parts: vec![scan_pickle(&part, &inner)?] });
+        return Ok(Contents { format, parts: vec![scan_pickle(&part, &inner, true)?] });
     }
-    Ok(Contents { format: "pickle", parts: vec![scan_pickle("", bytes)?] })
+    Ok(Contents { format: "pickle", parts: vec![scan_pickle("", bytes, true)?] })
 }
 
 /// Vectors made by Python (pickle, numpy, joblib's compressors); the pytests cover real libraries.
