@@ -2,7 +2,7 @@
 //! arrays, joblib files plain or compressed) and scans each one statically, running nothing.
 
 use crate::callsite::global_matches;
-use crate::scan::{Progress, Report, ScanError, Scanner};
+use crate::scan::{Progress, Report, ScanError, Scanner, JOBLIB_ARRAY_WRAPPER};
 use std::fmt;
 use std::io::{Cursor, Read};
 
@@ -89,25 +89,32 @@ fn finish(scanner: &mut Scanner, bytes: &[u8]) -> Result<Report, ScanError> {
     }
 }
 
-/// Scans one pickle. A stream joblib may load is read both as `joblib.load` reads it (array bytes
-/// after each NumpyArrayWrapper) and as `pickle.load` does, up to where that fails, and the
-/// globals of both readings are reported: the same bytes can import different things in each.
+/// Scans one pickle. A stream joblib may load, and that imports joblib's NumpyArrayWrapper, is
+/// read both as `joblib.load` reads it (array bytes after each wrapper) and as `pickle.load` does,
+/// up to where that fails; the globals of both readings are reported. Without the wrapper the two
+/// readings are the same.
 fn scan_pickle(part: &str, bytes: &[u8], maybe_joblib: bool) -> Result<Part, ContainerError> {
     let broken = |error| ContainerError::Pickle { part: part.to_string(), error };
-    let mut first = if maybe_joblib { Scanner::for_joblib() } else { Scanner::default() };
-    let mut report = finish(&mut first, bytes).map_err(broken)?;
-    if maybe_joblib {
-        let mut plain = Scanner::default();
-        let plain_report = finish(&mut plain, bytes).unwrap_or_else(|_| plain.partial_report().clone());
-        for global in plain_report.globals {
-            if !report.globals.contains(&global) {
-                report.globals.push(global);
-            }
+    let mut plain = Scanner::default();
+    let plain_result = finish(&mut plain, bytes);
+    let plain_report = match &plain_result {
+        Ok(report) => report,
+        Err(_) => plain.partial_report(),
+    };
+    let (module, name) = JOBLIB_ARRAY_WRAPPER;
+    let has_wrapper = plain_report.globals.iter().any(|(m, n)| m == module && n == name);
+    if !(maybe_joblib && has_wrapper) {
+        return plain_result.map(|report| Part { name: part.to_string(), report }).map_err(broken);
+    }
+    let mut report = finish(&mut Scanner::for_joblib(), bytes).map_err(broken)?;
+    for global in &plain_report.globals {
+        if !report.globals.contains(global) {
+            report.globals.push(global.clone());
         }
-        for import in plain_report.unresolved {
-            if !report.unresolved.contains(&import) {
-                report.unresolved.push(import);
-            }
+    }
+    for import in &plain_report.unresolved {
+        if !report.unresolved.contains(import) {
+            report.unresolved.push(import.clone());
         }
     }
     Ok(Part { name: part.to_string(), report })
@@ -292,6 +299,15 @@ mod tests {
         let wrapper = b"\x80\x04\x8c\x13joblib.numpy_pickle\x8c\x11NumpyArrayWrapper\x93)\x81}b\x00\x01\x02\xff";
         let err = scan_contents(wrapper).unwrap_err();
         assert!(err.to_string().contains("NumpyArrayWrapper"), "{err}");
+    }
+
+    #[test]
+    fn joblib_array_bytes_that_are_opcodes_to_pickle_load_are_reported() {
+        let mut file = b"\x80\x04\x8c\x13joblib.numpy_pickle\x8c\x11NumpyArrayWrapper\x93)\x81}(\x8c\x05shapeK\x08\x85".to_vec();
+        file.extend_from_slice(b"\x8c\x05dtype\x8c\x05numpy\x8c\x05dtype\x93\x8c\x02u1\x89\x88\x87Rub");
+        file.extend_from_slice(b"cos\nsys\n.");
+        let names: Vec<String> = scan_contents(&file).unwrap().parts[0].report.globals.iter().map(|(m, n)| format!("{m}.{n}")).collect();
+        assert_eq!(names, ["joblib.numpy_pickle.NumpyArrayWrapper", "numpy.dtype", "os.sys"]);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 /// Strings longer than this are not kept: no module or attribute name is that long.
 const MAX_TRACKED_STRING: usize = 4096;
 /// The class joblib pickles in place of a numpy array; the array's bytes follow its BUILD.
-const JOBLIB_ARRAY_WRAPPER: (&str, &str) = ("joblib.numpy_pickle", "NumpyArrayWrapper");
+pub const JOBLIB_ARRAY_WRAPPER: (&str, &str) = ("joblib.numpy_pickle", "NumpyArrayWrapper");
 
 /// What a scan found in one pickle stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
