@@ -85,3 +85,12 @@ def test_record_writes_the_record_file(pytester):
                          "test_sample:test_unlisted_load_swallowed"]
     usage = pytester.runpytest_subprocess("--picklegate=record")
     assert "--picklegate=record needs --picklegate-record PATH" in usage.stderr.str()
+
+
+def test_warn_lets_every_test_pass_and_lists_the_unlisted_loads(pytester):
+    policy = make_suite(pytester)
+    result = pytester.runpytest_subprocess("--picklegate=warn", "--picklegate-policy", str(policy))
+    result.assert_outcomes(passed=4)
+    output = result.stdout.str()
+    assert "picklegate: 2 loads the policy does not allow" in output
+    assert "test_sample.py::test_unlisted_load_swallowed" in output and "test_sample.py::test_marked_load" in output

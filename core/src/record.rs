@@ -49,10 +49,6 @@ impl RecordFile {
         Ok(RecordFile { path: path.to_path_buf(), file })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn append(&self, record: &Record) -> io::Result<()> {
         let line = record.to_json_line();
         let written = (&self.file).write(line.as_bytes()).map_err(|e| {
@@ -168,8 +164,9 @@ pub(crate) mod tests {
         let threads: Vec<_> = (0..8)
             .map(|t| {
                 let file = shared.clone();
+                let path = path.clone();
                 std::thread::spawn(move || {
-                    let own = RecordFile::open(file.path()).unwrap();
+                    let own = RecordFile::open(&path).unwrap();
                     for i in 0..500u32 {
                         let record = sample(&format!("app:t{t}"), &i.to_le_bytes(), Some("/x".repeat(200).as_str()));
                         if i % 2 == 0 { file.append(&record) } else { own.append(&record) }.unwrap();
