@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 
+pytest_plugins = ["pytester"]
+
 
 class Canary:
     """A payload whose unpickling runs ``touch <path>``: the file exists only if it ran."""

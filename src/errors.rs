@@ -65,5 +65,9 @@ pub fn no_pickle(py: Python<'_>, message: String, facts: &RefusalFacts) -> PyErr
 }
 
 pub fn scan_error(py: Python<'_>, err: &ScanError) -> PyErr {
-    raise(py, "ScanError", err.to_string(), &[])
+    scan_error_message(py, err.to_string())
+}
+
+pub fn scan_error_message(py: Python<'_>, message: String) -> PyErr {
+    raise(py, "ScanError", message, &[])
 }

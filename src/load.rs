@@ -7,6 +7,7 @@ use crate::state::{self, emit};
 use crate::callsite;
 use crate::tokens::{current_scope, ScopeObj};
 use picklegate_core::event::Event;
+use picklegate_core::record::Record;
 use picklegate_core::hash::Digest;
 use picklegate_core::manifest::Manifest;
 use picklegate_core::policy::{Action, Approval, Judgement, Load, Mode, Refusal, ScopeRefusal};
@@ -104,6 +105,26 @@ fn suggestion(refusal: &Refusal, manifest: Option<&Manifest>, sha: &Digest, call
     }
 }
 
+/// The record-file line of a load that `record` mode lets run.
+fn record_of(event: &Event) -> Record {
+    Record {
+        time: event.time,
+        pid: event.pid,
+        callsite: event.callsite.clone(),
+        sha256: event.sha256.clone().unwrap_or_default(),
+        size: event.size.unwrap_or_default(),
+        globals: event.globals.clone(),
+        source: event.source.clone(),
+    }
+}
+
+/// A refusal is raised whatever the observer does; an observer that fails is reported.
+fn observe_refusal(py: Python<'_>, event: &Event) {
+    if let Err(error) = state::observe(py, event) {
+        error.write_unraisable(py, None);
+    }
+}
+
 /// The facts of one decision: the bytes (for the scan), their hash, and where they were loaded.
 struct Facts<'a> {
     bytes: &'a [u8],
@@ -133,7 +154,7 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
     });
     let scope_verdict = scope.inner.permits(Some(&sha));
     let refused = judgement.action == Action::Refuse || scope_verdict.is_err();
-    if !refused && judgement.action == Action::Run {
+    if !refused && judgement.action == Action::Run && !state::has_observer() {
         return Ok(policy.approval_while_running(&judgement)); // the common case: nothing to log
     }
     report.get_or_insert_with(|| scan::scan(bytes));
@@ -156,7 +177,9 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
 
     if let (Action::Refuse, Err(refusal)) = (judgement.action, &judgement.verdict) {
         let reason = refusal.describe(manifest);
-        emit(&event("deny", Some(reason.clone())));
+        let denial = event("deny", Some(reason.clone()));
+        emit(&denial);
+        observe_refusal(py, &denial);
         let message = format!(
             "picklegate refused to unpickle {} bytes (sha256 {sha}) at {callsite}{}: {reason}.\n{}",
             bytes.len(),
@@ -176,20 +199,27 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
                 format!("add \"sha256:{sha}\" to only_objects after review"),
             ),
         };
-        emit(&event("deny", Some(reason.to_string())));
+        let denial = event("deny", Some(reason.to_string()));
+        emit(&denial);
+        observe_refusal(py, &denial);
         let message = format!(
             "picklegate refused to unpickle {} bytes (sha256 {sha}) at {callsite}: {reason}. To permit it, {remedy}.",
             bytes.len()
         );
         return Err(errors::no_pickle(py, message, &refusal_facts));
     }
-    match (&judgement.verdict, policy.mode) {
-        (_, Mode::Record) => emit(&event("record", None)),
-        (Err(refusal), _) if judgement.action == Action::RunAndReport => {
-            emit(&event("warn", Some(refusal.describe(manifest))))
-        }
-        _ => {}
+    let decision = match (&judgement.verdict, policy.mode) {
+        (_, Mode::Record) => event("record", None),
+        (Err(refusal), _) if judgement.action == Action::RunAndReport => event("warn", Some(refusal.describe(manifest))),
+        _ => event("allow", None),
+    };
+    if decision.decision != "allow" {
+        emit(&decision);
     }
+    if let Some(record_file) = gate.as_ref().and_then(|g| g.record.as_ref()).filter(|_| policy.mode == Mode::Record) {
+        record_file.append(&record_of(&decision)).map_err(|e| errors::policy_error(py, e.to_string()))?;
+    }
+    state::observe(py, &decision)?;
     Ok(policy.approval_while_running(&judgement))
 }
 

@@ -6,6 +6,7 @@ use parking_lot::{Mutex, RwLock};
 use picklegate_core::event::{Event, Sink};
 use picklegate_core::manifest::Manifest;
 use picklegate_core::policy::{Mode, Policy};
+use picklegate_core::record::RecordFile;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use std::path::Path;
@@ -42,6 +43,8 @@ impl Origin {
 pub struct Gate {
     pub policy: Policy,
     pub origin: Origin,
+    /// Where `record` mode appends each load.
+    pub record: Option<Arc<RecordFile>>,
 }
 
 impl Gate {
@@ -70,13 +73,14 @@ pub fn policy_of(gate: &Option<Arc<Gate>>) -> &Policy {
 /// Sets the mode and manifest. A second call may only tighten what is in force: it cannot lower
 /// the mode or swap the manifest, so a library cannot undo what the operator or application set.
 #[pyfunction]
-#[pyo3(signature = (mode, policy, origin, log=None))]
+#[pyo3(signature = (mode, policy, origin, log=None, record=None))]
 pub fn configure(
     py: Python<'_>,
     mode: Option<&str>,
     policy: Option<&str>,
     origin: &str,
     log: Option<&str>,
+    record: Option<&str>,
 ) -> PyResult<String> {
     let origin = Origin::parse(origin)?;
     let mode = match mode.map(Mode::parse).transpose() {
@@ -87,6 +91,7 @@ pub fn configure(
         Some(path) => Some(Arc::new(Manifest::load(Path::new(path)).map_err(|e| errors::manifest_error(py, &e))?)),
         None => None,
     };
+    let record = open_record_file(mode, record).map_err(|message| errors::policy_error(py, message))?;
     if let Some(setting) = log {
         let sink = Sink::parse(setting).map_err(|e| errors::policy_error(py, e.to_string()))?;
         *LOGGER.sink.lock() = Some(sink);
@@ -95,7 +100,7 @@ pub fn configure(
 
     crate::callsite::forget();
     let mut slot = GATE.write();
-    let wanted = Gate { policy: Policy { mode, manifest }, origin };
+    let wanted = Gate { policy: Policy { mode, manifest }, origin, record };
     match slot.as_ref() {
         Some(held) if held.origin != Origin::Implicit => {
             let same_manifest = wanted.source().is_none() || wanted.source() == held.source();
@@ -103,6 +108,7 @@ pub fn configure(
                 let tightened = Gate {
                     policy: Policy { mode: wanted.policy.mode, manifest: held.policy.manifest.clone() },
                     origin: held.origin,
+                    record: None,
                 };
                 *slot = Some(Arc::new(tightened));
             } else if !(same_manifest && wanted.policy.mode == held.policy.mode) {
@@ -120,6 +126,17 @@ pub fn configure(
         _ => *slot = Some(Arc::new(wanted)),
     }
     Ok(describe(slot.as_ref()))
+}
+
+/// The record file `record` mode needs (and only it): without one, its loads would go unrecorded.
+fn open_record_file(mode: Mode, path: Option<&str>) -> Result<Option<Arc<RecordFile>>, String> {
+    match (mode, path.filter(|p| !p.trim().is_empty())) {
+        (Mode::Record, Some(path)) => RecordFile::open(Path::new(path)).map(|f| Some(Arc::new(f))).map_err(|e| e.to_string()),
+        (Mode::Record, None) => Err(
+            "picklegate record mode needs a record file: set PICKLEGATE_RECORD=PATH or call install(mode=\"record\", record=PATH)".into(),
+        ),
+        _ => Ok(None),
+    }
 }
 
 fn describe(gate: Option<&Arc<Gate>>) -> String {
@@ -197,6 +214,28 @@ impl log::Log for EventLogger {
     }
 
     fn flush(&self) {}
+}
+
+static OBSERVER: Mutex<Option<Py<PyAny>>> = Mutex::new(None);
+
+/// Sets (or clears, with `None`) the callable that sees every load decision as a dict, before
+/// an allowed load runs. If it raises, that load does not run: an observer can only refuse more.
+#[pyfunction]
+pub fn set_observer(observer: Option<Py<PyAny>>) {
+    let previous = std::mem::replace(&mut *OBSERVER.lock(), observer);
+    drop(previous); // outside the lock: dropping may run Python code
+}
+
+/// True when someone watches decisions (the pytest plugin): allowed loads then build events too.
+pub fn has_observer() -> bool {
+    OBSERVER.lock().is_some()
+}
+
+/// Shows `event` to the observer, if one is set; its exception is the caller's to raise.
+pub fn observe(py: Python<'_>, event: &Event) -> PyResult<()> {
+    let Some(observer) = OBSERVER.lock().as_ref().map(|o| o.clone_ref(py)) else { return Ok(()) };
+    let json = py.import("json")?.call_method1("loads", (event.to_json_line(),))?;
+    observer.bind(py).call1((json,)).map(drop)
 }
 
 /// Logs one decision: refusals at warning level, everything else at info.

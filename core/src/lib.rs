@@ -2,8 +2,11 @@
 //! The binding crate converts types and maps each error here to one Python exception.
 
 pub mod callsite;
+pub mod container;
 pub mod event;
+pub mod freeze;
 pub mod hash;
 pub mod manifest;
 pub mod policy;
+pub mod record;
 pub mod scan;

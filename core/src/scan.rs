@@ -2,11 +2,14 @@
 //! pickle would import, risky opcodes, where it ends, and precise errors for broken input.
 
 use crate::policy::Global;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 /// Strings longer than this are not kept: no module or attribute name is that long.
 const MAX_TRACKED_STRING: usize = 4096;
+/// The class joblib pickles in place of a numpy array; the array's bytes follow its BUILD.
+pub const JOBLIB_ARRAY_WRAPPER: (&str, &str) = ("joblib.numpy_pickle", "NumpyArrayWrapper");
 
 /// What a scan found in one pickle stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -66,9 +69,29 @@ pub enum Progress {
     NeedMore(Need),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The size of one element of a numpy array, as joblib reads it.
+#[derive(Debug, Clone, Copy)]
+enum Element {
+    /// An object array: joblib stores it as a nested pickle.
+    Object,
+    Bytes(u64),
+}
+
+/// What the scanner knows of a stack value. Beyond strings, values are tracked only when
+/// scanning for joblib (`Scanner::for_joblib`), to find where each array's raw bytes end.
+#[derive(Debug, Clone)]
 enum Item {
     Str(String),
+    Int(i64),
+    None,
+    Tuple(Vec<Item>),
+    /// Shared like a Python dict: the memo and the stack see the same one.
+    Dict(Arc<Mutex<Vec<(Item, Item)>>>),
+    WrapperClass,
+    /// An instance of joblib's NumpyArrayWrapper; the number tells instances apart.
+    Wrapper(usize),
+    DtypeClass,
+    Dtype(Element),
     Other,
 }
 
@@ -83,6 +106,10 @@ pub struct Scanner {
     saw_binary: bool,
     proto: Option<u8>,
     report: Report,
+    /// Read as joblib's unpickler does: raw array bytes follow each NumpyArrayWrapper's BUILD.
+    joblib: bool,
+    wrappers_made: usize,
+    wrappers_built: HashSet<usize>,
 }
 
 /// Scans one complete pickle from the start of `bytes`.
@@ -206,6 +233,17 @@ impl Scanner {
         }
     }
 
+    /// A scanner that reads the stream as `joblib.load` does: after the BUILD of each
+    /// NumpyArrayWrapper come the array's raw bytes (or, for object arrays, a nested pickle).
+    pub fn for_joblib() -> Self {
+        Scanner { joblib: true, ..Default::default() }
+    }
+
+    /// What the scan found so far, also when it stopped at an error.
+    pub fn partial_report(&self) -> &Report {
+        &self.report
+    }
+
     /// The error for input that ended before STOP.
     pub fn truncation(&self, buf: &[u8]) -> ScanError {
         let opcode = buf.get(self.pos).and_then(|&b| opcode_name(b)).unwrap_or("an opcode (no STOP)");
@@ -235,12 +273,21 @@ impl Scanner {
         if self.stack.len() < floor + n {
             return Err(Self::malformed(offset, opcode, "stack underflow"));
         }
-        Ok(self.stack.split_off(self.stack.len() - n))
+        Self::refuse_wrapper_class(self.stack.split_off(self.stack.len() - n), offset, opcode)
     }
 
     fn pop_mark(&mut self, offset: usize, opcode: &'static str) -> Result<Vec<Item>, ScanError> {
         let mark = self.marks.pop().ok_or_else(|| Self::malformed(offset, opcode, "no MARK on the stack"))?;
-        Ok(self.stack.split_off(mark))
+        Self::refuse_wrapper_class(self.stack.split_off(mark), offset, opcode)
+    }
+
+    /// joblib's NumpyArrayWrapper class may only be instantiated the way joblib does (NEWOBJ
+    /// with no arguments): any other use could make a wrapper this scanner would not follow.
+    fn refuse_wrapper_class(items: Vec<Item>, offset: usize, opcode: &'static str) -> Result<Vec<Item>, ScanError> {
+        if matches!(opcode, "NEWOBJ" | "POP" | "POP_MARK" | "STOP") || !items.iter().any(|i| matches!(i, Item::WrapperClass)) {
+            return Ok(items);
+        }
+        Err(Self::malformed(offset, opcode, "joblib's NumpyArrayWrapper used other than as joblib writes it"))
     }
 
     fn top(&self, offset: usize, opcode: &'static str) -> Result<Item, ScanError> {
@@ -302,20 +349,39 @@ impl Scanner {
                 self.stack.push(top);
             }
             b'F' | b'I' | b'L' => {
-                arg!(cur.line());
-                self.stack.push(Item::Other);
+                let text = arg!(cur.line());
+                let int = std::str::from_utf8(text).ok().map(|t| t.trim_end_matches('L')).and_then(|t| t.parse().ok());
+                self.stack.push(match int {
+                    Some(value) if op != b'F' && self.joblib => Item::Int(value),
+                    _ => Item::Other,
+                });
             }
-            b'J' => { arg!(cur.take(4)); self.stack.push(Item::Other); }
-            b'K' => { arg!(cur.take(1)); self.stack.push(Item::Other); }
-            b'M' => { arg!(cur.take(2)); self.stack.push(Item::Other); }
+            b'J' => {
+                let value = i32::from_le_bytes(arg!(cur.take(4)).try_into().expect("4 bytes"));
+                self.push_int(value.into());
+            }
+            b'K' => { let value = le_uint(arg!(cur.take(1))); self.push_int(value as i64); }
+            b'M' => { let value = le_uint(arg!(cur.take(2))); self.push_int(value as i64); }
             b'G' => { arg!(cur.take(8)); self.stack.push(Item::Other); }
             0x8a | 0x8b => {
                 let width = if op == 0x8a { 1 } else { 4 };
                 let len = le_uint(arg!(cur.take(width))) as usize;
-                arg!(cur.take(len));
-                self.stack.push(Item::Other);
+                let digits = arg!(cur.take(len));
+                match digits {
+                    [] => self.push_int(0),
+                    [.., last] if digits.len() <= 7 => {
+                        let sign_fill = if last & 0x80 != 0 { 0xff } else { 0 };
+                        let mut bytes = [sign_fill; 8];
+                        bytes[..digits.len()].copy_from_slice(digits);
+                        self.push_int(i64::from_le_bytes(bytes));
+                    }
+                    _ => self.stack.push(Item::Other),
+                }
             }
-            b'N' | 0x88 | 0x89 | b'}' | b']' | b')' | 0x8f | 0x97 => self.stack.push(Item::Other),
+            b'N' => self.stack.push(Item::None),
+            b')' => self.stack.push(Item::Tuple(Vec::new())),
+            b'}' if self.joblib => self.stack.push(Item::Dict(Arc::default())),
+            0x88 | 0x89 | b'}' | b']' | 0x8f | 0x97 => self.stack.push(Item::Other),
             b'S' => {
                 let text = arg!(cur.line());
                 let item = quoted_text(text).ok_or_else(|| Self::malformed(at, name, "STRING argument is not quoted"))?;
@@ -348,20 +414,34 @@ impl Scanner {
                 self.top(at, name)?;
             }
             b'e' | b'u' | 0x90 => {
-                self.pop_mark(at, name)?;
-                self.top(at, name)?;
+                let items = self.pop_mark(at, name)?;
+                let target = self.top(at, name)?;
+                if op == b'u' {
+                    Self::set_items(&target, items);
+                }
             }
-            b'l' | b't' | b'd' | 0x91 => {
-                self.pop_mark(at, name)?;
-                self.stack.push(Item::Other);
+            b'l' | b'd' | 0x91 => {
+                let items = self.pop_mark(at, name)?;
+                self.stack.push(match op {
+                    b'd' if self.joblib => Item::Dict(Arc::default()),
+                    _ => Item::Other,
+                });
+                if op == b'd' {
+                    Self::set_items(self.stack.last().expect("just pushed"), items);
+                }
+            }
+            b't' => {
+                let items = self.pop_mark(at, name)?;
+                self.push_tuple(items);
             }
             0x85 | 0x86 | 0x87 => {
-                self.pop((op - 0x84) as usize, at, name)?;
-                self.stack.push(Item::Other);
+                let items = self.pop((op - 0x84) as usize, at, name)?;
+                self.push_tuple(items);
             }
             b's' => {
-                self.pop(2, at, name)?;
-                self.top(at, name)?;
+                let items = self.pop(2, at, name)?;
+                let target = self.top(at, name)?;
+                Self::set_items(&target, items);
             }
             b'g' | b'h' | b'j' => {
                 let index = match op {
@@ -387,19 +467,31 @@ impl Scanner {
             b'c' | b'i' => {
                 let module = Self::text_line(arg!(cur.line()), at, name)?;
                 let attr = Self::text_line(arg!(cur.line()), at, name)?;
+                let class = self.class_item(&module, &attr);
                 self.add_global(module, attr);
                 if op == b'i' {
                     self.pop_mark(at, name)?;
+                    if matches!(class, Item::WrapperClass) {
+                        return Err(Self::malformed(at, name, "joblib's NumpyArrayWrapper used other than as joblib writes it"));
+                    }
+                    self.stack.push(Item::Other);
+                } else {
+                    self.stack.push(class);
                 }
-                self.stack.push(Item::Other);
             }
             0x93 => {
                 let operands = self.pop(2, at, name)?;
-                match (&operands[0], &operands[1]) {
-                    (Item::Str(module), Item::Str(attr)) => self.add_global(module.clone(), attr.clone()),
-                    _ => self.report.unresolved.push(format!("STACK_GLOBAL at offset {at} with names computed at load time")),
-                }
-                self.stack.push(Item::Other);
+                let class = match (&operands[0], &operands[1]) {
+                    (Item::Str(module), Item::Str(attr)) => {
+                        self.add_global(module.clone(), attr.clone());
+                        self.class_item(module, attr)
+                    }
+                    _ => {
+                        self.report.unresolved.push(format!("STACK_GLOBAL at offset {at} with names computed at load time"));
+                        Item::Other
+                    }
+                };
+                self.stack.push(class);
             }
             0x82 | 0x83 | 0x84 => {
                 let width = match op { 0x82 => 1, 0x83 => 2, _ => 4 };
@@ -415,9 +507,35 @@ impl Scanner {
                 self.pop(1, at, name)?;
                 self.stack.push(Item::Other);
             }
-            b'R' | b'b' | 0x81 => {
-                self.pop(2, at, name)?;
-                self.stack.push(Item::Other);
+            b'R' => {
+                let operands = self.pop(2, at, name)?;
+                self.stack.push(Self::reduced(&operands[0], &operands[1]));
+            }
+            b'b' => {
+                if self.joblib {
+                    if let Some(need) = self.skip_joblib_array(cur, at, name)? {
+                        return Ok(Some(need));
+                    }
+                }
+                let mut operands = self.pop(2, at, name)?;
+                // BUILD leaves the object on the stack; joblib replaces a wrapper with its array.
+                self.stack.push(match operands.swap_remove(0) {
+                    Item::Wrapper(_) => Item::Other,
+                    object => object,
+                });
+            }
+            0x81 => {
+                let operands = self.pop(2, at, name)?;
+                self.stack.push(match (&operands[0], &operands[1]) {
+                    (Item::WrapperClass, Item::Tuple(args)) if args.is_empty() => {
+                        self.wrappers_made += 1;
+                        Item::Wrapper(self.wrappers_made)
+                    }
+                    (Item::WrapperClass, _) => {
+                        return Err(Self::malformed(at, name, "joblib's NumpyArrayWrapper made with arguments"))
+                    }
+                    _ => Item::Other,
+                });
             }
             0x92 => {
                 self.pop(3, at, name)?;
@@ -446,6 +564,134 @@ impl Scanner {
             _ => return Err(ScanError::UnknownOpcode { offset: at, byte: op }),
         }
         Ok(None)
+    }
+}
+
+/// Value tracking, only as deep as joblib's arrays need: where each array's raw bytes end.
+impl Scanner {
+    fn push_int(&mut self, value: i64) {
+        self.stack.push(if self.joblib { Item::Int(value) } else { Item::Other });
+    }
+
+    fn push_tuple(&mut self, items: Vec<Item>) {
+        self.stack.push(if self.joblib { Item::Tuple(items) } else { Item::Other });
+    }
+
+    fn class_item(&self, module: &str, name: &str) -> Item {
+        match (module, name) {
+            _ if !self.joblib => Item::Other,
+            (m, n) if (m, n) == JOBLIB_ARRAY_WRAPPER => Item::WrapperClass,
+            ("numpy", "dtype") => Item::DtypeClass,
+            _ => Item::Other,
+        }
+    }
+
+    /// `numpy.dtype(code, ...)` for the fixed-size codes whose size numpy's BUILD cannot change.
+    fn reduced(callable: &Item, args: &Item) -> Item {
+        let (Item::DtypeClass, Item::Tuple(args)) = (callable, args) else { return Item::Other };
+        let Some(Item::Str(code)) = args.first() else { return Item::Other };
+        let element = match code.as_str() {
+            "O8" => Element::Object,
+            "b1" | "i1" | "u1" => Element::Bytes(1),
+            "i2" | "u2" | "f2" => Element::Bytes(2),
+            "i4" | "u4" | "f4" => Element::Bytes(4),
+            "i8" | "u8" | "f8" | "c8" | "M8" | "m8" => Element::Bytes(8),
+            "f16" | "c16" => Element::Bytes(16),
+            "c32" => Element::Bytes(32),
+            _ => return Item::Other,
+        };
+        Item::Dtype(element)
+    }
+
+    /// SETITEM(S) and DICT: pairs go into a tracked dict (the last value of a key wins).
+    fn set_items(target: &Item, items: Vec<Item>) {
+        if let Item::Dict(dict) = target {
+            let mut items = items.into_iter();
+            let mut dict = dict.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            while let (Some(key), Some(value)) = (items.next(), items.next()) {
+                dict.push((key, value));
+            }
+        }
+    }
+
+    /// At a BUILD of a NumpyArrayWrapper, steps over what joblib reads next: an alignment pad and
+    /// the array's bytes, or a nested pickle for an object array. Anything it cannot size exactly
+    /// is an error, so a scan never resynchronises somewhere joblib would not.
+    fn skip_joblib_array(&mut self, cur: &mut Cursor<'_>, at: usize, name: &'static str) -> Result<Option<Need>, ScanError> {
+        let floor = self.marks.last().copied().unwrap_or(0);
+        let Some(wrapper_at) = self.stack.len().checked_sub(2).filter(|&i| i >= floor) else { return Ok(None) };
+        let Item::Wrapper(id) = self.stack[wrapper_at] else { return Ok(None) };
+        let bad = |problem: &str| Self::malformed(at, name, format!("joblib NumpyArrayWrapper: {problem}"));
+        if self.wrappers_built.contains(&id) {
+            return Err(bad("built twice"));
+        }
+        if cur.at < self.frame_end {
+            // joblib reads the array from the file, after the frame the unpickler has buffered.
+            return Err(bad("BUILD inside a frame: the array bytes would not follow it"));
+        }
+        let Item::Dict(state) = &self.stack[wrapper_at + 1] else { return Err(bad("state is not a dict")) };
+        let state = state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let mut fields: HashMap<&str, &Item> = HashMap::new();
+        for (key, value) in &state {
+            let Item::Str(key) = key else { return Err(bad("state has a key that is not a plain string")) };
+            fields.insert(key.as_str(), value);
+        }
+        let count = match fields.get("shape") {
+            Some(Item::Tuple(dims)) => dims.iter().try_fold(1u64, |count, dim| match dim {
+                Item::Int(d) if *d >= 0 => count.checked_mul(*d as u64),
+                _ => None,
+            }),
+            _ => None,
+        }
+        .ok_or_else(|| bad("shape is not a tuple of sizes"))?;
+        let element = match fields.get("dtype") {
+            Some(Item::Dtype(element)) => *element,
+            _ => return Err(bad("dtype is not a fixed-size numpy.dtype")),
+        };
+        match element {
+            Element::Object => {
+                let mut nested = Scanner::default();
+                match nested.feed(&cur.buf[cur.at..]) {
+                    Ok(Progress::Done(report)) if nested.frame_end > report.end => {
+                        return Err(bad("the object array's pickle ends inside its own frame"));
+                    }
+                    Ok(Progress::Done(report)) => {
+                        cur.at += report.end;
+                        self.merge(report);
+                    }
+                    Ok(Progress::NeedMore(need)) => return Ok(Some(need)),
+                    Err(e) => return Err(bad(&format!("object array pickle at offset {}: {e}", cur.at))),
+                }
+            }
+            Element::Bytes(size) => {
+                let aligned = fields.get("numpy_array_alignment_bytes").is_some_and(|v| !matches!(v, Item::None));
+                if aligned {
+                    let pad = le_uint(match cur.take(1) {
+                        Arg::Bytes(b) => b,
+                        Arg::Missing(need) => return Ok(Some(need)),
+                    });
+                    if let Arg::Missing(need) = cur.take(pad as usize) {
+                        return Ok(Some(need));
+                    }
+                }
+                let bytes = count.checked_mul(size).and_then(|n| usize::try_from(n).ok()).ok_or_else(|| bad("array size overflows"))?;
+                if let Arg::Missing(need) = cur.take(bytes) {
+                    return Ok(Some(need));
+                }
+            }
+        }
+        self.wrappers_built.insert(id);
+        Ok(None)
+    }
+
+    fn merge(&mut self, nested: Report) {
+        for (module, name) in nested.globals {
+            self.add_global(module, name);
+        }
+        self.report.unresolved.extend(nested.unresolved);
+        for (opcode, count) in nested.risky_opcodes {
+            *self.report.risky_opcodes.entry(opcode).or_default() += count;
+        }
     }
 }
 
@@ -541,5 +787,79 @@ mod tests {
         assert!(matches!(scanner.feed(ODICT_P4).unwrap(), Progress::Done(_)));
         let mut text = Scanner::default();
         assert_eq!(text.feed(b"cposix\nsys").unwrap(), Progress::NeedMore(Need::Line));
+    }
+
+    #[test]
+    fn python_pickles_of_every_protocol_and_all_their_prefixes() {
+        // pickle.dumps([OrderedDict(a=Fraction(1, 3)), b"xy", "text", 3.5, 10**30, {1, 2}, None, True], protocol=p)
+        let vectors: [(&[u8], u8); 3] = [
+        (b"(lp0\nccollections\nOrderedDict\np1\n(tRp2\nVa\np3\ncfractions\nFraction\np4\n(I1\nI3\ntp5\nRp6\nsac_codecs\nencode\np7\n(Vxy\np8\nVlatin1\np9\ntp10\nRp11\naVtext\np12\naF3.5\naL1000000000000000000000000000000L\nac__builtin__\nset\np13\n((lp14\nI1\naI2\natp15\nRp16\naNaI01\na.", 0),
+        (b"\x80\x02]q\x00(ccollections\nOrderedDict\nq\x01)Rq\x02X\x01\x00\x00\x00aq\x03cfractions\nFraction\nq\x04K\x01K\x03\x86q\x05Rq\x06sc_codecs\nencode\nq\x07X\x02\x00\x00\x00xyq\x08X\x06\x00\x00\x00latin1q\t\x86q\nRq\x0bX\x04\x00\x00\x00textq\x0cG@\x0c\x00\x00\x00\x00\x00\x00\x8a\r\x00\x00\x00@\xea\xedtF\xd0\x9c,\x9f\x0cc__builtin__\nset\nq\r]q\x0e(K\x01K\x02e\x85q\x0fRq\x10N\x88e.", 2),
+        (b"\x80\x05\x95z\x00\x00\x00\x00\x00\x00\x00]\x94(\x8c\x0bcollections\x94\x8c\x0bOrderedDict\x94\x93\x94)R\x94\x8c\x01a\x94\x8c\tfractions\x94\x8c\x08Fraction\x94\x93\x94K\x01K\x03\x86\x94R\x94sC\x02xy\x94\x8c\x04text\x94G@\x0c\x00\x00\x00\x00\x00\x00\x8a\r\x00\x00\x00@\xea\xedtF\xd0\x9c,\x9f\x0c\x8f\x94(K\x01K\x02\x90N\x88e.", 5),
+        ];
+        for (data, protocol) in vectors {
+            let report = scan(data).unwrap();
+            assert_eq!(report.protocol, protocol);
+            let names: Vec<String> = report.globals.iter().map(|(m, n)| format!("{m}.{n}")).collect();
+            assert_eq!(names[..2], ["collections.OrderedDict".to_string(), "fractions.Fraction".to_string()]);
+            assert_eq!(names.iter().any(|n| n.ends_with(".set")), protocol < 4, "{names:?}");
+            for cut in 0..data.len() {
+                assert!(matches!(scan(&data[..cut]), Err(ScanError::Truncated { .. })), "protocol {protocol}, prefix {cut}");
+            }
+        }
+    }
+
+    // joblib.dump({"w": numpy.arange(3.0), "o": numpy.array([Fraction(1, 3)], dtype=object),
+    //              "after": collections.OrderedDict()}): raw float bytes, then a nested pickle.
+    const JOBLIB_ARRAYS: &[u8] = b"\x80\x04\x95\xd8\x00\x00\x00\x00\x00\x00\x00}\x94(\x8c\x01w\x94\x8c\x13joblib.numpy_pickle\x94\x8c\x11NumpyArrayWrapper\x94\x93\x94)\x81\x94}\x94(\x8c\x08subclass\x94\x8c\x05numpy\x94\x8c\x07ndarray\x94\x93\x94\x8c\x05shape\x94K\x03\x85\x94\x8c\x05order\x94\x8c\x01C\x94\x8c\x05dtype\x94h\x08\x8c\x05dtype\x94\x93\x94\x8c\x02f8\x94\x89\x88\x87\x94R\x94(K\x03\x8c\x01<\x94NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t\x94b\x8c\x0aallow_mmap\x94\x88\x8c\x1bnumpy_array_alignment_bytes\x94K\x10ub\x0c\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\xf0?\x00\x00\x00\x00\x00\x00\x00@\x95K\x00\x00\x00\x00\x00\x00\x00\x8c\x01o\x94h\x04)\x81\x94}\x94(h\x07h\x0ah\x0bK\x01\x85\x94h\x0dh\x0eh\x0fh\x11\x8c\x02O8\x94\x89\x88\x87\x94R\x94(K\x03\x8c\x01|\x94NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?t\x94bh\x17\x89h\x18K\x10ub\x80\x05\x95\xaa\x00\x00\x00\x00\x00\x00\x00\x8c\x16numpy._core.multiarray\x94\x8c\x0c_reconstruct\x94\x93\x94\x8c\x05numpy\x94\x8c\x07ndarray\x94\x93\x94K\x00\x85\x94C\x01b\x94\x87\x94R\x94(K\x01K\x01\x85\x94h\x03\x8c\x05dtype\x94\x93\x94\x8c\x02O8\x94\x89\x88\x87\x94R\x94(K\x03\x8c\x01|\x94NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?t\x94b\x89]\x94\x8c\x09fractions\x94\x8c\x08Fraction\x94\x93\x94K\x01K\x03\x86\x94R\x94at\x94b.\x95+\x00\x00\x00\x00\x00\x00\x00\x8c\x05after\x94\x8c\x0bcollections\x94\x8c\x0bOrderedDict\x94\x93\x94)R\x94u.";
+
+    fn names(report: &Report) -> Vec<String> {
+        report.globals.iter().map(|(m, n)| format!("{m}.{n}")).collect()
+    }
+
+    fn scan_joblib(data: &[u8]) -> Result<Report, ScanError> {
+        let mut scanner = Scanner::for_joblib();
+        match scanner.feed(data)? {
+            Progress::Done(report) => Ok(report),
+            Progress::NeedMore(_) => Err(scanner.truncation(data)),
+        }
+    }
+
+    #[test]
+    fn joblib_arrays_are_stepped_over() {
+        let report = scan_joblib(JOBLIB_ARRAYS).unwrap();
+        assert_eq!((report.end, report.trailing), (JOBLIB_ARRAYS.len(), 0));
+        let found = names(&report);
+        for expected in ["joblib.numpy_pickle.NumpyArrayWrapper", "numpy.dtype", "fractions.Fraction", "collections.OrderedDict"] {
+            assert!(found.contains(&expected.to_string()), "{expected} missing from {found:?}");
+        }
+        // Read as a plain pickle, the raw array bytes are not opcodes.
+        assert!(matches!(scan(JOBLIB_ARRAYS), Err(ScanError::UnknownOpcode { .. })));
+        for cut in 0..JOBLIB_ARRAYS.len() {
+            assert!(scan_joblib(&JOBLIB_ARRAYS[..cut]).is_err(), "prefix {cut}");
+        }
+    }
+
+    #[test]
+    fn joblib_wrappers_made_any_other_way_are_refused() {
+        let class = b"\x80\x04\x8c\x13joblib.numpy_pickle\x8c\x11NumpyArrayWrapper\x93";
+        let refused = |tail: &[u8]| {
+            let err = scan_joblib(&[class.as_slice(), tail].concat()).unwrap_err();
+            assert!(err.to_string().contains("NumpyArrayWrapper"), "{err}");
+        };
+        refused(b")R.");
+        refused(b"K\x01\x85\x81.");
+        refused(b"\x85.");
+        // state without a sized shape and dtype
+        refused(b")\x81}b.");
+        // a string dtype, whose size numpy's BUILD may change
+        refused(b")\x81}(\x8c\x05shapeK\x01\x85\x8c\x05dtype\x8c\x05numpy\x8c\x05dtype\x93\x8c\x03U10\x89\x88\x87Rub\x00.");
+        // BUILD inside a frame that goes on after it
+        let framed = b"\x80\x04\x95\x60\x00\x00\x00\x00\x00\x00\x00\x8c\x13joblib.numpy_pickle\x8c\x11NumpyArrayWrapper\x93)\x81}(\x8c\x05shape)\x8c\x05dtype\x8c\x05numpy\x8c\x05dtype\x93\x8c\x02f8\x89\x88\x87Rub\x00\x00\x00\x00\x00\x00\x00\x00.";
+        let err = scan_joblib(framed).unwrap_err();
+        assert!(err.to_string().contains("inside a frame"), "{err}");
+        // built twice through the memo
+        let twice = [class.as_slice(), b")\x81\x94}(\x8c\x05shape)\x8c\x05dtype\x8c\x05numpy\x8c\x05dtype\x93\x8c\x02f8\x89\x88\x87Rub\x00\x00\x00\x00\x00\x00\x00\x000h\x00}b."].concat();
+        assert!(scan_joblib(&twice).unwrap_err().to_string().contains("built twice"));
     }
 }

@@ -19,12 +19,12 @@ def _setting(name):
 
 
 def _install(mode, policy, log):
-    _core.configure(mode, policy, "environment", log)
+    _core.configure(mode, policy, "environment", log, _setting("PICKLEGATE_RECORD"))
     _interpose.activate()
 
 
 def from_environment():
-    """Installs ``PICKLEGATE_POLICY`` / ``PICKLEGATE_MODE`` (``PICKLEGATE_LOG``) with origin
+    """Installs ``PICKLEGATE_POLICY`` / ``PICKLEGATE_MODE`` (``PICKLEGATE_LOG``, ``PICKLEGATE_RECORD``) with origin
     ``environment``. In ``enforce`` a policy that cannot be used stops the process."""
     global _done
     if _done:

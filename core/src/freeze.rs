@@ -1,0 +1,154 @@
+//! `picklegate freeze`: turns recorded loads into a version 1 manifest, one `[[allow]]` per
+//! (sha256, callsite), sorted and deduplicated so the same input always gives the same bytes.
+
+use crate::callsite::callsite_matches;
+use crate::hash::Digest;
+use crate::manifest::{Manifest, SUPPORTED_VERSION};
+use crate::record::Record;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+/// What freezing merges for one (callsite, sha256).
+#[derive(Default)]
+struct Entry {
+    note: Option<String>,
+    globals: BTreeSet<String>,
+    sources: BTreeSet<String>,
+    from_bytes: bool,
+}
+
+impl Entry {
+    /// An existing note wins; otherwise where the recorded loads read the pickle from.
+    fn note(&self) -> Option<String> {
+        if self.note.is_some() {
+            return self.note.clone();
+        }
+        let mut origins: Vec<&str> = self.sources.iter().map(String::as_str).collect();
+        if self.from_bytes {
+            origins.push("bytes in memory");
+        }
+        (!origins.is_empty()).then(|| format!("recorded from {}; review before enforcing", origins.join(", ")))
+    }
+}
+
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_string()).to_string()
+}
+
+fn toml_list<'a>(items: impl IntoIterator<Item = &'a String>) -> String {
+    let items: Vec<String> = items.into_iter().map(|s| toml_string(s)).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// The manifest text for `records`. With `existing`, its entries (and their notes), trust rules
+/// and loaders are kept, and records it already allows are not added again.
+pub fn freeze(records: &[Record], existing: Option<&Manifest>) -> String {
+    let mut entries: BTreeMap<(String, Digest), Entry> = BTreeMap::new();
+    for allow in existing.map_or(&[][..], |m| &m.allow) {
+        let entry = entries.entry((allow.callsite.clone(), allow.sha256)).or_default();
+        entry.note = entry.note.take().or_else(|| allow.note.clone());
+        entry.globals.extend(allow.globals.iter().cloned());
+    }
+    for record in records {
+        let sha = Digest::parse(&record.sha256).expect("records are validated when parsed");
+        let covered = existing.is_some_and(|m| {
+            m.entries_for(&sha).any(|(_, e)| e.callsite != record.callsite && callsite_matches(&e.callsite, &record.callsite))
+        });
+        if covered {
+            continue;
+        }
+        let entry = entries.entry((record.callsite.clone(), sha)).or_default();
+        entry.globals.extend(record.globals.iter().cloned());
+        match &record.source {
+            Some(source) => entry.sources.insert(source.clone()),
+            None => std::mem::replace(&mut entry.from_bytes, true),
+        };
+    }
+
+    let mut out = String::from("# Written by `picklegate freeze` from recorded loads.\n");
+    let _ = writeln!(out, "version = {SUPPORTED_VERSION}");
+    if let Some(manifest) = existing.filter(|m| !m.loaders.is_empty()) {
+        let _ = writeln!(out, "loaders = {}", toml_list(&manifest.loaders));
+    }
+    for ((callsite, sha), entry) in &entries {
+        let _ = write!(out, "\n[[allow]]\nsha256 = \"{sha}\"\ncallsite = {}\n", toml_string(callsite));
+        if let Some(note) = entry.note() {
+            let _ = writeln!(out, "note = {}", toml_string(&note));
+        }
+        let _ = writeln!(out, "globals = {}", toml_list(&entry.globals));
+    }
+    for rule in existing.map_or(&[][..], |m| &m.trust) {
+        let _ = write!(out, "\n[[trust]]\ncallsite = {}\nglobals = {}\n", toml_string(&rule.callsite), toml_list(&rule.globals));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::tests::sample;
+
+    #[test]
+    fn deduplicates_sorts_and_is_deterministic() {
+        let mut second_source = sample("app:load", b"model", Some("/srv/b.pkl"));
+        second_source.globals.push("numpy.dtype".into());
+        let records = vec![
+            sample("app:zeta", b"x", None),
+            sample("app:load", b"model", Some("/srv/a.pkl")),
+            second_source,
+            sample("app:load", b"model", Some("/srv/a.pkl")),
+        ];
+        let text = freeze(&records, None);
+        let mut reversed = records.clone();
+        reversed.reverse();
+        assert_eq!(text, freeze(&reversed, None), "order of records must not matter");
+
+        let manifest = Manifest::parse(&text, "frozen.toml").unwrap();
+        assert_eq!(manifest.allow.len(), 2);
+        let first = &manifest.allow[0];
+        assert_eq!((first.callsite.as_str(), first.sha256), ("app:load", Digest::of(b"model")));
+        assert_eq!(first.globals, vec!["collections.OrderedDict".to_string(), "numpy.dtype".to_string()]);
+        assert_eq!(first.note.as_deref(), Some("recorded from /srv/a.pkl, /srv/b.pkl; review before enforcing"));
+        assert_eq!(manifest.allow[1].note.as_deref(), Some("recorded from bytes in memory; review before enforcing"));
+    }
+
+    #[test]
+    fn merge_keeps_notes_trust_and_loaders() {
+        let model = Digest::of(b"model");
+        let existing = Manifest::parse(
+            &format!(
+                "version = 1\nloaders = [\"myorg.io\"]\n[[allow]]\nsha256 = \"{model}\"\ncallsite = \"app:load\"\nnote = \"reviewed by ana\"\n\n[[allow]]\nsha256 = \"{}\"\ncallsite = \"app.*\"\n\n[[trust]]\ncallsite = \"multiprocessing.*\"\nglobals = [\"myapp.tasks.*\"]\n",
+                Digest::of(b"anywhere")
+            ),
+            "old.toml",
+        )
+        .unwrap();
+        let records = vec![
+            sample("app:load", b"model", Some("/srv/a.pkl")),
+            sample("app.sub:f", b"anywhere", None),
+            sample("app:new", b"fresh", None),
+        ];
+        let text = freeze(&records, Some(&existing));
+        let merged = Manifest::parse(&text, "new.toml").unwrap();
+        let summary: Vec<(&str, Option<&str>)> =
+            merged.allow.iter().map(|e| (e.callsite.as_str(), e.note.as_deref())).collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("app.*", None),
+                ("app:load", Some("reviewed by ana")),
+                ("app:new", Some("recorded from bytes in memory; review before enforcing")),
+            ]
+        );
+        assert_eq!(merged.loaders, vec!["myorg.io".to_string()]);
+        assert_eq!(merged.trust[0].globals, vec!["myapp.tasks.*".to_string()]);
+        assert_eq!(freeze(&records, Some(&merged)), text, "freezing again changes nothing");
+    }
+
+    #[test]
+    fn strings_are_escaped() {
+        let record = sample("app:load", b"q", Some("/tmp/we\"ird\npath.pkl"));
+        let manifest = Manifest::parse(&freeze(&[record], None), "f.toml").unwrap();
+        assert!(manifest.allow[0].note.as_deref().unwrap().contains("/tmp/we\"ird\npath.pkl"));
+    }
+}

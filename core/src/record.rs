@@ -1,0 +1,187 @@
+//! The record file of `record` mode: one JSON line per load, appended by many threads and
+//! processes at once without tearing, and read back line by line (errors name file:line).
+
+use crate::hash::Digest;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// One load seen in `record` mode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    /// Seconds since the Unix epoch.
+    pub time: f64,
+    pub pid: u32,
+    pub callsite: String,
+    /// 64 hex digits.
+    pub sha256: String,
+    pub size: u64,
+    /// `module.name` of every global the static scan found.
+    pub globals: Vec<String>,
+    /// The file the pickle was read from, when the load had one.
+    pub source: Option<String>,
+}
+
+impl Record {
+    pub fn to_json_line(&self) -> String {
+        let mut line = serde_json::to_string(self).expect("a Record always serializes");
+        line.push('\n');
+        line
+    }
+}
+
+/// A record file opened for appending. Each record is one `write` on an O_APPEND descriptor, so
+/// concurrent writers (threads sharing this handle, or other processes) never interleave lines.
+#[derive(Debug)]
+pub struct RecordFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl RecordFile {
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot open the picklegate record file {}: {e}", path.display()))
+        })?;
+        Ok(RecordFile { path: path.to_path_buf(), file })
+    }
+
+    pub fn append(&self, record: &Record) -> io::Result<()> {
+        let line = record.to_json_line();
+        let written = (&self.file).write(line.as_bytes()).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot append to the picklegate record file {}: {e}", self.path.display()))
+        })?;
+        if written != line.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("short write to the picklegate record file {} ({written} of {} bytes)", self.path.display(), line.len()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A record line that cannot be used, located as `file:line` (line 0: the file as a whole).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordError {
+    pub file: String,
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for RecordError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            0 => write!(f, "{}: {}", self.file, self.message),
+            line => write!(f, "{}:{line}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl std::error::Error for RecordError {}
+
+/// Parses the text of a record file (`file` names it in errors). Blank lines are skipped.
+pub fn parse_records(text: &str, file: &str) -> Result<Vec<Record>, RecordError> {
+    let mut records = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let error = |message: String| RecordError { file: file.to_string(), line: index + 1, message };
+        let record: Record = serde_json::from_str(line)
+            .map_err(|e| error(format!("not a picklegate record line: {e}")))?;
+        Digest::parse(&record.sha256).map_err(|e| error(format!("bad sha256 {:?}: {e}", record.sha256)))?;
+        if record.callsite.is_empty() || record.callsite.chars().any(char::is_whitespace) {
+            return Err(error(format!("bad callsite {:?}: expected module:qualname", record.callsite)));
+        }
+        if let Some(global) = record.globals.iter().find(|g| !g.contains('.') || g.chars().any(char::is_whitespace)) {
+            return Err(error(format!("bad global {global:?}: expected module.name")));
+        }
+        records.push(record);
+    }
+    Ok(records)
+}
+
+/// Reads and parses one record file.
+pub fn read_records(path: &Path) -> Result<Vec<Record>, RecordError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| RecordError { file: file.clone(), line: 0, message: format!("cannot read the record file: {e}") })?;
+    parse_records(&text, &file)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn sample(callsite: &str, data: &[u8], source: Option<&str>) -> Record {
+        Record {
+            time: 1.0,
+            pid: 7,
+            callsite: callsite.into(),
+            sha256: Digest::of(data).to_hex(),
+            size: data.len() as u64,
+            globals: vec!["collections.OrderedDict".into()],
+            source: source.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn lines_round_trip() {
+        let records = vec![sample("app:load", b"a", Some("/data/a.pkl")), sample("app:other", b"b", None)];
+        let text: String = records.iter().map(Record::to_json_line).collect();
+        assert_eq!(text.lines().count(), 2);
+        assert_eq!(parse_records(&text, "r.jsonl").unwrap(), records);
+    }
+
+    #[test]
+    fn bad_lines_name_file_and_line() {
+        let good = sample("app:load", b"a", None).to_json_line();
+        let err = parse_records(&format!("{good}\n{{\"time\": 1"), "r.jsonl").unwrap_err();
+        assert_eq!((err.file.as_str(), err.line), ("r.jsonl", 3));
+        assert!(err.to_string().starts_with("r.jsonl:3: not a picklegate record line"), "{err}");
+
+        let bad_sha = good.replace(&Digest::of(b"a").to_hex(), "abc");
+        let err = parse_records(&bad_sha, "r.jsonl").unwrap_err();
+        assert!(err.to_string().contains("r.jsonl:1: bad sha256 \"abc\""), "{err}");
+
+        let bad_callsite = good.replace("app:load", "app: load");
+        assert!(parse_records(&bad_callsite, "r").unwrap_err().message.contains("bad callsite"));
+        let extra_field = good.replace("{\"time\"", "{\"tyme\":1,\"time\"");
+        assert!(parse_records(&extra_field, "r").unwrap_err().message.contains("unknown field `tyme`"));
+    }
+
+    #[test]
+    fn concurrent_appends_keep_every_line_whole() {
+        let dir = std::env::temp_dir().join(format!("picklegate-record-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("records.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let shared = std::sync::Arc::new(RecordFile::open(&path).unwrap());
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let file = shared.clone();
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let own = RecordFile::open(&path).unwrap();
+                    for i in 0..500u32 {
+                        let record = sample(&format!("app:t{t}"), &i.to_le_bytes(), Some("/x".repeat(200).as_str()));
+                        if i % 2 == 0 { file.append(&record) } else { own.append(&record) }.unwrap();
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(read_records(&path).unwrap().len(), 4000);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unreadable_file_is_named() {
+        let err = read_records(Path::new("/nonexistent/r.jsonl")).unwrap_err();
+        assert!(err.to_string().starts_with("/nonexistent/r.jsonl: cannot read"), "{err}");
+    }
+}

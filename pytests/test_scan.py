@@ -1,0 +1,163 @@
+"""`picklegate scan` (issue 4, acceptance 3): the globals of pickles of every protocol and of the
+files that carry them (torch zip, joblib plain and compressed, .npy/.npz), found without running
+anything; broken input is an error naming where it broke."""
+
+import collections
+import fractions
+import hashlib
+import json
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import joblib
+import numpy
+import pytest
+
+EXPECTED = ["collections.OrderedDict", "fractions.Fraction"]
+
+
+def sample_object():
+    return {"table": collections.OrderedDict(a=fractions.Fraction(1, 3)), "list": [1, 2.5, "x", b"y"]}
+
+
+def scan(*args):
+    proc = subprocess.run([sys.executable, "-m", "picklegate", "scan", *map(str, args)], capture_output=True, text=True)
+    return proc
+
+
+def scan_json(*files, allow=()):
+    args = [*files, "--json"]
+    for pattern in allow:
+        args += ["--allow", pattern]
+    proc = scan(*args)
+    return proc.returncode, json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_plain_pickles_of_every_protocol(tmp_path, protocol):
+    path = tmp_path / f"p{protocol}.pkl"
+    path.write_bytes(pickle.dumps(sample_object(), protocol=protocol))
+    status, [summary] = scan_json(path, allow=["collections.*", "fractions.Fraction", "_codecs.encode"])
+    assert status == 0, summary
+    assert summary["format"] == "pickle" and summary["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    [part] = summary["parts"]
+    assert part["protocol"] == protocol
+    assert [g for g in part["globals"] if g in EXPECTED] == EXPECTED
+    assert part["risky_opcodes"]["REDUCE"] >= 1
+
+
+def test_table_and_allowlist_verdicts(tmp_path):
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(sample_object(), protocol=4))
+    strict = scan(path)
+    assert strict.returncode == 1
+    header, row = strict.stdout.splitlines()
+    assert header.split() == ["FILE", "FORMAT", "PROTO", "SHA256", "GLOBALS", "VERDICT"]
+    assert "collections.OrderedDict, fractions.Fraction" in row
+    assert "REVIEW: 2 not allowed: collections.OrderedDict, fractions.Fraction" in row
+    allowed = scan(path, "--allow", "collections.OrderedDict", "--allow", "fractions.*")
+    assert allowed.returncode == 0 and allowed.stdout.rstrip().endswith("ok")
+    # '*' does not span the dot of a dotted attribute name, as in manifests.
+    sneaky = tmp_path / "sneaky.pkl"
+    sneaky.write_bytes(b"\x80\x04\x8c\x0bcollections\x8c\tos.system\x93)R.")
+    assert scan(sneaky, "--allow", "collections.*").returncode == 1
+
+
+def test_torch_zip_checkpoint_made_by_hand(tmp_path):
+    # torch is not in the test environment yet (issue 5 adds it): this zip has torch.save's layout.
+    payload = (b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01"
+               b"ctorch._utils\n_rebuild_tensor_v2\nq\x02)Rq\x03\x86q\x04.")
+    path = tmp_path / "model.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/data/0", b"\x00" * 64)
+        archive.writestr("archive/version", "3\n")
+    status, [summary] = scan_json(path, allow=["collections.OrderedDict", "torch._utils.*"])
+    assert status == 0
+    assert summary["format"] == "torch zip"
+    [part] = summary["parts"]
+    assert part["name"] == "archive/data.pkl"
+    assert part["globals"] == ["collections.OrderedDict", "torch._utils._rebuild_tensor_v2"]
+
+
+def test_real_torch_save(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "real.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    status, [summary] = scan_json(path)
+    assert summary["format"] == "torch zip"
+    assert "torch._utils._rebuild_tensor_v2" in summary["parts"][0]["globals"]
+
+
+@pytest.mark.parametrize("compress, fmt", [
+    (0, "pickle"), (("zlib", 3), "joblib zlib"), (("gzip", 3), "joblib gzip"), (("bz2", 3), "joblib bz2"),
+    (("lzma", 3), "joblib lzma"), (("xz", 3), "joblib xz"),
+])
+def test_joblib_dump_plain_and_compressed(tmp_path, compress, fmt):
+    path = tmp_path / "model.joblib"
+    joblib.dump(sample_object(), path, compress=compress)
+    status, [summary] = scan_json(path, allow=["collections.*", "fractions.*"])
+    assert status == 0, summary
+    assert summary["format"] == fmt
+    assert summary["parts"][0]["globals"] == EXPECTED
+
+
+@pytest.mark.parametrize("compress", [0, ("zlib", 3), ("xz", 3)])
+def test_joblib_numpy_arrays_are_stepped_over(tmp_path, compress):
+    # joblib writes each array's raw bytes (or, for object arrays, a nested pickle) inside its
+    # pickle stream; the globals after the arrays and inside the object array must be found.
+    path = tmp_path / "arrays.joblib"
+    objects = numpy.array([fractions.Fraction(1, 3), None], dtype=object)
+    joblib.dump({"w": numpy.arange(1000.0).reshape(10, 100), "i": numpy.arange(7, dtype="int16"),
+                 "o": objects, "after": collections.OrderedDict()}, path, compress=compress)
+    status, [summary] = scan_json(path)
+    assert status == 1, summary
+    found = summary["parts"][0]["globals"]
+    for expected in ["joblib.numpy_pickle.NumpyArrayWrapper", "fractions.Fraction", "collections.OrderedDict"]:
+        assert expected in found
+
+
+def test_joblib_wrapper_used_oddly_is_an_error(tmp_path):
+    path = tmp_path / "odd.joblib"
+    path.write_bytes(b"\x80\x04\x8c\x13joblib.numpy_pickle\x8c\x11NumpyArrayWrapper\x93)R.")
+    status, [summary] = scan_json(path, allow=["*"])
+    assert status == 1 and "NumpyArrayWrapper used other than as joblib writes it" in summary["error"]
+
+
+def test_numpy_object_arrays_in_npy_and_npz(tmp_path):
+    objects = numpy.array([collections.OrderedDict(a=1), fractions.Fraction(1, 3)], dtype=object)
+    numpy.save(tmp_path / "objects.npy", objects, allow_pickle=True)
+    status, [summary] = scan_json(tmp_path / "objects.npy", allow=["numpy.*", "collections.*", "fractions.*"])
+    assert status == 0, summary
+    assert summary["format"] == "npy"
+    globals_found = summary["parts"][0]["globals"]
+    assert set(EXPECTED) <= set(globals_found) and any(g.startswith("numpy.") for g in globals_found)
+
+    numpy.savez(tmp_path / "mixed.npz", numbers=numpy.arange(3), objects=objects)
+    numpy.save(tmp_path / "numbers.npy", numpy.arange(3))
+    status, (npz, numbers) = scan_json(tmp_path / "mixed.npz", tmp_path / "numbers.npy")
+    assert npz["format"] == "npz" and [p["name"].split(" ")[0] for p in npz["parts"]] == ["objects.npy"]
+    assert set(EXPECTED) <= set(npz["parts"][0]["globals"])
+    assert numbers["parts"] == [] and numbers["verdict"] == "ok (no pickle inside)"
+
+
+def test_truncated_and_garbage_input_are_errors(tmp_path):
+    data = pickle.dumps(sample_object(), protocol=2)
+    truncated = tmp_path / "truncated.pkl"
+    truncated.write_bytes(data[:40])
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"\xff\xfe not a pickle")
+    empty = tmp_path / "empty.pkl"
+    empty.write_bytes(b"")
+    proc = scan(truncated, garbage, empty, tmp_path / "missing.pkl")
+    assert proc.returncode == 1
+    assert f"{truncated}: truncated pickle: input ends inside" in proc.stdout
+    assert "at offset" in proc.stdout
+    assert f"{garbage}: not a pickle: unknown opcode 0xff at offset 0" in proc.stdout
+    assert f"{empty}: truncated pickle" in proc.stdout
+    assert "missing.pkl: No such file" in proc.stdout
+    status, summaries = scan_json(truncated)
+    assert status == 1 and summaries[0]["verdict"] == "ERROR"
