@@ -84,7 +84,10 @@ def test_torch_zip_checkpoint_made_by_hand(tmp_path):
 
 
 def test_real_torch_save(tmp_path):
-    torch = pytest.importorskip("torch")
+    try:
+        import torch
+    except ImportError:
+        pytest.fail("torch is not installed: run `bash scripts/test` (it installs `pip install .[test]`)")
     path = tmp_path / "real.pt"
     torch.save({"w": torch.zeros(2)}, path)
     status, [summary] = scan_json(path)
