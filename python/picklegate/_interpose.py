@@ -4,11 +4,10 @@
 import _pickle
 import functools
 import io
-import os
 import pickle
 import threading
 
-from . import _core, _loaders, _scope
+from . import _core, _files, _loaders, _scope
 
 
 def _unwrapped(obj):
@@ -24,23 +23,6 @@ _original_py_load = _unwrapped(_PyUnpickler.load)
 _lock = threading.Lock()
 _patched = False
 _redirected_loads = False
-
-
-def _source_name(file):
-    name = getattr(file, "name", None)
-    if isinstance(name, (str, bytes)):
-        try:
-            return os.path.abspath(os.fsdecode(name))
-        except (TypeError, ValueError):
-            return None
-    return None
-
-
-def _seekable(file):
-    try:
-        return bool(file.seekable())
-    except Exception:
-        return False
 
 
 def _read_one_pickle(read, readline):
@@ -64,8 +46,8 @@ def _take(file):
     leaves the file just past the ``n`` bytes the unpickler used."""
     if not (hasattr(file, "read") and hasattr(file, "readline")):
         raise TypeError("file must have 'read' and 'readline' attributes")
-    source = _source_name(file)
-    if _seekable(file):
+    source = _files.source_name(file)
+    if _files.seekable(file):
         start = file.tell()
         data = file.read()
         return data, source, lambda used: file.seek(start + used)
@@ -166,8 +148,8 @@ def _guarded_py_load(self):
     if read is None or readline is None:
         return _original_py_load(self)  # raises the usual "__init__() was not called" error
     file = getattr(read, "__self__", None)
-    source = _source_name(file)
-    if file is not None and _seekable(file):
+    source = _files.source_name(file)
+    if file is not None and _files.seekable(file):
         start = file.tell()
         data = file.read()
         file.seek(start)  # the file's position is the truth the replay follows

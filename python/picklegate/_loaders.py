@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 
-from . import _core, _scope
+from . import _core, _files, _scope
 
 _lock = threading.Lock()
 _patched_modules = set()
@@ -52,10 +52,10 @@ def _guard_file_loader(original, mapped_keyword=None, eager=True, adapt=None):
                 os.close(fd)
         if path is not None:
             data, start = _read_whole(path), None
-        elif hasattr(f, "read") and _seekable(f):
+        elif hasattr(f, "read") and _files.seekable(f):
             start = f.tell()
             data = f.read()
-            path = _source_of(f)
+            path = _files.source_name(f)
         else:
             return original(f, *args, **kwargs)  # a stream: its pickle loads are judged one by one
         if adapt is not None:
@@ -73,18 +73,6 @@ def _guard_file_loader(original, mapped_keyword=None, eager=True, adapt=None):
 
     guarded.__picklegate_original__ = original
     return guarded
-
-
-def _seekable(f):
-    try:
-        return bool(f.seekable())
-    except Exception:
-        return False
-
-
-def _source_of(f):
-    name = getattr(f, "name", None)
-    return os.path.abspath(name) if isinstance(name, str) else None
 
 
 def _guard_bytes_loader(original):
