@@ -53,7 +53,8 @@ impl StreamScanner {
         match self.scanner.feed(bytes.as_slice()) {
             Ok(Progress::Done(_)) => Ok(None),
             Ok(Progress::NeedMore(Need::Line)) => Ok(Some(-1)),
-            Ok(Progress::NeedMore(Need::Bytes(n))) => Ok(Some(n as i64)),
+            // A hostile length (BINUNICODE8 of 2**64-1) must not wrap to -1, "read a line".
+            Ok(Progress::NeedMore(Need::Bytes(n))) => Ok(Some(i64::try_from(n).unwrap_or(i64::MAX))),
             Err(e) => Err(errors::scan_error(py, &e)),
         }
     }

@@ -150,7 +150,7 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
     let mut report: Option<Result<Report, ScanError>> = None;
     let judgement: Judgement = policy.judge_load(Load { sha256: &sha, callsite }, || {
         let scanned = report.get_or_insert_with(|| scan::scan(bytes));
-        scanned.as_ref().map(|r| r.globals.clone()).map_err(|e| e.to_string())
+        scanned.as_ref().map_err(|e| e.to_string()).and_then(Report::nameable_globals)
     });
     let scope_verdict = scope.inner.permits(Some(&sha));
     let refused = judgement.action == Action::Refuse || scope_verdict.is_err();

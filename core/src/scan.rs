@@ -28,6 +28,17 @@ pub struct Report {
     pub trailing: usize,
 }
 
+impl Report {
+    /// The globals, for a `[[trust]]` rule to check: an import the scan cannot name (an EXT code,
+    /// which copyreg's cache resolves with no `find_class` event; a computed name) is an error.
+    pub fn nameable_globals(&self) -> Result<Vec<Global>, String> {
+        match self.unresolved.first() {
+            None => Ok(self.globals.clone()),
+            Some(first) => Err(format!("{first} cannot be checked against the rule's globals")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScanError {
     /// The input ends inside the opcode at `offset`; at least `needed` more bytes are required.
@@ -744,6 +755,11 @@ mod tests {
         assert_eq!(scan(computed).unwrap().unresolved.len(), 1);
         let ext = b"\x80\x02\x82\x01)R.";
         assert!(scan(ext).unwrap().unresolved[0].contains("EXT1 extension code 1"));
+        // A trust rule may not take them on faith: a cached EXT code resolves with no audit event.
+        let err = scan(ext).unwrap().nameable_globals().unwrap_err();
+        assert!(err.contains("EXT1 extension code 1") && err.contains("cannot be checked"), "{err}");
+        assert!(scan(computed).unwrap().nameable_globals().is_err());
+        assert_eq!(scan(ODICT_P4).unwrap().nameable_globals().unwrap().len(), 1);
     }
 
     #[test]

@@ -21,6 +21,7 @@ _PyUnpickler = pickle._Unpickler
 _original_py_load = _unwrapped(_PyUnpickler.load)
 
 _lock = threading.Lock()
+_CHUNK = 1 << 20
 _patched = False
 _redirected_loads = False
 
@@ -33,7 +34,8 @@ def _read_one_pickle(read, readline):
         need = scanner.feed(data)
         if need is None:
             return bytes(data)
-        chunk = readline() if need < 0 else read(need)
+        # A pickle may claim any length: read what the stream really holds, a chunk at a time.
+        chunk = readline() if need < 0 else read(min(need, _CHUNK))
         if not chunk:
             if not data:
                 return b""  # end of stream: the unpickler raises EOFError, as callers expect
