@@ -23,6 +23,7 @@ LOADERS = {
     "subclass defined before install": "EarlyUnpickler(io.BytesIO(PAYLOAD)).load()",
     "subclass overriding find_class before install": "FindClassUnpickler(io.BytesIO(PAYLOAD)).load()",
     "python subclass defined before install": "EarlyPyUnpickler(io.BytesIO(PAYLOAD)).load()",
+    "subclass resolving names itself before install": "SelfResolvingUnpickler(io.BytesIO(PAYLOAD)).load()",
     "restored pickle.loads": "restore_and_load()",
 }
 
@@ -39,6 +40,11 @@ class FindClassUnpickler(_pickle.Unpickler):
 
 class EarlyPyUnpickler(pickle._Unpickler):
     pass
+
+class SelfResolvingUnpickler(_pickle.Unpickler):
+    def find_class(self, module, name):  # no super(): no audit event for the backstop
+        import importlib
+        return getattr(importlib.import_module(module), name)
 
 ORIGINAL = pickle.loads
 PAYLOAD = open('payload.pkl', 'rb').read()

@@ -150,3 +150,32 @@ def test_sklearn_pipeline_saved_with_joblib_predicts_the_same_under_enforce(run_
     (tmp_path / "pickles.toml").write_text(f'version = 1\n[[allow]]\nsha256 = "{sha}"\ncallsite = "__main__:load_pipeline"\n')
     proc = run_python(SKLEARN, args=["load"], check=True)
     assert proc.stdout.strip() == "True"
+
+
+DILL_FIRST = """
+import dill, os
+dill.dump({"k": [1, 2]}, open("listed.dill", "wb"))
+dill.dump({"k": [3]}, open("unlisted.dill", "wb"))
+import picklegate     # after dill: dill.Unpickler was made from the unguarded _pickle.Unpickler
+sha = picklegate.sha256(open("listed.dill", "rb").read())
+open("pickles.toml", "w").write(f'version = 1\\n[[allow]]\\nsha256 = "{sha}"\\ncallsite = "__main__:restore"\\n')
+picklegate.install(policy="pickles.toml")
+def restore(path):
+    with open(path, "rb") as f:
+        return dill.load(f)
+print(restore("listed.dill"))
+try:
+    restore("unlisted.dill")
+except picklegate.PickleDeniedError as error:
+    print("DENIED", error.callsite)
+try:
+    dill.Unpickler(open("listed.dill", "rb")).load()   # the pre-install class, outside dill.load
+except picklegate.PickleDeniedError as error:
+    print("DENIED", "before picklegate was installed" in str(error))
+"""
+
+
+def test_a_library_imported_before_install_still_loads_listed_files(run_python):
+    require("dill")
+    proc = run_python(DILL_FIRST, check=True)
+    assert proc.stdout.splitlines() == ["{'k': [1, 2]}", "DENIED __main__:restore", "DENIED True"]

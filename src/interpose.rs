@@ -2,7 +2,7 @@
 //! every reference to them, so pointing its `ml_meth` at picklegate reaches references captured
 //! before install (`from pickle import loads`, `cloudpickle.loads`, multiprocessing's).
 
-use crate::load::guarded_c_loads;
+use crate::load::{guarded_c_loads, guarded_foreign_unpickler};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -27,7 +27,21 @@ struct CFunctionHead {
     m_ml: *mut MethodDef,
 }
 
+/// The head of CPython's `PyMethodDescrObject` (`PyDescr_COMMON`, then the method), 3.9 to 3.13.
+#[repr(C)]
+struct MethodDescrHead {
+    ob_refcnt: ffi::Py_ssize_t,
+    ob_type: *mut ffi::PyTypeObject,
+    d_type: *mut ffi::PyTypeObject,
+    d_name: *mut ffi::PyObject,
+    d_qualname: *mut ffi::PyObject,
+    d_method: *mut MethodDef,
+}
+
 const METH_FASTCALL_KEYWORDS: c_int = 0x0080 | 0x0002;
+const METH_NOARGS: c_int = 0x0004;
+
+type NoArgs = unsafe extern "C" fn(*mut ffi::PyObject, *mut ffi::PyObject) -> *mut ffi::PyObject;
 
 type FastCallKeywords =
     unsafe extern "C" fn(*mut ffi::PyObject, *const *mut ffi::PyObject, ffi::Py_ssize_t, *mut ffi::PyObject) -> *mut ffi::PyObject;
@@ -44,6 +58,9 @@ extern "C" {
 
 /// The original `_pickle.loads` implementation, once redirected.
 static ORIGINAL_LOADS: OnceLock<FastCallKeywords> = OnceLock::new();
+/// The original `_pickle.Unpickler.load`, and the class it belongs to.
+static ORIGINAL_UNPICKLER_LOAD: OnceLock<NoArgs> = OnceLock::new();
+static UNPICKLER_CLASS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 /// The Python wrapper that `_pickle.load` calls are sent to (it reads the file first).
 static LOAD_WRAPPER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
@@ -92,6 +109,58 @@ unsafe extern "C" fn load_trampoline(
         Some(wrapper) => PyObject_Vectorcall(wrapper.as_ptr(), args, nargs as usize, kwnames),
         None => into_raw(py, Err(PyRuntimeError::new_err("picklegate: _pickle.load has no wrapper"))),
     }
+}
+
+/// `_pickle.Unpickler.load` reached without picklegate's `Unpickler`: an instance of a class made
+/// before install. Its file cannot be seen, so it is judged as a load that cannot be verified.
+unsafe extern "C" fn unpickler_load_trampoline(slf: *mut ffi::PyObject, unused: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    let py = Python::assume_attached();
+    let original = *ORIGINAL_UNPICKLER_LOAD.get().expect("redirected before the trampoline is installed");
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let unpickler = Bound::from_borrowed_ptr(py, slf);
+        guarded_foreign_unpickler(py, &unpickler, || Bound::from_owned_ptr_or_err(py, original(slf, unused)).map(Bound::unbind))
+    }));
+    match outcome {
+        Ok(result) => into_raw(py, result),
+        Err(_) => into_raw(py, Err(PyRuntimeError::new_err("picklegate: internal error; the load was refused"))),
+    }
+}
+
+/// Points the method `_pickle.Unpickler.load` at the trampoline above. picklegate's own
+/// `Unpickler` decides first and then runs the original through `c_unpickler_load`.
+#[pyfunction]
+pub fn redirect_unpickler_load(py: Python<'_>, cls: &Bound<'_, PyAny>) -> PyResult<()> {
+    let descriptor = cls.getattr("__dict__")?.get_item("load")?;
+    if descriptor.get_type().name()?.to_string() != "method_descriptor" {
+        return Err(PyTypeError::new_err("_pickle.Unpickler.load is not a C method"));
+    }
+    unsafe {
+        let def = (*(descriptor.as_ptr() as *mut MethodDescrHead)).d_method;
+        let name = if def.is_null() || (*def).name.is_null() { "" } else { CStr::from_ptr((*def).name).to_str().unwrap_or("") };
+        if name != "load" || (*def).flags != METH_NOARGS {
+            return Err(PyTypeError::new_err(format!("_pickle.Unpickler.load does not have the layout picklegate knows (name {name:?})")));
+        }
+        if (*def).meth == unpickler_load_trampoline as *mut c_void {
+            return Ok(());
+        }
+        let current: NoArgs = std::mem::transmute((*def).meth);
+        ORIGINAL_UNPICKLER_LOAD.set(current).map_err(|_| PyRuntimeError::new_err("_pickle.Unpickler.load was redirected twice"))?;
+        UNPICKLER_CLASS.get_or_init(py, || cls.clone().unbind());
+        (*def).meth = unpickler_load_trampoline as *mut c_void;
+    }
+    Ok(())
+}
+
+/// Runs the original `_pickle.Unpickler.load` on `unpickler`, after picklegate decided.
+#[pyfunction]
+pub fn c_unpickler_load(py: Python<'_>, unpickler: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    let (Some(original), Some(cls)) = (ORIGINAL_UNPICKLER_LOAD.get(), UNPICKLER_CLASS.get(py)) else {
+        return Err(PyRuntimeError::new_err("_pickle.Unpickler.load is not redirected"));
+    };
+    if !unpickler.is_instance(cls.bind(py))? {
+        return Err(PyTypeError::new_err("c_unpickler_load needs a _pickle.Unpickler"));
+    }
+    unsafe { Bound::from_owned_ptr_or_err(py, original(unpickler.as_ptr(), std::ptr::null_mut())).map(Bound::unbind) }
 }
 
 /// Checks that `function` is the C function `name` with the calling convention picklegate knows.

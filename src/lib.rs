@@ -76,6 +76,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load::guarded_container, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::redirect_loads, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::redirect_load, m)?)?;
+    m.add_function(wrap_pyfunction!(interpose::redirect_unpickler_load, m)?)?;
+    m.add_function(wrap_pyfunction!(interpose::c_unpickler_load, m)?)?;
     m.add_function(wrap_pyfunction!(callsite::current_callsite, m)?)?;
     m.add_function(wrap_pyfunction!(audit::install_backstop, m)?)?;
     m.add_function(wrap_pyfunction!(tokens::new_token, m)?)?;

@@ -299,6 +299,62 @@ pub fn guarded_c_loads(
     guard(py, data, scope.get(), None, call_original, || Ok(callsite::current(py)?.to_string()))
 }
 
+/// A load by an unpickler picklegate cannot see the bytes of (its class was made before install).
+/// Inside a container it is part of the file; otherwise it is judged as unverifiable.
+pub fn guarded_foreign_unpickler(
+    py: Python<'_>,
+    unpickler: &Bound<'_, PyAny>,
+    run: impl FnOnce() -> PyResult<Py<PyAny>>,
+) -> PyResult<Py<PyAny>> {
+    let scope = current_scope(py)?;
+    if passthrough(scope.get()) {
+        return run();
+    }
+    if let Some(Frame::Container(container)) = innermost() {
+        let _running = Running::enter(Frame::Load(settle(py, &container)?));
+        return run();
+    }
+    let callsite = callsite::current(py)?.to_string();
+    let class = unpickler.get_type().fully_qualified_name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+    let facts = RefusalFacts { callsite: callsite.clone(), sha256: None, size: None };
+    let gate = state::current();
+    let policy = state::policy_of(&gate);
+    let event = |decision: &'static str, reason: String| Event {
+        time: now(),
+        pid: std::process::id(),
+        mode: policy.mode.as_str(),
+        decision,
+        callsite: callsite.clone(),
+        sha256: None,
+        size: None,
+        globals: Vec::new(),
+        source: None,
+        reason: Some(reason),
+    };
+    if scope.get().inner.permits(None).is_err() {
+        let reason = format!("{class} (made before picklegate was installed) loads inside no_pickles()");
+        emit(&event("deny", reason.clone()));
+        return Err(errors::no_pickle(py, format!("picklegate refused a load at {callsite}: {reason}"), &facts));
+    }
+    let judgement = policy.judge_unverifiable_load();
+    let Err(refusal) = &judgement.verdict else { return run() };
+    let reason = format!("{} ({class})", refusal.describe(policy.manifest.as_deref()));
+    match judgement.action {
+        Action::Refuse => {
+            emit(&event("deny", reason.clone()));
+            let message = format!(
+                "picklegate refused a load at {callsite}: {reason}. Install picklegate before the module defining {class} is imported (PICKLEGATE_POLICY does so at start-up)."
+            );
+            Err(errors::pickle_denied(py, message, &facts))
+        }
+        Action::RunAndReport => {
+            emit(&event("warn", reason));
+            run()
+        }
+        Action::Run => run(),
+    }
+}
+
 /// Runs a loader library's call on a whole file, `data`, already read into memory: `run()` must
 /// read only `data`. The file is judged by its own hash, at once when `eager`, else at its first
 /// pickle load (a numeric `.npy` never unpickles, so it is never judged).

@@ -66,6 +66,8 @@ pub enum Refusal {
     OutsideApprovedLoad { global: String },
     /// A global outside the `globals` list of the entry that approved the load.
     GlobalNotInEntry { entry: usize, global: String },
+    /// An unpickler whose bytes picklegate cannot see (its class was made before install).
+    Unverifiable,
 }
 
 /// What to do with a load or a global, given the verdict and the mode.
@@ -154,6 +156,17 @@ impl Policy {
         }
     }
 
+    /// Judges a load whose bytes cannot be hashed: no manifest entry can match it, so only
+    /// `off`, `warn` and `record` let it run.
+    pub fn judge_unverifiable_load(&self) -> Judgement {
+        if self.mode == Mode::Off {
+            return Judgement { verdict: Ok(Approval::Unchecked), action: Action::Run };
+        }
+        let verdict = Err(Refusal::Unverifiable);
+        let action = self.action_for(&verdict);
+        Judgement { verdict, action }
+    }
+
     /// The approval a load that runs carries into the backstop: in `warn` and `record`, a refused
     /// load still runs, and its globals are then only reported.
     pub fn approval_while_running(&self, judgement: &Judgement) -> Approval {
@@ -219,6 +232,9 @@ impl Refusal {
             Refusal::OutsideApprovedLoad { global } => format!(
                 "global {global} was resolved by an unpickler outside any approved load (backstop)"
             ),
+            Refusal::Unverifiable => {
+                "an unpickler made from a class defined before picklegate was installed reads bytes picklegate cannot hash".into()
+            }
             Refusal::GlobalNotInEntry { entry, global } => format!(
                 "global {global} is not in the globals list of the [[allow]] entry{}",
                 rule_location(manifest, |m| m.allow.get(*entry).map(|e| (e.line, e.callsite.as_str())))
@@ -444,6 +460,15 @@ mod tests {
         assert_eq!(warn.judge_global(None, "posix", "system", || "app:main".into()).action, Action::RunAndReport);
         let deny_all = Policy { mode: Mode::Enforce, manifest: None };
         assert_eq!(deny_all.judge_global(None, "builtins", "dict", || "a:b".into()).action, Action::Refuse);
+    }
+
+    #[test]
+    fn unverifiable_loads_run_only_when_nothing_is_enforced() {
+        let judge = |mode| Policy { mode, manifest: None }.judge_unverifiable_load();
+        assert_eq!(judge(Mode::Enforce), Judgement { verdict: Err(Refusal::Unverifiable), action: Action::Refuse });
+        assert_eq!(judge(Mode::Warn).action, Action::RunAndReport);
+        assert_eq!(judge(Mode::Record).action, Action::RunAndReport);
+        assert_eq!(judge(Mode::Off), Judgement { verdict: Ok(Approval::Unchecked), action: Action::Run });
     }
 
     #[test]

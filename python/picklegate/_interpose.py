@@ -72,7 +72,7 @@ def load(file, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffer
     def run():
         stream = io.BytesIO(data)
         try:
-            return _CUnpickler(stream, **_options(fix_imports, encoding, errors, buffers)).load()
+            return _run_c_load(_CUnpickler(stream, **_options(fix_imports, encoding, errors, buffers)))
         finally:
             finish(stream.tell())
 
@@ -107,7 +107,7 @@ class Unpickler(_CUnpickler):
             if persistent_load is not None:
                 self.persistent_load = persistent_load
             try:
-                return _CUnpickler.load(self)
+                return _run_c_load(self)
             finally:
                 finish(stream.tell())
 
@@ -199,21 +199,30 @@ def _patch_modules():
     _PyUnpickler.load = _guarded_py_load
 
 
+def _run_c_load(unpickler):
+    """The real ``_pickle.Unpickler.load``, for an unpickler whose bytes were just decided."""
+    return _CUnpickler.load(unpickler)
+
+
 def _redirect_c_functions():
-    """Reaches references to ``_pickle.loads``/``load`` captured before install: ``loads`` is
-    judged in Rust with no Python frame in between. If this CPython's layout is unknown, the
-    Python wrappers guard the module attributes and the backstop guards captured references."""
-    global _ORIGINAL_LOAD, _redirected_loads
+    """Reaches references to ``_pickle.loads``/``load`` captured before install (``loads`` is
+    judged in Rust with no Python frame in between), and ``_pickle.Unpickler.load`` of classes
+    made before install. If this CPython's layout is unknown, the Python wrappers guard the
+    module attributes and the backstop guards the rest."""
+    global _ORIGINAL_LOAD, _redirected_loads, _run_c_load
     try:
         _core.redirect_loads(_ORIGINAL_LOADS)
         _redirected_loads = True
         _ORIGINAL_LOAD = _core.redirect_load(_ORIGINAL_LOAD, load)
+        _core.redirect_unpickler_load(_CUnpickler)
+        _run_c_load = _core.c_unpickler_load
     except (TypeError, RuntimeError) as error:
         import logging  # not at the top: importing logging costs start-up time in every process
 
         logging.getLogger("picklegate").warning(
-            "picklegate: references to _pickle.load(s) captured before install are covered by "
-            "the audit-hook backstop only: %s", error)
+            "picklegate: references to _pickle.load(s) captured before install and Unpickler "
+            "classes made before install are covered by the audit-hook backstop only: "
+            "%s", error)
 
 
 def activate():
