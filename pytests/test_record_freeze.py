@@ -191,3 +191,26 @@ def test_verify_lists_and_reports_missing(tmp_path):
     broken = run_cli("verify", str(manifest))
     assert broken.returncode == 1
     assert f"{manifest}:3:10: bad sha256" in broken.stderr
+
+
+def test_record_mode_from_the_environment_with_no_code_change(run_python, tmp_path):
+    """The operator records a deployment's loads with two variables; the app is not changed."""
+    record = tmp_path / "loads.jsonl"
+    blob = pickle.dumps({"a": 1})
+    (tmp_path / "blob.pkl").write_bytes(blob)
+    run_python(
+        """
+        import pickle
+        def load_blob():
+            with open("blob.pkl", "rb") as f:
+                return pickle.load(f)
+        print(load_blob())
+        """,
+        env={"PICKLEGATE_MODE": "record", "PICKLEGATE_RECORD": str(record), "PICKLEGATE_LOG": str(tmp_path / "log")},
+        check=True,
+    )
+    [line] = record.read_text().splitlines()
+    entry = json.loads(line)
+    assert entry["callsite"] == "__main__:load_blob"
+    assert entry["sha256"] == hashlib.sha256(blob).hexdigest()
+    assert entry["source"] == str(tmp_path / "blob.pkl")
