@@ -131,7 +131,7 @@ unsafe extern "C" fn unpickler_load_trampoline(slf: *mut ffi::PyObject, unused: 
 #[pyfunction]
 pub fn redirect_unpickler_load(py: Python<'_>, cls: &Bound<'_, PyAny>) -> PyResult<()> {
     let descriptor = cls.getattr("__dict__")?.get_item("load")?;
-    if descriptor.get_type().name()?.to_string() != "method_descriptor" {
+    if descriptor.get_type().name()? != "method_descriptor" {
         return Err(PyTypeError::new_err("_pickle.Unpickler.load is not a C method"));
     }
     unsafe {
@@ -165,7 +165,7 @@ pub fn c_unpickler_load(py: Python<'_>, unpickler: &Bound<'_, PyAny>) -> PyResul
 
 /// Checks that `function` is the C function `name` with the calling convention picklegate knows.
 unsafe fn method_def(function: &Bound<'_, PyAny>, name: &str) -> PyResult<*mut MethodDef> {
-    if function.get_type().name()?.to_string() != "builtin_function_or_method" {
+    if function.get_type().name()? != "builtin_function_or_method" {
         return Err(PyTypeError::new_err(format!("_pickle.{name} is not a C function")));
     }
     let def = (*(function.as_ptr() as *mut CFunctionHead)).m_ml;

@@ -445,7 +445,7 @@ impl Scanner {
                 let items = self.pop_mark(at, name)?;
                 self.push_tuple(items);
             }
-            0x85 | 0x86 | 0x87 => {
+            0x85..=0x87 => {
                 let items = self.pop((op - 0x84) as usize, at, name)?;
                 self.push_tuple(items);
             }
@@ -504,7 +504,7 @@ impl Scanner {
                 };
                 self.stack.push(class);
             }
-            0x82 | 0x83 | 0x84 => {
+            0x82..=0x84 => {
                 let width = match op { 0x82 => 1, 0x83 => 2, _ => 4 };
                 let code = le_uint(arg!(cur.take(width)));
                 self.report.unresolved.push(format!("{name} extension code {code} at offset {at} (copyreg registry)"));
