@@ -11,7 +11,7 @@ GOOD = pickle.dumps({"a": list(range(50))}, protocol=5)
 TRUNCATED = GOOD[: len(GOOD) // 2]
 listed = [hashlib.sha256(b).hexdigest() for b in (GOOD, TRUNCATED)]
 open("pickles.toml", "w").write("version = 1\\n" + "".join(
-    f'[[allow]]\\nsha256 = "{s}"\\ncallsite = "__main__:*"\\n' for s in listed))
+    f'[[allow]]\\nsha256 = "{s}"\\ncallsite = "__main__:<lambda>"\\n' for s in listed))
 picklegate.install(policy="pickles.toml", mode="enforce")
 
 def pipe(data):
@@ -19,7 +19,7 @@ def pipe(data):
     threading.Thread(target=lambda: (os.write(w, data), os.close(w))).start()
     return os.fdopen(r, "rb", buffering=0)
 
-def huge():
+def huge():  # no entry names this callsite, so nothing read here could be allowed
     with open("huge.bin", "rb") as f:
         return pickle.load(f)
 
@@ -73,4 +73,6 @@ def test_broken_and_huge_inputs_get_clean_errors(run_python, tmp_path):
     got = json.loads(proc.stdout.splitlines()[-1])
     peak = got.pop("peak_rss_mib")
     assert got == EXPECTED
-    print(f"peak RSS with the 4 GiB file: {peak} MiB")
+    # Behaviour, not a speed target: a file refused whatever its bytes is hashed in chunks, never
+    # read whole (before, this peaked at 4119 MiB).
+    assert peak < 1024, f"peak RSS with the 4 GiB file: {peak} MiB"

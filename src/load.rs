@@ -127,7 +127,9 @@ fn observe_refusal(py: Python<'_>, event: &Event) {
 
 /// The facts of one decision: the bytes (for the scan), their hash, and where they were loaded.
 struct Facts<'a> {
+    /// The bytes to scan for globals; empty when the load is refused unread.
     bytes: &'a [u8],
+    size: u64,
     sha: Digest,
     callsite: &'a str,
     source: Option<&'a str>,
@@ -146,7 +148,7 @@ fn hash(py: Python<'_>, data: &Bound<'_, PyAny>, slice: &[u8]) -> Digest {
 fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Approval> {
     let gate = state::current();
     let policy = state::policy_of(&gate);
-    let Facts { bytes, sha, callsite, source } = *facts;
+    let Facts { bytes, size, sha, callsite, source } = *facts;
     let mut report: Option<Result<Report, ScanError>> = None;
     let judgement: Judgement = policy.judge_load(Load { sha256: &sha, callsite }, || {
         let scanned = report.get_or_insert_with(|| scan::scan(bytes));
@@ -160,7 +162,7 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
     report.get_or_insert_with(|| scan::scan(bytes));
     let globals = global_names(&report);
     let refusal_facts =
-        RefusalFacts { callsite: callsite.to_string(), sha256: Some(sha.to_hex()), size: Some(bytes.len() as u64) };
+        RefusalFacts { callsite: callsite.to_string(), sha256: Some(sha.to_hex()), size: Some(size) };
     let event = |decision: &'static str, reason: Option<String>| Event {
         time: now(),
         pid: std::process::id(),
@@ -168,7 +170,7 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
         decision,
         callsite: callsite.to_string(),
         sha256: Some(sha.to_hex()),
-        size: Some(bytes.len() as u64),
+        size: Some(size),
         globals: globals.clone(),
         source: source.map(str::to_string),
         reason,
@@ -181,8 +183,7 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
         emit(&denial);
         observe_refusal(py, &denial);
         let message = format!(
-            "picklegate refused to unpickle {} bytes (sha256 {sha}) at {callsite}{}: {reason}.\n{}",
-            bytes.len(),
+            "picklegate refused to unpickle {size} bytes (sha256 {sha}) at {callsite}{}: {reason}.\n{}",
             source.map(|s| format!(" from {s}")).unwrap_or_default(),
             suggestion(refusal, manifest, &sha, callsite, &globals)
         );
@@ -203,8 +204,7 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
         emit(&denial);
         observe_refusal(py, &denial);
         let message = format!(
-            "picklegate refused to unpickle {} bytes (sha256 {sha}) at {callsite}: {reason}. To permit it, {remedy}.",
-            bytes.len()
+            "picklegate refused to unpickle {size} bytes (sha256 {sha}) at {callsite}: {reason}. To permit it, {remedy}."
         );
         return Err(errors::no_pickle(py, message, &refusal_facts));
     }
@@ -232,6 +232,7 @@ fn settle(py: Python<'_>, container: &Container) -> PyResult<Approval> {
     let bytes = Bytes::borrow(data)?;
     let facts = Facts {
         bytes: bytes.as_slice(),
+        size: bytes.as_slice().len() as u64,
         sha: container.sha,
         callsite: &container.callsite,
         source: container.source.as_deref(),
@@ -270,7 +271,7 @@ fn guard(
         return run();
     }
     let callsite = callsite()?;
-    let facts = Facts { bytes: slice, sha: hash(py, data, slice), callsite: &callsite, source };
+    let facts = Facts { bytes: slice, size: slice.len() as u64, sha: hash(py, data, slice), callsite: &callsite, source };
     let _running = Running::enter(Frame::Load(decide(py, scope, &facts)?));
     run()
 }
@@ -352,6 +353,64 @@ pub fn guarded_foreign_unpickler(
             run()
         }
         Action::Run => run(),
+    }
+}
+
+/// Reads a Python file object in chunks, for hashing without holding its content.
+struct PyFileReader<'py>(Bound<'py, PyAny>);
+
+impl std::io::Read for PyFileReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let chunk = self.0.call_method1("read", (buf.len(),)).map_err(std::io::Error::other)?;
+        let bytes = Bytes::borrow(&chunk).map_err(std::io::Error::other)?;
+        let n = bytes.as_slice().len().min(buf.len());
+        buf[..n].copy_from_slice(&bytes.as_slice()[..n]);
+        Ok(n)
+    }
+}
+
+/// Called before a seekable file is read whole: when the policy or a `no_pickles()` block refuses
+/// every load here whatever its bytes, hash the rest of the file in chunks (for the message, so a
+/// huge file costs no memory), leave the position where it was, and raise that refusal.
+#[pyfunction]
+#[pyo3(signature = (file, scope, source))]
+pub fn refuse_unread(py: Python<'_>, file: &Bound<'_, PyAny>, scope: PyRef<'_, ScopeObj>, source: Option<String>) -> PyResult<()> {
+    if passthrough(&scope) || matches!(innermost(), Some(Frame::Container(_))) {
+        return Ok(());
+    }
+    let callsite = callsite::current(py)?;
+    let gate = state::current();
+    let closed = scope.inner.permits(None) == Err(ScopeRefusal::NoPickles);
+    if !closed && !state::policy_of(&gate).refuses_any_bytes_at(&callsite) {
+        return Ok(());
+    }
+    let start = file.call_method0("tell")?;
+    let mut counted = CountingReader { inner: PyFileReader(file.clone()), count: 0 };
+    let sha = Digest::of_reader(&mut counted).map_err(|e| match e.into_inner() {
+        Some(inner) => match inner.downcast::<PyErr>() {
+            Ok(err) => *err,
+            Err(other) => pyo3::exceptions::PyOSError::new_err(other.to_string()),
+        },
+        None => pyo3::exceptions::PyOSError::new_err("cannot read the file"),
+    })?;
+    file.call_method1("seek", (start,))?;
+    if counted.count == 0 {
+        return Ok(()); // an empty file: the unpickler raises its own EOFError
+    }
+    let facts = Facts { bytes: &[], size: counted.count, sha, callsite: &callsite, source: source.as_deref() };
+    decide(py, &scope, &facts).map(drop)
+}
+
+struct CountingReader<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
     }
 }
 

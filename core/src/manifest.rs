@@ -4,7 +4,7 @@
 use crate::callsite::{callsite_matches, global_matches};
 use crate::hash::Digest;
 use serde::Deserialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::ops::Range;
 use std::path::Path;
@@ -50,6 +50,9 @@ pub struct Manifest {
     pub trust: Vec<TrustRule>,
     pub loaders: Vec<String>,
     by_sha256: HashMap<Digest, Vec<usize>>,
+    /// The `[[allow]]` callsites without a `*`, and the distinct ones with one.
+    exact_callsites: HashSet<String>,
+    callsite_patterns: Vec<String>,
 }
 
 /// A manifest that cannot be used. Every variant names the file; parse errors name line and column.
@@ -225,7 +228,22 @@ impl Manifest {
         self.by_sha256 = HashMap::with_capacity(self.allow.len());
         for (i, entry) in self.allow.iter().enumerate() {
             self.by_sha256.entry(entry.sha256).or_default().push(i);
+            if entry.callsite.contains('*') {
+                if !self.callsite_patterns.contains(&entry.callsite) {
+                    self.callsite_patterns.push(entry.callsite.clone());
+                }
+            } else {
+                self.exact_callsites.insert(entry.callsite.clone());
+            }
         }
+    }
+
+    /// Whether any bytes at all could be allowed at `callsite`: an `[[allow]]` entry or a
+    /// `[[trust]]` rule names it. When none does, a load there is refused without reading it.
+    pub fn admits_anything_at(&self, callsite: &str) -> bool {
+        self.exact_callsites.contains(callsite)
+            || self.callsite_patterns.iter().any(|p| callsite_matches(p, callsite))
+            || self.trust_for(callsite).is_some()
     }
 
     /// The `[[allow]]` entries for these bytes, in manifest order.
@@ -339,6 +357,19 @@ mod tests {
     fn unreadable_file_names_the_path() {
         let err = Manifest::load(Path::new("/nonexistent/pickles.toml")).unwrap_err();
         assert!(err.to_string().starts_with("/nonexistent/pickles.toml: cannot read"), "{err}");
+    }
+
+    #[test]
+    fn knows_which_callsites_could_admit_anything() {
+        let text = format!(
+            "version = 1\n[[allow]]\nsha256 = \"{SHA}\"\ncallsite = \"app.serve:load\"\n[[allow]]\nsha256 = \"{SHA}\"\ncallsite = \"app.jobs:*\"\n[[trust]]\ncallsite = \"multiprocessing.*\"\nglobals = [\"x.y\"]\n"
+        );
+        let m = Manifest::parse(&text, "m.toml").unwrap();
+        assert!(m.admits_anything_at("app.serve:load"));
+        assert!(m.admits_anything_at("app.jobs:nightly"));
+        assert!(m.admits_anything_at("multiprocessing.connection:Connection.recv"));
+        assert!(!m.admits_anything_at("app.serve:load_other"));
+        assert!(!Manifest::empty("none").admits_anything_at("app.serve:load"));
     }
 
     #[test]

@@ -156,6 +156,12 @@ impl Policy {
         }
     }
 
+    /// True when `enforce` refuses every load at `callsite`, whatever its bytes: then a file need
+    /// not be read into memory to be refused.
+    pub fn refuses_any_bytes_at(&self, callsite: &str) -> bool {
+        self.mode == Mode::Enforce && self.manifest.as_ref().map_or(true, |m| !m.admits_anything_at(callsite))
+    }
+
     /// Judges a load whose bytes cannot be hashed: no manifest entry can match it, so only
     /// `off`, `warn` and `record` let it run.
     pub fn judge_unverifiable_load(&self) -> Judgement {
@@ -460,6 +466,17 @@ mod tests {
         assert_eq!(warn.judge_global(None, "posix", "system", || "app:main".into()).action, Action::RunAndReport);
         let deny_all = Policy { mode: Mode::Enforce, manifest: None };
         assert_eq!(deny_all.judge_global(None, "builtins", "dict", || "a:b".into()).action, Action::Refuse);
+    }
+
+    #[test]
+    fn refusal_regardless_of_bytes() {
+        let d = Digest::of(b"m");
+        let listed = manifest(&allow_entry(&d, "app:load"));
+        let enforce = Policy { mode: Mode::Enforce, manifest: Some(listed.clone()) };
+        assert!(enforce.refuses_any_bytes_at("app:other"));
+        assert!(!enforce.refuses_any_bytes_at("app:load"));
+        assert!(Policy { mode: Mode::Enforce, manifest: None }.refuses_any_bytes_at("app:load"));
+        assert!(!Policy { mode: Mode::Warn, manifest: Some(listed) }.refuses_any_bytes_at("app:other"));
     }
 
     #[test]

@@ -50,6 +50,7 @@ def _take(file):
         raise TypeError("file must have 'read' and 'readline' attributes")
     source = _files.source_name(file)
     if _files.seekable(file):
+        _core.refuse_unread(file, _scope.SCOPE.get(), source)
         start = file.tell()
         data = file.read()
         return data, source, lambda used: file.seek(start + used)
@@ -152,6 +153,7 @@ def _guarded_py_load(self):
     file = getattr(read, "__self__", None)
     source = _files.source_name(file)
     if file is not None and _files.seekable(file):
+        _core.refuse_unread(file, _scope.SCOPE.get(), source)
         start = file.tell()
         data = file.read()
         file.seek(start)  # the file's position is the truth the replay follows

@@ -27,8 +27,11 @@ def _container(data, source, run, eager, callsite=None):
     return _core.guarded_container(data, _scope.SCOPE.get(), source, run, lambda: where, eager)
 
 
-def _read_whole(path):
+def _read_whole(path, eager=False):
+    """The file's bytes; when ``eager``, a load refused whatever the bytes is refused unread."""
     with open(path, "rb") as f:
+        if eager:
+            _core.refuse_unread(f, _scope.SCOPE.get(), path)
         return f.read()
 
 
@@ -46,16 +49,20 @@ def _guard_file_loader(original, mapped_keyword=None, eager=True, adapt=None):
             fd = os.open(path, os.O_RDONLY)
             try:
                 with os.fdopen(os.dup(fd), "rb") as handle:
+                    if eager:
+                        _core.refuse_unread(handle, _scope.SCOPE.get(), path)
                     data = handle.read()
                 return _container(data, path, lambda: original(f"/proc/self/fd/{fd}", *args, **kwargs), eager)
             finally:
                 os.close(fd)
         if path is not None:
-            data, start = _read_whole(path), None
+            data, start = _read_whole(path, eager), None
         elif hasattr(f, "read") and _files.seekable(f):
+            path = _files.source_name(f)
+            if eager:
+                _core.refuse_unread(f, _scope.SCOPE.get(), path)
             start = f.tell()
             data = f.read()
-            path = _files.source_name(f)
         else:
             return original(f, *args, **kwargs)  # a stream: its pickle loads are judged one by one
         if adapt is not None:
