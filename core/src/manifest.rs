@@ -103,28 +103,47 @@ struct RawTrust {
     globals: Spanned<Vec<Spanned<String>>>,
 }
 
-/// Byte offset to 1-based (line, column), counting columns in characters.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, before[line_start..].chars().count() + 1)
+/// Where each line of the manifest starts, so that a byte offset becomes a line in O(log n):
+/// a million entries each asking for their line must not rescan the text from the top.
+struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    fn new(text: &str) -> Self {
+        let mut starts = vec![0];
+        starts.extend(text.bytes().enumerate().filter(|&(_, b)| b == b'\n').map(|(i, _)| i + 1));
+        LineIndex { starts }
+    }
+
+    /// 1-based line of a byte offset.
+    fn line(&self, offset: usize) -> usize {
+        self.starts.partition_point(|&start| start <= offset)
+    }
 }
 
 struct Located<'a> {
     file: &'a str,
     text: &'a str,
+    lines: LineIndex,
 }
 
 impl Located<'_> {
+    /// Byte offset to 1-based (line, column), counting columns in characters.
+    fn line_column(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let line = self.lines.line(offset);
+        let line_start = self.lines.starts[line - 1];
+        (line, self.text[line_start..offset].chars().count() + 1)
+    }
+
     fn error(&self, span: Range<usize>, message: impl Into<String>) -> ManifestError {
-        let (line, column) = line_column(self.text, span.start);
+        let (line, column) = self.line_column(span.start);
         ManifestError::Invalid { file: self.file.to_string(), line, column, message: message.into() }
     }
 
     fn line_of(&self, span: &Range<usize>) -> usize {
-        line_column(self.text, span.start).0
+        self.lines.line(span.start.min(self.text.len()))
     }
 
     fn pattern(&self, value: &Spanned<String>, what: &str) -> Result<String, ManifestError> {
@@ -157,7 +176,7 @@ impl Manifest {
 
     /// Parses manifest text; `file` is only used to name the source in errors.
     pub fn parse(text: &str, file: &str) -> Result<Self, ManifestError> {
-        let at = Located { file, text };
+        let at = Located { file, text, lines: LineIndex::new(text) };
         let raw: RawManifest = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
             at.error(span, e.message().trim().to_string())
@@ -339,6 +358,22 @@ mod tests {
     fn unreadable_file_names_the_path() {
         let err = Manifest::load(Path::new("/nonexistent/pickles.toml")).unwrap_err();
         assert!(err.to_string().starts_with("/nonexistent/pickles.toml: cannot read"), "{err}");
+    }
+
+    #[test]
+    fn errors_deep_in_a_long_manifest_are_located() {
+        let mut text = String::from("version = 1\n");
+        for i in 0..500u32 {
+            let sha = Digest::of(&i.to_le_bytes());
+            text.push_str(&format!("[[allow]]\nsha256 = \"{sha}\"\ncallsite = \"app:f{i}\"\n"));
+        }
+        text.push_str("[[allow]]\nsha256 = \"abcd\"\ncallsite = \"é:x\"\n");
+        let (line, column, _) = invalid(&text);
+        assert_eq!((line, column), (1 + 500 * 3 + 2, 10));
+        let text = "ab\n\u{e9} x\n";
+        let at = Located { file: "m.toml", text, lines: LineIndex::new(text) };
+        assert_eq!(at.line_column(text.find('x').unwrap()), (2, 3)); // columns count characters
+        assert_eq!(at.line_column(text.len()), (3, 1));
     }
 
     #[test]
