@@ -17,7 +17,7 @@ impl Digest {
 
     /// Hashes everything a reader yields (used by the CLI for files of any size).
     pub fn of_reader(mut reader: impl Read) -> io::Result<Self> {
-        let mut hasher = Sha256::new();
+        let mut hasher = Hasher::default();
         let mut chunk = vec![0u8; 1 << 20];
         loop {
             match reader.read(&mut chunk) {
@@ -27,7 +27,7 @@ impl Digest {
                 Err(e) => return Err(e),
             }
         }
-        Ok(Digest(hasher.finalize().into()))
+        Ok(hasher.finish())
     }
 
     /// Parses 64 hex digits, with or without a `sha256:` prefix.
@@ -55,6 +55,20 @@ impl fmt::Display for Digest {
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "sha256:{}", self.to_hex())
+    }
+}
+
+/// A digest computed piece by piece, for bytes that arrive in chunks (hashed while still in cache).
+#[derive(Default, Clone)]
+pub struct Hasher(Sha256);
+
+impl Hasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    pub fn finish(self) -> Digest {
+        Digest(self.0.finalize().into())
     }
 }
 
