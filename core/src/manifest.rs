@@ -12,6 +12,9 @@ use toml::Spanned;
 
 pub const SUPPORTED_VERSION: i64 = 1;
 
+/// Manifests bigger than this are parsed piece by piece.
+const PIECE_BYTES: usize = 1 << 20;
+
 /// One reviewed pickle, allowed at the callsites its pattern matches.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AllowEntry {
@@ -49,7 +52,41 @@ pub struct Manifest {
     pub allow: Vec<AllowEntry>,
     pub trust: Vec<TrustRule>,
     pub loaders: Vec<String>,
-    by_sha256: HashMap<Digest, Vec<usize>>,
+    /// The first `[[allow]]` entry of each sha256; `next_same[i]` is the next entry with entry
+    /// `i`'s sha256, or `NO_ENTRY`. No allocation per entry, so a million entries index fast.
+    by_sha256: HashMap<Digest, usize, BuildDigestHasher>,
+    next_same: Vec<usize>,
+}
+
+const NO_ENTRY: usize = usize::MAX;
+
+/// Digests are uniformly distributed already: their first 8 bytes are the table's hash. (The
+/// keys are the operator's manifest; a looked-up digest only walks the entries of its own value.)
+#[derive(Debug, Clone, Default)]
+struct BuildDigestHasher;
+
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl std::hash::BuildHasher for BuildDigestHasher {
+    type Hasher = DigestHasher;
+    fn build_hasher(&self) -> DigestHasher {
+        DigestHasher(0)
+    }
+}
+
+impl std::hash::Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// A manifest that cannot be used. Every variant names the file; parse errors name line and column.
@@ -86,6 +123,16 @@ struct RawManifest {
     loaders: Vec<Spanned<String>>,
 }
 
+/// The tables after the head of a big manifest (see `Manifest::parse_in_pieces`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPiece {
+    #[serde(default)]
+    allow: Vec<Spanned<RawAllow>>,
+    #[serde(default)]
+    trust: Vec<Spanned<RawTrust>>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAllow {
@@ -103,47 +150,81 @@ struct RawTrust {
     globals: Spanned<Vec<Spanned<String>>>,
 }
 
-/// Where each line of the manifest starts, so that a byte offset becomes a line in O(log n):
-/// a million entries each asking for their line must not rescan the text from the top.
-struct LineIndex {
-    starts: Vec<usize>,
+/// Counts lines forward from the last offset asked about: entries are located in text order, so
+/// a million of them cost one pass over the text (not a rescan from the top for each).
+#[derive(Default)]
+struct LineCursor {
+    at: std::cell::Cell<(usize, usize)>, // (byte offset, 0-based line of that offset)
 }
 
-impl LineIndex {
-    fn new(text: &str) -> Self {
-        let mut starts = vec![0];
-        starts.extend(text.bytes().enumerate().filter(|&(_, b)| b == b'\n').map(|(i, _)| i + 1));
-        LineIndex { starts }
-    }
-
-    /// 1-based line of a byte offset.
-    fn line(&self, offset: usize) -> usize {
-        self.starts.partition_point(|&start| start <= offset)
+impl LineCursor {
+    /// 1-based line of a byte offset of `text`.
+    fn line(&self, text: &str, offset: usize) -> usize {
+        let (from, line) = match self.at.get() {
+            (at, line) if at <= offset => (at, line),
+            _ => (0, 0),
+        };
+        let line = line + text.as_bytes()[from..offset].iter().filter(|&&b| b == b'\n').count();
+        self.at.set((offset, line));
+        line + 1
     }
 }
 
 struct Located<'a> {
     file: &'a str,
     text: &'a str,
-    lines: LineIndex,
+    lines: &'a LineCursor,
+    /// Where the TOML that produced the spans starts in `text` (a piece of a big manifest).
+    base: usize,
 }
 
 impl Located<'_> {
     /// Byte offset to 1-based (line, column), counting columns in characters.
     fn line_column(&self, offset: usize) -> (usize, usize) {
         let offset = offset.min(self.text.len());
-        let line = self.lines.line(offset);
-        let line_start = self.lines.starts[line - 1];
+        let line = self.lines.line(self.text, offset);
+        let line_start = self.text[..offset].rfind('\n').map_or(0, |i| i + 1);
         (line, self.text[line_start..offset].chars().count() + 1)
     }
 
     fn error(&self, span: Range<usize>, message: impl Into<String>) -> ManifestError {
-        let (line, column) = self.line_column(span.start);
+        let (line, column) = self.line_column(self.base + span.start);
         ManifestError::Invalid { file: self.file.to_string(), line, column, message: message.into() }
     }
 
     fn line_of(&self, span: &Range<usize>) -> usize {
-        self.lines.line(span.start.min(self.text.len()))
+        self.lines.line(self.text, (self.base + span.start).min(self.text.len()))
+    }
+
+    fn allow_entry(&self, entry: &Spanned<RawAllow>) -> Result<AllowEntry, ManifestError> {
+        let line = self.line_of(&entry.span());
+        let entry = entry.get_ref();
+        let sha256 = Digest::parse(entry.sha256.get_ref().trim()).map_err(|e| {
+            self.error(entry.sha256.span(), format!("bad sha256 {:?}: {e}", entry.sha256.get_ref()))
+        })?;
+        Ok(AllowEntry {
+            sha256,
+            callsite: self.pattern(&entry.callsite, "callsite")?,
+            note: entry.note.clone(),
+            globals: self.global_patterns(&entry.globals)?,
+            line,
+        })
+    }
+
+    fn trust_rule(&self, rule: &Spanned<RawTrust>) -> Result<TrustRule, ManifestError> {
+        let line = self.line_of(&rule.span());
+        let rule = rule.get_ref();
+        if rule.globals.get_ref().is_empty() {
+            return Err(self.error(
+                rule.globals.span(),
+                "a [[trust]] rule needs at least one global pattern; it bounds what the transport may resolve",
+            ));
+        }
+        Ok(TrustRule {
+            callsite: self.pattern(&rule.callsite, "callsite")?,
+            globals: self.global_patterns(rule.globals.get_ref())?,
+            line,
+        })
     }
 
     fn pattern(&self, value: &Spanned<String>, what: &str) -> Result<String, ManifestError> {
@@ -176,7 +257,16 @@ impl Manifest {
 
     /// Parses manifest text; `file` is only used to name the source in errors.
     pub fn parse(text: &str, file: &str) -> Result<Self, ManifestError> {
-        let at = Located { file, text, lines: LineIndex::new(text) };
+        let lines = LineCursor::default();
+        match Self::parse_in_pieces(text, file, &lines) {
+            Some(manifest) => Ok(manifest),
+            None => Self::parse_whole(text, file, &lines),
+        }
+    }
+
+    /// The one parse of the whole document: the reference behaviour, and every error message.
+    fn parse_whole(text: &str, file: &str, lines: &LineCursor) -> Result<Self, ManifestError> {
+        let at = Located { file, text, lines, base: 0 };
         let raw: RawManifest = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
             at.error(span, e.message().trim().to_string())
@@ -198,41 +288,61 @@ impl Manifest {
         }
 
         let mut manifest = Manifest { source: file.to_string(), ..Default::default() };
-        manifest.allow.reserve(raw.allow.len());
-        for entry in &raw.allow {
-            let line = at.line_of(&entry.span());
-            let entry = entry.get_ref();
-            let sha256 = Digest::parse(entry.sha256.get_ref().trim()).map_err(|e| {
-                at.error(entry.sha256.span(), format!("bad sha256 {:?}: {e}", entry.sha256.get_ref()))
-            })?;
-            manifest.allow.push(AllowEntry {
-                sha256,
-                callsite: at.pattern(&entry.callsite, "callsite")?,
-                note: entry.note.clone(),
-                globals: at.global_patterns(&entry.globals)?,
-                line,
-            });
-        }
-        for rule in &raw.trust {
-            let line = at.line_of(&rule.span());
-            let rule = rule.get_ref();
-            if rule.globals.get_ref().is_empty() {
-                return Err(at.error(
-                    rule.globals.span(),
-                    "a [[trust]] rule needs at least one global pattern; it bounds what the transport may resolve",
-                ));
-            }
-            manifest.trust.push(TrustRule {
-                callsite: at.pattern(&rule.callsite, "callsite")?,
-                globals: at.global_patterns(rule.globals.get_ref())?,
-                line,
-            });
-        }
+        manifest.allow = raw.allow.iter().map(|entry| at.allow_entry(entry)).collect::<Result<_, _>>()?;
+        manifest.trust = raw.trust.iter().map(|rule| at.trust_rule(rule)).collect::<Result<_, _>>()?;
         for loader in &raw.loaders {
             manifest.loaders.push(at.pattern(loader, "a loader module")?);
         }
         manifest.index();
         Ok(manifest)
+    }
+
+    /// A big manifest, parsed as pieces of about `PIECE_BYTES` cut before lines that are exactly
+    /// `[[allow]]` or `[[trust]]`: the toml crate's document tree for a million entries costs
+    /// gigabytes, a piece's tree is small and its memory is reused. The result is the whole
+    /// parse's (spans are shifted back into the whole text). `None` sends the text to
+    /// `parse_whole`: any error (so messages are the whole parse's), multi-line strings (a cut
+    /// could fall inside one), or a head that defines `allow`/`trust` itself.
+    fn parse_in_pieces(text: &str, file: &str, lines: &LineCursor) -> Option<Self> {
+        if text.len() <= PIECE_BYTES || text.contains("\"\"\"") || text.contains("'''") {
+            return None;
+        }
+        let mut cuts: Vec<usize> = Vec::new();
+        let mut start = 0;
+        for line in text.split_inclusive('\n') {
+            let here = start;
+            start += line.len();
+            if !line.starts_with('[') || cuts.last().is_some_and(|&c| here < c + PIECE_BYTES) {
+                continue;
+            }
+            let line = line.trim_end_matches('\n').trim_end_matches('\r');
+            if line == "[[allow]]" || line == "[[trust]]" {
+                cuts.push(here);
+            }
+        }
+        let head_end = *cuts.first()?;
+        cuts.push(text.len());
+        let head: RawManifest = toml::from_str(&text[..head_end]).ok()?;
+        if head.version.as_ref().map(|v| *v.get_ref()) != Some(SUPPORTED_VERSION) || !head.allow.is_empty() || !head.trust.is_empty() {
+            return None;
+        }
+        let mut manifest = Manifest { source: file.to_string(), ..Default::default() };
+        for piece in cuts.windows(2) {
+            let raw: RawPiece = toml::from_str(&text[piece[0]..piece[1]]).ok()?;
+            let at = Located { file, text, lines, base: piece[0] };
+            for entry in &raw.allow {
+                manifest.allow.push(at.allow_entry(entry).ok()?);
+            }
+            for rule in &raw.trust {
+                manifest.trust.push(at.trust_rule(rule).ok()?);
+            }
+        }
+        let at = Located { file, text, lines, base: 0 };
+        for loader in &head.loaders {
+            manifest.loaders.push(at.pattern(loader, "a loader module").ok()?);
+        }
+        manifest.index();
+        Some(manifest)
     }
 
     /// A manifest with no rules: `enforce` with it denies every load.
@@ -241,19 +351,21 @@ impl Manifest {
     }
 
     fn index(&mut self) {
-        self.by_sha256 = HashMap::with_capacity(self.allow.len());
-        for (i, entry) in self.allow.iter().enumerate() {
-            self.by_sha256.entry(entry.sha256).or_default().push(i);
+        let n = self.allow.len();
+        self.by_sha256 = HashMap::with_capacity_and_hasher(n, Default::default());
+        self.next_same = vec![NO_ENTRY; n];
+        for i in (0..n).rev() {
+            if let Some(later) = self.by_sha256.insert(self.allow[i].sha256, i) {
+                self.next_same[i] = later;
+            }
         }
     }
 
     /// The `[[allow]]` entries for these bytes, in manifest order.
     pub fn entries_for(&self, sha256: &Digest) -> impl Iterator<Item = (usize, &AllowEntry)> {
-        self.by_sha256
-            .get(sha256)
-            .into_iter()
-            .flatten()
-            .map(move |&i| (i, &self.allow[i]))
+        let first = self.by_sha256.get(sha256).copied();
+        std::iter::successors(first, move |&i| Some(self.next_same[i]).filter(|&next| next != NO_ENTRY))
+            .map(move |i| (i, &self.allow[i]))
     }
 
     /// The first `[[trust]]` rule whose callsite pattern matches.
@@ -371,9 +483,32 @@ mod tests {
         let (line, column, _) = invalid(&text);
         assert_eq!((line, column), (1 + 500 * 3 + 2, 10));
         let text = "ab\n\u{e9} x\n";
-        let at = Located { file: "m.toml", text, lines: LineIndex::new(text) };
+        let lines = LineCursor::default();
+        let at = Located { file: "m.toml", text, lines: &lines, base: 0 };
         assert_eq!(at.line_column(text.find('x').unwrap()), (2, 3)); // columns count characters
         assert_eq!(at.line_column(text.len()), (3, 1));
+    }
+
+    #[test]
+    fn big_manifest_in_pieces_equals_the_whole_parse() {
+        let mut text = String::from("version = 1\nloaders = [\"myorg.io\"]\n");
+        for i in 0..12_000u32 {
+            let sha = Digest::of(&(i % 11_000).to_le_bytes()); // entries 11000.. repeat earlier digests
+            text.push_str(&format!("[[allow]]\nsha256 = \"{sha}\"\ncallsite = \"app:f{i}\"\nnote = \"n{i}\"\n"));
+            if i == 6_000 {
+                text.push_str("[[trust]]\ncallsite = \"multiprocessing.*\"\nglobals = [\"a.*\"]\n");
+            }
+        }
+        assert!(text.len() > PIECE_BYTES);
+        let pieces = Manifest::parse_in_pieces(&text, "big.toml", &LineCursor::default()).expect("parsed in pieces");
+        let whole = Manifest::parse_whole(&text, "big.toml", &LineCursor::default()).unwrap();
+        assert_eq!((pieces.allow.len(), pieces.trust.len()), (12_000, 1));
+        assert_eq!((&pieces.allow, &pieces.trust, &pieces.loaders), (&whole.allow, &whole.trust, &whole.loaders));
+        let twice: Vec<usize> = pieces.entries_for(&Digest::of(&5u32.to_le_bytes())).map(|(i, _)| i).collect();
+        assert_eq!(twice, vec![5, 11_005]);
+        // An error far down is reported exactly as the whole parse reports it.
+        text.push_str("[[allow]]\nsha256 = \"abcd\"\ncallsite = \"a:b\"\n");
+        assert_eq!(Manifest::parse(&text, "big.toml").unwrap_err(), Manifest::parse_whole(&text, "big.toml", &LineCursor::default()).unwrap_err());
     }
 
     #[test]
