@@ -123,16 +123,6 @@ struct RawManifest {
     loaders: Vec<Spanned<String>>,
 }
 
-/// The tables after the head of a big manifest (see `Manifest::parse_in_pieces`).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPiece {
-    #[serde(default)]
-    allow: Vec<Spanned<RawAllow>>,
-    #[serde(default)]
-    trust: Vec<Spanned<RawTrust>>,
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAllow {
@@ -298,11 +288,13 @@ impl Manifest {
     }
 
     /// A big manifest, parsed as pieces of about `PIECE_BYTES` cut before lines that are exactly
-    /// `[[allow]]` or `[[trust]]`: the toml crate's document tree for a million entries costs
-    /// gigabytes, a piece's tree is small and its memory is reused. The result is the whole
-    /// parse's (spans are shifted back into the whole text). `None` sends the text to
-    /// `parse_whole`: any error (so messages are the whole parse's), multi-line strings (a cut
-    /// could fall inside one), or a head that defines `allow`/`trust` itself.
+    /// `[[allow]]` or `[[trust]]`. The head (before the first cut) goes through the toml crate's
+    /// serde path; each piece goes through toml_parser's lexer and event parser straight into
+    /// entries (`PieceReader`), with no document tree: the tree of a million entries costs
+    /// gigabytes and most of the time. The result is the whole parse's (spans are shifted back
+    /// into the whole text). `None` sends the text to `parse_whole`: any error (so messages are
+    /// the whole parse's), anything but the plain shape of the manifest, multi-line strings (a
+    /// cut could fall inside one), or a head that defines `allow`/`trust` itself.
     fn parse_in_pieces(text: &str, file: &str, lines: &LineCursor) -> Option<Self> {
         if text.len() <= PIECE_BYTES || text.contains("\"\"\"") || text.contains("'''") {
             return None;
@@ -328,14 +320,8 @@ impl Manifest {
         }
         let mut manifest = Manifest { source: file.to_string(), ..Default::default() };
         for piece in cuts.windows(2) {
-            let raw: RawPiece = toml::from_str(&text[piece[0]..piece[1]]).ok()?;
             let at = Located { file, text, lines, base: piece[0] };
-            for entry in &raw.allow {
-                manifest.allow.push(at.allow_entry(entry).ok()?);
-            }
-            for rule in &raw.trust {
-                manifest.trust.push(at.trust_rule(rule).ok()?);
-            }
+            PieceReader::read(&text[piece[0]..piece[1]], &at, &mut manifest)?;
         }
         let at = Located { file, text, lines, base: 0 };
         for loader in &head.loaders {
@@ -371,6 +357,207 @@ impl Manifest {
     /// The first `[[trust]]` rule whose callsite pattern matches.
     pub fn trust_for(&self, callsite: &str) -> Option<(usize, &TrustRule)> {
         self.trust.iter().enumerate().find(|(_, r)| callsite_matches(&r.callsite, callsite))
+    }
+}
+
+/// Reads one piece of a big manifest (`Manifest::parse_in_pieces`) from toml_parser's events:
+/// `[[allow]]`/`[[trust]]` headers, each followed by `key = "string"` or `key = ["string", ...]`
+/// lines. Anything else (another table, dotted keys, inline tables, other value types, a
+/// repeated or unknown key, a missing required key, any TOML error) gives up, and the whole
+/// document is parsed by the toml crate instead, which then reports the error.
+struct PieceReader<'a> {
+    text: &'a str,
+    gave_up: bool,
+    header: Option<(Span, Option<Kind>)>,
+    key: Option<Field>,
+    fields: Fields,
+    array: Option<(usize, Vec<Spanned<String>>)>,
+    done: Vec<(Span, Kind, Fields)>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Allow,
+    Trust,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Field {
+    Sha256,
+    Callsite,
+    Note,
+    Globals,
+}
+
+#[derive(Default)]
+struct Fields {
+    sha256: Option<Spanned<String>>,
+    callsite: Option<Spanned<String>>,
+    note: Option<String>,
+    globals: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+use toml_parser::decoder::Encoding;
+use toml_parser::parser::{EventReceiver, ValidateWhitespace};
+use toml_parser::{ErrorSink, ParseError, Raw, Source, Span};
+
+impl<'a> PieceReader<'a> {
+    fn read(text: &'a str, at: &Located<'_>, manifest: &mut Manifest) -> Option<()> {
+        let source = Source::new(text);
+        let tokens = source.lex().into_vec();
+        let mut reader = PieceReader {
+            text,
+            gave_up: false,
+            header: None,
+            key: None,
+            fields: Fields::default(),
+            array: None,
+            done: Vec::new(),
+        };
+        let mut failed: Option<ParseError> = None;
+        toml_parser::parser::parse_document(&tokens, &mut ValidateWhitespace::new(&mut reader, source), &mut failed);
+        reader.finish_table();
+        if reader.gave_up || failed.is_some() {
+            return None;
+        }
+        for (header, kind, fields) in reader.done {
+            let span = header.start()..header.end();
+            match kind {
+                Kind::Allow => {
+                    let raw = RawAllow {
+                        sha256: fields.sha256?,
+                        callsite: fields.callsite?,
+                        note: fields.note,
+                        globals: fields.globals.map(Spanned::into_inner).unwrap_or_default(),
+                    };
+                    manifest.allow.push(at.allow_entry(&Spanned::new(span, raw)).ok()?);
+                }
+                Kind::Trust => {
+                    if fields.sha256.is_some() || fields.note.is_some() {
+                        return None;
+                    }
+                    let raw = RawTrust { callsite: fields.callsite?, globals: fields.globals? };
+                    manifest.trust.push(at.trust_rule(&Spanned::new(span, raw)).ok()?);
+                }
+            }
+        }
+        Some(())
+    }
+
+    fn decode(&self, span: Span, encoding: Option<Encoding>, key: bool) -> Option<String> {
+        let raw = Raw::new_unchecked(&self.text[span.start()..span.end()], encoding, span);
+        let mut out: std::borrow::Cow<'a, str> = std::borrow::Cow::Borrowed("");
+        let mut failed: Option<ParseError> = None;
+        if key {
+            raw.decode_key(&mut out, &mut failed);
+        } else if !matches!(raw.decode_scalar(&mut out, &mut failed), toml_parser::decoder::ScalarKind::String) {
+            return None;
+        }
+        failed.is_none().then(|| out.into_owned())
+    }
+
+    fn finish_table(&mut self) {
+        if let Some((span, Some(kind))) = self.header.take() {
+            self.done.push((span, kind, std::mem::take(&mut self.fields)));
+        }
+    }
+
+    fn give_up(&mut self) {
+        self.gave_up = true;
+    }
+}
+
+impl EventReceiver for PieceReader<'_> {
+    fn array_table_open(&mut self, span: Span, _error: &mut dyn ErrorSink) {
+        if self.key.is_some() || self.array.is_some() {
+            return self.give_up();
+        }
+        self.finish_table();
+        self.header = Some((span, None));
+    }
+
+    fn array_table_close(&mut self, _span: Span, _error: &mut dyn ErrorSink) {
+        if !matches!(self.header, Some((_, Some(_)))) {
+            self.give_up();
+        }
+    }
+
+    fn std_table_open(&mut self, _span: Span, _error: &mut dyn ErrorSink) {
+        self.give_up();
+    }
+
+    fn inline_table_open(&mut self, _span: Span, _error: &mut dyn ErrorSink) -> bool {
+        self.give_up();
+        false
+    }
+
+    fn key_sep(&mut self, _span: Span, _error: &mut dyn ErrorSink) {
+        self.give_up();
+    }
+
+    fn simple_key(&mut self, span: Span, encoding: Option<Encoding>, _error: &mut dyn ErrorSink) {
+        let Some(name) = self.decode(span, encoding, true) else { return self.give_up() };
+        match &mut self.header {
+            Some((_, kind @ None)) => {
+                *kind = match name.as_str() {
+                    "allow" => Some(Kind::Allow),
+                    "trust" => Some(Kind::Trust),
+                    _ => return self.give_up(),
+                }
+            }
+            Some((_, Some(_))) if self.key.is_none() && self.array.is_none() => {
+                let f = &self.fields;
+                self.key = match name.as_str() {
+                    "sha256" if f.sha256.is_none() => Some(Field::Sha256),
+                    "callsite" if f.callsite.is_none() => Some(Field::Callsite),
+                    "note" if f.note.is_none() => Some(Field::Note),
+                    "globals" if f.globals.is_none() => Some(Field::Globals),
+                    _ => return self.give_up(),
+                }
+            }
+            _ => self.give_up(),
+        }
+    }
+
+    fn scalar(&mut self, span: Span, encoding: Option<Encoding>, _error: &mut dyn ErrorSink) {
+        if !matches!(encoding, Some(Encoding::BasicString | Encoding::LiteralString)) {
+            return self.give_up();
+        }
+        let Some(value) = self.decode(span, encoding, false) else { return self.give_up() };
+        let value = Spanned::new(span.start()..span.end(), value);
+        match (self.key, &mut self.array) {
+            (Some(Field::Globals), Some((_, items))) => items.push(value),
+            (Some(Field::Sha256), None) => self.fields.sha256 = Some(value),
+            (Some(Field::Callsite), None) => self.fields.callsite = Some(value),
+            (Some(Field::Note), None) => self.fields.note = Some(value.into_inner()),
+            _ => return self.give_up(),
+        }
+        if self.array.is_none() {
+            self.key = None;
+        }
+    }
+
+    fn array_open(&mut self, span: Span, _error: &mut dyn ErrorSink) -> bool {
+        if self.key != Some(Field::Globals) || self.array.is_some() {
+            self.give_up();
+            return false;
+        }
+        self.array = Some((span.start(), Vec::new()));
+        true
+    }
+
+    fn array_close(&mut self, span: Span, _error: &mut dyn ErrorSink) {
+        match self.array.take() {
+            Some((start, items)) => {
+                self.fields.globals = Some(Spanned::new(start..span.end(), items));
+                self.key = None;
+            }
+            None => self.give_up(),
+        }
+    }
+
+    fn error(&mut self, _span: Span, _error: &mut dyn ErrorSink) {
+        self.give_up();
     }
 }
 
