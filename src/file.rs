@@ -3,8 +3,10 @@
 //! pass (each chunk is hashed while still in cache), the bytes cannot change on disk between the
 //! decision and the unpickling (they are a private copy), and the copy shrinks as the unpickled
 //! object grows, so a guarded file load peaks near the memory of an unguarded one.
+//! The same reader serves an in-memory stream (`io.BytesIO`) from its own buffer, held exported
+//! so the stream cannot be resized, instead of a copy of it.
 
-use crate::buffer::BytesMut;
+use crate::buffer::{Bytes, BytesMut};
 use picklegate_core::hash::{Digest, Hasher};
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
@@ -105,11 +107,31 @@ fn read_hashed(file: &File, offset: u64) -> io::Result<(Region, usize, Digest)> 
     Ok((region, len, hasher.finish()))
 }
 
+/// Where the bytes of a `HashedFile` live.
+enum Storage {
+    /// A file's bytes, read into private memory.
+    Read(Region),
+    /// An in-memory stream's own buffer.
+    Borrowed(Bytes),
+    /// After `close()`.
+    Closed,
+}
+
+impl Storage {
+    fn slice(&self, range: std::ops::Range<usize>) -> &[u8] {
+        match self {
+            Storage::Read(region) => region.slice(range),
+            Storage::Borrowed(bytes) => &bytes.as_slice()[range],
+            Storage::Closed => &[],
+        }
+    }
+}
+
 /// The rest of a file opened for reading, as the bytes that were hashed: `read`, `readinto`,
 /// `readline` and `tell` for the unpickler.
 #[pyclass(module = "picklegate._core")]
 pub struct HashedFile {
-    region: Region,
+    region: Storage,
     len: usize,
     pos: usize,
     released: usize,
@@ -137,7 +159,9 @@ impl HashedFile {
         let page = page_size();
         let upto = self.pos / page * page;
         if upto >= self.released + RELEASE_STEP || (self.pos == self.len && upto > self.released) {
-            self.region.release(self.released..upto);
+            if let Storage::Read(region) = &mut self.region {
+                region.release(self.released..upto);
+            }
             self.released = upto;
         }
     }
@@ -159,7 +183,22 @@ impl HashedFile {
         // Borrow the descriptor: its owner (a Python file object) closes it, not us.
         let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
         let (region, len, sha) = py.detach(|| read_hashed(&file, offset)).map_err(|e| PyOSError::new_err(e.to_string()))?;
-        Ok(HashedFile { region, len, pos: 0, released: 0, sha })
+        Ok(HashedFile { region: Storage::Read(region), len, pos: 0, released: 0, sha })
+    }
+
+    /// Serves the bytes of `buffer` (a view of an in-memory stream) without copying them.
+    #[staticmethod]
+    fn borrowing(buffer: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let bytes = Bytes::borrow(buffer)?;
+        let (len, sha) = (bytes.as_slice().len(), Digest::of(bytes.as_slice()));
+        Ok(HashedFile { region: Storage::Borrowed(bytes), len, pos: 0, released: 0, sha })
+    }
+
+    /// Lets go of the bytes (the memory, or the stream's buffer); reads then find nothing.
+    fn close(&mut self) {
+        self.region = Storage::Closed;
+        self.len = 0;
+        self.pos = 0;
     }
 
     #[pyo3(signature = (n=-1))]

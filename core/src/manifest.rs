@@ -14,6 +14,8 @@ pub const SUPPORTED_VERSION: i64 = 1;
 
 /// Manifests bigger than this are parsed piece by piece.
 const PIECE_BYTES: usize = 1 << 20;
+/// At most this many threads read the pieces of a big manifest.
+const MAX_THREADS: usize = 4;
 
 /// One reviewed pickle, allowed at the callsites its pattern matches.
 #[derive(Debug, Clone, PartialEq)]
@@ -299,29 +301,49 @@ impl Manifest {
         if text.len() <= PIECE_BYTES || text.contains("\"\"\"") || text.contains("'''") {
             return None;
         }
-        let mut cuts: Vec<usize> = Vec::new();
+        // (byte offset, 0-based line) of each cut.
+        let mut cuts: Vec<(usize, usize)> = Vec::new();
         let mut start = 0;
-        for line in text.split_inclusive('\n') {
+        for (number, line) in text.split_inclusive('\n').enumerate() {
             let here = start;
             start += line.len();
-            if !line.starts_with('[') || cuts.last().is_some_and(|&c| here < c + PIECE_BYTES) {
+            if !line.starts_with('[') || cuts.last().is_some_and(|&(c, _)| here < c + PIECE_BYTES) {
                 continue;
             }
             let line = line.trim_end_matches('\n').trim_end_matches('\r');
             if line == "[[allow]]" || line == "[[trust]]" {
-                cuts.push(here);
+                cuts.push((here, number));
             }
         }
-        let head_end = *cuts.first()?;
-        cuts.push(text.len());
+        let (head_end, _) = *cuts.first()?;
+        cuts.push((text.len(), 0));
         let head: RawManifest = toml::from_str(&text[..head_end]).ok()?;
         if head.version.as_ref().map(|v| *v.get_ref()) != Some(SUPPORTED_VERSION) || !head.allow.is_empty() || !head.trust.is_empty() {
             return None;
         }
+        // The pieces are independent: contiguous runs of them are read on the available cores.
+        let pieces: Vec<&[(usize, usize)]> = cuts.windows(2).collect();
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_THREADS);
+        let run = pieces.len().div_ceil(workers);
+        let read_run = |run: &[&[(usize, usize)]]| -> Option<Manifest> {
+            let mut part = Manifest::default();
+            for piece in run {
+                let ((from, line), (to, _)) = (piece[0], piece[1]);
+                let lines = LineCursor { at: std::cell::Cell::new((from, line)) };
+                let at = Located { file, text, lines: &lines, base: from };
+                PieceReader::read(&text[from..to], &at, &mut part)?;
+            }
+            Some(part)
+        };
+        let parts: Vec<Option<Manifest>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = pieces.chunks(run).map(|r| scope.spawn(move || read_run(r))).collect();
+            handles.into_iter().map(|h| h.join().ok().flatten()).collect()
+        });
         let mut manifest = Manifest { source: file.to_string(), ..Default::default() };
-        for piece in cuts.windows(2) {
-            let at = Located { file, text, lines, base: piece[0] };
-            PieceReader::read(&text[piece[0]..piece[1]], &at, &mut manifest)?;
+        for part in parts {
+            let part = part?;
+            manifest.allow.extend(part.allow);
+            manifest.trust.extend(part.trust);
         }
         let at = Located { file, text, lines, base: 0 };
         for loader in &head.loaders {
