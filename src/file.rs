@@ -3,10 +3,8 @@
 //! pass (each chunk is hashed while still in cache), the bytes cannot change on disk between the
 //! decision and the unpickling (they are a private copy), and the copy shrinks as the unpickled
 //! object grows, so a guarded file load peaks near the memory of an unguarded one.
-//! The same reader serves an in-memory stream (`io.BytesIO`) from its own buffer, held exported
-//! so the stream cannot be resized, instead of a copy of it.
 
-use crate::buffer::{Bytes, BytesMut};
+use crate::buffer::BytesMut;
 use picklegate_core::hash::{Digest, Hasher};
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
@@ -107,31 +105,12 @@ fn read_hashed(file: &File, offset: u64) -> io::Result<(Region, usize, Digest)> 
     Ok((region, len, hasher.finish()))
 }
 
-/// Where the bytes of a `HashedFile` live.
-enum Storage {
-    /// A file's bytes, read into private memory.
-    Read(Region),
-    /// An in-memory stream's own buffer.
-    Borrowed(Bytes),
-    /// After `close()`.
-    Closed,
-}
-
-impl Storage {
-    fn slice(&self, range: std::ops::Range<usize>) -> &[u8] {
-        match self {
-            Storage::Read(region) => region.slice(range),
-            Storage::Borrowed(bytes) => &bytes.as_slice()[range],
-            Storage::Closed => &[],
-        }
-    }
-}
-
 /// The rest of a file opened for reading, as the bytes that were hashed: `read`, `readinto`,
 /// `readline` and `tell` for the unpickler.
 #[pyclass(module = "picklegate._core")]
 pub struct HashedFile {
-    region: Storage,
+    /// `None` once closed.
+    region: Option<Region>,
     len: usize,
     pos: usize,
     released: usize,
@@ -139,9 +118,13 @@ pub struct HashedFile {
 }
 
 impl HashedFile {
+    fn slice(&self, range: std::ops::Range<usize>) -> &[u8] {
+        self.region.as_ref().map_or(&[], |region| region.slice(range))
+    }
+
     /// Everything read from the file, while nothing has been consumed yet.
     pub fn bytes(&self) -> &[u8] {
-        self.region.slice(0..self.len)
+        self.slice(0..self.len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -159,7 +142,7 @@ impl HashedFile {
         let page = page_size();
         let upto = self.pos / page * page;
         if upto >= self.released + RELEASE_STEP || (self.pos == self.len && upto > self.released) {
-            if let Storage::Read(region) = &mut self.region {
+            if let Some(region) = &mut self.region {
                 region.release(self.released..upto);
             }
             self.released = upto;
@@ -183,20 +166,12 @@ impl HashedFile {
         // Borrow the descriptor: its owner (a Python file object) closes it, not us.
         let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
         let (region, len, sha) = py.detach(|| read_hashed(&file, offset)).map_err(|e| PyOSError::new_err(e.to_string()))?;
-        Ok(HashedFile { region: Storage::Read(region), len, pos: 0, released: 0, sha })
+        Ok(HashedFile { region: Some(region), len, pos: 0, released: 0, sha })
     }
 
-    /// Serves the bytes of `buffer` (a view of an in-memory stream) without copying them.
-    #[staticmethod]
-    fn borrowing(buffer: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let bytes = Bytes::borrow(buffer)?;
-        let (len, sha) = (bytes.as_slice().len(), Digest::of(bytes.as_slice()));
-        Ok(HashedFile { region: Storage::Borrowed(bytes), len, pos: 0, released: 0, sha })
-    }
-
-    /// Lets go of the bytes (the memory, or the stream's buffer); reads then find nothing.
+    /// Lets go of the memory (an unpickler may outlive its load); reads then find nothing.
     fn close(&mut self) {
-        self.region = Storage::Closed;
+        self.region = None;
         self.len = 0;
         self.pos = 0;
     }
@@ -204,7 +179,7 @@ impl HashedFile {
     #[pyo3(signature = (n=-1))]
     fn read<'py>(&mut self, py: Python<'py>, n: Option<isize>) -> Bound<'py, PyBytes> {
         let range = self.take(self.remaining(n));
-        let out = PyBytes::new(py, self.region.slice(range));
+        let out = PyBytes::new(py, self.slice(range));
         self.release_consumed();
         out
     }
@@ -218,7 +193,7 @@ impl HashedFile {
         while done < total {
             let range = self.take((total - done).min(RELEASE_STEP));
             let n = range.len();
-            target[done..done + n].copy_from_slice(self.region.slice(range));
+            target[done..done + n].copy_from_slice(self.slice(range));
             done += n;
             self.release_consumed();
         }
@@ -228,7 +203,7 @@ impl HashedFile {
     #[pyo3(signature = (size=-1))]
     fn readline<'py>(&mut self, py: Python<'py>, size: Option<isize>) -> Bound<'py, PyBytes> {
         let limit = self.remaining(size);
-        let rest = self.region.slice(self.pos..self.pos + limit);
+        let rest = self.slice(self.pos..self.pos + limit);
         let n = rest.iter().position(|&b| b == b'\n').map_or(limit, |i| i + 1);
         self.read(py, Some(n as isize))
     }

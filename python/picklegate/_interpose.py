@@ -64,8 +64,7 @@ def _take(file):
     """Reads what the next load consumes. Returns ``(data, source, finish)``; ``finish(n)``
     leaves the file just past the ``n`` bytes the unpickler used. ``data`` is a
     ``_core.HashedFile`` for a plain file opened for reading (read and hashed in one pass into
-    memory it gives back as the unpickler consumes it) or an ``io.BytesIO`` (its own buffer,
-    held so it cannot be resized), else the bytes."""
+    memory it gives back as the unpickler consumes it), else the bytes."""
     if not (hasattr(file, "read") and hasattr(file, "readline")):
         raise TypeError("file must have 'read' and 'readline' attributes")
     source = _source_name(file)
@@ -73,8 +72,6 @@ def _take(file):
         start = file.tell()
         if type(file) in (io.BufferedReader, io.FileIO):
             data = _core.HashedFile(file.fileno(), start)
-        elif type(file) is io.BytesIO:
-            data = _core.HashedFile.borrowing(file.getbuffer()[start:])
         else:
             data = file.read()
         return data, source, lambda used: file.seek(start + used)
@@ -87,7 +84,7 @@ def _stream(data):
 
 
 def _finished(data, stream, finish):
-    """Moves the file past what the unpickler used, and lets go of the bytes read for it."""
+    """Moves the file past what the unpickler used, and lets go of the memory read for it."""
     finish(stream.tell())
     if isinstance(data, _core.HashedFile):
         data.close()
