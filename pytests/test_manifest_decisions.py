@@ -113,6 +113,32 @@ def test_file_loads_hash_the_whole_file_and_leave_the_position_after_the_pickle(
     assert proc.stdout.split() == ["first", "second", "EOF"]
 
 
+def test_in_memory_stream_is_judged_from_its_position_and_left_writable(run_python, tmp_path):
+    """An io.BytesIO is judged on its own buffer from its position on (not a copy of it); after
+    the load it is positioned past the pickle and can be written to again."""
+    import pickle
+
+    first, second = pickle.dumps("first"), pickle.dumps("second")
+    write_manifest(
+        tmp_path / "pickles.toml",
+        (hashlib.sha256(first + second).hexdigest(), "__main__:*"),
+        (hashlib.sha256(second).hexdigest(), "__main__:*"),
+    )
+    proc = run_python(
+        f"""
+        import io, pickle, picklegate
+        picklegate.install(policy="pickles.toml")
+        stream = io.BytesIO({first + second!r})
+        unpickler = pickle.Unpickler(stream)
+        print(pickle.load(stream), unpickler.load(), stream.tell() == {len(first + second)})
+        stream.write(b"more")  # no export of its buffer outlives the loads
+        print(len(stream.getvalue()))
+        """,
+        check=True,
+    )
+    assert proc.stdout.split() == ["first", "second", "True", str(len(first + second) + 4)]
+
+
 def test_stream_that_cannot_seek_is_read_exactly(run_python, tmp_path):
     """A pipe: picklegate reads exactly one pickle (no over-read) and hashes those bytes."""
     import pickle

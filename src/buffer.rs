@@ -27,10 +27,28 @@ extern "C" {
 }
 
 const PYBUF_SIMPLE: c_int = 0;
+const PYBUF_WRITABLE: c_int = 0x0001;
 
 /// A held export of a contiguous buffer: while it lives, the exporter cannot resize or free it.
 pub struct Bytes {
     view: Box<RawBuffer>,
+}
+
+/// A held export of a writable contiguous buffer (what `readinto` fills).
+pub struct BytesMut(Bytes);
+
+impl BytesMut {
+    pub fn borrow(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Bytes::export(obj, PYBUF_WRITABLE, "a writable bytes-like object").map(BytesMut)
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        let view = &self.0.view;
+        if view.len <= 0 || view.buf.is_null() {
+            return &mut [];
+        }
+        unsafe { std::slice::from_raw_parts_mut(view.buf as *mut u8, view.len as usize) }
+    }
 }
 
 // The export pins the memory, so the slice may be read with the GIL released.
@@ -39,11 +57,15 @@ unsafe impl Sync for Bytes {}
 
 impl Bytes {
     pub fn borrow(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Self::export(obj, PYBUF_SIMPLE, "a bytes-like object")
+    }
+
+    fn export(obj: &Bound<'_, PyAny>, flags: c_int, what: &str) -> PyResult<Self> {
         let mut view = Box::new(unsafe { std::mem::zeroed::<RawBuffer>() });
-        if unsafe { PyObject_GetBuffer(obj.as_ptr(), &mut *view, PYBUF_SIMPLE) } != 0 {
+        if unsafe { PyObject_GetBuffer(obj.as_ptr(), &mut *view, flags) } != 0 {
             let err = PyErr::take(obj.py());
             return Err(PyTypeError::new_err(format!(
-                "a bytes-like object is required, not '{}'{}",
+                "{what} is required, not '{}'{}",
                 obj.get_type().name().map(|n| n.to_string()).unwrap_or_default(),
                 err.map(|e| format!(" ({e})")).unwrap_or_default()
             )));

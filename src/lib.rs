@@ -5,6 +5,7 @@ mod audit;
 mod buffer;
 mod callsite;
 mod errors;
+mod file;
 mod interpose;
 mod inventory;
 mod load;
@@ -75,6 +76,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load::guarded_load, m)?)?;
     m.add_function(wrap_pyfunction!(load::guarded_container, m)?)?;
     m.add_function(wrap_pyfunction!(load::refuse_unread, m)?)?;
+    m.add_function(wrap_pyfunction!(load::guarded_file_load, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::redirect_loads, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::redirect_load, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::redirect_unpickler_load, m)?)?;
@@ -90,5 +92,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tokens::Token>()?;
     m.add_class::<tokens::ScopeObj>()?;
     m.add_class::<StreamScanner>()?;
+    m.add_class::<file::HashedFile>()?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use crate::buffer::Bytes;
 use crate::errors::{self, RefusalFacts};
+use crate::file::HashedFile;
 use crate::state::{self, emit};
 use crate::callsite;
 use crate::tokens::{current_scope, ScopeObj};
@@ -288,6 +289,40 @@ pub fn guarded_load(
     callsite: &Bound<'_, PyAny>,
 ) -> PyResult<Py<PyAny>> {
     guard(py, data, &scope, source.as_deref(), || run.call0().map(Bound::unbind), || callsite.call0()?.extract())
+}
+
+/// A load from a plain file read by `HashedFile`: judged on the hash taken while reading, then
+/// `run()` unpickles from that same `file` object.
+#[pyfunction]
+#[pyo3(signature = (file, scope, source, run, callsite))]
+pub fn guarded_file_load(
+    py: Python<'_>,
+    file: &Bound<'_, HashedFile>,
+    scope: PyRef<'_, ScopeObj>,
+    source: Option<String>,
+    run: &Bound<'_, PyAny>,
+    callsite: &Bound<'_, PyAny>,
+) -> PyResult<Py<PyAny>> {
+    let run = || run.call0().map(Bound::unbind);
+    if passthrough(&scope) {
+        return run();
+    }
+    if let Some(Frame::Container(container)) = innermost() {
+        let _running = Running::enter(Frame::Load(settle(py, &container)?));
+        return run();
+    }
+    let approval = {
+        let hashed = file.borrow();
+        if hashed.is_empty() {
+            drop(hashed);
+            return run(); // the unpickler raises its own EOFError
+        }
+        let callsite: String = callsite.call0()?.extract()?;
+        let facts = Facts { bytes: hashed.bytes(), size: hashed.bytes().len() as u64, sha: hashed.sha, callsite: &callsite, source: source.as_deref() };
+        decide(py, &scope, &facts)?
+    }; // the borrow ends here: the unpickler reads `file`
+    let _running = Running::enter(Frame::Load(approval));
+    run()
 }
 
 /// The C-level entry: `_pickle.loads` redirected here, `call_original` runs the real function.

@@ -5,6 +5,26 @@ use sha2::{Digest as _, Sha256};
 use std::fmt;
 use std::io::{self, Read};
 
+const NOT_HEX: u8 = 0xff;
+
+/// The value of each hex digit (either case), `NOT_HEX` for any other byte: a table, because a
+/// million-entry manifest parses 64 million of them.
+const HEX_VALUE: [u8; 256] = {
+    let mut table = [NOT_HEX; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        table[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
+
 /// A SHA-256 digest of the exact bytes an unpickler would read.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(pub [u8; 32]);
@@ -17,7 +37,7 @@ impl Digest {
 
     /// Hashes everything a reader yields (used by the CLI for files of any size).
     pub fn of_reader(mut reader: impl Read) -> io::Result<Self> {
-        let mut hasher = Sha256::new();
+        let mut hasher = Hasher::default();
         let mut chunk = vec![0u8; 1 << 20];
         loop {
             match reader.read(&mut chunk) {
@@ -27,7 +47,7 @@ impl Digest {
                 Err(e) => return Err(e),
             }
         }
-        Ok(Digest(hasher.finalize().into()))
+        Ok(hasher.finish())
     }
 
     /// Parses 64 hex digits, with or without a `sha256:` prefix.
@@ -37,7 +57,13 @@ impl Digest {
             return Err(DigestError::WrongLength(hex_part.len()));
         }
         let mut bytes = [0u8; 32];
-        hex::decode_to_slice(hex_part, &mut bytes).map_err(|_| DigestError::NotHex)?;
+        for (byte, pair) in bytes.iter_mut().zip(hex_part.as_bytes().chunks_exact(2)) {
+            let (high, low) = (HEX_VALUE[pair[0] as usize], HEX_VALUE[pair[1] as usize]);
+            if (high | low) == NOT_HEX {
+                return Err(DigestError::NotHex);
+            }
+            *byte = (high << 4) | low;
+        }
         Ok(Digest(bytes))
     }
 
@@ -55,6 +81,20 @@ impl fmt::Display for Digest {
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "sha256:{}", self.to_hex())
+    }
+}
+
+/// A digest computed piece by piece, for bytes that arrive in chunks (hashed while still in cache).
+#[derive(Default, Clone)]
+pub struct Hasher(Sha256);
+
+impl Hasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    pub fn finish(self) -> Digest {
+        Digest(self.0.finalize().into())
     }
 }
 

@@ -45,16 +45,39 @@ def _read_one_pickle(read, readline):
 
 def _take(file):
     """Reads what the next load consumes. Returns ``(data, source, finish)``; ``finish(n)``
-    leaves the file just past the ``n`` bytes the unpickler used."""
+    leaves the file just past the ``n`` bytes the unpickler used. ``data`` is a
+    ``_core.HashedFile`` for a plain file opened for reading (read and hashed in one pass into
+    memory it gives back as the unpickler consumes it), else the bytes."""
     if not (hasattr(file, "read") and hasattr(file, "readline")):
         raise TypeError("file must have 'read' and 'readline' attributes")
     source = _files.source_name(file)
     if _files.seekable(file):
         _core.refuse_unread(file, _scope.SCOPE.get(), source)
         start = file.tell()
-        data = file.read()
+        if type(file) in (io.BufferedReader, io.FileIO):
+            data = _core.HashedFile(file.fileno(), start)
+        else:
+            data = file.read()
         return data, source, lambda used: file.seek(start + used)
     return _read_one_pickle(file.read, file.readline), source, lambda used: None
+
+
+def _stream(data):
+    """What the unpickler reads: the hashed file itself, or a stream over the bytes."""
+    return data if isinstance(data, _core.HashedFile) else io.BytesIO(data)
+
+
+def _finished(data, stream, finish):
+    """Moves the file past what the unpickler used, and lets go of the memory read for it."""
+    finish(stream.tell())
+    if isinstance(data, _core.HashedFile):
+        data.close()
+
+
+def _guarded(data, source, run):
+    if isinstance(data, _core.HashedFile):
+        return _core.guarded_file_load(data, _scope.SCOPE.get(), source, run, _core.current_callsite)
+    return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _core.current_callsite)
 
 
 def _options(fix_imports, encoding, errors, buffers):
@@ -71,13 +94,13 @@ def load(file, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffer
     data, source, finish = _take(file)
 
     def run():
-        stream = io.BytesIO(data)
+        stream = _stream(data)
         try:
             return _run_c_load(_CUnpickler(stream, **_options(fix_imports, encoding, errors, buffers)))
         finally:
-            finish(stream.tell())
+            _finished(data, stream, finish)
 
-    return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _core.current_callsite)
+    return _guarded(data, source, run)
 
 
 class Unpickler(_CUnpickler):
@@ -100,7 +123,7 @@ class Unpickler(_CUnpickler):
         data, source, finish = _take(file)
 
         def run():
-            stream = io.BytesIO(data)
+            stream = _stream(data)
             # Point the C unpickler at the hashed bytes. Re-initialising forgets a
             # persistent_load set on the instance (torch sets one), so carry it over.
             persistent_load = getattr(self, "persistent_load", None)
@@ -110,9 +133,9 @@ class Unpickler(_CUnpickler):
             try:
                 return _run_c_load(self)
             finally:
-                finish(stream.tell())
+                _finished(data, stream, finish)
 
-        return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _core.current_callsite)
+        return _guarded(data, source, run)
 
 
 Unpickler.__module__ = _CUnpickler.__module__
