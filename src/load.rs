@@ -243,6 +243,18 @@ fn settle(py: Python<'_>, container: &Container) -> PyResult<Approval> {
     Ok(approval)
 }
 
+/// A load that needs no hash of its own: `Some(None)` when nothing is guarded, `Some(Some(_))`
+/// inside a container (the file's verdict covers it), `None` when it must be judged.
+fn decided_without_hash(py: Python<'_>, scope: &ScopeObj) -> PyResult<Option<Option<Approval>>> {
+    if passthrough(scope) {
+        return Ok(Some(None));
+    }
+    match innermost() {
+        Some(Frame::Container(container)) => Ok(Some(Some(settle(py, &container)?))),
+        _ => Ok(None),
+    }
+}
+
 fn passthrough(scope: &ScopeObj) -> bool {
     let gate = state::current();
     state::policy_of(&gate).mode == Mode::Off && scope.inner.is_open()
@@ -258,11 +270,8 @@ fn guard(
     run: impl FnOnce() -> PyResult<Py<PyAny>>,
     callsite: impl FnOnce() -> PyResult<String>,
 ) -> PyResult<Py<PyAny>> {
-    if passthrough(scope) {
-        return run();
-    }
-    if let Some(Frame::Container(container)) = innermost() {
-        let _running = Running::enter(Frame::Load(settle(py, &container)?));
+    if let Some(covered) = decided_without_hash(py, scope)? {
+        let _running = covered.map(|approval| Running::enter(Frame::Load(approval)));
         return run();
     }
     let bytes = Bytes::borrow(data)?;
@@ -304,11 +313,8 @@ pub fn guarded_file_load(
     callsite: &Bound<'_, PyAny>,
 ) -> PyResult<Py<PyAny>> {
     let run = || run.call0().map(Bound::unbind);
-    if passthrough(&scope) {
-        return run();
-    }
-    if let Some(Frame::Container(container)) = innermost() {
-        let _running = Running::enter(Frame::Load(settle(py, &container)?));
+    if let Some(covered) = decided_without_hash(py, &scope)? {
+        let _running = covered.map(|approval| Running::enter(Frame::Load(approval)));
         return run();
     }
     let approval = {
@@ -343,11 +349,8 @@ pub fn guarded_foreign_unpickler(
     run: impl FnOnce() -> PyResult<Py<PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let scope = current_scope(py)?;
-    if passthrough(scope.get()) {
-        return run();
-    }
-    if let Some(Frame::Container(container)) = innermost() {
-        let _running = Running::enter(Frame::Load(settle(py, &container)?));
+    if let Some(covered) = decided_without_hash(py, scope.get())? {
+        let _running = covered.map(|approval| Running::enter(Frame::Load(approval)));
         return run();
     }
     let callsite = callsite::current(py)?.to_string();
