@@ -17,6 +17,9 @@ use picklegate_core::hash::Digest;
 use picklegate_core::scan::{Need, Progress, Scanner};
 use pyo3::prelude::*;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The sha256 of a bytes-like object, as 64 hex digits.
 #[pyfunction]
 fn sha256(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<String> {
