@@ -4,7 +4,7 @@
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Event {
@@ -30,6 +30,28 @@ impl Event {
     }
 }
 
+/// Opens `path` for appending, creating it; errors read "cannot open {what} {path}: ...".
+pub fn open_for_append(path: &Path, what: &str) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {what} {}: {e}", path.display())))
+}
+
+/// Writes `line` with one `write` call: with O_APPEND, lines from many threads and processes
+/// never tear. `what` names the destination in errors.
+pub fn write_line_once(mut out: impl Write, line: &[u8], what: &str) -> io::Result<()> {
+    let written = out.write(line).map_err(|e| io::Error::new(e.kind(), format!("cannot append to {what}: {e}")))?;
+    if written != line.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("short write to {what} ({written} of {} bytes)", line.len()),
+        ));
+    }
+    Ok(())
+}
+
 /// Where events go (`PICKLEGATE_LOG=stderr|PATH`).
 #[derive(Debug)]
 pub enum Sink {
@@ -43,25 +65,20 @@ impl Sink {
             "" | "stderr" => Ok(Sink::Stderr),
             path => {
                 let path = PathBuf::from(path);
-                let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot open picklegate log {}: {e}", path.display()))
-                })?;
+                let file = open_for_append(&path, "picklegate log")?;
                 Ok(Sink::File { path, file })
             }
         }
     }
 
-    /// Writes one line with one `write` call: with O_APPEND, lines from many processes never tear.
+    /// Writes one line with one `write` call (see `write_line_once`).
     pub fn write_line(&mut self, line: &str) -> io::Result<()> {
-        let bytes = line.as_bytes();
-        let written = match self {
-            Sink::Stderr => io::stderr().lock().write(bytes)?,
-            Sink::File { file, .. } => file.write(bytes)?,
-        };
-        if written != bytes.len() {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "short write of a picklegate log line"));
+        match self {
+            Sink::Stderr => write_line_once(io::stderr().lock(), line.as_bytes(), "stderr"),
+            Sink::File { path, file } => {
+                write_line_once(&*file, line.as_bytes(), &format!("picklegate log {}", path.display()))
+            }
         }
-        Ok(())
     }
 
     pub fn describe(&self) -> String {

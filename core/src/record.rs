@@ -1,11 +1,12 @@
 //! The record file of `record` mode: one JSON line per load, appended by many threads and
 //! processes at once without tearing, and read back line by line (errors name file:line).
 
+use crate::event::{open_for_append, write_line_once};
 use crate::hash::Digest;
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// One load seen in `record` mode.
@@ -43,24 +44,13 @@ pub struct RecordFile {
 
 impl RecordFile {
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot open the picklegate record file {}: {e}", path.display()))
-        })?;
+        let file = open_for_append(path, "the picklegate record file")?;
         Ok(RecordFile { path: path.to_path_buf(), file })
     }
 
     pub fn append(&self, record: &Record) -> io::Result<()> {
-        let line = record.to_json_line();
-        let written = (&self.file).write(line.as_bytes()).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot append to the picklegate record file {}: {e}", self.path.display()))
-        })?;
-        if written != line.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                format!("short write to the picklegate record file {} ({written} of {} bytes)", self.path.display(), line.len()),
-            ));
-        }
-        Ok(())
+        let what = format!("the picklegate record file {}", self.path.display());
+        write_line_once(&self.file, record.to_json_line().as_bytes(), &what)
     }
 }
 
