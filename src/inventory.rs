@@ -2,7 +2,7 @@
 //! `freeze` (record files to a manifest) and `verify` (which files a manifest lists).
 
 use crate::errors;
-use picklegate_core::container::scan_contents;
+use picklegate_core::container::scan_all;
 use picklegate_core::freeze::freeze;
 use picklegate_core::hash::Digest;
 use picklegate_core::manifest::Manifest;
@@ -13,7 +13,11 @@ use std::path::{Path, PathBuf};
 
 fn scan_summary(path: &Path, allow: &[String]) -> Result<serde_json::Value, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let contents = scan_contents(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let scanned = scan_all(&bytes);
+    if let Some(error) = scanned.error {
+        return Err(format!("{}: {error}", path.display()));
+    }
+    let contents = scanned.contents;
     let parts: Vec<_> = contents
         .parts
         .iter()
