@@ -17,6 +17,9 @@ const TORCH_LEGACY_PICKLES: usize = 5;
 pub struct Part {
     pub name: String,
     pub report: Report,
+    /// Imports only the `pickle.load` reading of a joblib stream makes, that it cannot name: its
+    /// array bytes read as opcodes (joblib.load never reads them so).
+    pub misread_unresolved: Vec<String>,
 }
 
 impl Part {
@@ -95,18 +98,14 @@ fn finish(scanner: &mut Scanner, bytes: &[u8]) -> Result<Report, ScanError> {
     }
 }
 
-/// Adds the globals and unresolved imports of `other` that `report` lacks.
-fn absorb(report: &mut Report, other: &Report) {
+/// Adds the globals of `other` that `report` lacks; returns the unresolved imports only `other` has.
+fn absorb(report: &mut Report, other: &Report) -> Vec<String> {
     for global in &other.globals {
         if !report.globals.contains(global) {
             report.globals.push(global.clone());
         }
     }
-    for import in &other.unresolved {
-        if !report.unresolved.contains(import) {
-            report.unresolved.push(import.clone());
-        }
-    }
+    other.unresolved.iter().filter(|import| !report.unresolved.contains(import)).cloned().collect()
 }
 
 /// Scans one pickle into `contents` (what it found, also when it fails) and returns where it
@@ -124,7 +123,7 @@ fn scan_pickle(contents: &mut Contents, part: &str, bytes: &[u8], maybe_joblib: 
     let (module, name) = JOBLIB_ARRAY_WRAPPER;
     let has_wrapper = plain_report.globals.iter().any(|(m, n)| m == module && n == name);
     if !(maybe_joblib && has_wrapper) {
-        contents.parts.push(Part { name: part.to_string(), report: plain_report });
+        contents.parts.push(Part { name: part.to_string(), report: plain_report, misread_unresolved: Vec::new() });
         return plain_result.map(|report| report.end).map_err(broken);
     }
     let mut joblib = Scanner::for_joblib();
@@ -133,8 +132,8 @@ fn scan_pickle(contents: &mut Contents, part: &str, bytes: &[u8], maybe_joblib: 
         Ok(report) => report.clone(),
         Err(_) => joblib.partial_report().clone(),
     };
-    absorb(&mut report, &plain_report);
-    contents.parts.push(Part { name: part.to_string(), report });
+    let misread_unresolved = absorb(&mut report, &plain_report);
+    contents.parts.push(Part { name: part.to_string(), report, misread_unresolved });
     joblib_result.map(|report| report.end).map_err(broken)
 }
 
