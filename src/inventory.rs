@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// The `picklegate scan --json` schema version (README, "Scan output"); bump it on any change
 /// that is not an added field.
 const SCAN_SCHEMA: &str = "picklegate-scan/1";
+/// Why persistent ids outside a torch file are `unknown`.
+const PERSISTENT: &str = "the loader's persistent_load decides what each id becomes (torch's own are storages)";
 /// Why an import only `pickle.load`'s reading of a joblib file makes is `unknown`, not `code`.
 const MISREAD: &str = "only if this joblib file is read by pickle.load instead of joblib.load: its array bytes then read as opcodes";
 
@@ -46,6 +48,11 @@ fn scan_summary(path: &Path, allow: &[String]) -> serde_json::Value {
         }
         for import in &part.report.unresolved {
             let entry = globals.entry((UNRESOLVED.0, import.clone())).or_insert((UNRESOLVED.1, Vec::new(), false));
+            entry.1.push(part.name.as_str());
+        }
+        let persistent = ["PERSID", "BINPERSID"].iter().any(|op| part.report.risky_opcodes.contains_key(op));
+        if persistent && !contents.format.starts_with("torch") {
+            let entry = globals.entry((Risk::Unknown, "persistent ids (PERSID/BINPERSID)".into())).or_insert((PERSISTENT, Vec::new(), false));
             entry.1.push(part.name.as_str());
         }
         for import in &part.misread_unresolved {
