@@ -272,11 +272,58 @@ impl Policy {
     }
 }
 
+/// One `install()` (or the environment's) request: a mode and the manifest it names, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub mode: Mode,
+    pub manifest: Option<&'a str>,
+}
+
+/// What a second request does to the one in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// The request is stricter: it replaces the one in force, manifest, mode and record file.
+    Replace,
+    /// The request asks for what is in force already.
+    Unchanged,
+    /// The request would loosen the guard, or swap one manifest for another at the same
+    /// strictness: it is ignored (and said so).
+    Ignored,
+}
+
+/// How strict a mode and manifest are: off, record, warn, enforce with a manifest, and enforce with
+/// none (every load refused). Only `enforce` refuses anything, so it outranks every other mode.
+pub fn strictness(mode: Mode, has_manifest: bool) -> u8 {
+    match (mode, has_manifest) {
+        (Mode::Off, _) => 0,
+        (Mode::Record, _) => 1,
+        (Mode::Warn, _) => 2,
+        (Mode::Enforce, true) => 3,
+        (Mode::Enforce, false) => 4,
+    }
+}
+
+/// Settles a second request against the one in force, whatever their order: the stricter wins,
+/// so a library that installs first cannot keep an application's later `enforce` from applying.
+/// At equal strictness a request that adds a manifest where none was wins (it refuses nothing more
+/// outside `enforce`, and names what is expected); two manifests under `enforce` keep the first.
+pub fn settle(held: Request<'_>, wanted: Request<'_>) -> Settlement {
+    if held == wanted {
+        return Settlement::Unchanged;
+    }
+    let rank = |r: Request<'_>| strictness(r.mode, r.manifest.is_some());
+    match rank(wanted).cmp(&rank(held)) {
+        std::cmp::Ordering::Greater => Settlement::Replace,
+        std::cmp::Ordering::Equal if held.manifest.is_none() && wanted.mode == held.mode => Settlement::Replace,
+        _ => Settlement::Ignored,
+    }
+}
+
 impl Refusal {
     /// One sentence on what was refused, for messages and logs.
     pub fn describe(&self, manifest: Option<&Manifest>) -> String {
         match self {
-            Refusal::NoPolicy => "picklegate is in enforce mode with no manifest: every pickle load is refused".into(),
+            Refusal::NoPolicy => "no manifest is in force, so no rule allows any pickle (under enforce, every load is refused)".into(),
             Refusal::NotListed => "this pickle's sha256 is not in the manifest".into(),
             Refusal::WrongCallsite { listed_for } => format!(
                 "this pickle's sha256 is in the manifest, but only for callsite(s) {}",
@@ -648,6 +695,54 @@ mod tests {
         let inner = TokenFacts { id: 3, origin: HERE, open: true };
         let reopened = narrowed.no_pickles(3).allow(inner, HERE, None).unwrap();
         assert_eq!(reopened.permits(Some(&d)), Err(ScopeRefusal::NotInOnlyObjects));
+    }
+
+    #[test]
+    fn the_stricter_request_wins_whatever_the_order() {
+        use Mode::*;
+        let requests = [
+            Request { mode: Off, manifest: None },
+            Request { mode: Record, manifest: None },
+            Request { mode: Warn, manifest: None },
+            Request { mode: Warn, manifest: Some("lib.toml") },
+            Request { mode: Enforce, manifest: Some("app.toml") },
+            Request { mode: Enforce, manifest: None },
+        ];
+        let result = |held: Request<'static>, wanted: Request<'static>| match settle(held, wanted) {
+            Settlement::Replace => wanted,
+            Settlement::Unchanged | Settlement::Ignored => held,
+        };
+        let rank = |r: Request<'_>| strictness(r.mode, r.manifest.is_some());
+        for a in requests {
+            for b in requests {
+                let strictest = rank(a).max(rank(b));
+                assert_eq!(rank(result(a, b)), strictest, "{a:?} then {b:?}");
+                if a.mode == Enforce || b.mode == Enforce {
+                    assert_eq!(result(a, b).mode, Enforce, "{a:?} then {b:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn enforce_with_a_manifest_outranks_every_other_mode() {
+        let app = Request { mode: Mode::Enforce, manifest: Some("app.toml") };
+        for mode in [Mode::Off, Mode::Record, Mode::Warn] {
+            assert_eq!(settle(Request { mode, manifest: None }, app), Settlement::Replace);
+            assert_eq!(settle(Request { mode, manifest: Some("lib.toml") }, app), Settlement::Replace);
+            assert_eq!(settle(app, Request { mode, manifest: None }), Settlement::Ignored);
+            assert_eq!(settle(app, Request { mode, manifest: Some("lib.toml") }), Settlement::Ignored);
+        }
+        assert_eq!(settle(Request { mode: Mode::Off, manifest: None }, Request { mode: Mode::Record, manifest: None }), Settlement::Replace);
+        assert_eq!(settle(Request { mode: Mode::Warn, manifest: None }, Request { mode: Mode::Warn, manifest: Some("a") }), Settlement::Replace);
+        assert_eq!(settle(Request { mode: Mode::Warn, manifest: Some("a") }, Request { mode: Mode::Warn, manifest: None }), Settlement::Ignored);
+        assert_eq!(settle(app, app), Settlement::Unchanged);
+        // two different manifests under enforce: neither contains the other; the first stays
+        assert_eq!(settle(app, Request { mode: Mode::Enforce, manifest: Some("other.toml") }), Settlement::Ignored);
+        // every load refused outranks any manifest
+        let deny_all = Request { mode: Mode::Enforce, manifest: None };
+        assert_eq!(settle(app, deny_all), Settlement::Replace);
+        assert_eq!(settle(deny_all, app), Settlement::Ignored);
     }
 
     #[test]
