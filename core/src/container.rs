@@ -264,7 +264,23 @@ pub fn scan_all(bytes: &[u8]) -> Scanned {
             }
         }
     };
-    Scanned { contents, error: result.err() }
+    let mut error = result.err();
+    if matches!(contents.format, "pickle" | "torch legacy") && ends_in_zip(bytes) {
+        let mut zip = Contents { format: "zip", parts: Vec::new(), raw_data: 0 };
+        let zip_error = scan_zip(&mut zip, Cursor::new(bytes)).err();
+        contents.format = if contents.format == "pickle" { "pickle + zip polyglot" } else { "torch legacy + zip polyglot" };
+        contents.parts.extend(zip.parts.into_iter().map(|part| Part { name: format!("zip reading: {}", part.name), ..part }));
+        error = error.or(zip_error);
+    }
+    Scanned { contents, error }
+}
+
+/// Zip readers (torch.load, numpy.load) find an archive from its end: a file that starts as a
+/// pickle but ends in a readable zip archive is read both ways, and both readings are scanned.
+fn ends_in_zip(bytes: &[u8]) -> bool {
+    const EOCD_REACH: usize = 22 + 65_535; // the end record and the longest archive comment
+    let tail = &bytes[bytes.len().saturating_sub(EOCD_REACH)..];
+    tail.windows(4).any(|w| w == b"PK\x05\x06") && zip::ZipArchive::new(Cursor::new(bytes)).is_ok()
 }
 
 /// Scans every pickle in `bytes`, whatever carries it; an error loses what was found before it.
@@ -423,6 +439,22 @@ mod tests {
         assert_eq!(contents.parts[3].report.globals, vec![("torch._utils".to_string(), "_rebuild_tensor_v2".to_string())]);
         let err = scan_contents(&file[..TORCH_LEGACY_MAGIC.len() + 6]).unwrap_err();
         assert!(err.to_string().contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn a_pickle_that_ends_in_a_zip_is_read_both_ways() {
+        let mut polyglot = b"cos\nsystem\n.".to_vec();
+        polyglot.extend(zip_of(&[("archive/data.pkl", ODICT_P4)]));
+        let scanned = scan_all(&polyglot);
+        assert_eq!(scanned.contents.format, "pickle + zip polyglot");
+        let names: Vec<&str> = scanned.contents.parts.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["", "pickle at offset 12", "zip reading: archive/data.pkl"]);
+        assert_eq!(scanned.contents.parts[2].report.globals, odict());
+        assert!(scanned.error.is_some(), "the zip bytes after the pickle's STOP are no pickle");
+        // a pickle that merely holds the end-of-archive signature is no polyglot
+        let mut odd = b"\x80\x03C\x04PK\x05\x06".to_vec();
+        odd.extend_from_slice(b"0.");
+        assert_eq!(scan_all(&odd).contents.format, "pickle");
     }
 
     #[test]
