@@ -19,6 +19,8 @@ pub enum Origin {
     Implicit,
     Code,
     Environment,
+    /// The host-wide policy file, found by the preload library listed in /etc/ld.so.preload.
+    Host,
 }
 
 impl Origin {
@@ -27,6 +29,7 @@ impl Origin {
             "implicit" => Ok(Origin::Implicit),
             "code" => Ok(Origin::Code),
             "environment" => Ok(Origin::Environment),
+            "host" => Ok(Origin::Host),
             other => Err(pyo3::exceptions::PyValueError::new_err(format!("unknown origin {other:?}"))),
         }
     }
@@ -36,6 +39,7 @@ impl Origin {
             Origin::Implicit => "implicit",
             Origin::Code => "code",
             Origin::Environment => "environment",
+            Origin::Host => "host",
         }
     }
 }
@@ -57,7 +61,7 @@ impl Gate {
     }
 
     fn request(&self) -> Request<'_> {
-        Request { mode: self.policy.mode, manifest: self.source() }
+        Request { mode: self.policy.mode, manifest: self.source(), host: self.origin == Origin::Host }
     }
 }
 
