@@ -13,11 +13,7 @@ use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-type AuditHook = unsafe extern "C" fn(*const c_char, *mut ffi::PyObject, *mut c_void) -> c_int;
-
-extern "C" {
-    fn PySys_AddAuditHook(hook: AuditHook, user_data: *mut c_void) -> c_int;
-}
+use crate::capi::PySys_AddAuditHook;
 
 const FIND_CLASS: &[u8] = b"pickle.find_class";
 const SELF_CHECK: &str = "picklegate.audit-hook-check";
