@@ -92,7 +92,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(audit::install_backstop, m)?)?;
     m.add_function(wrap_pyfunction!(tokens::new_token, m)?)?;
     m.add_function(wrap_pyfunction!(state::set_observer, m)?)?;
-    m.add_function(wrap_pyfunction!(inventory::scan_file, m)?)?;
+    m.add_function(wrap_pyfunction!(inventory::scan_files, m)?)?;
     m.add_function(wrap_pyfunction!(inventory::freeze_records, m)?)?;
     m.add_function(wrap_pyfunction!(inventory::manifest_entries, m)?)?;
     m.add_function(wrap_pyfunction!(tokens::close_token, m)?)?;
