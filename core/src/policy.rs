@@ -239,7 +239,11 @@ impl Policy {
             (Some(Approval::Unchecked), _) => (Ok(Approval::Unchecked), None),
             (Some(Approval::Entry(i)), Some(m)) => {
                 let entry = &m.allow[i];
-                let how = match &entry.globals { None => Some(Admission::Named), Some(patterns) => admission(patterns, module, name) };
+                // no `globals` key: the reviewed bytes may resolve anything; `globals = []`: nothing
+                let how = match &entry.globals {
+                    None => Some(Admission::Named),
+                    Some(patterns) => admission(patterns, module, name),
+                };
                 match how {
                     Some(how) => (Ok(Approval::Entry(i)), Some(how)),
                     None => (Err(Refusal::GlobalNotInEntry { entry: i, global: global() }), None),
