@@ -205,3 +205,29 @@ def test_patterns_admit_no_module_and_no_imported_name(example, run_python, app)
     proc = run_python(code, env=env, check=True)
     refused, loaded = map(int, proc.stdout.split())
     assert refused > 0 and loaded > 0, proc.stdout
+
+
+def test_a_pattern_never_admits_a_python2_spelling_that_protocol_0_renames(run_python, tmp_path, canary):
+    """`__builtin__.*` reads as a module that does not exist, but protocols 0-2 resolve it as
+    builtins (fix_imports): `__builtin__.eval` must not pass as "does not resolve"."""
+    path, _ = canary
+    (tmp_path / "trust.toml").write_text(
+        'version = 1\n[[trust]]\ncallsite = "myapp.transport:*"\nglobals = ["__builtin__.*", "copy_reg.*"]\n'
+    )
+    payload = b"c__builtin__\neval\n(V__import__('os').system('touch " + str(path).encode() + b"')\ntR."
+    code = LOAD_AT + textwrap.dedent(
+        f"""
+        import picklegate
+        try:
+            load_at("myapp.transport:recv", {payload!r})
+            print("LOADED")
+        except picklegate.PickleDeniedError as error:
+            print("DENIED", "not a class or function defined in that module" in str(error))
+        """
+    )
+    assert run_python(code, check=True).stdout.strip() == "LOADED" and path.exists(), "control"
+    path.unlink()
+    env = {"PICKLEGATE_POLICY": str(tmp_path / "trust.toml"), "PICKLEGATE_MODE": "enforce"}
+    out = run_python(code, env=env, check=True).stdout.strip()
+    assert out == "DENIED True", out
+    assert not path.exists()

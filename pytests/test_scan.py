@@ -216,3 +216,30 @@ def test_directories_are_walked_and_formats_told_by_content(tmp_path):
     assert proc.stderr == "", "no progress bar when stderr is not a terminal"
     # named explicitly, a file that is no pickle is an error
     assert scan_json(tmp_path / "config.json")[1][0]["verdict"] == "error"
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path):
+    import os
+    import pty
+
+    for index in range(3):
+        (tmp_path / f"{index}.pkl").write_bytes(pickle.dumps([index], protocol=4))
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "picklegate", "scan", str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=slave, text=True)
+        os.close(slave)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the terminal's other end is closed: all of it was read
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+    assert proc.returncode == 0
+    assert b"scanning [" in shown and b"3/3 files" in shown
+    assert "scanning" not in proc.stdout

@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).with_name("corpus")))
 import payloads  # noqa: E402
 
+NAMES = [name for name, *_ in payloads.TECHNIQUES]
 NO_GLOBAL = {"PERSID-hostile-persistent_load", "BINPERSID-hostile-persistent_load"}
 
 
@@ -76,6 +77,10 @@ def test_every_technique_is_code_none_is_data(corpus_dir):
         if name not in NO_GLOBAL:
             assert summary["verdict"] == "code", (name, summary["verdict"], summary["globals"], summary.get("error"))
     assert len(seen) >= 40
+    for polyglot in ("zip-pickle-polyglot", "torch.load-zip-pickle-polyglot"):
+        summary = verdicts[f"{NAMES.index(polyglot):02d}.bin"]
+        assert summary["format"] == "pickle + zip polyglot", summary["format"]
+        assert any(p["name"].startswith("zip reading: ") for p in summary["parts"]), "torch.load's reading is scanned too"
     assert {seen[name] for name in NO_GLOBAL} == {"unknown"}
     assert not (corpus_dir / "canary").exists(), "scanning ran a payload"
 

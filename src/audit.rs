@@ -115,11 +115,21 @@ fn judge(py: Python<'_>, args: &Bound<'_, PyAny>) -> PyResult<()> {
 /// name): not a module, not a name the module imported, not an instance. A name that does not
 /// resolve counts as defined, so `find_class` raises its own error for it, as it would without us.
 fn defined_there(py: Python<'_>, module: &str, name: &str) -> bool {
+    // A Python 2 spelling that protocols 0-2 rename (`__builtin__`, `copy_reg`, `dbm`...) resolves
+    // elsewhere than it reads: a pattern never admits one.
+    if renamed_by_fix_imports(py, module, name).unwrap_or(true) {
+        return false;
+    }
     match resolve(py, module, name) {
         Ok(Some((object, home))) => is_defined_in(py, &object, &home, name).unwrap_or(false),
         Ok(None) => true,
         Err(_) => false,
     }
+}
+
+fn renamed_by_fix_imports(py: Python<'_>, module: &str, name: &str) -> PyResult<bool> {
+    let compat = py.import("_compat_pickle")?;
+    Ok(compat.getattr("IMPORT_MAPPING")?.contains(module)? || compat.getattr("NAME_MAPPING")?.contains((module, name))?)
 }
 
 /// `(object, its module)` as `find_class` resolves them (import, then a getattr per dotted part),

@@ -4,10 +4,9 @@
 use crate::errors;
 use parking_lot::Mutex;
 use picklegate_core::callsite::global_matches;
-use picklegate_core::container::{scan_all, Scanned};
+use picklegate_core::container::{scan_path, Scanned};
 use picklegate_core::risk::{classify, Risk, UNRESOLVED};
 use picklegate_core::freeze::freeze;
-use picklegate_core::hash::Digest;
 use picklegate_core::manifest::Manifest;
 use picklegate_core::record::read_records;
 use pyo3::prelude::*;
@@ -33,11 +32,10 @@ fn global_entry(name: String, risk: Risk, why: &str, parts: Vec<&str>, allowed: 
 /// (unless a `code` global was already found), `none` when it holds no pickle.
 fn scan_summary(path: &Path, allow: &[String]) -> serde_json::Value {
     let file = path.display().to_string();
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
+    let (sha256, size, Scanned { contents, error }) = match scan_path(path) {
+        Ok(scanned) => (scanned.sha256, scanned.size, scanned.scanned),
         Err(e) => return json!({"file": file, "error": format!("{file}: {e}"), "verdict": "error", "complete": false, "globals": [], "parts": []}),
     };
-    let Scanned { contents, error } = scan_all(&bytes);
     let mut globals: BTreeMap<(Risk, String), (&'static str, Vec<&str>, bool)> = BTreeMap::new();
     for part in &contents.parts {
         for (module, name) in &part.report.globals {
@@ -88,8 +86,8 @@ fn scan_summary(path: &Path, allow: &[String]) -> serde_json::Value {
     json!({
         "file": file,
         "format": contents.format,
-        "size": bytes.len(),
-        "sha256": Digest::of(&bytes).to_hex(),
+        "size": size,
+        "sha256": sha256.to_hex(),
         "verdict": verdict,
         "complete": error.is_none(),
         "error": error.map(|e| format!("{file}: {e}")),

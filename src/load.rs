@@ -107,7 +107,9 @@ fn toml_string(text: &str) -> String {
 }
 
 /// What a refusal message tells the user to add.
-fn suggestion(refusal: &Refusal, manifest: Option<&Manifest>, sha: &Digest, callsite: &str, globals: &[String]) -> String {
+/// `globals` is `None` when the scan did not read the whole pickle: the entry then has no
+/// `globals` key (which admits any), never `globals = []` (which admits none).
+fn suggestion(refusal: &Refusal, manifest: Option<&Manifest>, sha: &Digest, callsite: &str, globals: Option<&[String]>) -> String {
     let target = manifest.map_or("a manifest (PICKLEGATE_POLICY)".to_string(), |m| m.source.clone());
     match refusal {
         Refusal::UntrustedGlobal { global, .. } => format!(
@@ -115,9 +117,11 @@ fn suggestion(refusal: &Refusal, manifest: Option<&Manifest>, sha: &Digest, call
         ),
         Refusal::Unscannable { .. } => "A trusted transport's pickle must be scannable; list it by sha256 instead.".into(),
         _ => {
-            let globals = globals.iter().map(|g| toml_string(g)).collect::<Vec<_>>().join(", ");
+            let globals = globals.map_or(String::new(), |globals| {
+                format!("globals = [{}]\n", globals.iter().map(|g| toml_string(g)).collect::<Vec<_>>().join(", "))
+            });
             format!(
-                "To allow it after review, add to {target}:\n\n[[allow]]\nsha256 = \"{sha}\"\ncallsite = {}\nnote = \"reviewed by ...\"\nglobals = [{globals}]\n",
+                "To allow it after review, add to {target}:\n\n[[allow]]\nsha256 = \"{sha}\"\ncallsite = {}\nnote = \"reviewed by ...\"\n{globals}",
                 toml_string(callsite)
             )
         }
@@ -206,7 +210,7 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
         let message = format!(
             "picklegate refused to unpickle {size} bytes (sha256 {sha}) at {callsite}{}: {reason}.\n{}",
             source.map(|s| format!(" from {s}")).unwrap_or_default(),
-            suggestion(refusal, manifest, &sha, callsite, &globals)
+            suggestion(refusal, manifest, &sha, callsite, found.complete.then_some(&globals[..]))
         );
         return Err(errors::pickle_denied(py, message, &refusal_facts));
     }

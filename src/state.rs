@@ -19,6 +19,8 @@ pub enum Origin {
     Implicit,
     Code,
     Environment,
+    /// The host-wide policy file, found by the preload library listed in /etc/ld.so.preload.
+    Host,
 }
 
 impl Origin {
@@ -27,6 +29,7 @@ impl Origin {
             "implicit" => Ok(Origin::Implicit),
             "code" => Ok(Origin::Code),
             "environment" => Ok(Origin::Environment),
+            "host" => Ok(Origin::Host),
             other => Err(pyo3::exceptions::PyValueError::new_err(format!("unknown origin {other:?}"))),
         }
     }
@@ -36,6 +39,7 @@ impl Origin {
             Origin::Implicit => "implicit",
             Origin::Code => "code",
             Origin::Environment => "environment",
+            Origin::Host => "host",
         }
     }
 }
@@ -57,7 +61,7 @@ impl Gate {
     }
 
     fn request(&self) -> Request<'_> {
-        Request { mode: self.policy.mode, manifest: self.source() }
+        Request { mode: self.policy.mode, manifest: self.source(), host: self.origin == Origin::Host }
     }
 }
 
@@ -195,8 +199,16 @@ impl log::Log for EventLogger {
                 eprintln!("picklegate: cannot write to the log {}: {e}", sink.describe());
             }
         }
+        // A subinterpreter's own events go to the sink only: the Python logger belongs to the
+        // main interpreter.
+        if !in_main_interpreter() {
+            return;
+        }
         let level = if record.level() <= log::Level::Warn { 30 } else { 20 };
-        Python::attach(|py| {
+        // Every event is logged by code that holds the GIL (a decision, the audit hook, install),
+        // so no PyGILState_Ensure here: inside a subinterpreter it waits for itself forever.
+        let py = unsafe { Python::assume_attached() };
+        {
             let forwarded = PY_LOGGER
                 .get_or_try_init(py, || {
                     // Imported on the first event, not at start-up. The NullHandler keeps Python's
@@ -210,10 +222,15 @@ impl log::Log for EventLogger {
             if let Err(e) = forwarded {
                 e.write_unraisable(py, None);
             }
-        });
+        }
     }
 
     fn flush(&self) {}
+}
+
+/// True when the thread (which holds the GIL) runs in the main interpreter.
+fn in_main_interpreter() -> bool {
+    unsafe { pyo3::ffi::PyInterpreterState_GetID(pyo3::ffi::PyInterpreterState_Get()) == 0 }
 }
 
 static OBSERVER: Mutex<Option<Py<PyAny>>> = Mutex::new(None);

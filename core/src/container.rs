@@ -4,7 +4,10 @@
 use crate::callsite::global_matches;
 use crate::scan::{Progress, Report, ScanError, Scanner, JOBLIB_ARRAY_WRAPPER};
 use std::fmt;
-use std::io::{Cursor, Read, Seek};
+use crate::hash::Digest;
+use std::fs::File;
+use std::io::{self, BufReader, Cursor, Read, Seek, SeekFrom};
+use std::path::Path;
 
 const NPY_MAGIC: &[u8] = b"\x93NUMPY";
 /// The first pickle of torch's legacy (pre-1.6, non-zip) format: the magic number 0x1950a86a20f9469cfc6c.
@@ -264,7 +267,52 @@ pub fn scan_all(bytes: &[u8]) -> Scanned {
             }
         }
     };
-    Scanned { contents, error: result.err() }
+    let mut error = result.err();
+    if matches!(contents.format, "pickle" | "torch legacy") && ends_in_zip(bytes) {
+        let mut zip = Contents { format: "zip", parts: Vec::new(), raw_data: 0 };
+        let zip_error = scan_zip(&mut zip, Cursor::new(bytes)).err();
+        contents.format = if contents.format == "pickle" { "pickle + zip polyglot" } else { "torch legacy + zip polyglot" };
+        contents.parts.extend(zip.parts.into_iter().map(|part| Part { name: format!("zip reading: {}", part.name), ..part }));
+        error = error.or(zip_error);
+    }
+    Scanned { contents, error }
+}
+
+/// Zip readers (torch.load, numpy.load) find an archive from its end: a file that starts as a
+/// pickle but ends in a readable zip archive is read both ways, and both readings are scanned.
+fn ends_in_zip(bytes: &[u8]) -> bool {
+    const EOCD_REACH: usize = 22 + 65_535; // the end record and the longest archive comment
+    let tail = &bytes[bytes.len().saturating_sub(EOCD_REACH)..];
+    tail.windows(4).any(|w| w == b"PK\x05\x06") && zip::ZipArchive::new(Cursor::new(bytes)).is_ok()
+}
+
+/// A file scanned where it lies: its sha256, size, and what the scan found.
+pub struct ScannedFile {
+    pub sha256: Digest,
+    pub size: u64,
+    pub scanned: Scanned,
+}
+
+/// Scans the file at `path`. A zip archive (torch checkpoint, .npz) is hashed as a stream and
+/// read through its central directory: only its pickle and .npy members are read, so tensor
+/// records cost their hashing and nothing more, and memory stays the size of the pickles.
+/// Other formats are read whole.
+pub fn scan_path(path: &Path) -> io::Result<ScannedFile> {
+    let mut file = File::open(path)?;
+    let mut head = [0u8; 4];
+    let head_len = file.read(&mut head)?;
+    if sniff(&head[..head_len]) != "zip" {
+        file.seek(SeekFrom::Start(0))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        return Ok(ScannedFile { sha256: Digest::of(&bytes), size: bytes.len() as u64, scanned: scan_all(&bytes) });
+    }
+    let size = file.metadata()?.len();
+    file.seek(SeekFrom::Start(0))?;
+    let sha256 = Digest::of_reader(&mut file)?;
+    let mut contents = Contents { format: "zip", parts: Vec::new(), raw_data: 0 };
+    let error = scan_zip(&mut contents, BufReader::new(file)).err();
+    Ok(ScannedFile { sha256, size, scanned: Scanned { contents, error } })
 }
 
 /// Scans every pickle in `bytes`, whatever carries it; an error loses what was found before it.
@@ -423,6 +471,38 @@ mod tests {
         assert_eq!(contents.parts[3].report.globals, vec![("torch._utils".to_string(), "_rebuild_tensor_v2".to_string())]);
         let err = scan_contents(&file[..TORCH_LEGACY_MAGIC.len() + 6]).unwrap_err();
         assert!(err.to_string().contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn a_pickle_that_ends_in_a_zip_is_read_both_ways() {
+        let mut polyglot = b"cos\nsystem\n.".to_vec();
+        polyglot.extend(zip_of(&[("archive/data.pkl", ODICT_P4)]));
+        let scanned = scan_all(&polyglot);
+        assert_eq!(scanned.contents.format, "pickle + zip polyglot");
+        let names: Vec<&str> = scanned.contents.parts.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["", "pickle at offset 12", "zip reading: archive/data.pkl"]);
+        assert_eq!(scanned.contents.parts[2].report.globals, odict());
+        assert!(scanned.error.is_some(), "the zip bytes after the pickle's STOP are no pickle");
+        // a pickle that merely holds the end-of-archive signature is no polyglot
+        let mut odd = b"\x80\x03C\x04PK\x05\x06".to_vec();
+        odd.extend_from_slice(b"0.");
+        assert_eq!(scan_all(&odd).contents.format, "pickle");
+    }
+
+    #[test]
+    fn files_scan_as_their_bytes_do() {
+        let dir = std::env::temp_dir().join(format!("picklegate-container-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let checkpoint = zip_of(&[("archive/data.pkl", ODICT_P4), ("archive/data/0", &[0xffu8; 4096])]);
+        for (name, bytes) in [("model.pt", checkpoint), ("plain.pkl", ODICT_P4.to_vec()), ("broken.pt", zip_of(&[("archive/data.pkl", &ODICT_P4[..9])]))] {
+            let path = dir.join(name);
+            std::fs::write(&path, &bytes).unwrap();
+            let file = scan_path(&path).unwrap();
+            assert_eq!((file.sha256, file.size), (Digest::of(&bytes), bytes.len() as u64), "{name}");
+            assert_eq!(file.scanned, scan_all(&bytes), "{name}");
+        }
+        assert!(scan_path(&dir.join("missing")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -239,7 +239,11 @@ impl Policy {
             (Some(Approval::Unchecked), _) => (Ok(Approval::Unchecked), None),
             (Some(Approval::Entry(i)), Some(m)) => {
                 let entry = &m.allow[i];
-                let how = match &entry.globals { None => Some(Admission::Named), Some(patterns) => admission(patterns, module, name) };
+                // no `globals` key: the reviewed bytes may resolve anything; `globals = []`: nothing
+                let how = match &entry.globals {
+                    None => Some(Admission::Named),
+                    Some(patterns) => admission(patterns, module, name),
+                };
                 match how {
                     Some(how) => (Ok(Approval::Entry(i)), Some(how)),
                     None => (Err(Refusal::GlobalNotInEntry { entry: i, global: global() }), None),
@@ -273,10 +277,13 @@ impl Policy {
 }
 
 /// One `install()` (or the environment's) request: a mode and the manifest it names, if any.
+/// `host` marks the host-wide policy (`/etc/picklegate/policy.toml`, read by the preload library):
+/// it outranks any other request of equal strictness, whichever came first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request<'a> {
     pub mode: Mode,
     pub manifest: Option<&'a str>,
+    pub host: bool,
 }
 
 /// What a second request does to the one in force.
@@ -308,13 +315,14 @@ pub fn strictness(mode: Mode, has_manifest: bool) -> u8 {
 /// At equal strictness a request that adds a manifest where none was wins (it refuses nothing more
 /// outside `enforce`, and names what is expected); two manifests under `enforce` keep the first.
 pub fn settle(held: Request<'_>, wanted: Request<'_>) -> Settlement {
-    if held == wanted {
+    if held.mode == wanted.mode && held.manifest == wanted.manifest && (held.host || !wanted.host) {
         return Settlement::Unchanged;
     }
     let rank = |r: Request<'_>| strictness(r.mode, r.manifest.is_some());
     match rank(wanted).cmp(&rank(held)) {
         std::cmp::Ordering::Greater => Settlement::Replace,
-        std::cmp::Ordering::Equal if held.manifest.is_none() && wanted.mode == held.mode => Settlement::Replace,
+        std::cmp::Ordering::Equal if wanted.host && !held.host => Settlement::Replace,
+        std::cmp::Ordering::Equal if held.manifest.is_none() && wanted.mode == held.mode && !held.host => Settlement::Replace,
         _ => Settlement::Ignored,
     }
 }
@@ -701,12 +709,12 @@ mod tests {
     fn the_stricter_request_wins_whatever_the_order() {
         use Mode::*;
         let requests = [
-            Request { mode: Off, manifest: None },
-            Request { mode: Record, manifest: None },
-            Request { mode: Warn, manifest: None },
-            Request { mode: Warn, manifest: Some("lib.toml") },
-            Request { mode: Enforce, manifest: Some("app.toml") },
-            Request { mode: Enforce, manifest: None },
+            Request { mode: Off, manifest: None, host: false },
+            Request { mode: Record, manifest: None, host: false },
+            Request { mode: Warn, manifest: None, host: false },
+            Request { mode: Warn, manifest: Some("lib.toml"), host: false },
+            Request { mode: Enforce, manifest: Some("app.toml"), host: false },
+            Request { mode: Enforce, manifest: None, host: false },
         ];
         let result = |held: Request<'static>, wanted: Request<'static>| match settle(held, wanted) {
             Settlement::Replace => wanted,
@@ -726,23 +734,37 @@ mod tests {
 
     #[test]
     fn enforce_with_a_manifest_outranks_every_other_mode() {
-        let app = Request { mode: Mode::Enforce, manifest: Some("app.toml") };
+        let app = Request { mode: Mode::Enforce, manifest: Some("app.toml"), host: false };
         for mode in [Mode::Off, Mode::Record, Mode::Warn] {
-            assert_eq!(settle(Request { mode, manifest: None }, app), Settlement::Replace);
-            assert_eq!(settle(Request { mode, manifest: Some("lib.toml") }, app), Settlement::Replace);
-            assert_eq!(settle(app, Request { mode, manifest: None }), Settlement::Ignored);
-            assert_eq!(settle(app, Request { mode, manifest: Some("lib.toml") }), Settlement::Ignored);
+            assert_eq!(settle(Request { mode, manifest: None, host: false }, app), Settlement::Replace);
+            assert_eq!(settle(Request { mode, manifest: Some("lib.toml"), host: false }, app), Settlement::Replace);
+            assert_eq!(settle(app, Request { mode, manifest: None, host: false }), Settlement::Ignored);
+            assert_eq!(settle(app, Request { mode, manifest: Some("lib.toml"), host: false }), Settlement::Ignored);
         }
-        assert_eq!(settle(Request { mode: Mode::Off, manifest: None }, Request { mode: Mode::Record, manifest: None }), Settlement::Replace);
-        assert_eq!(settle(Request { mode: Mode::Warn, manifest: None }, Request { mode: Mode::Warn, manifest: Some("a") }), Settlement::Replace);
-        assert_eq!(settle(Request { mode: Mode::Warn, manifest: Some("a") }, Request { mode: Mode::Warn, manifest: None }), Settlement::Ignored);
+        assert_eq!(settle(Request { mode: Mode::Off, manifest: None, host: false }, Request { mode: Mode::Record, manifest: None, host: false }), Settlement::Replace);
+        assert_eq!(settle(Request { mode: Mode::Warn, manifest: None, host: false }, Request { mode: Mode::Warn, manifest: Some("a"), host: false }), Settlement::Replace);
+        assert_eq!(settle(Request { mode: Mode::Warn, manifest: Some("a"), host: false }, Request { mode: Mode::Warn, manifest: None, host: false }), Settlement::Ignored);
         assert_eq!(settle(app, app), Settlement::Unchanged);
         // two different manifests under enforce: neither contains the other; the first stays
-        assert_eq!(settle(app, Request { mode: Mode::Enforce, manifest: Some("other.toml") }), Settlement::Ignored);
+        assert_eq!(settle(app, Request { mode: Mode::Enforce, manifest: Some("other.toml"), host: false }), Settlement::Ignored);
         // every load refused outranks any manifest
-        let deny_all = Request { mode: Mode::Enforce, manifest: None };
+        let deny_all = Request { mode: Mode::Enforce, manifest: None, host: false };
         assert_eq!(settle(app, deny_all), Settlement::Replace);
         assert_eq!(settle(deny_all, app), Settlement::Ignored);
+    }
+
+    #[test]
+    fn the_host_policy_outranks_an_equal_request_in_either_order() {
+        let host = Request { mode: Mode::Enforce, manifest: Some("/etc/picklegate/policy.toml"), host: true };
+        let env = Request { mode: Mode::Enforce, manifest: Some("env.toml"), host: false };
+        assert_eq!(settle(env, host), Settlement::Replace);
+        assert_eq!(settle(host, env), Settlement::Ignored);
+        let off = Request { mode: Mode::Off, manifest: None, host: false };
+        assert_eq!(settle(host, off), Settlement::Ignored);
+        let deny_all = Request { mode: Mode::Enforce, manifest: None, host: false };
+        assert_eq!(settle(host, deny_all), Settlement::Replace);
+        assert_eq!(settle(deny_all, host), Settlement::Ignored);
+        assert_eq!(settle(host, host), Settlement::Unchanged);
     }
 
     #[test]

@@ -27,9 +27,15 @@ def _hash(args):
     return status
 
 
+def _preload_missing(command):
+    if os.path.isfile(PRELOAD):
+        return False
+    print(f"picklegate {command}: {PRELOAD} is missing (this build has no preload library)", file=sys.stderr)
+    return True
+
+
 def _preload_path(args):
-    if not os.path.isfile(PRELOAD):
-        print(f"picklegate preload-path: {PRELOAD} is missing (this build has no preload library)", file=sys.stderr)
+    if _preload_missing("preload-path"):
         return 1
     print(PRELOAD)
     return 0
@@ -47,10 +53,15 @@ def _run(args):
         env["PICKLEGATE_MODE"] = args.mode
     if not (env.get("PICKLEGATE_POLICY") or env.get("PICKLEGATE_MODE")):
         env["PICKLEGATE_MODE"] = "enforce"  # no policy at all: the global no-pickle mode
+    # The preload by default, when this build has it: then `python -S`, `python -I -S` and Pythons
+    # without picklegate installed are guarded too, not only those that run the .pth start-up hook.
+    if args.preload is None:
+        args.preload = os.path.isfile(PRELOAD)
     if args.preload:
-        if _preload_path(args) != 0:
+        if _preload_missing("run"):
             return 1
-        env["LD_PRELOAD"] = ":".join(filter(None, [PRELOAD, env.get("LD_PRELOAD")]))
+        if PRELOAD not in env.get("LD_PRELOAD", "").split(":"):
+            env["LD_PRELOAD"] = ":".join(filter(None, [PRELOAD, env.get("LD_PRELOAD")]))
     sys.stdout.flush()
     try:
         os.execvpe(command[0], command, env)  # the command's exit status and signals are its own
@@ -277,11 +288,15 @@ def main(argv=None):
     run = commands.add_parser(
         "run",
         help="run a command with picklegate activated through the environment",
-        description="Runs CMD with PICKLEGATE_POLICY / PICKLEGATE_MODE set (and LD_PRELOAD with --preload).",
+        description="Runs CMD with PICKLEGATE_POLICY / PICKLEGATE_MODE set and the preload library in LD_PRELOAD.",
     )
     run.add_argument("--policy", metavar="P", help="manifest (TOML); exported as PICKLEGATE_POLICY")
     run.add_argument("--mode", metavar="M", choices=("enforce", "warn", "record", "off"), help="exported as PICKLEGATE_MODE")
-    run.add_argument("--preload", action="store_true", help="also preload the library, for Pythons without picklegate installed")
+    run.add_argument(
+        "--preload", action="store_true", default=None,
+        help="preload the library (the default when this build has it): guards `python -S` and Pythons without picklegate installed",
+    )
+    run.add_argument("--no-preload", dest="preload", action="store_false", help="rely on the .pth start-up hook alone")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
     run.set_defaults(run=_run)
 
