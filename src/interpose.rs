@@ -2,7 +2,7 @@
 //! every reference to them, so pointing its `ml_meth` at picklegate reaches references captured
 //! before install (`from pickle import loads`, `cloudpickle.loads`, multiprocessing's).
 
-use crate::load::{guarded_c_loads, guarded_foreign_unpickler};
+use crate::load::{guarded_c_loads, guarded_c_unpickler};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -58,9 +58,8 @@ extern "C" {
 
 /// The original `_pickle.loads` implementation, once redirected.
 static ORIGINAL_LOADS: OnceLock<FastCallKeywords> = OnceLock::new();
-/// The original `_pickle.Unpickler.load`, and the class it belongs to.
+/// The original `_pickle.Unpickler.load`.
 static ORIGINAL_UNPICKLER_LOAD: OnceLock<NoArgs> = OnceLock::new();
-static UNPICKLER_CLASS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 /// The Python wrapper that `_pickle.load` calls are sent to (it reads the file first).
 static LOAD_WRAPPER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
@@ -111,14 +110,14 @@ unsafe extern "C" fn load_trampoline(
     }
 }
 
-/// `_pickle.Unpickler.load` reached without picklegate's `Unpickler`: an instance of a class made
-/// before install. Its file cannot be seen, so it is judged as a load that cannot be verified.
+/// `_pickle.Unpickler.load` of any unpickler, whatever its class or when it was made: its next
+/// pickle is judged, then the original runs on exactly those bytes.
 unsafe extern "C" fn unpickler_load_trampoline(slf: *mut ffi::PyObject, unused: *mut ffi::PyObject) -> *mut ffi::PyObject {
     let py = Python::assume_attached();
     let original = *ORIGINAL_UNPICKLER_LOAD.get().expect("redirected before the trampoline is installed");
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let unpickler = Bound::from_borrowed_ptr(py, slf);
-        guarded_foreign_unpickler(py, &unpickler, || Bound::from_owned_ptr_or_err(py, original(slf, unused)).map(Bound::unbind))
+        guarded_c_unpickler(py, &unpickler, || Bound::from_owned_ptr_or_err(py, original(slf, unused)).map(Bound::unbind))
     }));
     match outcome {
         Ok(result) => into_raw(py, result),
@@ -126,10 +125,9 @@ unsafe extern "C" fn unpickler_load_trampoline(slf: *mut ffi::PyObject, unused: 
     }
 }
 
-/// Points the method `_pickle.Unpickler.load` at the trampoline above. picklegate's own
-/// `Unpickler` decides first and then runs the original through `c_unpickler_load`.
+/// Points the method `_pickle.Unpickler.load` at the trampoline above.
 #[pyfunction]
-pub fn redirect_unpickler_load(py: Python<'_>, cls: &Bound<'_, PyAny>) -> PyResult<()> {
+pub fn redirect_unpickler_load(cls: &Bound<'_, PyAny>) -> PyResult<()> {
     let descriptor = cls.getattr("__dict__")?.get_item("load")?;
     if descriptor.get_type().name()? != "method_descriptor" {
         return Err(PyTypeError::new_err("_pickle.Unpickler.load is not a C method"));
@@ -145,22 +143,9 @@ pub fn redirect_unpickler_load(py: Python<'_>, cls: &Bound<'_, PyAny>) -> PyResu
         }
         let current: NoArgs = std::mem::transmute((*def).meth);
         ORIGINAL_UNPICKLER_LOAD.set(current).map_err(|_| PyRuntimeError::new_err("_pickle.Unpickler.load was redirected twice"))?;
-        UNPICKLER_CLASS.get_or_init(py, || cls.clone().unbind());
         (*def).meth = unpickler_load_trampoline as *mut c_void;
     }
     Ok(())
-}
-
-/// Runs the original `_pickle.Unpickler.load` on `unpickler`, after picklegate decided.
-#[pyfunction]
-pub fn c_unpickler_load(py: Python<'_>, unpickler: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-    let (Some(original), Some(cls)) = (ORIGINAL_UNPICKLER_LOAD.get(), UNPICKLER_CLASS.get(py)) else {
-        return Err(PyRuntimeError::new_err("_pickle.Unpickler.load is not redirected"));
-    };
-    if !unpickler.is_instance(cls.bind(py))? {
-        return Err(PyTypeError::new_err("c_unpickler_load needs a _pickle.Unpickler"));
-    }
-    unsafe { Bound::from_owned_ptr_or_err(py, original(unpickler.as_ptr(), std::ptr::null_mut())).map(Bound::unbind) }
 }
 
 /// Checks that `function` is the C function `name` with the calling convention picklegate knows.
