@@ -124,3 +124,35 @@ def test_the_unpickler_layout_is_learnt_not_assumed(run_python):
         print(Early(io.BytesIO(data)).load())
     """, check=True)
     assert proc.stdout.strip() == "[1, 2]"
+
+
+QUIET = """
+import logging, pickle, sys
+logging.basicConfig(stream=sys.stdout)          # the application's own output
+if sys.argv[1:] == ["opt-in"]:
+    logging.getLogger("picklegate").setLevel(logging.INFO)
+pickle.loads(pickle.dumps([1]))
+logging.getLogger("app").warning("application line")
+"""
+
+
+@pytest.mark.parametrize("opt_in", [False, True])
+def test_the_python_logger_reaches_the_applications_handlers_only_when_asked(run_python, tmp_path, opt_in):
+    log = tmp_path / "picklegate.jsonl"
+    proc = run_python(QUIET, args=["opt-in"] if opt_in else [], check=True,
+                      env={"PICKLEGATE_MODE": "warn", "PICKLEGATE_LOG": str(log)})
+    assert '"decision":"warn"' in log.read_text()  # the event went where PICKLEGATE_LOG says
+    lines = proc.stdout.splitlines()
+    assert "WARNING:app:application line" in lines
+    assert any(line.startswith("WARNING:picklegate:") for line in lines) == opt_in
+
+
+@pytest.mark.parametrize("how", [["-W", "error"], ["-o", "filterwarnings=error"]])
+def test_pytest_treating_warnings_as_errors_runs_with_picklegate_active(tmp_path, how):
+    (tmp_path / "test_one.py").write_text("import pickle\n\ndef test_one():\n    assert pickle.loads(pickle.dumps(1)) == 1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICKLEGATE_")}
+    env.update(PICKLEGATE_MODE="warn", PICKLEGATE_LOG=os.devnull)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *how, "test_one.py"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 passed" in proc.stdout
