@@ -156,3 +156,37 @@ def test_pytest_treating_warnings_as_errors_runs_with_picklegate_active(tmp_path
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 passed" in proc.stdout
+
+
+DILL_SESSION = """
+import dill, io, pickle, sys
+from contextlib import suppress as quiet        # restored by find_class after the load
+from calendar import day_name
+x = [1, 2, 3]
+def restore():
+    dill.load_module("session.pkl")
+if sys.argv[1] == "save":
+    dill.dump_module("session.pkl", refimported=True)
+else:
+    del x, quiet, day_name
+    restore()
+    print(x, quiet.__name__, day_name[0])
+    try:                                         # no hole: find_class outside that load is judged
+        pickle.Unpickler(io.BytesIO(b"")).find_class("os", "system")
+        print("resolved os.system")
+    except pickle.UnpicklingError as error:
+        print(type(error).__name__)
+"""
+
+
+def test_dill_session_restores_its_imports_under_enforce_with_a_frozen_manifest(run_python, tmp_path):
+    import dill  # noqa: F401  (installed by the [test] extra: a missing library is a failure, not a skip)
+    run_python(DILL_SESSION, args=["save"], check=True)
+    run_python(DILL_SESSION, args=["load"], check=True,
+               env={"PICKLEGATE_MODE": "record", "PICKLEGATE_RECORD": str(tmp_path / "records.jsonl"),
+                    "PICKLEGATE_LOG": os.devnull})
+    subprocess.run([sys.executable, "-m", "picklegate", "freeze", str(tmp_path / "records.jsonl"), "-o",
+                    str(tmp_path / "pickles.toml")], check=True, capture_output=True)
+    proc = run_python(DILL_SESSION, args=["load"], check=True,
+                      env={"PICKLEGATE_POLICY": str(tmp_path / "pickles.toml"), "PICKLEGATE_LOG": os.devnull})
+    assert proc.stdout.splitlines() == ["[1, 2, 3] suppress Monday", "PickleDeniedError"]

@@ -356,10 +356,66 @@ pub fn guarded_c_loads(
 /// The Python helper that reads what a live unpickler's next load consumes:
 /// `take(read, readline) -> (data, source, stream, done)` (see `_interpose._take_for_unpickler`).
 static UNPICKLER_TAKE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+/// `spelled(data) -> set of the strings the pickle `data` spells out` (its string arguments).
+static SPELLED_STRINGS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 #[pyfunction]
-pub fn set_unpickler_take(py: Python<'_>, take: Py<PyAny>) {
+pub fn set_unpickler_take(py: Python<'_>, take: Py<PyAny>, spelled: Py<PyAny>) {
     UNPICKLER_TAKE.get_or_init(py, || take);
+    SPELLED_STRINGS.get_or_init(py, || spelled);
+}
+
+/// Code that, after an approved load, resolves names the loaded data lists by calling the
+/// unpickler's `find_class` itself (`dill.session.load_module` restores a module's imports so).
+const RESOLVES_AFTER_LOAD: &[&str] = &["dill.session"];
+
+/// A load by one of those: the frame that ran it (and its code), and the strings its judged bytes
+/// spell out. While that frame runs, its direct `find_class` calls may resolve those names only.
+struct AfterLoad {
+    frame: usize,
+    code: usize,
+    strings: std::collections::HashSet<String>,
+}
+
+thread_local! {
+    static AFTER_LOAD: RefCell<Option<AfterLoad>> = const { RefCell::new(None) };
+}
+
+/// How many frames up from the load that code may be (dill's own `Unpickler.load` is between).
+const AFTER_LOAD_DEPTH: usize = 4;
+
+/// The frame (and its code) that runs this load, if it belongs to code that resolves names after it.
+fn frame_resolving_after_load(py: Python<'_>) -> PyResult<Option<(usize, usize)>> {
+    let mut frame = py.import("sys")?.call_method1("_getframe", (0,))?;
+    for _ in 0..AFTER_LOAD_DEPTH {
+        if frame.is_none() {
+            break;
+        }
+        let module = frame.getattr("f_globals")?.get_item("__name__").ok();
+        if module.and_then(|m| m.extract::<String>().ok()).is_some_and(|m| RESOLVES_AFTER_LOAD.contains(&m.as_str())) {
+            return Ok(Some((frame.as_ptr() as usize, frame.getattr("f_code")?.as_ptr() as usize)));
+        }
+        frame = frame.getattr("f_back")?;
+    }
+    Ok(None)
+}
+
+/// The backstop's question for a global resolved outside any load: is it `find_class` called
+/// directly by the frame that just ran an approved load, for a name the approved bytes spell out?
+pub fn resolved_after_approved_load(py: Python<'_>, module: &str, name: &str) -> PyResult<bool> {
+    let Some((frame, code)) = AFTER_LOAD.with(|a| {
+        a.borrow().as_ref().filter(|a| a.strings.contains(module) && a.strings.contains(name)).map(|a| (a.frame, a.code))
+    }) else {
+        return Ok(false);
+    };
+    let mut current = py.import("sys")?.call_method1("_getframe", (0,))?;
+    while !current.is_none() {
+        if current.as_ptr() as usize == frame && current.getattr("f_code")?.as_ptr() as usize == code {
+            return Ok(true);
+        }
+        current = current.getattr("f_back")?;
+    }
+    Ok(false)
 }
 
 /// `_pickle.Unpickler.load` of any live unpickler, whatever its class: its next pickle is read
@@ -387,15 +443,33 @@ pub fn guarded_c_unpickler(
         run()
     };
     let callsite = || Ok(callsite::current(py)?.to_string());
-    let result = match data.cast::<HashedFile>() {
-        Ok(file) => guard_file(py, file, scope.get(), source.as_deref(), run, callsite),
-        Err(_) => guard(py, &data, scope.get(), source.as_deref(), run, callsite),
+    let (result, after_load) = match data.cast::<HashedFile>() {
+        Ok(file) => {
+            let after_load = after_load(py, file.borrow().bytes())?;
+            (guard_file(py, file, scope.get(), source.as_deref(), run, callsite), after_load)
+        }
+        Err(_) => {
+            let after_load = after_load(py, Bytes::borrow(&data)?.as_slice())?;
+            (guard(py, &data, scope.get(), source.as_deref(), run, callsite), after_load)
+        }
     };
+    if result.is_ok() && after_load.is_some() {
+        AFTER_LOAD.with(|a| *a.borrow_mut() = after_load);
+    }
     // Also after a refusal: the file is left where it was, the memory read for it let go.
     let finished = done.call1((result.is_err(),));
     let value = result?;
     finished?;
     Ok(value)
+}
+
+/// What a load by code that resolves names after it may resolve then (see `AfterLoad`).
+fn after_load(py: Python<'_>, bytes: &[u8]) -> PyResult<Option<AfterLoad>> {
+    let (Some((frame, code)), Some(spelled)) = (frame_resolving_after_load(py)?, SPELLED_STRINGS.get(py)) else {
+        return Ok(None);
+    };
+    let strings = spelled.bind(py).call1((pyo3::types::PyBytes::new(py, bytes),))?.extract()?;
+    Ok(Some(AfterLoad { frame, code, strings }))
 }
 
 /// A load whose bytes cannot be seen (this CPython's unpickler layout is unknown): judged as a

@@ -119,6 +119,20 @@ def _take_for_unpickler(read, readline):
     return data, source, stream, lambda failed: _finished(data, stream, finish, file, failed)
 
 
+def _spelled_strings(data):
+    """The strings a pickle spells out (its text arguments), for names resolved after its load."""
+    import pickletools  # only for the few loads that need it
+
+    strings = set()
+    try:
+        for _, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.add(arg)
+    except Exception:
+        pass  # what was read before the error still counts; the unpickler reports the error
+    return strings
+
+
 def _learn_unpickler_layout():
     """Shows ``_core`` where a ``_pickle.Unpickler`` keeps its file methods and input counters, by
     making two unpicklers over probe files and finding the probes' own objects in them."""
@@ -232,7 +246,7 @@ def _redirect_c_functions():
         _ORIGINAL_LOAD = _core.redirect_load(_ORIGINAL_LOAD, load)
         _redirected_load = True
         _learn_unpickler_layout()
-        _core.set_unpickler_take(_take_for_unpickler)
+        _core.set_unpickler_take(_take_for_unpickler, _spelled_strings)
         _core.redirect_unpickler_load(_CUnpickler)
     except (TypeError, RuntimeError) as error:
         import logging  # not at the top: importing logging costs start-up time in every process
