@@ -14,6 +14,8 @@ use picklegate_core::record::Record;
 use picklegate_core::hash::Digest;
 use picklegate_core::manifest::Manifest;
 use picklegate_core::policy::{Action, Approval, Judgement, Load, Mode, Refusal, ScopeRefusal};
+use picklegate_core::container::scan_all;
+use picklegate_core::risk::classify;
 use picklegate_core::scan::{self, Report, ScanError};
 use pyo3::prelude::*;
 use std::cell::{Cell, RefCell};
@@ -79,10 +81,26 @@ pub fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-pub fn global_names(report: &Option<Result<Report, ScanError>>) -> Vec<String> {
-    match report {
-        Some(Ok(r)) => r.globals.iter().map(|(m, n)| format!("{m}.{n}")).collect(),
-        _ => Vec::new(),
+/// What the scan of the bytes of a load found, whatever carries the pickles (a torch zip, a
+/// joblib file, an .npz): every global with its class, and whether the scan read it all.
+struct Found {
+    globals: Vec<String>,
+    classes: Vec<String>,
+    complete: bool,
+}
+
+fn found_in(bytes: &[u8]) -> Found {
+    let scanned = scan_all(bytes);
+    let mut seen: Vec<&(String, String)> = Vec::new();
+    for global in scanned.contents.parts.iter().flat_map(|p| &p.report.globals) {
+        if !seen.contains(&global) {
+            seen.push(global);
+        }
+    }
+    Found {
+        globals: seen.iter().map(|(m, n)| format!("{m}.{n}")).collect(),
+        classes: seen.iter().map(|(m, n)| classify(m, n).0.as_str().to_string()).collect(),
+        complete: scanned.error.is_none() && scanned.contents.parts.iter().all(|p| p.report.unresolved.is_empty()),
     }
 }
 
@@ -91,7 +109,9 @@ fn toml_string(text: &str) -> String {
 }
 
 /// What a refusal message tells the user to add.
-fn suggestion(refusal: &Refusal, manifest: Option<&Manifest>, sha: &Digest, callsite: &str, globals: &[String]) -> String {
+/// `globals` is `None` when the scan did not read the whole pickle: the entry then has no
+/// `globals` key (which admits any), never `globals = []` (which admits none).
+fn suggestion(refusal: &Refusal, manifest: Option<&Manifest>, sha: &Digest, callsite: &str, globals: Option<&[String]>) -> String {
     let target = manifest.map_or("a manifest (PICKLEGATE_POLICY)".to_string(), |m| m.source.clone());
     match refusal {
         Refusal::UntrustedGlobal { global, .. } => format!(
@@ -99,9 +119,11 @@ fn suggestion(refusal: &Refusal, manifest: Option<&Manifest>, sha: &Digest, call
         ),
         Refusal::Unscannable { .. } => "A trusted transport's pickle must be scannable; list it by sha256 instead.".into(),
         _ => {
-            let globals = globals.iter().map(|g| toml_string(g)).collect::<Vec<_>>().join(", ");
+            let globals = globals.map_or(String::new(), |globals| {
+                format!("globals = [{}]\n", globals.iter().map(|g| toml_string(g)).collect::<Vec<_>>().join(", "))
+            });
             format!(
-                "To allow it after review, add to {target}:\n\n[[allow]]\nsha256 = \"{sha}\"\ncallsite = {}\nnote = \"reviewed by ...\"\nglobals = [{globals}]\n",
+                "To allow it after review, add to {target}:\n\n[[allow]]\nsha256 = \"{sha}\"\ncallsite = {}\nnote = \"reviewed by ...\"\n{globals}",
                 toml_string(callsite)
             )
         }
@@ -109,14 +131,16 @@ fn suggestion(refusal: &Refusal, manifest: Option<&Manifest>, sha: &Digest, call
 }
 
 /// The record-file line of a load that `record` mode lets run.
-fn record_of(event: &Event) -> Record {
+fn record_of(event: &Event, found: Found) -> Record {
     Record {
         time: event.time,
         pid: event.pid,
         callsite: event.callsite.clone(),
         sha256: event.sha256.clone().unwrap_or_default(),
         size: event.size.unwrap_or_default(),
-        globals: event.globals.clone(),
+        globals: found.globals,
+        classes: found.classes,
+        globals_complete: found.complete,
         source: event.source.clone(),
     }
 }
@@ -162,8 +186,8 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
     if !refused && judgement.action == Action::Run && !state::has_observer() {
         return Ok(policy.approval_while_running(&judgement)); // the common case: nothing to log
     }
-    report.get_or_insert_with(|| scan::scan(bytes));
-    let globals = global_names(&report);
+    let found = found_in(bytes);
+    let globals = found.globals.clone();
     let refusal_facts =
         RefusalFacts { callsite: callsite.to_string(), sha256: Some(sha.to_hex()), size: Some(size) };
     let event = |decision: &'static str, reason: Option<String>| Event {
@@ -188,7 +212,7 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
         let message = format!(
             "picklegate refused to unpickle {size} bytes (sha256 {sha}) at {callsite}{}: {reason}.\n{}",
             source.map(|s| format!(" from {s}")).unwrap_or_default(),
-            suggestion(refusal, manifest, &sha, callsite, &globals)
+            suggestion(refusal, manifest, &sha, callsite, found.complete.then_some(&globals[..]))
         );
         return Err(errors::pickle_denied(py, message, &refusal_facts));
     }
@@ -220,7 +244,7 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
         emit(&decision);
     }
     if let Some(record_file) = gate.as_ref().and_then(|g| g.record.as_ref()).filter(|_| policy.mode == Mode::Record) {
-        record_file.append(&record_of(&decision)).map_err(|e| errors::policy_error(py, e.to_string()))?;
+        record_file.append(&record_of(&decision, found)).map_err(|e| errors::policy_error(py, e.to_string()))?;
     }
     state::observe(py, &decision)?;
     Ok(policy.approval_while_running(&judgement))

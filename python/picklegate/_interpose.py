@@ -267,6 +267,7 @@ def activate():
         _patch_modules()
         _loaders.activate()
         _patched = True
+    _core.require_full_interposition()  # enforce refuses to run weaker than it says
 
 
 def activate_implicitly():
