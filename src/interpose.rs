@@ -7,7 +7,7 @@
 //! the audit-hook backstop alone (`PICKLEGATE_BACKSTOP_ONLY=1`, `install(backstop_only=True)`).
 
 use crate::errors;
-use crate::load::{guarded_c_loads, guarded_foreign_unpickler};
+use crate::load::{guarded_c_loads, guarded_c_unpickler};
 use crate::state;
 use parking_lot::Mutex;
 use picklegate_core::policy::Mode;
@@ -123,7 +123,6 @@ enum OriginalUnpicklerLoad {
 }
 
 static ORIGINAL_UNPICKLER_LOAD: OnceLock<OriginalUnpicklerLoad> = OnceLock::new();
-static UNPICKLER_CLASS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 /// The Python wrapper that `_pickle.load` calls are sent to (it reads the file first).
 static LOAD_WRAPPER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
@@ -214,9 +213,8 @@ unsafe extern "C" fn load_trampoline(
     into_raw(py, result)
 }
 
-/// `_pickle.Unpickler.load` reached without picklegate's `Unpickler`, on 3.9 to 3.11: an instance
-/// of a class made before install. Its file cannot be seen, so it is judged as a load that cannot
-/// be verified.
+/// `_pickle.Unpickler.load` of any unpickler, whatever its class or when it was made, on 3.9 to
+/// 3.11: its next pickle is judged, then the original runs on exactly those bytes.
 unsafe extern "C" fn unpickler_load_trampoline(slf: *mut ffi::PyObject, unused: *mut ffi::PyObject) -> *mut ffi::PyObject {
     let py = Python::assume_attached();
     let Some(OriginalUnpicklerLoad::NoArgs(original)) = ORIGINAL_UNPICKLER_LOAD.get().copied() else {
@@ -224,7 +222,7 @@ unsafe extern "C" fn unpickler_load_trampoline(slf: *mut ffi::PyObject, unused: 
     };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let unpickler = Bound::from_borrowed_ptr(py, slf);
-        guarded_foreign_unpickler(py, &unpickler, || Bound::from_owned_ptr_or_err(py, original(slf, unused)).map(Bound::unbind))
+        guarded_c_unpickler(py, &unpickler, || Bound::from_owned_ptr_or_err(py, original(slf, unused)).map(Bound::unbind))
     }));
     into_raw(py, outcome.unwrap_or_else(|_| Err(internal_error())))
 }
@@ -248,7 +246,7 @@ unsafe extern "C" fn unpickler_load_method_trampoline(
     }
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let unpickler = Bound::from_borrowed_ptr(py, slf);
-        guarded_foreign_unpickler(py, &unpickler, call_original)
+        guarded_c_unpickler(py, &unpickler, call_original)
     }));
     into_raw(py, outcome.unwrap_or_else(|_| Err(internal_error())))
 }
@@ -271,7 +269,6 @@ unsafe fn def_name(def: *const MethodDef) -> &'static str {
 }
 
 /// Points the method `_pickle.Unpickler.load` at the trampoline for this CPython's layout.
-/// picklegate's own `Unpickler` decides first and then runs the original through `c_unpickler_load`.
 #[pyfunction]
 pub fn redirect_unpickler_load(py: Python<'_>, cls: &Bound<'_, PyAny>) -> PyResult<()> {
     recorded(py, "_pickle.Unpickler.load", redirect_unpickler_load_checked(py, cls))
@@ -310,31 +307,9 @@ fn redirect_unpickler_load_checked(py: Python<'_>, cls: &Bound<'_, PyAny>) -> Py
         ORIGINAL_UNPICKLER_LOAD
             .set(original)
             .map_err(|_| PyRuntimeError::new_err("_pickle.Unpickler.load was redirected twice"))?;
-        UNPICKLER_CLASS.get_or_init(py, || cls.clone().unbind());
         (*def).meth = trampoline;
     }
     Ok(())
-}
-
-/// Runs the original `_pickle.Unpickler.load` on `unpickler`, after picklegate decided.
-#[pyfunction]
-pub fn c_unpickler_load(py: Python<'_>, unpickler: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-    let (Some(original), Some(cls)) = (ORIGINAL_UNPICKLER_LOAD.get().copied(), UNPICKLER_CLASS.get(py)) else {
-        return Err(PyRuntimeError::new_err("_pickle.Unpickler.load is not redirected"));
-    };
-    if !unpickler.is_instance(cls.bind(py))? {
-        return Err(PyTypeError::new_err("c_unpickler_load needs a _pickle.Unpickler"));
-    }
-    let slf = unpickler.as_ptr();
-    let result = unsafe {
-        match original {
-            OriginalUnpicklerLoad::NoArgs(original) => original(slf, std::ptr::null_mut()),
-            OriginalUnpicklerLoad::DefiningClass(original) => {
-                original(slf, cls.as_ptr() as *mut ffi::PyTypeObject, std::ptr::null(), 0, std::ptr::null_mut())
-            }
-        }
-    };
-    unsafe { Bound::from_owned_ptr_or_err(py, result).map(Bound::unbind) }
 }
 
 /// Checks that `function` is the C function `name` with the calling convention picklegate knows.

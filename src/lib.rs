@@ -12,6 +12,7 @@ mod inventory;
 mod load;
 mod state;
 mod tokens;
+mod unpickler;
 
 use buffer::Bytes;
 use picklegate_core::hash::Digest;
@@ -85,7 +86,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(interpose::redirect_loads, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::redirect_load, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::redirect_unpickler_load, m)?)?;
-    m.add_function(wrap_pyfunction!(interpose::c_unpickler_load, m)?)?;
+    m.add_function(wrap_pyfunction!(unpickler::learn_unpickler_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(load::set_unpickler_take, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::accept_backstop_only, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::require_full_interposition, m)?)?;
     m.add_function(wrap_pyfunction!(callsite::current_callsite, m)?)?;

@@ -6,6 +6,8 @@ use crate::errors::{self, RefusalFacts};
 use crate::file::HashedFile;
 use crate::state::{self, emit};
 use crate::callsite;
+use crate::unpickler;
+use pyo3::sync::PyOnceLock;
 use crate::tokens::{current_scope, ScopeObj};
 use picklegate_core::event::Event;
 use picklegate_core::record::Record;
@@ -336,8 +338,18 @@ pub fn guarded_file_load(
     run: &Bound<'_, PyAny>,
     callsite: &Bound<'_, PyAny>,
 ) -> PyResult<Py<PyAny>> {
-    let run = || run.call0().map(Bound::unbind);
-    if let Some(covered) = decided_without_hash(py, &scope)? {
+    guard_file(py, file, &scope, source.as_deref(), || run.call0().map(Bound::unbind), || callsite.call0()?.extract())
+}
+
+fn guard_file(
+    py: Python<'_>,
+    file: &Bound<'_, HashedFile>,
+    scope: &ScopeObj,
+    source: Option<&str>,
+    run: impl FnOnce() -> PyResult<Py<PyAny>>,
+    callsite: impl FnOnce() -> PyResult<String>,
+) -> PyResult<Py<PyAny>> {
+    if let Some(covered) = decided_without_hash(py, scope)? {
         let _running = covered.map(|approval| Running::enter(Frame::Load(approval)));
         return run();
     }
@@ -347,9 +359,9 @@ pub fn guarded_file_load(
             drop(hashed);
             return run(); // the unpickler raises its own EOFError
         }
-        let callsite: String = callsite.call0()?.extract()?;
-        let facts = Facts { bytes: hashed.bytes(), size: hashed.bytes().len() as u64, sha: hashed.sha, callsite: &callsite, source: source.as_deref() };
-        decide(py, &scope, &facts)?
+        let callsite = callsite()?;
+        let facts = Facts { bytes: hashed.bytes(), size: hashed.bytes().len() as u64, sha: hashed.sha, callsite: &callsite, source };
+        decide(py, scope, &facts)?
     }; // the borrow ends here: the unpickler reads `file`
     let _running = Running::enter(Frame::Load(approval));
     run()
@@ -365,9 +377,75 @@ pub fn guarded_c_loads(
     guard(py, data, scope.get(), None, call_original, || Ok(callsite::current(py)?.to_string()))
 }
 
-/// A load by an unpickler picklegate cannot see the bytes of (its class was made before install).
-/// Inside a container it is part of the file; otherwise it is judged as unverifiable.
-pub fn guarded_foreign_unpickler(
+/// The Python helper that reads what a live unpickler's next load consumes:
+/// `take(read, readline) -> (data, source, stream, done)` (see `_interpose._take_for_unpickler`).
+static UNPICKLER_TAKE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+/// `spelled(data) -> set of the strings the pickle `data` spells out` (its string arguments).
+static SPELLED_STRINGS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+#[pyfunction]
+pub fn set_unpickler_take(py: Python<'_>, take: Py<PyAny>, spelled: Py<PyAny>) {
+    UNPICKLER_TAKE.get_or_init(py, || take);
+    SPELLED_STRINGS.get_or_init(py, || spelled);
+}
+
+/// Code that, after an approved load, resolves names the loaded data lists by calling the
+/// unpickler's `find_class` itself (`dill.session.load_module` restores a module's imports so).
+const RESOLVES_AFTER_LOAD: &[&str] = &["dill.session"];
+
+/// A load by one of those: the frame that ran it (and its code), and the strings its judged bytes
+/// spell out. While that frame runs, its direct `find_class` calls may resolve those names only.
+struct AfterLoad {
+    frame: usize,
+    code: usize,
+    strings: std::collections::HashSet<String>,
+}
+
+thread_local! {
+    static AFTER_LOAD: RefCell<Option<AfterLoad>> = const { RefCell::new(None) };
+}
+
+/// How many frames up from the load that code may be (dill's own `Unpickler.load` is between).
+const AFTER_LOAD_DEPTH: usize = 4;
+
+/// The frame (and its code) that runs this load, if it belongs to code that resolves names after it.
+fn frame_resolving_after_load(py: Python<'_>) -> PyResult<Option<(usize, usize)>> {
+    let mut frame = py.import("sys")?.call_method1("_getframe", (0,))?;
+    for _ in 0..AFTER_LOAD_DEPTH {
+        if frame.is_none() {
+            break;
+        }
+        let module = frame.getattr("f_globals")?.get_item("__name__").ok();
+        if module.and_then(|m| m.extract::<String>().ok()).is_some_and(|m| RESOLVES_AFTER_LOAD.contains(&m.as_str())) {
+            return Ok(Some((frame.as_ptr() as usize, frame.getattr("f_code")?.as_ptr() as usize)));
+        }
+        frame = frame.getattr("f_back")?;
+    }
+    Ok(None)
+}
+
+/// The backstop's question for a global resolved outside any load: is it `find_class` called
+/// directly by the frame that just ran an approved load, for a name the approved bytes spell out?
+pub fn resolved_after_approved_load(py: Python<'_>, module: &str, name: &str) -> PyResult<bool> {
+    let Some((frame, code)) = AFTER_LOAD.with(|a| {
+        a.borrow().as_ref().filter(|a| a.strings.contains(module) && a.strings.contains(name)).map(|a| (a.frame, a.code))
+    }) else {
+        return Ok(false);
+    };
+    let mut current = py.import("sys")?.call_method1("_getframe", (0,))?;
+    while !current.is_none() {
+        if current.as_ptr() as usize == frame && current.getattr("f_code")?.as_ptr() as usize == code {
+            return Ok(true);
+        }
+        current = current.getattr("f_back")?;
+    }
+    Ok(false)
+}
+
+/// `_pickle.Unpickler.load` of any live unpickler, whatever its class: its next pickle is read
+/// from its file, judged, and then the unpickler itself (its memo, `find_class`,
+/// `persistent_load`) runs exactly those bytes, served through its input fields.
+pub fn guarded_c_unpickler(
     py: Python<'_>,
     unpickler: &Bound<'_, PyAny>,
     run: impl FnOnce() -> PyResult<Py<PyAny>>,
@@ -377,6 +455,55 @@ pub fn guarded_foreign_unpickler(
         let _running = covered.map(|approval| Running::enter(Frame::Load(approval)));
         return run();
     }
+    let take = UNPICKLER_TAKE.get(py).filter(|_| unpickler::layout_known());
+    let Some(take) = take else { return guarded_unseen_unpickler(py, &scope, unpickler, run) };
+    let Some((read, readline)) = unpickler::reader(unpickler) else {
+        return run(); // __init__ was never called: the original raises its own error
+    };
+    let (data, source, stream, done): (Bound<'_, PyAny>, Option<String>, Bound<'_, PyAny>, Bound<'_, PyAny>) =
+        take.bind(py).call1((read, readline))?.extract()?;
+    let run = || {
+        let _swapped = unpickler::swap(unpickler, &stream)?;
+        run()
+    };
+    let callsite = || Ok(callsite::current(py)?.to_string());
+    let (result, after_load) = match data.cast::<HashedFile>() {
+        Ok(file) => {
+            let after_load = after_load(py, file.borrow().bytes())?;
+            (guard_file(py, file, scope.get(), source.as_deref(), run, callsite), after_load)
+        }
+        Err(_) => {
+            let after_load = after_load(py, Bytes::borrow(&data)?.as_slice())?;
+            (guard(py, &data, scope.get(), source.as_deref(), run, callsite), after_load)
+        }
+    };
+    if result.is_ok() && after_load.is_some() {
+        AFTER_LOAD.with(|a| *a.borrow_mut() = after_load);
+    }
+    // Also after a refusal: the file is left where it was, the memory read for it let go.
+    let finished = done.call1((result.is_err(),));
+    let value = result?;
+    finished?;
+    Ok(value)
+}
+
+/// What a load by code that resolves names after it may resolve then (see `AfterLoad`).
+fn after_load(py: Python<'_>, bytes: &[u8]) -> PyResult<Option<AfterLoad>> {
+    let (Some((frame, code)), Some(spelled)) = (frame_resolving_after_load(py)?, SPELLED_STRINGS.get(py)) else {
+        return Ok(None);
+    };
+    let strings = spelled.bind(py).call1((pyo3::types::PyBytes::new(py, bytes),))?.extract()?;
+    Ok(Some(AfterLoad { frame, code, strings }))
+}
+
+/// A load whose bytes cannot be seen (this CPython's unpickler layout is unknown): judged as a
+/// load that cannot be verified.
+fn guarded_unseen_unpickler(
+    py: Python<'_>,
+    scope: &Bound<'_, ScopeObj>,
+    unpickler: &Bound<'_, PyAny>,
+    run: impl FnOnce() -> PyResult<Py<PyAny>>,
+) -> PyResult<Py<PyAny>> {
     let callsite = callsite::current(py)?.to_string();
     let class = unpickler.get_type().fully_qualified_name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
     let facts = RefusalFacts { callsite: callsite.clone(), sha256: None, size: None };
@@ -395,7 +522,7 @@ pub fn guarded_foreign_unpickler(
         reason: Some(reason),
     };
     if scope.get().inner.permits(None).is_err() {
-        let reason = format!("{class} (made before picklegate was installed) loads inside no_pickles()");
+        let reason = format!("{class} loads inside no_pickles() and picklegate cannot see its bytes on this CPython");
         emit(&event("deny", reason.clone()));
         return Err(errors::no_pickle(py, format!("picklegate refused a load at {callsite}: {reason}"), &facts));
     }
@@ -406,7 +533,7 @@ pub fn guarded_foreign_unpickler(
         Action::Refuse => {
             emit(&event("deny", reason.clone()));
             let message = format!(
-                "picklegate refused a load at {callsite}: {reason}. Install picklegate before the module defining {class} is imported (PICKLEGATE_POLICY does so at start-up)."
+                "picklegate refused a load at {callsite}: {reason}. picklegate cannot see the bytes a {class} reads on this CPython."
             );
             Err(errors::pickle_denied(py, message, &facts))
         }

@@ -1,5 +1,6 @@
 //! The process-wide configuration (mode, manifest, who set it) and the event log behind the
-//! `log` crate, which writes JSON lines to `PICKLEGATE_LOG` and forwards them to Python logging.
+//! `log` crate, which writes JSON lines to `PICKLEGATE_LOG` and forwards them to the Python logger
+//! `picklegate` (which reaches the application's root handlers only once the application configures it).
 
 use crate::errors;
 use parking_lot::{Mutex, RwLock};
@@ -215,6 +216,12 @@ impl log::Log for EventLogger {
                     // last-resort handler from printing each line a second time.
                     let logging = py.import("logging")?;
                     let logger = logging.call_method1("getLogger", ("picklegate",))?;
+                    let configured = logger.getattr("handlers")?.len()? > 0 || logger.getattr("level")?.extract::<i64>()? != 0;
+                    if !configured {
+                        // The lines already went to PICKLEGATE_LOG: they reach the application's
+                        // own handlers only if it asks, by giving this logger a level or a handler.
+                        logger.setattr("propagate", false)?;
+                    }
                     logger.call_method1("addHandler", (logging.call_method0("NullHandler")?,))?;
                     Ok::<_, PyErr>(logger.unbind())
                 })

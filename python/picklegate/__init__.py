@@ -1,5 +1,8 @@
 """picklegate decides every pickle load before one opcode runs: only reviewed pickles, by
-sha256, at the callsites a manifest names; a token-guarded ``no_pickles()``; a no-pickle mode."""
+sha256, at the callsites a manifest names; a token-guarded ``no_pickles()``; a no-pickle mode.
+
+PYTEST_DONT_REWRITE: the start-up hook imports this package before pytest can mark its plugin's
+package for assertion rewriting; the marker keeps pytest from warning (an error under ``-W error``)."""
 
 import os as _os
 
