@@ -380,7 +380,7 @@ pub fn guarded_c_loads(
 /// The Python helper that reads what a live unpickler's next load consumes:
 /// `take(read, readline) -> (data, source, stream, done)` (see `_interpose._take_for_unpickler`).
 static UNPICKLER_TAKE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-/// `spelled(data) -> set of the strings the pickle `data` spells out` (its string arguments).
+/// `spelled(data)`: the set of strings the pickle `data` spells out (its text arguments).
 static SPELLED_STRINGS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 #[pyfunction]
