@@ -208,11 +208,19 @@ def test_directories_are_walked_and_formats_told_by_content(tmp_path):
     numpy.save(tmp_path / "no-extension", numpy.arange(3))
     (tmp_path / "no-extension.npy").rename(tmp_path / "array")
     (tmp_path / "config.json").write_text('{"not": "a pickle"}')
+    (tmp_path / "LICENSE").write_text("MIT License\n\nCopyright (c) 2026\n")
+    (tmp_path / "model.safetensors").write_bytes(b"\x98\x00\x00\x00\x00\x00\x00\x00{}")
     status, summaries = scan_json(tmp_path)
     assert status == 0
     assert [(pathlib.Path(s["file"]).name, s["format"]) for s in summaries] == [("array", "npy"), ("weights.bin", "pickle")]
     proc = scan(tmp_path)
-    assert proc.stdout.rstrip().endswith("2 files: 1 data, 1 none; 1 files skipped (not pickles)")
+    assert proc.stdout.rstrip().endswith("2 files: 1 data, 1 none; 3 files skipped (not pickles)")
+    document = json.loads(scan(tmp_path, "--json").stdout)
+    assert sorted(pathlib.Path(p).name for p in document["skipped_not_pickles"]) == ["LICENSE", "config.json", "model.safetensors"]
+    # a broken pickle that names a global before it breaks is never skipped
+    (tmp_path / "notes.txt").write_bytes(b"cos\nsystem\n(S'x'\ntR\x00")
+    status, summaries = scan_json(tmp_path)
+    assert status == 1 and [s["verdict"] for s in summaries if s["file"].endswith("notes.txt")] == ["code"]
     assert proc.stderr == "", "no progress bar when stderr is not a terminal"
     # named explicitly, a file that is no pickle is an error
     assert scan_json(tmp_path / "config.json")[1][0]["verdict"] == "error"

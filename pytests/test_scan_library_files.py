@@ -45,11 +45,19 @@ def test_zero_errors(library_files):
     assert {s["verdict"] for s in summaries.values()} <= {"data", "unknown", "code", "none"}
 
 
+def test_torch_files_are_written_and_scan_clean(library_files):
+    _, summaries = library_files
+    formats = {name: s["format"] for name, s in summaries.items() if name.startswith("torch-")}
+    assert formats == {"torch-state-dict.pt": "torch zip", "torch-whole-sequential.pt": "torch zip",
+                       "torch-whole-module-with-buffers.pt": "torch zip", "torch-tensors-of-dtypes.pt": "torch zip",
+                       "torch-checkpoint-with-optimizer.pt": "torch zip", "torch-legacy-format.pt": "torch legacy"}
+    assert summaries["torch-state-dict.pt"]["verdict"] == "data"
+    assert summaries["torch-whole-sequential.pt"]["verdict"] == "unknown"
+
+
 def test_formats_are_told_by_content(library_files):
     _, summaries = library_files
     formats = {name: s["format"] for name, s in summaries.items()}
-    assert formats["torch-state-dict.pt"] == "torch zip"
-    assert formats["torch-legacy-format.pt"] == "torch legacy"
     assert formats["numpy-all.npz"] == formats["numpy-all-compressed.npz"] == "npz"
     assert formats["sklearn-DecisionTreeClassifier.z3.joblib"] == "joblib zlib"
     assert formats["sklearn-DecisionTreeClassifier.joblib"] == formats["pandas-categorical.to_pickle.pkl"] == "pickle"

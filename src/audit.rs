@@ -111,8 +111,9 @@ fn judge(py: Python<'_>, args: &Bound<'_, PyAny>) -> PyResult<()> {
 }
 
 /// Whether `module`.`name` resolves, as `find_class` is about to resolve it, to a class or a
-/// function that the module itself defines (its `__module__` is that module, its `__qualname__` that
-/// name): not a module, not a name the module imported, not an instance. A name that does not
+/// function (or a callable wrapping one, such as `functools.lru_cache`) that the module itself
+/// defines: its `__module__` is that module, its `__qualname__` that name. Not a module, not a
+/// name the module imported, not a plain instance. A name that does not
 /// resolve counts as defined, so `find_class` raises its own error for it, as it would without us.
 fn defined_there(py: Python<'_>, module: &str, name: &str) -> bool {
     // A Python 2 spelling that protocols 0-2 rename (`__builtin__`, `copy_reg`, `dbm`...) resolves
@@ -150,10 +151,8 @@ fn resolve<'py>(py: Python<'py>, module: &str, name: &str) -> PyResult<Option<(B
 }
 
 fn is_defined_in(py: Python<'_>, object: &Bound<'_, PyAny>, home: &Bound<'_, PyAny>, name: &str) -> PyResult<bool> {
-    let types = py.import("types")?;
-    let routine = object.is_instance(&types.getattr("FunctionType")?)?
-        || object.is_instance(&types.getattr("BuiltinFunctionType")?)?;
-    if !(routine || object.is_instance_of::<pyo3::types::PyType>()) {
+    let module_type = py.import("types")?.getattr("ModuleType")?;
+    if object.is_instance(&module_type)? || !(object.is_callable() || object.is_instance_of::<pyo3::types::PyType>()) {
         return Ok(false);
     }
     let qualname: String = object.getattr("__qualname__")?.extract()?;

@@ -187,12 +187,13 @@ fn scan_zip<R: Read + Seek>(contents: &mut Contents, reader: R) -> Result<(), Co
     let mut archive = zip::ZipArchive::new(reader).map_err(|e| format_error("", format!("not a readable zip archive: {e}")))?;
     contents.format = "zip";
     for index in 0..archive.len() {
-        let mut member = archive.by_index(index).map_err(|e| format_error("", format!("zip member {index}: {e}")))?;
-        let name = member.name().to_string();
+        // names come from the central directory: a skipped member's own header is never read
+        let name = archive.name_for_index(index).unwrap_or_default().to_string();
         let is_pickle = name.ends_with(".pkl");
         if !is_pickle && !name.ends_with(".npy") {
             continue;
         }
+        let mut member = archive.by_index(index).map_err(|e| format_error("", format!("zip member {index}: {e}")))?;
         let mut data = Vec::new();
         member.read_to_end(&mut data).map_err(|e| format_error(&name, format!("cannot read the zip member: {e}")))?;
         if is_pickle {

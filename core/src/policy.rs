@@ -355,8 +355,13 @@ impl Refusal {
                 "global {global} matches only a `*` pattern, and what it resolves to is not a class or function defined in that module (a module, an imported name or an instance); list it by its exact name if it is safe"
             ),
             Refusal::GlobalNotInEntry { entry, global } => format!(
-                "global {global} is not in the globals list of the [[allow]] entry{}",
-                rule_location(manifest, |m| m.allow.get(*entry).map(|e| (e.line, e.callsite.as_str())))
+                "global {global} is not in the globals list of the [[allow]] entry{}{}",
+                rule_location(manifest, |m| m.allow.get(*entry).map(|e| (e.line, e.callsite.as_str()))),
+                if manifest.and_then(|m| m.allow.get(*entry)).is_some_and(|e| e.globals.as_ref().is_some_and(Vec::is_empty)) {
+                    " (`globals = []` admits no global; older freezes wrote it for files they could not scan: drop the key, or record and freeze again)"
+                } else {
+                    ""
+                }
             ),
         }
     }

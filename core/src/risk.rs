@@ -88,6 +88,9 @@ pub const RULES: &[Rule] = &[
     code("builtins.map", "calls a function over items: list(map(os.system, [...])) [corpus]"),
     code("builtins.filter", "calls a function over items, like map"),
     code("builtins.type", "makes classes with any attributes"),
+    code("builtins.__build_class__", "runs a class body function"),
+    code("builtins.iter", "iter(callable, sentinel) calls the callable until it returns the sentinel"),
+    code("builtins.help", "starts pydoc's interactive help, whose pager runs a command"),
     code("builtins.super", "reaches a class's parents' methods"),
     code("builtins.memoryview", "views any object's raw memory"),
     code("importlib.*", "import_module imports any module [fickling, modelscan, corpus]"),
@@ -110,6 +113,18 @@ pub const RULES: &[Rule] = &[
     code("functools.partial", "binds a call for later: partial(os.system, cmd) [picklescan, corpus]"),
     code("functools.partialmethod", "binds a call like partial"),
     code("functools.reduce", "calls a function over items"),
+    code("itertools.starmap", "calls a function over items, like map"),
+    code("atexit.*", "register(os.system, cmd) runs a call when the process exits"),
+    code("weakref.finalize", "runs a call when an object is collected"),
+    code("copyreg.add_extension", "registers an extension code that later EXT opcodes resolve to any global"),
+    code("copyreg.remove_extension", "rewrites the extension registry"),
+    code("copyreg.clear_extension_cache", "rewrites the extension cache"),
+    code("copyreg.pickle", "registers reducers for later pickling"),
+    code("copyreg.constructor", "registers a constructor"),
+    code("typing.get_type_hints", "evaluates string annotations"),
+    code("imp.*", "load_source/load_module import code from any file (Python < 3.12)"),
+    code("mmap.*", "maps files into memory"),
+    code("sqlite3.*", "opens and creates database files"),
     code("types.FunctionType", "makes a function from a code object [corpus]"),
     code("types.CodeType", "makes a code object from bytes"),
     code("types.MethodType", "binds any function to any object"),
@@ -133,6 +148,8 @@ pub const RULES: &[Rule] = &[
     code("pandas.read_pickle", "loads another pickle, not scanned here [picklescan TODO list]"),
     code("pandas.io.pickle.*", "read_pickle loads another pickle"),
     code("torch.load", "loads another checkpoint, not scanned here [picklescan]"),
+    code("torch.storage._load_from_bytes", "torch.load of embedded bytes with weights_only=False: a nested pickle, not scanned here"),
+    code("torch._C.*", "torch's C bindings: JIT compilers and loaders"),
     code("torch.serialization.load", "loads another checkpoint, not scanned here [picklescan]"),
     code("torch._inductor.*", "codecache.compile_file runs a compiler command [picklescan]"),
     code("torch._dynamo.*", "GuardBuilder.get evaluates guard source [picklescan]"),
@@ -319,6 +336,7 @@ mod tests {
             "importlib.import_module", "sys.modules", "pickle.loads", "_pickle.loads", "timeit.timeit",
             "cProfile.run", "uuid._get_command_stdout", "imaplib.IMAP4_stream", "pydoc.pipepager",
             "code.InteractiveInterpreter", "types.FunctionType", "builtins.map", "dill._dill._create_code",
+            "copy_reg.add_extension", "atexit.register", "torch.storage._load_from_bytes", "builtins.iter",
         ] {
             assert_eq!(class(global), Risk::Code, "{global}");
         }
@@ -342,7 +360,8 @@ mod tests {
     fn library_classes_are_unknown() {
         for global in [
             "sklearn.tree._classes.DecisionTreeClassifier", "torch.nn.modules.linear.Linear", "copyreg._reconstructor",
-            "builtins.object", "types.SimpleNamespace", "pandas.core.frame.DataFrame", "torch.storage._load_from_bytes",
+            "builtins.object", "types.SimpleNamespace", "pandas.core.frame.DataFrame",
+            "numpy.random._pickle.__randomstate_ctor",
         ] {
             assert_eq!(class(global), Risk::Unknown, "{global}");
         }

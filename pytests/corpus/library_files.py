@@ -8,6 +8,7 @@ that did not fit, with why)."""
 import datetime
 import decimal
 import fractions
+import importlib.util
 import json
 import os
 import pathlib
@@ -164,7 +165,8 @@ def main(out):
     for name, estimator in fitted.items():
         dump_all(f"sklearn-{name}", estimator)
 
-    written += torch_files(out)
+    if importlib.util.find_spec("torch") is not None:  # only scripts/test's main interpreter has torch
+        written += torch_files(out)
     print(json.dumps({"written": written, "estimators": sorted(fitted), "not_fitted": failed}))
 
 

@@ -35,7 +35,9 @@ def install(policy=None, mode=None, record=None, backstop_only=False):
     ``policy`` is a manifest path (TOML v1); ``mode`` is ``enforce`` (the default),
     ``warn``, ``record`` or ``off``. ``enforce`` without a policy refuses every load.
     ``record`` is the file ``record`` mode appends each load to (default: ``PICKLEGATE_RECORD``).
-    Calling it again can only make the guard stricter. Returns a one-line description.
+    Of two calls (or a call and the environment's or the host's policy) the stricter wins, whatever
+    their order: off < record < warn < enforce with a manifest < enforce without one; a looser call is
+    ignored with an ``install-ignored`` warning. Returns a one-line description.
     Where this Python's ``_pickle`` cannot be redirected, ``enforce`` raises ``PolicyError``;
     ``backstop_only=True`` (or ``PICKLEGATE_BACKSTOP_ONLY=1``) accepts the audit-hook backstop alone."""
     path = _os.fspath(policy) if policy is not None else None
