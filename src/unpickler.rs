@@ -43,7 +43,7 @@ pub fn learn_unpickler_layout(
         *UNKNOWN.lock() = Some(message.clone());
         PyRuntimeError::new_err(message)
     };
-    if !loaded.get_type().is(&fresh.get_type()) {
+    if !loaded.get_type().is(fresh.get_type()) {
         return Err(unknown("the probes are of different classes".into()));
     }
     let mut offsets = [0usize; 4];
