@@ -276,6 +276,7 @@ pub fn redirect_unpickler_load(py: Python<'_>, cls: &Bound<'_, PyAny>) -> PyResu
 
 fn redirect_unpickler_load_checked(py: Python<'_>, cls: &Bound<'_, PyAny>) -> PyResult<()> {
     let layout = running_layout(py)?;
+    crate::unpickler::require_layout()?; // the trampoline serves each load its judged bytes through them
     let descriptor = cls.getattr("__dict__")?.get_item("load")?;
     if !descriptor.get_type().is(&builtin_types(py)?.1) {
         return Err(PyTypeError::new_err(format!("_pickle.Unpickler.load is not a C method but {}", descriptor.get_type())));

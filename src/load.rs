@@ -380,7 +380,7 @@ pub fn guarded_c_loads(
 /// The Python helper that reads what a live unpickler's next load consumes:
 /// `take(read, readline) -> (data, source, stream, done)` (see `_interpose._take_for_unpickler`).
 static UNPICKLER_TAKE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-/// `spelled(data) -> set of the strings the pickle `data` spells out` (its string arguments).
+/// `spelled(data)`: the set of strings the pickle `data` spells out (its text arguments).
 static SPELLED_STRINGS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 #[pyfunction]
@@ -455,8 +455,9 @@ pub fn guarded_c_unpickler(
         let _running = covered.map(|approval| Running::enter(Frame::Load(approval)));
         return run();
     }
+    // Redirected only once the layout is known and the helper set (see redirect_unpickler_load).
     let take = UNPICKLER_TAKE.get(py).filter(|_| unpickler::layout_known());
-    let Some(take) = take else { return guarded_unseen_unpickler(py, &scope, unpickler, run) };
+    let take = take.ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("picklegate: the unpickler's input fields are not known; the load was refused"))?;
     let Some((read, readline)) = unpickler::reader(unpickler) else {
         return run(); // __init__ was never called: the original raises its own error
     };
@@ -494,55 +495,6 @@ fn after_load(py: Python<'_>, bytes: &[u8]) -> PyResult<Option<AfterLoad>> {
     };
     let strings = spelled.bind(py).call1((pyo3::types::PyBytes::new(py, bytes),))?.extract()?;
     Ok(Some(AfterLoad { frame, code, strings }))
-}
-
-/// A load whose bytes cannot be seen (this CPython's unpickler layout is unknown): judged as a
-/// load that cannot be verified.
-fn guarded_unseen_unpickler(
-    py: Python<'_>,
-    scope: &Bound<'_, ScopeObj>,
-    unpickler: &Bound<'_, PyAny>,
-    run: impl FnOnce() -> PyResult<Py<PyAny>>,
-) -> PyResult<Py<PyAny>> {
-    let callsite = callsite::current(py)?.to_string();
-    let class = unpickler.get_type().fully_qualified_name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
-    let facts = RefusalFacts { callsite: callsite.clone(), sha256: None, size: None };
-    let gate = state::current();
-    let policy = state::policy_of(&gate);
-    let event = |decision: &'static str, reason: String| Event {
-        time: now(),
-        pid: std::process::id(),
-        mode: policy.mode.as_str(),
-        decision,
-        callsite: callsite.clone(),
-        sha256: None,
-        size: None,
-        globals: Vec::new(),
-        source: None,
-        reason: Some(reason),
-    };
-    if scope.get().inner.permits(None).is_err() {
-        let reason = format!("{class} loads inside no_pickles() and picklegate cannot see its bytes on this CPython");
-        emit(&event("deny", reason.clone()));
-        return Err(errors::no_pickle(py, format!("picklegate refused a load at {callsite}: {reason}"), &facts));
-    }
-    let judgement = policy.judge_unverifiable_load();
-    let Err(refusal) = &judgement.verdict else { return run() };
-    let reason = format!("{} ({class})", refusal.describe(policy.manifest.as_deref()));
-    match judgement.action {
-        Action::Refuse => {
-            emit(&event("deny", reason.clone()));
-            let message = format!(
-                "picklegate refused a load at {callsite}: {reason}. picklegate cannot see the bytes a {class} reads on this CPython."
-            );
-            Err(errors::pickle_denied(py, message, &facts))
-        }
-        Action::RunAndReport => {
-            emit(&event("warn", reason));
-            run()
-        }
-        Action::Run => run(),
-    }
 }
 
 /// Reads a Python file object in chunks, for hashing without holding its content.

@@ -15,6 +15,8 @@ struct Layout {
 }
 
 static LAYOUT: OnceLock<Layout> = OnceLock::new();
+/// Why the probe did not find the layout, for the message of the redirect that then cannot be made.
+static UNKNOWN: parking_lot::Mutex<Option<String>> = parking_lot::Mutex::new(None);
 
 const WORD: usize = std::mem::size_of::<usize>();
 
@@ -36,8 +38,12 @@ pub fn learn_unpickler_layout(
     consumed: usize,
 ) -> PyResult<()> {
     let size: usize = fresh.get_type().getattr("__basicsize__")?.extract()?;
-    let unknown = |why: String| PyRuntimeError::new_err(format!("_pickle.Unpickler has a layout picklegate does not know: {why}"));
-    if !loaded.get_type().is(&fresh.get_type()) {
+    let unknown = |why: String| {
+        let message = format!("_pickle.Unpickler has a layout picklegate does not know: {why}");
+        *UNKNOWN.lock() = Some(message.clone());
+        PyRuntimeError::new_err(message)
+    };
+    if !loaded.get_type().is(fresh.get_type()) {
         return Err(unknown("the probes are of different classes".into()));
     }
     let mut offsets = [0usize; 4];
@@ -67,6 +73,15 @@ pub fn learn_unpickler_layout(
 /// True once the layout is known: loads of live unpicklers can then be served the judged bytes.
 pub fn layout_known() -> bool {
     LAYOUT.get().is_some()
+}
+
+/// Fails, saying why, unless the layout is known: `_pickle.Unpickler.load` is redirected only then.
+pub fn require_layout() -> PyResult<()> {
+    if layout_known() {
+        return Ok(());
+    }
+    let why = UNKNOWN.lock().clone().unwrap_or_else(|| "the input fields of _pickle.Unpickler were not probed".into());
+    Err(pyo3::exceptions::PyTypeError::new_err(why))
 }
 
 /// The unpickler's own `read` and `readline`, or `None` when `__init__` was never called.

@@ -149,8 +149,10 @@ def _learn_unpickler_layout():
     loaded.read = lambda n: served.pop() if served else b""
     loaded.readline = lambda: b""
     unpickler = _CUnpickler(loaded)
-    if unpickler.load() != 7:
-        raise RuntimeError("the layout probe did not load")
+    try:
+        unpickler.load()
+    except Exception:
+        pass  # then the counters checked below do not match, and _core says the layout is unknown
     _core.learn_unpickler_layout(_CUnpickler(fresh), methods, unpickler, len(pickled) + 3, len(pickled))
 
 
@@ -245,8 +247,12 @@ def _redirect_c_functions():
         _redirected_loads = True
         _ORIGINAL_LOAD = _core.redirect_load(_ORIGINAL_LOAD, load)
         _redirected_load = True
-        _learn_unpickler_layout()
-        _core.set_unpickler_take(_take_for_unpickler, _spelled_strings)
+        try:
+            _learn_unpickler_layout()
+        except RuntimeError:
+            pass  # redirect_unpickler_load then refuses, saying why (and enforce will not start)
+        else:
+            _core.set_unpickler_take(_take_for_unpickler, _spelled_strings)
         _core.redirect_unpickler_load(_CUnpickler)
     except (TypeError, RuntimeError) as error:
         import logging  # not at the top: importing logging costs start-up time in every process
