@@ -8,6 +8,7 @@ use crate::tokens::{current_scope, register_scope_var};
 use picklegate_core::event::Event;
 use picklegate_core::policy::{Action, Mode};
 use pyo3::ffi;
+use pyo3::intern;
 use pyo3::prelude::*;
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
@@ -129,17 +130,26 @@ fn defined_there(py: Python<'_>, module: &str, name: &str) -> bool {
 }
 
 fn renamed_by_fix_imports(py: Python<'_>, module: &str, name: &str) -> PyResult<bool> {
-    let compat = py.import("_compat_pickle")?;
+    let compat = match sys_modules(py)?.get_item("_compat_pickle") {
+        Ok(compat) => compat,
+        Err(_) => py.import("_compat_pickle")?.into_any(),
+    };
     Ok(compat.getattr("IMPORT_MAPPING")?.contains(module)? || compat.getattr("NAME_MAPPING")?.contains((module, name))?)
 }
 
 /// `(object, its module)` as `find_class` resolves them (import, then a getattr per dotted part),
 /// or `None` when they do not resolve.
 fn resolve<'py>(py: Python<'py>, module: &str, name: &str) -> PyResult<Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)>> {
-    if py.import(module).is_err() {
-        return Ok(None);
-    }
-    let home = py.import("sys")?.getattr("modules")?.get_item(module)?;
+    let modules = sys_modules(py)?;
+    let home = match modules.get_item(module) {
+        Ok(home) => home,
+        Err(_) => {
+            if py.import(module).is_err() {
+                return Ok(None);
+            }
+            modules.get_item(module)?
+        }
+    };
     let mut object = home.clone();
     for part in name.split('.') {
         match object.getattr(part) {
@@ -151,13 +161,21 @@ fn resolve<'py>(py: Python<'py>, module: &str, name: &str) -> PyResult<Option<(B
 }
 
 fn is_defined_in(py: Python<'_>, object: &Bound<'_, PyAny>, home: &Bound<'_, PyAny>, name: &str) -> PyResult<bool> {
-    let module_type = py.import("types")?.getattr("ModuleType")?;
-    if object.is_instance(&module_type)? || !(object.is_callable() || object.is_instance_of::<pyo3::types::PyType>()) {
+    if object.is_instance_of::<pyo3::types::PyModule>() || !(object.is_callable() || object.is_instance_of::<pyo3::types::PyType>()) {
         return Ok(false);
     }
-    let qualname: String = object.getattr("__qualname__")?.extract()?;
-    let defined_in = py.import("sys")?.getattr("modules")?.get_item(object.getattr("__module__")?)?;
+    let qualname: String = object.getattr(intern!(py, "__qualname__"))?.extract()?;
+    let defined_in = sys_modules(py)?.get_item(object.getattr(intern!(py, "__module__"))?)?;
     Ok(qualname == name && defined_in.is(home))
+}
+
+/// `sys.modules` of the running interpreter, without going through the import machinery.
+fn sys_modules(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    let modules = unsafe { ffi::PySys_GetObject(b"modules\0".as_ptr().cast()) };
+    if modules.is_null() {
+        return Err(errors::policy_error(py, "sys.modules is missing".into()));
+    }
+    Ok(unsafe { Bound::from_borrowed_ptr(py, modules) })
 }
 
 /// Registers the hook once and proves it runs (another hook may veto `sys.addaudithook`).

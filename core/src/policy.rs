@@ -82,12 +82,15 @@ pub enum Admission {
     Pattern,
 }
 
-/// How `patterns` admit the global `(module, name)`, if they do.
+/// How `patterns` admit the global `(module, name)`, if they do. A pattern never admits a dunder
+/// name (`__getattr__`, `__builtins__`, `__class__`...): module machinery, not the module's API.
 pub fn admission(patterns: &[String], module: &str, name: &str) -> Option<Admission> {
     let mut matching = patterns.iter().filter(|p| global_matches(p, module, name));
     let first = matching.next()?;
     if is_exact_global(first) || matching.any(|p| is_exact_global(p)) {
         Some(Admission::Named)
+    } else if name.split('.').any(|part| part.len() > 4 && part.starts_with("__") && part.ends_with("__")) {
+        None
     } else {
         Some(Admission::Pattern)
     }
@@ -645,6 +648,10 @@ mod tests {
         assert_eq!(admission(&patterns, "app", "f"), Some(Admission::Named));
         assert_eq!(admission(&patterns, "app", "g"), Some(Admission::Pattern));
         assert_eq!(admission(&patterns, "app.sub", "g"), None);
+        assert_eq!(admission(&patterns, "app", "__getattr__"), None);
+        assert_eq!(admission(&patterns, "app", "_private"), Some(Admission::Pattern));
+        let named = vec!["app.__getattr__".to_string()];
+        assert_eq!(admission(&named, "app", "__getattr__"), Some(Admission::Named));
     }
 
     #[test]

@@ -938,6 +938,20 @@ mod tests {
     }
 
     #[test]
+    fn joblib_streams_with_any_byte_changed_never_panic() {
+        for vector in [JOBLIB_SIZED_BY_STATE, JOBLIB_ARRAYS] {
+            for at in 0..vector.len() {
+                for value in [0x00, 0x01, 0x7f, 0x80, 0xff, vector[at].wrapping_add(1)] {
+                    let mut changed = vector.to_vec();
+                    changed[at] = value;
+                    let _ = scan_joblib(&changed);
+                    let _ = scan(&changed);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn dtype_state_decides_size_and_objects_as_numpy_does() {
         let dtype = |code: &str, state: Option<(i64, i64)>| Dtype { code: code.into(), state, bad_state: None }.element();
         assert_eq!(dtype("U3", Some((12, 8))), Ok(Element::Bytes(12)));
