@@ -184,11 +184,16 @@ impl LiveUnpickler {
         LIVE_UNPICKLER.with(|u| *u.borrow_mut() = Some(unpickler.clone().unbind()));
         LiveUnpickler
     }
+
+    /// Before a load runs undecided (`decide` takes the mark otherwise).
+    fn forget() {
+        LIVE_UNPICKLER.with(|u| u.borrow_mut().take());
+    }
 }
 
 impl Drop for LiveUnpickler {
     fn drop(&mut self) {
-        LIVE_UNPICKLER.with(|u| u.borrow_mut().take());
+        Self::forget();
     }
 }
 
@@ -332,12 +337,14 @@ fn guard(
 ) -> PyResult<Py<PyAny>> {
     if let Some(covered) = decided_without_hash(py, scope)? {
         let _running = covered.map(|approval| Running::enter(Frame::Load(approval)));
+        LiveUnpickler::forget(); // no scan: a load nested in this one must not take it
         return run();
     }
     let bytes = Bytes::borrow(data)?;
     let slice = bytes.as_slice();
     if slice.is_empty() {
         // Nothing to decide: the unpickler raises its own EOFError, as callers expect.
+        LiveUnpickler::forget();
         return run();
     }
     let callsite = callsite()?;
@@ -387,12 +394,14 @@ fn guard_file(
 ) -> PyResult<Py<PyAny>> {
     if let Some(covered) = decided_without_hash(py, scope)? {
         let _running = covered.map(|approval| Running::enter(Frame::Load(approval)));
+        LiveUnpickler::forget(); // no scan: a load nested in this one must not take it
         return run();
     }
     let approval = {
         let hashed = file.borrow();
         if hashed.is_empty() {
             drop(hashed);
+            LiveUnpickler::forget();
             return run(); // the unpickler raises its own EOFError
         }
         let callsite = callsite()?;
