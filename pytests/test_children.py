@@ -7,6 +7,17 @@ import pytest
 
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "policy-examples" / "transport-trust.toml"
 
+
+def example_naming(tmp_path, *tasks):
+    """The example with the script's own task functions named exactly, as its comments say (no
+    pattern admits `__main__` or `__mp_main__`), in the parent and in spawn/forkserver children."""
+    names = "".join(f'    "{main}.{task}",\n' for task in tasks for main in ("__main__", "__mp_main__"))
+    text = EXAMPLE.read_text()
+    assert '    "myapp.tasks.*",\n' in text
+    path = tmp_path / "transport-trust.toml"
+    path.write_text(text.replace('    "myapp.tasks.*",\n', names + '    "myapp.tasks.*",\n'))
+    return path
+
 SCRIPT = """
 import concurrent.futures, multiprocessing, os, sys
 import picklegate
@@ -43,11 +54,11 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
-def test_pools_run_under_enforce_and_refuse_a_canary_task(method, run_python, canary):
+def test_pools_run_under_enforce_and_refuse_a_canary_task(method, run_python, canary, tmp_path):
     path, _ = canary
     proc = run_python(
         SCRIPT,
-        env={"PICKLEGATE_POLICY": str(EXAMPLE), "PICKLEGATE_MODE": "enforce"},
+        env={"PICKLEGATE_POLICY": str(example_naming(tmp_path, "square", "boom")), "PICKLEGATE_MODE": "enforce"},
         args=[method, str(path)],
     )
     assert proc.returncode == 0, proc.stderr
@@ -92,7 +103,7 @@ def test_pools_are_guarded_through_the_preload_alone(tmp_path, canary):
 
     path, _ = canary
     (tmp_path / "app.py").write_text(SCRIPT)
-    env = {"PICKLEGATE_POLICY": str(EXAMPLE), "LD_PRELOAD": preload_path()}
+    env = {"PICKLEGATE_POLICY": str(example_naming(tmp_path, "square", "boom")), "LD_PRELOAD": preload_path()}
     proc = run([STATIC_PYTHON, "-I", "-S", "app.py", "spawn", str(path)], env, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "after canary 9 False" in proc.stdout and "executor canary BrokenProcessPool" in proc.stdout
@@ -132,12 +143,12 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_a_refusal_inside_a_task_reaches_the_parent_and_the_pool_survives(method, run_python):
+def test_a_refusal_inside_a_task_reaches_the_parent_and_the_pool_survives(method, run_python, tmp_path):
     """Issue 11, finding 8: the worker's PickleDeniedError comes back as an error the parent can
     unpickle under the shipped trust example: Pool.apply raises (it hung), an executor stays usable."""
     proc = run_python(
         REFUSAL_IN_A_TASK,
-        env={"PICKLEGATE_POLICY": str(EXAMPLE), "PICKLEGATE_MODE": "enforce"},
+        env={"PICKLEGATE_POLICY": str(example_naming(tmp_path, "load_unlisted", "square")), "PICKLEGATE_MODE": "enforce"},
         args=[method],
         timeout=150,
     )

@@ -2,9 +2,12 @@
 and 2): each payload here uses only names an example's patterns spell, runs its canary without
 picklegate (the control), and is refused under enforce with that example."""
 
+import os
 import pathlib
 import pickle
 import re
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -244,3 +247,83 @@ def test_a_pattern_never_admits_a_python2_spelling_that_protocol_0_renames(run_p
     out = run_python(code, env=env, check=True).stdout.strip()
     assert out == "DENIED True", out
     assert not path.exists()
+
+
+#: An application reading a multiprocessing.Queue whose pipe carries attacker bytes naming only
+#: `__main__.run` (red-team S6): under a runner module (`python -m cProfile app.py`), `__main__` is
+#: the runner, and its module-level `run(statement)` executes its argument.
+QUEUE_APP = """
+import multiprocessing, os, struct, sys, time
+import picklegate
+
+def text(s):
+    data = s.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+payload = b"\\x80\\x02c__main__\\nrun\\n" + text(f"import os; os.system('touch {sys.argv[1]}')") + b"\\x85R."
+
+if __name__ == "__main__":
+    q = multiprocessing.Queue()
+    q._sem.acquire()
+    q._writer.send_bytes(payload)
+    try:
+        q.get(timeout=10)
+        print("LOADED")
+    except picklegate.PickleDeniedError as error:
+        print("DENIED", error)
+    except Exception as error:
+        print("FAILED", type(error).__name__, error)
+"""
+
+#: A runner as `python -m cProfile` is one: it runs the script given as `__main__`'s guest and
+#: defines a module-level `run(statement)` that executes its argument.
+RUNNER = """
+import sys
+
+def run(statement):
+    exec(statement)
+
+if __name__ == "__main__":
+    sys.argv = sys.argv[1:]
+    with open(sys.argv[0]) as f:
+        code = compile(f.read(), sys.argv[0], "exec")
+    exec(code, {"__name__": "__main__", "__file__": sys.argv[0]})
+"""
+
+
+def main_pattern_policy(tmp_path):
+    """The example as shipped before red-team S6, with `__main__.*` and `__mp_main__.*`."""
+    text = (EXAMPLES / "transport-trust.toml").read_text()
+    path = tmp_path / "main-pattern.toml"
+    path.write_text(text.replace('    "myapp.tasks.*",\n', '    "__main__.*",\n    "__mp_main__.*",\n    "myapp.tasks.*",\n'))
+    return path
+
+
+@pytest.mark.parametrize("runner", [
+    "runner",
+    pytest.param("cProfile", marks=pytest.mark.skipif(
+        sys.version_info >= (3, 12), reason="a nested cProfile.run cannot enable under sys.monitoring (3.12+)")),
+])
+def test_a_pattern_never_admits_the_runner_run_as_main(runner, tmp_path, canary):
+    """Red-team S6: `__main__.*` admitted the runner's `run` under `python -m <runner> app.py`. The
+    control runs the payload unguarded; under enforce, with the shipped example and with a policy
+    that still spells `__main__.*`, it is refused."""
+    path, _ = canary
+    (tmp_path / "app.py").write_text(QUEUE_APP)
+    (tmp_path / "runner.py").write_text(RUNNER)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PICKLEGATE_")}
+    base["PYTHONPATH"] = str(tmp_path)
+    command = [sys.executable, "-m", runner, *(["-o", "prof.out"] if runner == "cProfile" else []), "app.py", str(path)]
+
+    def run(policy=None):
+        env = dict(base, **({"PICKLEGATE_POLICY": str(policy), "PICKLEGATE_MODE": "enforce"} if policy else {}))
+        proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        return proc.stdout + proc.stderr
+
+    out = run()
+    assert path.exists(), f"the control did not run the payload: {out}"
+    path.unlink()
+    for policy in (EXAMPLES / "transport-trust.toml", main_pattern_policy(tmp_path)):
+        out = run(policy)
+        assert "DENIED" in out and "__main__.run" in out, out
+        assert not path.exists(), f"__main__.run ran under enforce with {policy.name}"

@@ -1,9 +1,11 @@
 """Two install() calls, a library's and the application's, in either order: the stricter wins
 (issue 11, finding 6), and a record or warn request that wins behaves as asked (issue 10)."""
 
+import hashlib
 import json
 
 import pytest
+from conftest import write_manifest
 
 #: Each request, from the loosest to the strictest (enforce with a manifest outranks every mode
 #: that refuses nothing; enforce without one refuses every load).
@@ -31,7 +33,10 @@ def test_the_stricter_install_wins_whatever_the_order(first, library, applicatio
         f"""
         import pickle, picklegate
         picklegate.install({calls[order[0]]})
-        picklegate.install({calls[order[1]]})
+        try:
+            picklegate.install({calls[order[1]]})
+        except picklegate.PolicyError as error:
+            print("CONFLICT", error)
         print(picklegate.state())
         try:
             pickle.loads(open("payload.pkl", "rb").read())
@@ -42,12 +47,17 @@ def test_the_stricter_install_wins_whatever_the_order(first, library, applicatio
         check=True,
     )
     request = {"library": library, "application": application}
-    # the stricter wins; at equal strictness (the same request, or two manifests) the first stays
+    # the stricter wins; at equal strictness (the same request, or two manifests: refused) the first stays
     winner = order[1] if RANK[request[order[1]]] > RANK[request[order[0]]] else order[0]
     winner_name = request[winner]
     mode = winner_name.split("+")[0]
     manifest = f"{winner}.toml" if winner_name == "enforce+manifest" else None
-    state, outcome = proc.stdout.splitlines()
+    lines = proc.stdout.splitlines()
+    if library == application == "enforce+manifest":
+        # two different manifests under enforce: the second install fails, naming both (red-team S4)
+        conflict = lines.pop(0)
+        assert conflict.startswith("CONFLICT") and f"{order[0]}.toml" in conflict and f"{order[1]}.toml" in conflict, conflict
+    state, outcome = lines
     assert state.startswith(f"({mode!r}, {manifest!r}, 'code')"), (state, proc.stderr)
     if mode == "enforce":
         assert outcome == "DENIED" and not path.exists(), proc.stderr
@@ -62,3 +72,38 @@ def test_the_stricter_install_wins_whatever_the_order(first, library, applicatio
         warned = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
         reasons = [event["reason"] for event in warned if event.get("decision") == "warn"]
         assert reasons and not any("enforce mode" in reason for reason in reasons), proc.stderr
+
+
+LIBRARY_FIRST = """
+import pickle, sys, picklegate
+
+def handle(data):
+    return pickle.loads(data)
+
+picklegate.install(mode="enforce", policy="library.toml")        # a library, at import
+if sys.argv[1] == "application":
+    picklegate.install(mode="enforce", policy="application.toml")  # the application's own manifest
+handle(open("payload.pkl", "rb").read())
+print("RAN")
+"""
+
+
+@pytest.mark.parametrize("order", ["library-first", "application-first"])
+def test_a_looser_manifest_never_stands_in_for_the_application_s(order, run_python, tmp_path, canary):
+    """Red-team S4: a library's manifest (allowing the payload) installed under enforce before the
+    application's (allowing nothing) kept the application's out, and the payload ran. Now the
+    second of two different manifests fails with PolicyError naming both, in either order."""
+    path, payload = canary
+    (tmp_path / "payload.pkl").write_bytes(payload)
+    write_manifest(tmp_path / "library.toml", (hashlib.sha256(payload).hexdigest(), "__main__:handle"))
+    write_manifest(tmp_path / "application.toml")
+    control = run_python(LIBRARY_FIRST, args=["library"])
+    assert "RAN" in control.stdout and path.exists(), control.stderr  # the library's manifest allows it
+    path.unlink()
+    script = LIBRARY_FIRST if order == "library-first" else LIBRARY_FIRST.replace(
+        'policy="library.toml")        #', 'policy="application.toml")    #', 1).replace(
+        'policy="application.toml")  #', 'policy="library.toml")  #', 1)
+    proc = run_python(script, args=["application"])
+    assert proc.returncode != 0 and "RAN" not in proc.stdout, proc.stdout
+    assert "PolicyError" in proc.stderr and "library.toml" in proc.stderr and "application.toml" in proc.stderr, proc.stderr
+    assert not path.exists(), "the payload ran under the library's manifest"

@@ -170,15 +170,54 @@ fn hash(py: Python<'_>, data: &Bound<'_, PyAny>, slice: &[u8]) -> Digest {
     }
 }
 
+thread_local! {
+    /// The live unpickler whose next load is being judged: its memo holds earlier loads' objects.
+    static LIVE_UNPICKLER: RefCell<Option<Py<PyAny>>> = const { RefCell::new(None) };
+}
+
+/// Marks, until dropped, that the load about to be decided runs on `unpickler` (red-team S2: a
+/// reused unpickler's memo reaches an earlier load's objects; the scan must number after them).
+pub struct LiveUnpickler;
+
+impl LiveUnpickler {
+    pub fn enter(unpickler: &Bound<'_, PyAny>) -> Self {
+        LIVE_UNPICKLER.with(|u| *u.borrow_mut() = Some(unpickler.clone().unbind()));
+        LiveUnpickler
+    }
+
+    /// Before a load runs undecided (`decide` takes the mark otherwise).
+    fn forget() {
+        LIVE_UNPICKLER.with(|u| u.borrow_mut().take());
+    }
+}
+
+impl Drop for LiveUnpickler {
+    fn drop(&mut self) {
+        Self::forget();
+    }
+}
+
+/// How many entries an unpickler's memo holds (`_pickle`'s memo proxy and `pickle._Unpickler`'s
+/// dict both `copy()` to a dict).
+fn memo_len(unpickler: &Bound<'_, PyAny>) -> Result<u64, String> {
+    let memo = unpickler.getattr("memo").and_then(|m| m.call_method0("copy")).and_then(|m| m.len());
+    memo.map(|n| n as u64).map_err(|e| format!("the unpickler's memo could not be measured: {e}"))
+}
+
 /// Judges one load against the operator's policy, then the code's scope; logs; raises the
 /// refusal, or returns the approval the load runs under.
 fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Approval> {
     let gate = state::current();
     let policy = state::policy_of(&gate);
     let Facts { bytes, size, sha, callsite, source } = *facts;
+    let live = LIVE_UNPICKLER.with(|u| u.borrow_mut().take());
     let mut report: Option<Result<Report, ScanError>> = None;
     let judgement: Judgement = policy.judge_load(Load { sha256: &sha, callsite }, || {
-        let scanned = report.get_or_insert_with(|| scan::scan(bytes));
+        let memo_before = match &live {
+            Some(unpickler) => memo_len(unpickler.bind(py))?,
+            None => 0,
+        };
+        let scanned = report.get_or_insert_with(|| scan::scan_after(bytes, memo_before));
         scanned.as_ref().map_err(|e| e.to_string()).and_then(Report::nameable_globals)
     });
     let scope_verdict = scope.inner.permits(Some(&sha));
@@ -298,12 +337,14 @@ fn guard(
 ) -> PyResult<Py<PyAny>> {
     if let Some(covered) = decided_without_hash(py, scope)? {
         let _running = covered.map(|approval| Running::enter(Frame::Load(approval)));
+        LiveUnpickler::forget(); // no scan: a load nested in this one must not take it
         return run();
     }
     let bytes = Bytes::borrow(data)?;
     let slice = bytes.as_slice();
     if slice.is_empty() {
         // Nothing to decide: the unpickler raises its own EOFError, as callers expect.
+        LiveUnpickler::forget();
         return run();
     }
     let callsite = callsite()?;
@@ -314,7 +355,7 @@ fn guard(
 
 /// The Python-level entry: `run()` unpickles `data` (read from a file or stream by the caller).
 #[pyfunction]
-#[pyo3(signature = (data, scope, source, run, callsite))]
+#[pyo3(signature = (data, scope, source, run, callsite, unpickler=None))]
 pub fn guarded_load(
     py: Python<'_>,
     data: &Bound<'_, PyAny>,
@@ -322,7 +363,9 @@ pub fn guarded_load(
     source: Option<String>,
     run: &Bound<'_, PyAny>,
     callsite: &Bound<'_, PyAny>,
+    unpickler: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Py<PyAny>> {
+    let _live = unpickler.map(LiveUnpickler::enter);
     guard(py, data, &scope, source.as_deref(), || run.call0().map(Bound::unbind), || callsite.call0()?.extract())
 }
 
@@ -351,12 +394,14 @@ fn guard_file(
 ) -> PyResult<Py<PyAny>> {
     if let Some(covered) = decided_without_hash(py, scope)? {
         let _running = covered.map(|approval| Running::enter(Frame::Load(approval)));
+        LiveUnpickler::forget(); // no scan: a load nested in this one must not take it
         return run();
     }
     let approval = {
         let hashed = file.borrow();
         if hashed.is_empty() {
             drop(hashed);
+            LiveUnpickler::forget();
             return run(); // the unpickler raises its own EOFError
         }
         let callsite = callsite()?;
@@ -468,6 +513,7 @@ pub fn guarded_c_unpickler(
         run()
     };
     let callsite = || Ok(callsite::current(py)?.to_string());
+    let _live = LiveUnpickler::enter(unpickler);
     let (result, after_load) = match data.cast::<HashedFile>() {
         Ok(file) => {
             let after_load = after_load(py, file.borrow().bytes())?;

@@ -118,6 +118,20 @@ pub fn configure(
     match (settlement, slot.as_ref()) {
         (Settlement::Replace, _) | (_, None) => *slot = Some(Arc::new(wanted)),
         (Settlement::Unchanged, _) => {}
+        (Settlement::Conflict, Some(held)) if same_file(held.source(), wanted.source()) => {}
+        (Settlement::Conflict, Some(held)) => {
+            return Err(errors::policy_error(
+                py,
+                format!(
+                    "picklegate: install(mode=\"enforce\", policy={:?}) refused: the {} already enforces the manifest {:?}; \
+                     two different manifests cannot both be in force, and keeping either would drop the other's limits. \
+                     Merge them into one manifest and install that",
+                    wanted.source().unwrap_or_default(),
+                    held.origin.as_str(),
+                    held.source().unwrap_or_default(),
+                ),
+            ));
+        }
         (Settlement::Ignored, Some(held)) => {
             let message = format!(
                 "picklegate: install(mode={:?}, policy={:?}) ignored: already installed by the {} with mode {:?} and policy {:?}, which is as strict or stricter; a later install can only make it stricter",
@@ -131,6 +145,14 @@ pub fn configure(
         }
     }
     Ok(describe(slot.as_ref()))
+}
+
+/// Whether two manifest paths name the same file (spelled differently: relative, through a link).
+fn same_file(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a.map(std::fs::canonicalize), b.map(std::fs::canonicalize)) {
+        (Some(Ok(a)), Some(Ok(b))) => a == b,
+        _ => false,
+    }
 }
 
 /// The record file `record` mode needs (and only it): without one, its loads would go unrecorded.

@@ -67,9 +67,19 @@ pub fn callsite_matches(pattern: &str, callsite: &str) -> bool {
 /// or the name: `multiprocessing.*` is what the module `multiprocessing` itself holds, not
 /// `multiprocessing.util.spawnv_passfds`. `**` also matches dots, but only in the module part, so
 /// no pattern reaches the dotted name `pkg` + `os.system` that a protocol-4 pickle can ask for.
+/// A pattern with a star never admits a name in `__main__` or `__mp_main__`: whatever module runs
+/// as the program (a runner such as `python -m cProfile` too) is not a reviewed module.
 pub fn global_matches(pattern: &str, module: &str, name: &str) -> bool {
+    if !is_exact_global(pattern) && is_program_module(module) {
+        return false;
+    }
     let full = format!("{module}.{name}");
     global_glob(pattern.as_bytes(), full.as_bytes(), module.len() + 1)
+}
+
+/// The module Python runs as the program (`__main__`; `__mp_main__` in a spawned child).
+fn is_program_module(module: &str) -> bool {
+    module == "__main__" || module == "__mp_main__"
 }
 
 /// `global_matches` on `text` = module + "." + name, where `name_start` is where the name begins.
@@ -167,6 +177,21 @@ mod tests {
         assert!(global_matches("myapp.***", "myapp.a.b", "c"));
         assert!(global_matches("**.square", "myapp.tasks", "square"));
         assert!(!global_matches("**", "myapp.tasks", "os.system"));
+    }
+
+    #[test]
+    fn a_pattern_never_admits_the_program_module() {
+        // red-team S6: under `python -m cProfile app.py`, `__main__.run` is cProfile's `run`
+        assert!(!global_matches("__main__.*", "__main__", "run"));
+        assert!(!global_matches("__mp_main__.*", "__mp_main__", "run"));
+        assert!(!global_matches("__main__.**", "__main__", "run"));
+        assert!(!global_matches("**", "__main__", "run"));
+        assert!(!global_matches("*.run", "__main__", "run"));
+        assert!(!global_matches("__main__.ru*", "__main__", "run"));
+        assert!(global_matches("__main__.child", "__main__", "child"));
+        assert!(global_matches("__mp_main__.child", "__mp_main__", "child"));
+        assert!(global_matches("**", "myapp", "run"));
+        assert!(global_matches("*.run", "myapp", "run"));
     }
 
     #[test]

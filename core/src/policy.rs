@@ -299,6 +299,9 @@ pub enum Settlement {
     /// The request would loosen the guard, or swap one manifest for another at the same
     /// strictness: it is ignored (and said so).
     Ignored,
+    /// Two different manifests under `enforce`, neither the host's: neither contains the other,
+    /// so keeping either would drop the other's limits. The second request fails, naming both.
+    Conflict,
 }
 
 /// How strict a mode and manifest are: off, record, warn, enforce with a manifest, and enforce with
@@ -316,10 +319,17 @@ pub fn strictness(mode: Mode, has_manifest: bool) -> u8 {
 /// Settles a second request against the one in force, whatever their order: the stricter wins,
 /// so a library that installs first cannot keep an application's later `enforce` from applying.
 /// At equal strictness a request that adds a manifest where none was wins (it refuses nothing more
-/// outside `enforce`, and names what is expected); two manifests under `enforce` keep the first.
+/// outside `enforce`, and names what is expected). Two different manifests under `enforce` conflict
+/// (a library's looser manifest installed first must not stand in for the application's), unless
+/// one is the host policy, which outranks the other.
 pub fn settle(held: Request<'_>, wanted: Request<'_>) -> Settlement {
     if held.mode == wanted.mode && held.manifest == wanted.manifest && (held.host || !wanted.host) {
         return Settlement::Unchanged;
+    }
+    if held.mode == Mode::Enforce && wanted.mode == Mode::Enforce && !held.host && !wanted.host {
+        if let (Some(_), Some(_)) = (held.manifest, wanted.manifest) {
+            return Settlement::Conflict;
+        }
     }
     let rank = |r: Request<'_>| strictness(r.mode, r.manifest.is_some());
     match rank(wanted).cmp(&rank(held)) {
@@ -730,7 +740,7 @@ mod tests {
         ];
         let result = |held: Request<'static>, wanted: Request<'static>| match settle(held, wanted) {
             Settlement::Replace => wanted,
-            Settlement::Unchanged | Settlement::Ignored => held,
+            Settlement::Unchanged | Settlement::Ignored | Settlement::Conflict => held,
         };
         let rank = |r: Request<'_>| strictness(r.mode, r.manifest.is_some());
         for a in requests {
@@ -757,8 +767,11 @@ mod tests {
         assert_eq!(settle(Request { mode: Mode::Warn, manifest: None, host: false }, Request { mode: Mode::Warn, manifest: Some("a"), host: false }), Settlement::Replace);
         assert_eq!(settle(Request { mode: Mode::Warn, manifest: Some("a"), host: false }, Request { mode: Mode::Warn, manifest: None, host: false }), Settlement::Ignored);
         assert_eq!(settle(app, app), Settlement::Unchanged);
-        // two different manifests under enforce: neither contains the other; the first stays
-        assert_eq!(settle(app, Request { mode: Mode::Enforce, manifest: Some("other.toml"), host: false }), Settlement::Ignored);
+        // two different manifests under enforce: neither contains the other; the second fails loudly
+        // in either order (red-team S4: a library's looser manifest first kept the application's out)
+        let lib = Request { mode: Mode::Enforce, manifest: Some("lib.toml"), host: false };
+        assert_eq!(settle(app, lib), Settlement::Conflict);
+        assert_eq!(settle(lib, app), Settlement::Conflict);
         // every load refused outranks any manifest
         let deny_all = Request { mode: Mode::Enforce, manifest: None, host: false };
         assert_eq!(settle(app, deny_all), Settlement::Replace);

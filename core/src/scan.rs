@@ -192,11 +192,25 @@ pub struct Scanner {
     joblib: bool,
     wrappers_made: usize,
     wrappers_built: HashSet<usize>,
+    /// Entries the unpickler's memo holds before this pickle runs (a reused unpickler), which
+    /// MEMOIZE numbers after; see `scan_after`.
+    memo_before: u64,
+    /// Whether this pickle stored with PUT/BINPUT/LONG_BINPUT (explicit keys), and with MEMOIZE.
+    put_explicitly: bool,
+    memoized: bool,
 }
 
 /// Scans one complete pickle from the start of `bytes`.
 pub fn scan(bytes: &[u8]) -> Result<Report, ScanError> {
-    let mut scanner = Scanner::default();
+    scan_after(bytes, 0)
+}
+
+/// Scans one pickle that a reused unpickler runs against a memo already holding `memo_before`
+/// entries from earlier loads. MEMOIZE stores at the memo's length, so its keys start there; a GET
+/// of any key this pickle did not store (an earlier load's object) is an error. A pickle mixing
+/// PUT and MEMOIZE on such an unpickler cannot be numbered without the earlier keys: an error too.
+pub fn scan_after(bytes: &[u8], memo_before: u64) -> Result<Report, ScanError> {
+    let mut scanner = Scanner { memo_before, ..Default::default() };
     match scanner.feed(bytes)? {
         Progress::Done(report) => Ok(report),
         Progress::NeedMore(_) => Err(scanner.truncation(bytes)),
@@ -541,8 +555,19 @@ impl Scanner {
                     b'p' => Self::memo_index(arg!(cur.line()), at, name)?,
                     b'q' => le_uint(arg!(cur.take(1))),
                     b'r' => le_uint(arg!(cur.take(4))),
-                    _ => self.memo.len() as u64,
+                    _ => self.memo_before + self.memo.len() as u64,
                 };
+                if op == 0x94 {
+                    self.memoized = true;
+                } else {
+                    self.put_explicitly = true;
+                }
+                if self.memo_before > 0 && self.memoized && self.put_explicitly {
+                    return Err(Self::malformed(at, name, format!(
+                        "PUT and MEMOIZE mixed on an unpickler whose memo already holds {} entries from earlier loads",
+                        self.memo_before
+                    )));
+                }
                 let top = self.top(at, name)?;
                 self.memo.insert(index, top);
             }
@@ -812,6 +837,30 @@ mod tests {
         let p = b"\x80\x04\x8c\x02osq\x00\x8c\x06systemq\x010h\x00h\x01\x93)R.";
         let r = scan(p).unwrap();
         assert_eq!(r.globals, vec![("os".to_string(), "system".to_string())]);
+    }
+
+    #[test]
+    fn a_reused_unpickler_numbers_memoize_after_its_earlier_entries() {
+        // red-team S2: nine MEMOIZEs, then BINGET 8; on a memo already holding 20 entries the
+        // pickle's own entries are 20..28, so key 8 is an earlier load's object
+        let mut p = b"\x80\x04".to_vec();
+        for _ in 0..9 {
+            p.extend_from_slice(b"\x8c\x01x\x94");
+        }
+        p.extend_from_slice(b"h\x08.");
+        assert!(scan(&p).is_ok()); // a fresh unpickler: key 8 is the pickle's own
+        let err = scan_after(&p, 20).unwrap_err().to_string();
+        assert!(err.contains("memo key 8 was never stored"), "{err}");
+        // its own entries, at the keys the unpickler gives them, are fine
+        let own = [&p[..p.len() - 3], b"h\x1c."].concat();
+        assert!(scan_after(&own, 20).is_ok());
+        // PUT then MEMOIZE cannot be numbered without the earlier keys
+        let mixed = b"\x80\x04\x8c\x01xq\x00\x8c\x01y\x94.";
+        assert!(scan(mixed).is_ok());
+        assert!(scan_after(mixed, 3).unwrap_err().to_string().contains("PUT and MEMOIZE mixed"));
+        // protocol 2 (explicit BINPUT keys) stays exact
+        let put = b"\x80\x02X\x01\x00\x00\x00xq\x05h\x05\x86.";
+        assert!(scan_after(put, 7).is_ok());
     }
 
     #[test]

@@ -206,7 +206,7 @@ def _guarded_py_load(self):
         finally:
             self._file_read, self._file_readline = read, readline
 
-    return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _core.current_callsite)
+    return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _core.current_callsite, self)
 
 
 class _Builtinlike:

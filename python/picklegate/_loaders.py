@@ -151,6 +151,17 @@ def _patch_torch(torch):
         return
     _replace(serialization, "load", lambda f: _guard_file_loader(f, mapped_keyword="mmap"))
     torch.load = serialization.load
+    _patch_torch_jit(torch)
+
+
+def _patch_torch_jit(torch):
+    """torch.jit.load: TorchScript's C++ unpickler runs the archive's pickles (and its code), never
+    through Python's pickle, so the whole file is judged by its sha256 before it gets the bytes."""
+    jit_serialization = sys.modules.get("torch.jit._serialization")
+    if jit_serialization is None:
+        return
+    _replace(jit_serialization, "load", _guard_file_loader)
+    torch.jit.load = jit_serialization.load
 
 
 def _patch_joblib(joblib):
