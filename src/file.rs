@@ -218,3 +218,469 @@ impl HashedFile {
         self.sha.to_hex()
     }
 }
+
+/// Which bytes of a pinned file may be served from the file itself after the check.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Everything is kept in private memory.
+    Whole,
+    /// A torch zip checkpoint: the storages' raw bytes (`<archive>/data/<key>`, stored) are read
+    /// from the file; every other byte (records, pickles, headers, directory) is private.
+    TorchZip,
+}
+
+fn le16(b: &[u8], at: usize) -> u64 {
+    u16::from_le_bytes([b[at], b[at + 1]]) as u64
+}
+
+fn le32(b: &[u8], at: usize) -> u64 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as u64
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// The zip64 extended sizes/offset that replace the 32-bit fields set to 0xFFFFFFFF, in order.
+fn zip64_fields(extra: &[u8], wanted: &[bool]) -> Option<Vec<u64>> {
+    let mut at = 0;
+    while at + 4 <= extra.len() {
+        let (id, size) = (le16(extra, at), le16(extra, at + 2) as usize);
+        let body = extra.get(at + 4..at + 4 + size)?;
+        if id == 1 {
+            let mut values = Vec::new();
+            let mut off = 0;
+            for &w in wanted {
+                if w {
+                    values.push(le64(body.get(off..off + 8)?, 0));
+                    off += 8;
+                }
+            }
+            return Some(values);
+        }
+        at += 4 + size;
+    }
+    None
+}
+
+/// One member found by walking the local headers in file order.
+struct Member {
+    header: usize,
+    name: Vec<u8>,
+    method: u64,
+    size: u64,
+}
+
+fn is_storage(name: &[u8]) -> bool {
+    let parts: Vec<&[u8]> = name.split(|&b| b == b'/').collect();
+    parts.len() == 3 && parts[1] == b"data" && !parts[2].is_empty() && parts[2].iter().all(u8::is_ascii_digit)
+}
+
+/// Walks a zip's local headers as the bytes arrive, finding the storage payloads.
+#[derive(Default)]
+struct ZipWalk {
+    next: usize,
+    members: Vec<Member>,
+    /// The walk reached the central directory (`Some(true)`) or something it does not know.
+    ended: Option<bool>,
+}
+
+impl ZipWalk {
+    /// Advances over the members wholly described by `bytes[..len]`; returns new payload ranges.
+    fn advance(&mut self, bytes: &[u8], len: usize, out: &mut Vec<std::ops::Range<usize>>) {
+        while self.ended.is_none() {
+            let at = self.next;
+            if at + 30 > len {
+                return;
+            }
+            let h = &bytes[at..];
+            if &h[..4] != b"PK\x03\x04" {
+                self.ended = Some(&h[..4] == b"PK\x01\x02" || &h[..4] == b"PK\x05\x06" || &h[..4] == b"PK\x06\x06");
+                return;
+            }
+            let (flags, method) = (le16(h, 6), le16(h, 8));
+            let (mut csize, mut usize_) = (le32(h, 18), le32(h, 22));
+            let (n, m) = (le16(h, 26) as usize, le16(h, 28) as usize);
+            if at + 30 + n + m > len {
+                return;
+            }
+            let name = h[30..30 + n].to_vec();
+            if csize == 0xFFFF_FFFF || usize_ == 0xFFFF_FFFF {
+                match zip64_fields(&h[30 + n..30 + n + m], &[true, true]) {
+                    Some(v) => (usize_, csize) = (v[0], v[1]),
+                    None => return self.ended = Some(false),
+                }
+            }
+            if flags & 8 != 0 {
+                return self.ended = Some(false); // sizes only after the data: cannot walk on
+            }
+            let data = at + 30 + n + m;
+            let Some(end) = usize::try_from(csize).ok().and_then(|c| data.checked_add(c)) else {
+                return self.ended = Some(false);
+            };
+            if method == 0 && csize == usize_ && is_storage(&name) && end > data {
+                out.push(data..end);
+            }
+            self.members.push(Member { header: at, name, method, size: csize });
+            self.next = end;
+        }
+    }
+
+    /// Whether the central directory in `bytes` (all private) names exactly the members walked,
+    /// at the offsets walked: only then do the library's reads of records land on private bytes.
+    fn directory_agrees(&self, bytes: &[u8]) -> bool {
+        if self.ended != Some(true) || bytes.len() < 22 {
+            return false;
+        }
+        let floor = bytes.len().saturating_sub(22 + 65535).max(self.next);
+        let Some(eocd) = (floor..=bytes.len() - 22).rev().find(|&i| &bytes[i..i + 4] == b"PK\x05\x06") else { return false };
+        let (mut count, mut offset) = (le16(bytes, eocd + 10), le32(bytes, eocd + 16));
+        if offset == 0xFFFF_FFFF || count == 0xFFFF {
+            let Some(locator) = eocd.checked_sub(20).filter(|&l| &bytes[l..l + 4] == b"PK\x06\x07") else { return false };
+            let Ok(z) = usize::try_from(le64(bytes, locator + 8)) else { return false };
+            if z < self.next || z + 56 > bytes.len() || &bytes[z..z + 4] != b"PK\x06\x06" {
+                return false;
+            }
+            (count, offset) = (le64(bytes, z + 32), le64(bytes, z + 48));
+        }
+        let Ok(mut at) = usize::try_from(offset) else { return false };
+        if at < self.next || count as usize != self.members.len() {
+            return false;
+        }
+        let by_header: std::collections::HashMap<usize, &Member> = self.members.iter().map(|m| (m.header, m)).collect();
+        for _ in 0..count {
+            if at + 46 > bytes.len() || &bytes[at..at + 4] != b"PK\x01\x02" {
+                return false;
+            }
+            let c = &bytes[at..];
+            let (method, mut csize, usize_, mut local) = (le16(c, 10), le32(c, 20), le32(c, 24), le32(c, 42));
+            let (n, m, k) = (le16(c, 28) as usize, le16(c, 30) as usize, le16(c, 32) as usize);
+            if at + 46 + n + m + k > bytes.len() {
+                return false;
+            }
+            let wanted = [usize_ == 0xFFFF_FFFF, csize == 0xFFFF_FFFF, local == 0xFFFF_FFFF];
+            if wanted.iter().any(|&w| w) {
+                let Some(values) = zip64_fields(&c[46 + n..46 + n + m], &wanted) else { return false };
+                let mut values = values.into_iter();
+                if wanted[0] {
+                    values.next();
+                }
+                if wanted[1] {
+                    csize = values.next().unwrap_or(u64::MAX);
+                }
+                if wanted[2] {
+                    local = values.next().unwrap_or(u64::MAX);
+                }
+            }
+            let Some(member) = usize::try_from(local).ok().and_then(|l| by_header.get(&l)) else { return false };
+            if member.name != c[46..46 + n] || member.method != method || member.size != csize {
+                return false;
+            }
+            at += 46 + n + m + k;
+        }
+        true
+    }
+}
+
+/// A file read once and hashed while read: the bytes the check saw stay in private memory,
+/// except (by layout) raw tensor payloads, which later reads take from the file itself.
+pub struct Pinned {
+    file: File,
+    region: Region,
+    len: usize,
+    /// Sorted, disjoint ranges served from the file, not from `region`.
+    live: Vec<std::ops::Range<usize>>,
+    pub sha: Digest,
+}
+
+impl Pinned {
+    fn read(file: File, layout: Layout) -> io::Result<Self> {
+        let expected = file.metadata()?.len() as usize;
+        let page = page_size();
+        let mut region = Region::new(expected + page)?;
+        let mut hasher = Hasher::default();
+        let mut walk = ZipWalk::default();
+        let mut live = Vec::new();
+        // Payload ranges from `open` on are not yet wholly given back; `mark`: released up to here.
+        let (mut open, mut mark) = (0usize, 0usize);
+        let mut len = 0;
+        loop {
+            if len == region.cap {
+                let mut bigger = Region::new(region.cap * 2)?;
+                bigger.slice_mut(0..len).copy_from_slice(region.slice(0..len));
+                region = bigger;
+            }
+            let end = (len + READ_CHUNK).min(region.cap);
+            let n = match file.read_at(region.slice_mut(len..end), len as u64) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                break;
+            }
+            hasher.update(region.slice(len..len + n));
+            len += n;
+            if layout == Layout::TorchZip {
+                walk.advance(region.slice(0..region.cap), len, &mut live);
+                // Give back the payload pages already hashed: they will be read from the file.
+                while let Some(range) = live.get(open) {
+                    let from = (range.start.div_ceil(page) * page).max(mark);
+                    let upto = range.end.min(len) / page * page;
+                    if upto > from {
+                        region.release(from..upto);
+                        mark = upto;
+                    }
+                    if range.end > len {
+                        break;
+                    }
+                    open += 1;
+                }
+            }
+        }
+        let sha = hasher.finish();
+        if !live.is_empty() && !walk.directory_agrees(region.slice(0..len)) {
+            // The directory does not match the walk: keep everything (read again, same hash).
+            let whole = Pinned::read(file, Layout::Whole)?;
+            if whole.sha != sha {
+                return Err(io::Error::other("the file changed while it was being read for its sha256"));
+            }
+            return Ok(whole);
+        }
+        Ok(Pinned { file, region, len, live, sha })
+    }
+
+    /// The private bytes (payload ranges read as zeros): what the scan of the decision reads.
+    pub fn private_bytes(&self) -> &[u8] {
+        self.region.slice(0..self.len)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Copies the bytes at `pos..pos + out.len()` (clamped to the file) into `out`.
+    fn read_at(&self, pos: usize, out: &mut [u8]) -> io::Result<usize> {
+        let end = (pos + out.len()).min(self.len);
+        let mut at = pos;
+        while at < end {
+            let i = self.live.partition_point(|r| r.end <= at);
+            let (upto, from_file) = match self.live.get(i) {
+                Some(r) if r.start <= at => (r.end.min(end), true),
+                Some(r) => (r.start.min(end), false),
+                None => (end, false),
+            };
+            let target = &mut out[at - pos..upto - pos];
+            if from_file {
+                let mut done = 0;
+                while done < target.len() {
+                    match self.file.read_at(&mut target[done..], (at + done) as u64) {
+                        Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file was truncated after its check")),
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            } else {
+                target.copy_from_slice(self.region.slice(at..upto));
+            }
+            at = upto;
+        }
+        Ok(end.saturating_sub(pos))
+    }
+}
+
+/// A read-only file object over a `Pinned` file, handed to a loader library in place of the file
+/// it opens: `read`, `readinto`, `readline`, `peek`, `seek`, `tell`, a context manager.
+#[pyclass(module = "picklegate._core")]
+pub struct PinnedFile {
+    pub pinned: std::sync::Arc<Pinned>,
+    pos: usize,
+    closed: bool,
+    #[pyo3(get, set)]
+    name: Option<Py<PyAny>>,
+}
+
+impl PinnedFile {
+    fn check_open(&self) -> PyResult<()> {
+        if self.closed {
+            return Err(pyo3::exceptions::PyValueError::new_err("I/O operation on closed file."));
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, py: Python<'_>, n: Option<isize>) -> PyResult<Vec<u8>> {
+        self.check_open()?;
+        let left = self.pinned.len.saturating_sub(self.pos);
+        let n = match n {
+            Some(n) if n >= 0 => (n as usize).min(left),
+            _ => left,
+        };
+        let mut out = vec![0u8; n];
+        let pinned = self.pinned.clone();
+        let pos = self.pos;
+        let got = py.detach(|| pinned.read_at(pos, &mut out)).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        out.truncate(got);
+        Ok(out)
+    }
+}
+
+#[pymethods]
+impl PinnedFile {
+    /// Reads the whole file open at descriptor `fd` (duplicated; the caller keeps its own) and
+    /// hashes it. `layout` is `"whole"` or `"torch-zip"`.
+    #[new]
+    #[pyo3(signature = (fd, layout, name=None))]
+    fn new(py: Python<'_>, fd: i32, layout: &str, name: Option<Py<PyAny>>) -> PyResult<Self> {
+        let layout = match layout {
+            "whole" => Layout::Whole,
+            "torch-zip" => Layout::TorchZip,
+            other => return Err(pyo3::exceptions::PyValueError::new_err(format!("unknown layout {other:?}"))),
+        };
+        let borrowed = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+        let file = borrowed.try_clone().map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let pinned = py.detach(|| Pinned::read(file, layout)).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        Ok(PinnedFile { pinned: std::sync::Arc::new(pinned), pos: 0, closed: false, name })
+    }
+
+    /// Another file object over the same checked bytes, at position 0.
+    fn reopen(&self, py: Python<'_>) -> Self {
+        PinnedFile { pinned: self.pinned.clone(), pos: 0, closed: false, name: self.name.as_ref().map(|n| n.clone_ref(py)) }
+    }
+
+    #[getter]
+    fn sha256(&self) -> String {
+        self.pinned.sha.to_hex()
+    }
+
+    /// How many bytes are read from the file after the check instead of private memory.
+    #[getter]
+    fn live_bytes(&self) -> usize {
+        self.pinned.live.iter().map(|r| r.len()).sum()
+    }
+
+    #[getter]
+    fn size(&self) -> usize {
+        self.pinned.len
+    }
+
+    #[getter]
+    fn mode(&self) -> &'static str {
+        "rb"
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.closed
+    }
+
+    fn close(&mut self) {
+        self.closed = true;
+    }
+
+    fn readable(&self) -> PyResult<bool> {
+        self.check_open().map(|_| true)
+    }
+
+    fn seekable(&self) -> PyResult<bool> {
+        self.check_open().map(|_| true)
+    }
+
+    fn writable(&self) -> bool {
+        false
+    }
+
+    fn isatty(&self) -> bool {
+        false
+    }
+
+    fn flush(&self) {}
+
+    fn fileno(&self, py: Python<'_>) -> PyResult<i32> {
+        let unsupported = py.import("io")?.getattr("UnsupportedOperation")?;
+        Err(PyErr::from_value(unsupported.call1(("fileno",))?))
+    }
+
+    #[pyo3(signature = (n=-1))]
+    fn read<'py>(&mut self, py: Python<'py>, n: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+        let out = self.take(py, n)?;
+        self.pos += out.len();
+        Ok(PyBytes::new(py, &out))
+    }
+
+    #[pyo3(signature = (n=-1))]
+    fn read1<'py>(&mut self, py: Python<'py>, n: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+        self.read(py, n)
+    }
+
+    /// The next bytes without moving (at least one byte unless at the end), as `BufferedReader`.
+    #[pyo3(signature = (n=0))]
+    fn peek<'py>(&mut self, py: Python<'py>, n: isize) -> PyResult<Bound<'py, PyBytes>> {
+        let out = self.take(py, Some(n.max(1)))?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    fn readinto(&mut self, py: Python<'_>, buffer: &Bound<'_, PyAny>) -> PyResult<usize> {
+        self.check_open()?;
+        let mut target = BytesMut::borrow(buffer)?;
+        let target = target.as_mut_slice();
+        let pinned = self.pinned.clone();
+        let pos = self.pos;
+        let got = py.detach(|| pinned.read_at(pos, target)).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        self.pos += got;
+        Ok(got)
+    }
+
+    #[pyo3(signature = (size=-1))]
+    fn readline<'py>(&mut self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+        self.check_open()?;
+        let mut line = Vec::new();
+        let limit = match size {
+            Some(s) if s >= 0 => s as usize,
+            _ => usize::MAX,
+        };
+        while line.len() < limit && self.pos < self.pinned.len {
+            let mut chunk = vec![0u8; (limit - line.len()).min(8192).min(self.pinned.len - self.pos)];
+            let got = self.pinned.read_at(self.pos, &mut chunk).map_err(|e| PyOSError::new_err(e.to_string()))?;
+            let used = chunk[..got].iter().position(|&b| b == b'\n').map_or(got, |i| i + 1);
+            line.extend_from_slice(&chunk[..used]);
+            self.pos += used;
+            if used < got || got == 0 || line.last() == Some(&b'\n') {
+                break;
+            }
+        }
+        Ok(PyBytes::new(py, &line))
+    }
+
+    #[pyo3(signature = (offset, whence=0))]
+    fn seek(&mut self, offset: i64, whence: i32) -> PyResult<usize> {
+        self.check_open()?;
+        let base = match whence {
+            0 => 0,
+            1 => self.pos as i64,
+            2 => self.pinned.len as i64,
+            _ => return Err(pyo3::exceptions::PyValueError::new_err(format!("invalid whence ({whence}, should be 0, 1 or 2)"))),
+        };
+        let target = base.checked_add(offset).filter(|&t| t >= 0);
+        let Some(target) = target else {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!("negative seek position {offset}")));
+        };
+        self.pos = target as usize;
+        Ok(self.pos)
+    }
+
+    fn tell(&self) -> PyResult<usize> {
+        self.check_open().map(|_| self.pos)
+    }
+
+    fn __enter__(slf: PyRef<'_, Self>) -> PyResult<PyRef<'_, Self>> {
+        slf.check_open()?;
+        Ok(slf)
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.closed = true;
+        false
+    }
+}

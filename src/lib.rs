@@ -96,5 +96,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tokens::ScopeObj>()?;
     m.add_class::<StreamScanner>()?;
     m.add_class::<file::HashedFile>()?;
+    m.add_class::<file::PinnedFile>()?;
     Ok(())
 }

@@ -51,6 +51,8 @@ def _take(file):
     if not (hasattr(file, "read") and hasattr(file, "readline")):
         raise TypeError("file must have 'read' and 'readline' attributes")
     source = _files.source_name(file)
+    if type(file) is _core.HashedFile:
+        return file, source, lambda used: None  # read and hashed already by a loader library's guard
     if _files.seekable(file):
         _core.refuse_unread(file, _scope.SCOPE.get(), source)
         start = file.tell()
@@ -175,6 +177,10 @@ def _guarded_py_load(self):
         return _original_py_load(self)  # raises the usual "__init__() was not called" error
     file = getattr(read, "__self__", None)
     source = _files.source_name(file)
+    if type(file) is _core.PinnedFile:
+        # A file a loader library's guard read and hashed whole: judged as that file, read in place.
+        run = functools.partial(_original_py_load, self)
+        return _core.guarded_container(file, _scope.SCOPE.get(), source, run, _core.current_callsite, True)
     if file is not None and _files.seekable(file):
         _core.refuse_unread(file, _scope.SCOPE.get(), source)
         start = file.tell()
