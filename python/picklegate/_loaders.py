@@ -279,6 +279,48 @@ def _patch_torch(torch):
     torch.load = serialization.load
 
 
+def _patch_torch_package(package_importer):
+    """A torch.package archive carries module source that its pickles import: the whole archive is
+    judged on its file's sha256 when it is opened (like a checkpoint), the importer reads only the
+    checked bytes, and its pickles load under that verdict."""
+    importer = getattr(package_importer, "PackageImporter", None)
+    if importer is None or hasattr(importer.__init__, "__picklegate_original__"):
+        return
+    original_init, original_load_pickle = importer.__init__, importer.load_pickle
+
+    @functools.wraps(original_init)
+    def __init__(self, file_or_buffer, *args, **kwargs):
+        path = _local_path(file_or_buffer) if isinstance(file_or_buffer, (str, os.PathLike)) else None
+        if path is not None and not os.path.isdir(path):
+            checked = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(file_or_buffer)))
+            if checked is None:
+                return original_init(self, file_or_buffer, *args, **kwargs)
+            source, reader = path, checked.reopen()
+        elif hasattr(file_or_buffer, "read") and _files.seekable(file_or_buffer):
+            source = _files.source_name(file_or_buffer)
+            checked = file_or_buffer.read()
+            reader = io.BytesIO(checked)
+        else:
+            return original_init(self, file_or_buffer, *args, **kwargs)
+        callsite = _core.current_callsite()
+        _container(checked, source, lambda: original_init(self, reader, *args, **kwargs), True, callsite)
+        if path is not None:
+            self.filename = os.fspath(file_or_buffer)
+        self._picklegate_archive = (checked, source, callsite)
+
+    @functools.wraps(original_load_pickle)
+    def load_pickle(self, *args, **kwargs):
+        archive = getattr(self, "_picklegate_archive", None)
+        if archive is None:
+            return original_load_pickle(self, *args, **kwargs)
+        checked, source, callsite = archive
+        return _container(checked, source, lambda: original_load_pickle(self, *args, **kwargs), True, callsite)
+
+    __init__.__picklegate_original__ = original_init
+    load_pickle.__picklegate_original__ = original_load_pickle
+    importer.__init__, importer.load_pickle = __init__, load_pickle
+
+
 def _patch_joblib(joblib):
     numpy_pickle = sys.modules.get("joblib.numpy_pickle")
     if numpy_pickle is None:
@@ -310,7 +352,7 @@ def _patch_dill(dill):
             _replace(module, "loads", _guard_bytes_loader)
 
 
-PATCHES = {"torch": _patch_torch, "joblib": _patch_joblib, "numpy": _patch_numpy, "pandas": _patch_pandas, "dill": _patch_dill}
+PATCHES = {"torch": _patch_torch, "torch.package.package_importer": _patch_torch_package, "joblib": _patch_joblib, "numpy": _patch_numpy, "pandas": _patch_pandas, "dill": _patch_dill}
 
 
 class _PatchAfterExec(importlib.abc.Loader):
