@@ -263,12 +263,13 @@ fn zip64_fields(extra: &[u8], wanted: &[bool]) -> Option<Vec<u64>> {
     None
 }
 
-/// One member found by walking the local headers in file order.
+/// One member as the central directory names it.
 struct Member {
     header: usize,
     name: Vec<u8>,
     method: u64,
     size: u64,
+    uncompressed: u64,
 }
 
 fn is_storage(name: &[u8]) -> bool {
@@ -276,109 +277,103 @@ fn is_storage(name: &[u8]) -> bool {
     parts.len() == 3 && parts[1] == b"data" && !parts[2].is_empty() && parts[2].iter().all(u8::is_ascii_digit)
 }
 
-/// Walks a zip's local headers as the bytes arrive, finding the storage payloads.
-#[derive(Default)]
-struct ZipWalk {
-    next: usize,
+/// The directory a zip reader will use, read before the hash pass (torch writes sizes only in the
+/// directory and data descriptors, so the local headers alone cannot be walked). The pass then
+/// checks that the bytes it hashed there are these same bytes.
+struct ZipPlan {
+    /// Where the central directory starts; everything from here to the end is `directory`.
+    start: usize,
+    directory: Vec<u8>,
+    /// Sorted by header offset.
     members: Vec<Member>,
-    /// The walk reached the central directory (`Some(true)`) or something it does not know.
-    ended: Option<bool>,
+    /// The next member whose local header the pass has not reached yet.
+    next: usize,
+    /// The end of the last member's data: members must not overlap.
+    floor: usize,
+    /// Something did not match: the pass keeps everything.
+    broken: bool,
 }
 
-impl ZipWalk {
-    /// Advances over the members wholly described by `bytes[..len]`; returns new payload ranges.
+/// A central directory larger than this is not planned: the file is then kept whole.
+const MAX_DIRECTORY: usize = 64 << 20;
+
+impl ZipPlan {
+    fn read(file: &File, size: usize) -> Option<Self> {
+        let tail_len = size.min(22 + 65535);
+        let mut tail = vec![0u8; tail_len];
+        file.read_exact_at(&mut tail, (size - tail_len) as u64).ok()?;
+        let eocd = (0..=tail_len.checked_sub(22)?).rev().find(|&i| &tail[i..i + 4] == b"PK\x05\x06")?;
+        let (mut count, mut offset) = (le16(&tail, eocd + 10), le32(&tail, eocd + 16));
+        if offset == 0xFFFF_FFFF || count == 0xFFFF {
+            let locator = eocd.checked_sub(20).filter(|&l| &tail[l..l + 4] == b"PK\x06\x07")?;
+            let mut record = [0u8; 56];
+            file.read_exact_at(&mut record, le64(&tail, locator + 8)).ok()?;
+            if &record[..4] != b"PK\x06\x06" {
+                return None;
+            }
+            (count, offset) = (le64(&record, 32), le64(&record, 48));
+        }
+        let start = usize::try_from(offset).ok().filter(|&o| o <= size && size - o <= MAX_DIRECTORY)?;
+        let mut directory = vec![0u8; size - start];
+        file.read_exact_at(&mut directory, start as u64).ok()?;
+        let mut members = Vec::new();
+        let mut at = 0;
+        for _ in 0..count {
+            let c = directory.get(at..at + 46).filter(|c| &c[..4] == b"PK\x01\x02")?;
+            let (method, mut csize, mut usize_, mut local) = (le16(c, 10), le32(c, 20), le32(c, 24), le32(c, 42));
+            let (n, m, k) = (le16(c, 28) as usize, le16(c, 30) as usize, le16(c, 32) as usize);
+            let name = directory.get(at + 46..at + 46 + n)?.to_vec();
+            let extra = directory.get(at + 46 + n..at + 46 + n + m)?;
+            let wanted = [usize_ == 0xFFFF_FFFF, csize == 0xFFFF_FFFF, local == 0xFFFF_FFFF];
+            if wanted.iter().any(|&w| w) {
+                let mut values = zip64_fields(extra, &wanted)?.into_iter();
+                if wanted[0] {
+                    usize_ = values.next()?;
+                }
+                if wanted[1] {
+                    csize = values.next()?;
+                }
+                if wanted[2] {
+                    local = values.next()?;
+                }
+            }
+            members.push(Member { header: usize::try_from(local).ok()?, name, method, size: csize, uncompressed: usize_ });
+            at += 46 + n + m + k;
+        }
+        members.sort_by_key(|m| m.header);
+        Some(ZipPlan { start, directory, members, next: 0, floor: 0, broken: false })
+    }
+
+    /// Reads the local headers now wholly in `bytes[..len]`; returns the new payload ranges.
     fn advance(&mut self, bytes: &[u8], len: usize, out: &mut Vec<std::ops::Range<usize>>) {
-        while self.ended.is_none() {
-            let at = self.next;
+        while let Some(member) = self.members.get(self.next).filter(|_| !self.broken) {
+            let at = member.header;
             if at + 30 > len {
                 return;
             }
             let h = &bytes[at..];
-            if &h[..4] != b"PK\x03\x04" {
-                self.ended = Some(&h[..4] == b"PK\x01\x02" || &h[..4] == b"PK\x05\x06" || &h[..4] == b"PK\x06\x06");
-                return;
-            }
-            let (flags, method) = (le16(h, 6), le16(h, 8));
-            let (mut csize, mut usize_) = (le32(h, 18), le32(h, 22));
             let (n, m) = (le16(h, 26) as usize, le16(h, 28) as usize);
             if at + 30 + n + m > len {
                 return;
             }
-            let name = h[30..30 + n].to_vec();
-            if csize == 0xFFFF_FFFF || usize_ == 0xFFFF_FFFF {
-                match zip64_fields(&h[30 + n..30 + n + m], &[true, true]) {
-                    Some(v) => (usize_, csize) = (v[0], v[1]),
-                    None => return self.ended = Some(false),
-                }
-            }
-            if flags & 8 != 0 {
-                return self.ended = Some(false); // sizes only after the data: cannot walk on
-            }
             let data = at + 30 + n + m;
-            let Some(end) = usize::try_from(csize).ok().and_then(|c| data.checked_add(c)) else {
-                return self.ended = Some(false);
-            };
-            if method == 0 && csize == usize_ && is_storage(&name) && end > data {
-                out.push(data..end);
+            let end = usize::try_from(member.size).ok().and_then(|s| data.checked_add(s));
+            match end {
+                Some(end) if &h[..4] == b"PK\x03\x04" && h[30..30 + n] == member.name[..] && at >= self.floor && end <= self.start => {
+                    if member.method == 0 && member.size == member.uncompressed && is_storage(&member.name) && end > data {
+                        out.push(data..end);
+                    }
+                    self.floor = end;
+                    self.next += 1;
+                }
+                _ => self.broken = true,
             }
-            self.members.push(Member { header: at, name, method, size: csize });
-            self.next = end;
         }
     }
 
-    /// Whether the central directory in `bytes` (all private) names exactly the members walked,
-    /// at the offsets walked: only then do the library's reads of records land on private bytes.
-    fn directory_agrees(&self, bytes: &[u8]) -> bool {
-        if self.ended != Some(true) || bytes.len() < 22 {
-            return false;
-        }
-        let floor = bytes.len().saturating_sub(22 + 65535).max(self.next);
-        let Some(eocd) = (floor..=bytes.len() - 22).rev().find(|&i| &bytes[i..i + 4] == b"PK\x05\x06") else { return false };
-        let (mut count, mut offset) = (le16(bytes, eocd + 10), le32(bytes, eocd + 16));
-        if offset == 0xFFFF_FFFF || count == 0xFFFF {
-            let Some(locator) = eocd.checked_sub(20).filter(|&l| &bytes[l..l + 4] == b"PK\x06\x07") else { return false };
-            let Ok(z) = usize::try_from(le64(bytes, locator + 8)) else { return false };
-            if z < self.next || z + 56 > bytes.len() || &bytes[z..z + 4] != b"PK\x06\x06" {
-                return false;
-            }
-            (count, offset) = (le64(bytes, z + 32), le64(bytes, z + 48));
-        }
-        let Ok(mut at) = usize::try_from(offset) else { return false };
-        if at < self.next || count as usize != self.members.len() {
-            return false;
-        }
-        let by_header: std::collections::HashMap<usize, &Member> = self.members.iter().map(|m| (m.header, m)).collect();
-        for _ in 0..count {
-            if at + 46 > bytes.len() || &bytes[at..at + 4] != b"PK\x01\x02" {
-                return false;
-            }
-            let c = &bytes[at..];
-            let (method, mut csize, usize_, mut local) = (le16(c, 10), le32(c, 20), le32(c, 24), le32(c, 42));
-            let (n, m, k) = (le16(c, 28) as usize, le16(c, 30) as usize, le16(c, 32) as usize);
-            if at + 46 + n + m + k > bytes.len() {
-                return false;
-            }
-            let wanted = [usize_ == 0xFFFF_FFFF, csize == 0xFFFF_FFFF, local == 0xFFFF_FFFF];
-            if wanted.iter().any(|&w| w) {
-                let Some(values) = zip64_fields(&c[46 + n..46 + n + m], &wanted) else { return false };
-                let mut values = values.into_iter();
-                if wanted[0] {
-                    values.next();
-                }
-                if wanted[1] {
-                    csize = values.next().unwrap_or(u64::MAX);
-                }
-                if wanted[2] {
-                    local = values.next().unwrap_or(u64::MAX);
-                }
-            }
-            let Some(member) = usize::try_from(local).ok().and_then(|l| by_header.get(&l)) else { return false };
-            if member.name != c[46..46 + n] || member.method != method || member.size != csize {
-                return false;
-            }
-            at += 46 + n + m + k;
-        }
-        true
+    /// Whether the pass hashed exactly the directory the plan was made from, and every member.
+    fn held(&self, hashed: &[u8]) -> bool {
+        !self.broken && self.next == self.members.len() && hashed.len() == self.start + self.directory.len() && hashed[self.start..] == self.directory[..]
     }
 }
 
@@ -399,7 +394,7 @@ impl Pinned {
         let page = page_size();
         let mut region = Region::new(expected + page)?;
         let mut hasher = Hasher::default();
-        let mut walk = ZipWalk::default();
+        let mut plan = if layout == Layout::TorchZip { ZipPlan::read(&file, expected) } else { None };
         let mut live = Vec::new();
         // Payload ranges from `open` on are not yet wholly given back; `mark`: released up to here.
         let (mut open, mut mark) = (0usize, 0usize);
@@ -421,8 +416,8 @@ impl Pinned {
             }
             hasher.update(region.slice(len..len + n));
             len += n;
-            if layout == Layout::TorchZip {
-                walk.advance(region.slice(0..region.cap), len, &mut live);
+            if let Some(plan) = plan.as_mut() {
+                plan.advance(region.slice(0..region.cap), len, &mut live);
                 // Give back the payload pages already hashed: they will be read from the file.
                 while let Some(range) = live.get(open) {
                     let from = (range.start.div_ceil(page) * page).max(mark);
@@ -439,7 +434,7 @@ impl Pinned {
             }
         }
         let sha = hasher.finish();
-        if !live.is_empty() && !walk.directory_agrees(region.slice(0..len)) {
+        if !live.is_empty() && !plan.as_ref().is_some_and(|p| p.held(region.slice(0..len))) {
             // The directory does not match the walk: keep everything (read again, same hash).
             let whole = Pinned::read(file, Layout::Whole)?;
             if whole.sha != sha {
