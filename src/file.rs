@@ -6,6 +6,7 @@
 
 use crate::buffer::BytesMut;
 use picklegate_core::hash::{Digest, Hasher};
+use picklegate_core::scan::{Progress, Scanner};
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -31,11 +32,12 @@ unsafe impl Send for Region {}
 unsafe impl Sync for Region {}
 
 impl Region {
-    fn new(cap: usize) -> io::Result<Self> {
+    /// `populate`: the region will be filled whole, so map its pages at once (one call instead of
+    /// a fault per page, a third of a guarded load's added time otherwise).
+    fn new(cap: usize, populate: bool) -> io::Result<Self> {
         let cap = cap.max(1);
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), cap, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
-        };
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if populate { libc::MAP_POPULATE } else { 0 };
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), cap, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -80,13 +82,13 @@ fn page_size() -> usize {
 fn read_hashed(file: &File, offset: u64) -> io::Result<(Region, usize, Digest)> {
     let expected = file.metadata()?.len().saturating_sub(offset) as usize;
     // One page more than the file holds, so that reaching the end (a read of 0) needs no growth.
-    let mut region = Region::new(expected + page_size())?;
+    let mut region = Region::new(expected + page_size(), true)?;
     let mut hasher = Hasher::default();
     let mut len = 0;
     loop {
         if len == region.cap {
             // The file grew while being read: move to a region twice as large.
-            let mut bigger = Region::new(region.cap * 2)?;
+            let mut bigger = Region::new(region.cap * 2, true)?;
             bigger.slice_mut(0..len).copy_from_slice(region.slice(0..len));
             region = bigger;
         }
@@ -224,6 +226,9 @@ impl HashedFile {
 enum Layout {
     /// Everything is kept in private memory.
     Whole,
+    /// A joblib pickle: the raw bytes of numeric arrays after each NumpyArrayWrapper (as the
+    /// joblib scanner sizes them) are read from the file; the pickle opcodes are private.
+    Joblib,
     /// A torch zip checkpoint: the storages' raw bytes (`<archive>/data/<key>`, stored) are read
     /// from the file; every other byte (records, pickles, headers, directory) is private.
     TorchZip,
@@ -392,21 +397,32 @@ impl Pinned {
     fn read(file: File, layout: Layout) -> io::Result<Self> {
         let expected = file.metadata()?.len() as usize;
         let page = page_size();
-        let mut region = Region::new(expected + page)?;
+        let mut region = Region::new(expected + page, layout == Layout::Whole)?;
+        let mut scratch = vec![0u8; if layout == Layout::Whole { 0 } else { READ_CHUNK }];
         let mut hasher = Hasher::default();
         let mut plan = if layout == Layout::TorchZip { ZipPlan::read(&file, expected) } else { None };
+        let mut joblib = (layout == Layout::Joblib).then(Scanner::for_joblib);
+        // The joblib scan reached STOP (`Some(true)`) or failed (`Some(false)`).
+        let mut joblib_end: Option<bool> = None;
         let mut live = Vec::new();
         // Payload ranges from `open` on are not yet wholly given back; `mark`: released up to here.
         let (mut open, mut mark) = (0usize, 0usize);
         let mut len = 0;
         loop {
             if len == region.cap {
-                let mut bigger = Region::new(region.cap * 2)?;
+                let mut bigger = Region::new(region.cap * 2, layout == Layout::Whole)?;
                 bigger.slice_mut(0..len).copy_from_slice(region.slice(0..len));
                 region = bigger;
             }
-            let end = (len + READ_CHUNK).min(region.cap);
-            let n = match file.read_at(region.slice_mut(len..end), len as u64) {
+            // Inside a payload already found, read through a scratch buffer: its pages are
+            // never touched (no fault, nothing to give back).
+            let payload_end = live.last().filter(|r: &&std::ops::Range<usize>| r.start <= len && len < r.end).map(|r| r.end);
+            let end = (len + READ_CHUNK).min(region.cap).min(payload_end.unwrap_or(usize::MAX));
+            let target = match payload_end {
+                Some(_) => &mut scratch[..end - len],
+                None => region.slice_mut(len..end),
+            };
+            let n = match file.read_at(target, len as u64) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -414,10 +430,25 @@ impl Pinned {
             if n == 0 {
                 break;
             }
-            hasher.update(region.slice(len..len + n));
+            hasher.update(&target[..n]);
             len += n;
+            if let (Some(scanner), None) = (joblib.as_mut(), joblib_end) {
+                match scanner.feed(region.slice(0..len)) {
+                    Ok(Progress::Done(_)) => joblib_end = Some(true),
+                    Ok(Progress::NeedMore(_)) => {
+                        if let Some(array) = scanner.pending_array() {
+                            if live.last().map(|r: &std::ops::Range<usize>| r.start) != Some(array.start) {
+                                live.push(array);
+                            }
+                        }
+                    }
+                    Err(_) => joblib_end = Some(false),
+                }
+            }
             if let Some(plan) = plan.as_mut() {
                 plan.advance(region.slice(0..region.cap), len, &mut live);
+            }
+            if layout != Layout::Whole {
                 // Give back the payload pages already hashed: they will be read from the file.
                 while let Some(range) = live.get(open) {
                     let from = (range.start.div_ceil(page) * page).max(mark);
@@ -434,7 +465,12 @@ impl Pinned {
             }
         }
         let sha = hasher.finish();
-        if !live.is_empty() && !plan.as_ref().is_some_and(|p| p.held(region.slice(0..len))) {
+        let planned = match layout {
+            Layout::TorchZip => plan.as_ref().is_some_and(|p| p.held(region.slice(0..len))),
+            Layout::Joblib => joblib_end == Some(true) && live.last().is_none_or(|r| r.end <= len),
+            Layout::Whole => true,
+        };
+        if !live.is_empty() && !planned {
             // The directory does not match the walk: keep everything (read again, same hash).
             let whole = Pinned::read(file, Layout::Whole)?;
             if whole.sha != sha {
@@ -530,6 +566,7 @@ impl PinnedFile {
         let layout = match layout {
             "whole" => Layout::Whole,
             "torch-zip" => Layout::TorchZip,
+            "joblib" => Layout::Joblib,
             other => return Err(pyo3::exceptions::PyValueError::new_err(format!("unknown layout {other:?}"))),
         };
         let borrowed = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
@@ -598,9 +635,23 @@ impl PinnedFile {
 
     #[pyo3(signature = (n=-1))]
     fn read<'py>(&mut self, py: Python<'py>, n: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
-        let out = self.take(py, n)?;
-        self.pos += out.len();
-        Ok(PyBytes::new(py, &out))
+        self.check_open()?;
+        let left = self.pinned.len.saturating_sub(self.pos);
+        let n = match n {
+            Some(n) if n >= 0 => (n as usize).min(left),
+            _ => left,
+        };
+        let (pinned, pos) = (self.pinned.clone(), self.pos);
+        // Straight into the bytes object: no intermediate buffer.
+        let out = PyBytes::new_with(py, n, |buffer| {
+            let got = pinned.read_at(pos, buffer).map_err(|e| PyOSError::new_err(e.to_string()))?;
+            if got != n {
+                return Err(PyOSError::new_err("the file was truncated after its check"));
+            }
+            Ok(())
+        })?;
+        self.pos += n;
+        Ok(out)
     }
 
     #[pyo3(signature = (n=-1))]

@@ -121,6 +121,9 @@ pub struct Scanner {
     joblib: bool,
     wrappers_made: usize,
     wrappers_built: HashSet<usize>,
+    /// The raw array bytes (offsets in the input) a joblib scan is waiting for, if that is what
+    /// it needs next.
+    pending_array: Option<std::ops::Range<usize>>,
 }
 
 /// Scans one complete pickle from the start of `bytes`.
@@ -220,6 +223,7 @@ fn quoted_text(bytes: &[u8]) -> Option<Item> {
 impl Scanner {
     /// Continues scanning `buf` (all input so far, from the start of the pickle).
     pub fn feed(&mut self, buf: &[u8]) -> Result<Progress, ScanError> {
+        self.pending_array = None;
         loop {
             let start = self.pos;
             let Some(&op) = buf.get(start) else {
@@ -248,6 +252,12 @@ impl Scanner {
     /// NumpyArrayWrapper come the array's raw bytes (or, for object arrays, a nested pickle).
     pub fn for_joblib() -> Self {
         Scanner { joblib: true, ..Default::default() }
+    }
+
+    /// When the scan waits for a joblib array's raw bytes: where they lie in the input. joblib
+    /// reads them as data (or maps them), never as opcodes.
+    pub fn pending_array(&self) -> Option<std::ops::Range<usize>> {
+        self.pending_array.clone()
     }
 
     /// What the scan found so far, also when it stopped at an error.
@@ -686,7 +696,9 @@ impl Scanner {
                     }
                 }
                 let bytes = count.checked_mul(size).and_then(|n| usize::try_from(n).ok()).ok_or_else(|| bad("array size overflows"))?;
+                let start = cur.at;
                 if let Arg::Missing(need) = cur.take(bytes) {
+                    self.pending_array = Some(start..start.saturating_add(bytes));
                     return Ok(Some(need));
                 }
             }

@@ -327,7 +327,16 @@ def _patch_joblib(joblib):
         return
     _shadow_open(numpy_pickle)
     _shadow_open(sys.modules.get("joblib.numpy_pickle_compat"))
-    _replace(numpy_pickle, "load", _guard_opened_path)
+    utils = sys.modules.get("joblib.numpy_pickle_utils")
+    is_raw_file = getattr(utils, "_is_raw_file", None)
+    if is_raw_file is not None and not hasattr(is_raw_file, "__picklegate_original__"):
+        # joblib maps arrays only from a real file: the checked file stands for the one it opened.
+        def _is_raw_file(fileobj):
+            return type(fileobj) is _core.PinnedFile or is_raw_file(fileobj)
+
+        _is_raw_file.__picklegate_original__ = is_raw_file
+        utils._is_raw_file = _is_raw_file
+    _replace(numpy_pickle, "load", lambda f: _guard_opened_path(f, layout="joblib"))
     joblib.load = numpy_pickle.load
 
 
