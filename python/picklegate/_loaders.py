@@ -99,7 +99,7 @@ def _guard_opened_path(original, layout="whole", eager=True, skip=None):
     library gets the real path, and its ``open`` of it returns the checked bytes (a
     ``_core.PinnedFile``). With the ``torch-zip`` layout the raw tensor bytes are read from the file
     after the check, and only those; with mmap options the library maps the data itself."""
-    file_loader = _guard_file_loader(original)
+    file_loader = _guard_file_object(original, layout)
 
     @functools.wraps(original)
     def guarded(f, *args, **kwargs):
@@ -118,6 +118,33 @@ def _guard_opened_path(original, layout="whole", eager=True, skip=None):
             return original(f, *args, **kwargs)
         with _serve(path, checked):
             return _container(checked, path, lambda: original(f, *args, **kwargs), eager)
+
+    guarded.__picklegate_original__ = original
+    return guarded
+
+
+def _guard_file_object(original, layout="whole", eager=True):
+    """Wraps ``original(fileobj, ...)`` for a library that may seek anywhere in the file object it
+    is given (joblib rewinds it itself). A real file is judged whole, from the same descriptor,
+    and the library gets a ``PinnedFile`` over it at the same position (same name); the caller's
+    file ends where the library left it. Any other file object (BytesIO, GzipFile, a socket) is
+    given to the library as it is: each pickle it loads is judged on the bytes it reads."""
+
+    @functools.wraps(original)
+    def guarded(f, *args, **kwargs):
+        if type(f) not in (io.BufferedReader, io.FileIO) or not _files.seekable(f):
+            return original(f, *args, **kwargs)
+        start = f.tell()
+        view = _core.PinnedFile(f.fileno(), layout, getattr(f, "name", None))
+        view.seek(start)
+
+        def run():
+            try:
+                return original(view, *args, **kwargs)
+            finally:
+                f.seek(view.tell())
+
+        return _container(view, _files.source_name(f), run, eager)
 
     guarded.__picklegate_original__ = original
     return guarded
