@@ -41,11 +41,12 @@ impl Region {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        // Huge pages where the system allows them on request: a fault per 4 KiB page costs
-        // more than copying that page.
+        // Huge pages where the system allows them on request, for a region filled whole: a fault
+        // per 4 KiB page costs more than copying that page. (A region with holes must not get
+        // them: a 2 MiB page around a few pinned bytes would stay resident.)
         #[cfg(target_os = "linux")]
-        unsafe {
-            libc::madvise(ptr, cap, libc::MADV_HUGEPAGE);
+        if populate {
+            unsafe { libc::madvise(ptr, cap, libc::MADV_HUGEPAGE) };
         }
         Ok(Region { ptr: ptr as *mut u8, cap })
     }
@@ -449,16 +450,14 @@ impl Pinned {
                 plan.advance(region.slice(0..region.cap), len, &mut live);
             }
             if layout != Layout::Whole {
-                // Give back the payload pages already hashed: they will be read from the file.
+                // Give back a payload's pages as soon as it is found (the rest of it is hashed
+                // through the scratch buffer): it will be read from the file.
                 while let Some(range) = live.get(open) {
                     let from = (range.start.div_ceil(page) * page).max(mark);
-                    let upto = range.end.min(len) / page * page;
+                    let upto = range.end / page * page;
                     if upto > from {
                         region.release(from..upto);
                         mark = upto;
-                    }
-                    if range.end > len {
-                        break;
                     }
                     open += 1;
                 }

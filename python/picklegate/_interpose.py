@@ -26,9 +26,10 @@ _patched = False
 _redirected_loads = False
 
 
-def _read_one_pickle(read, readline):
-    """Reads exactly one pickle from a stream that cannot seek, asking the scanner how much."""
-    scanner = _core.StreamScanner()
+def _read_one_pickle(read, readline, joblib=False):
+    """Reads exactly one pickle from a stream that cannot seek, asking the scanner how much (with
+    ``joblib``, as joblib reads it: the raw bytes of each array after its wrapper)."""
+    scanner = _core.StreamScanner(joblib)
     data = bytearray()
     while True:
         need = scanner.feed(data)
@@ -187,16 +188,24 @@ def _guarded_py_load(self):
         data = file.read()
         file.seek(start)  # the file's position is the truth the replay follows
         replay = _Replay(data, file, start)
+        inline = False
     else:
-        data = _read_one_pickle(read, readline)
+        # joblib reads its arrays' raw bytes from its own file handle (a socket, a pipe): read the
+        # stream as joblib does and serve those reads from the same bytes.
+        inline = file is not None and getattr(self, "file_handle", None) is file and type(self).__module__.startswith("joblib.")
+        data = _read_one_pickle(read, readline, joblib=inline)
         replay = _Replay(data, None, 0)
 
     def run():
         self._file_read, self._file_readline = replay.read, replay.readline
+        if inline:
+            self.file_handle = replay._stream
         try:
             return _original_py_load(self)
         finally:
             self._file_read, self._file_readline = read, readline
+            if inline:
+                self.file_handle = file
 
     return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _core.current_callsite)
 
