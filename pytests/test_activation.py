@@ -81,7 +81,10 @@ def test_code_cannot_loosen_the_environment(run_python, tmp_path):
 
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory):
-    """The wheel of this checkout, built once (cargo's cache makes it quick after pip install .)."""
+    """The wheel of this checkout, built once (cargo's cache makes it quick after pip install .);
+    scripts/test-pythons builds it once for every interpreter and names it in PICKLEGATE_TEST_WHEEL."""
+    if os.environ.get("PICKLEGATE_TEST_WHEEL"):
+        return os.environ["PICKLEGATE_TEST_WHEEL"]
     out = tmp_path_factory.mktemp("wheel")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(

@@ -98,3 +98,54 @@ def test_pools_are_guarded_through_the_preload_alone(tmp_path, canary):
     assert "after canary 9 False" in proc.stdout and "executor canary BrokenProcessPool" in proc.stdout
     assert "global posix.system is not allowed by the [[trust]] rule" in proc.stderr
     assert not path.exists(), "the canary task argument ran in a worker"
+
+
+REFUSAL_IN_A_TASK = """
+import concurrent.futures, multiprocessing, pickle, sys
+import picklegate
+
+def load_unlisted(path):
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+def square(x):
+    return x * x
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context(sys.argv[1])
+    with open("unlisted.pkl", "wb") as f:
+        pickle.dump([1, 2, 3], f)
+    with ctx.Pool(1) as pool:
+        try:
+            pool.apply_async(load_unlisted, ("unlisted.pkl",)).get(timeout=30)
+            print("pool loaded")
+        except multiprocessing.TimeoutError:
+            print("pool hung")
+        except picklegate.PickleDeniedError as error:
+            print("pool refused", error.callsite, len(error.sha256), error.size)
+        print("pool next", pool.apply_async(square, (3,)).get(timeout=30))
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as executor:
+        error = executor.submit(load_unlisted, "unlisted.pkl").exception(timeout=30)
+        print("executor", type(error).__name__, getattr(error, "callsite", None))
+        print("executor next", executor.submit(square, 4).result(timeout=30))
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_refusal_inside_a_task_reaches_the_parent_and_the_pool_survives(method, run_python):
+    """Issue 11, finding 8: the worker's PickleDeniedError comes back as an error the parent can
+    unpickle under the shipped trust example: Pool.apply raises (it hung), an executor stays usable."""
+    proc = run_python(
+        REFUSAL_IN_A_TASK,
+        env={"PICKLEGATE_POLICY": str(EXAMPLE), "PICKLEGATE_MODE": "enforce"},
+        args=[method],
+        timeout=150,
+    )
+    assert proc.returncode == 0, proc.stderr
+    main = "__main__" if method == "fork" else "__mp_main__"
+    assert proc.stdout.splitlines() == [
+        f"pool refused {main}:load_unlisted 64 22",
+        "pool next 9",
+        f"executor PickleDeniedError {main}:load_unlisted",
+        "executor next 16",
+    ], proc.stderr

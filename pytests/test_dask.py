@@ -62,7 +62,9 @@ def test_dask_cluster_runs_under_enforce_and_refuses_a_malicious_argument(run_py
     log = tmp_path / "decisions.jsonl"
     proc = run_python(
         APP,
-        env={"PICKLEGATE_POLICY": str(EXAMPLE), "PICKLEGATE_MODE": "enforce", "PICKLEGATE_LOG": str(log), "PYTHONPATH": str(tmp_path)},
+        env={"PICKLEGATE_POLICY": str(EXAMPLE), "PICKLEGATE_MODE": "enforce", "PICKLEGATE_LOG": str(log), "PYTHONPATH": str(tmp_path),
+             # as the example says: with spawn, the nanny needs builtins.getattr, a gadget
+             "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD": "fork"},
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

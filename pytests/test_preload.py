@@ -9,7 +9,7 @@ import sysconfig
 import pytest
 
 #: Debian's python3.11 package: libpython linked into the executable. scripts/test installs it.
-STATIC_PYTHON = "/usr/bin/python3.11"
+STATIC_PYTHON = os.environ.get("PICKLEGATE_STATIC_PYTHON") or "/usr/bin/python3.11"
 
 APP = """
 import pickle, sys

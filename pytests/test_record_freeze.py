@@ -75,7 +75,9 @@ def test_record_freeze_enforce_round_trip(tmp_path, monkeypatch):
     assert config["source"] == str(tmp_path / "config.pkl") and cache["source"] is None
     assert config["size"] == (tmp_path / "config.pkl").stat().st_size
     assert model["globals"] == ["collections.OrderedDict", "fractions.Fraction"]
-    assert all(set(r) == {"time", "pid", "callsite", "sha256", "size", "globals", "source"} for r in records)
+    assert model["classes"] == ["data", "data"] and model["globals_complete"] is True
+    fields = {"time", "pid", "callsite", "sha256", "size", "globals", "globals_complete", "source"}
+    assert all(set(r) - {"classes"} == fields for r in records)
 
     # Freeze only what the first three loads read: the Counter stays unseen.
     (tmp_path / "reviewed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
@@ -83,7 +85,8 @@ def test_record_freeze_enforce_round_trip(tmp_path, monkeypatch):
     assert frozen.returncode == 0, frozen.stderr
     manifest = (tmp_path / "pickles.toml").read_text()
     assert manifest.count("[[allow]]") == 3
-    assert 'globals = ["collections.OrderedDict", "fractions.Fraction"]' in manifest
+    assert '# review: plain data (2 data)\nglobals = [\n    "collections.OrderedDict",  # data\n    "fractions.Fraction",  # data\n]\n' in manifest
+    assert manifest.count("globals = []  # the scan found no global") == 2
     assert f"recorded from {tmp_path / 'config.pkl'}" in manifest
 
     enforced = run_demo(tmp_path, "enforce", str(tmp_path / "pickles.toml"))
@@ -214,3 +217,112 @@ def test_record_mode_from_the_environment_with_no_code_change(run_python, tmp_pa
     assert entry["callsite"] == "__main__:load_blob"
     assert entry["sha256"] == hashlib.sha256(blob).hexdigest()
     assert entry["source"] == str(tmp_path / "blob.pkl")
+
+
+CONTAINER_APP = """
+import sys
+import joblib, numpy, torch
+import picklegate
+
+picklegate.install(policy=sys.argv[2] if len(sys.argv) > 2 else None, mode=sys.argv[1])
+
+def load_weights():
+    return torch.load("weights.pt", weights_only=True)
+
+def load_module():
+    return torch.load("module.pt", weights_only=False)
+
+def load_pipeline():
+    return joblib.load("pipeline.joblib")
+
+def load_arrays():
+    with numpy.load("arrays.npz", allow_pickle=True) as npz:
+        return npz["objects"]
+
+assert load_weights()["0.weight"].shape == (2, 3)
+assert isinstance(load_module(), torch.nn.Sequential)
+assert load_pipeline().predict([[0.0, 1.0]]).shape == (1,)
+assert load_arrays()[0].numerator == 1
+print("four loads ok")
+"""
+
+
+def test_record_scans_torch_joblib_npz_containers_and_freeze_pins_their_globals(tmp_path):
+    import fractions
+
+    import joblib
+    import numpy
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    torch.save(module.state_dict(), tmp_path / "weights.pt")
+    torch.save(module, tmp_path / "module.pt")
+    joblib.dump(make_pipeline(StandardScaler(), LogisticRegression()).fit([[0, 0], [1, 1]], [0, 1]), tmp_path / "pipeline.joblib")
+    numpy.savez(tmp_path / "arrays.npz", numbers=numpy.arange(3), objects=numpy.array([fractions.Fraction(1, 3)], dtype=object))
+    (tmp_path / "container_app.py").write_text(CONTAINER_APP)
+    env = {"PATH": "/usr/bin:/bin", "PICKLEGATE_RECORD": str(tmp_path / "records.jsonl")}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "container_app.py", *args], cwd=tmp_path, capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    recorded = run("record")
+    assert recorded.returncode == 0 and "four loads ok" in recorded.stdout, recorded.stderr
+    records = {r["callsite"].split(":")[1]: r for r in map(json.loads, (tmp_path / "records.jsonl").read_text().splitlines())}
+    assert set(records) == {"load_weights", "load_module", "load_pipeline", "load_arrays"}
+    for name, record in records.items():
+        assert record["globals_complete"] is True and record["globals"], (name, record)
+    assert "torch._utils._rebuild_tensor_v2" in records["load_weights"]["globals"]
+    assert "torch.nn.modules.linear.Linear" in records["load_module"]["globals"]
+    assert "sklearn.linear_model._logistic.LogisticRegression" in records["load_pipeline"]["globals"]
+    assert "fractions.Fraction" in records["load_arrays"]["globals"]
+    classes = dict(zip(records["load_module"]["globals"], records["load_module"]["classes"]))
+    assert classes["torch.nn.modules.linear.Linear"] == "unknown" and classes["collections.OrderedDict"] == "data"
+
+    frozen = run_cli("freeze", str(tmp_path / "records.jsonl"), "-o", str(tmp_path / "pickles.toml"))
+    assert frozen.returncode == 0, frozen.stderr
+    manifest = (tmp_path / "pickles.toml").read_text()
+    assert manifest.count("# review: needs a human") == 2 and manifest.count("# review: plain data") == 2
+    assert '    "torch.nn.modules.linear.Linear",  # unknown\n' in manifest
+    assert "globals = []" not in manifest and "not pinned" not in manifest
+    # the pinned globals are exactly what the loads resolve: they run unchanged under enforce
+    enforced = run("enforce", str(tmp_path / "pickles.toml"))
+    assert enforced.returncode == 0 and "four loads ok" in enforced.stdout, enforced.stderr
+
+
+CANARY_APP = """
+import pickle, sys
+import picklegate
+
+picklegate.install(policy=sys.argv[1], mode="enforce")
+try:
+    pickle.loads(open("payload.pkl", "rb").read())
+    print("loaded")
+except picklegate.PickleDeniedError as error:
+    print("denied:", error)
+"""
+
+
+def test_globals_empty_admits_no_global_and_no_key_admits_any(tmp_path):
+    canary = tmp_path / "canary"
+    payload = f"cposix\nsystem\n(S'touch {canary}'\ntR.".encode()
+    (tmp_path / "payload.pkl").write_bytes(payload)
+    (tmp_path / "app.py").write_text(CANARY_APP)
+    entry = f'version = 1\n[[allow]]\nsha256 = "{hashlib.sha256(payload).hexdigest()}"\ncallsite = "__main__:<module>"\n'
+    (tmp_path / "none.toml").write_text(entry + "globals = []\n")
+    (tmp_path / "any.toml").write_text(entry)
+
+    def run(policy):
+        return subprocess.run([sys.executable, "app.py", policy], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    refused = run("none.toml")
+    assert "denied:" in refused.stdout and "posix.system" in refused.stdout, refused
+    assert "not in the globals list" in refused.stdout and "`globals = []` admits no global" in refused.stdout
+    assert not canary.exists(), "globals = [] let a global through"
+    # control: the same entry without the key admits whatever the reviewed bytes resolve
+    admitted = run("any.toml")
+    assert "loaded" in admitted.stdout, admitted
+    assert canary.exists()

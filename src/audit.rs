@@ -8,16 +8,13 @@ use crate::tokens::{current_scope, register_scope_var};
 use picklegate_core::event::Event;
 use picklegate_core::policy::{Action, Mode};
 use pyo3::ffi;
+use pyo3::intern;
 use pyo3::prelude::*;
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-type AuditHook = unsafe extern "C" fn(*const c_char, *mut ffi::PyObject, *mut c_void) -> c_int;
-
-extern "C" {
-    fn PySys_AddAuditHook(hook: AuditHook, user_data: *mut c_void) -> c_int;
-}
+use crate::capi::PySys_AddAuditHook;
 
 const FIND_CLASS: &[u8] = b"pickle.find_class";
 const SELF_CHECK: &str = "picklegate.audit-hook-check";
@@ -75,11 +72,17 @@ fn judge(py: Python<'_>, args: &Bound<'_, PyAny>) -> PyResult<()> {
             return Err(errors::no_pickle(py, message, &RefusalFacts { callsite: site, sha256: None, size: None }));
         }
     }
-    if policy.mode == Mode::Off {
+    if policy.mode == Mode::Off || (active.is_none() && crate::load::resolved_after_approved_load(py, &module, &name)?) {
         return Ok(());
     }
     let mut site: Option<String> = None;
-    let judgement = policy.judge_global(active, &module, &name, || site.get_or_insert_with(callsite).clone());
+    let judgement = policy.judge_global(
+        active,
+        &module,
+        &name,
+        || site.get_or_insert_with(callsite).clone(),
+        || defined_there(py, &module, &name),
+    );
     if judgement.action == Action::Run {
         return Ok(());
     }
@@ -106,6 +109,73 @@ fn judge(py: Python<'_>, args: &Bound<'_, PyAny>) -> PyResult<()> {
         "picklegate refused global {module}.{name} at {site}: {reason}. If this unpickler is a trusted transport, add a [[trust]] rule with callsite = \"{site}\" and globals = [\"{module}.{name}\"]."
     );
     Err(errors::pickle_denied(py, message, &RefusalFacts { callsite: site, sha256: None, size: None }))
+}
+
+/// Whether `module`.`name` resolves, as `find_class` is about to resolve it, to a class or a
+/// function (or a callable wrapping one, such as `functools.lru_cache`) that the module itself
+/// defines: its `__module__` is that module, its `__qualname__` that name. Not a module, not a
+/// name the module imported, not a plain instance. A name that does not
+/// resolve counts as defined, so `find_class` raises its own error for it, as it would without us.
+fn defined_there(py: Python<'_>, module: &str, name: &str) -> bool {
+    // A Python 2 spelling that protocols 0-2 rename (`__builtin__`, `copy_reg`, `dbm`...) resolves
+    // elsewhere than it reads: a pattern never admits one.
+    if renamed_by_fix_imports(py, module, name).unwrap_or(true) {
+        return false;
+    }
+    match resolve(py, module, name) {
+        Ok(Some((object, home))) => is_defined_in(py, &object, &home, name).unwrap_or(false),
+        Ok(None) => true,
+        Err(_) => false,
+    }
+}
+
+fn renamed_by_fix_imports(py: Python<'_>, module: &str, name: &str) -> PyResult<bool> {
+    let compat = match sys_modules(py)?.get_item("_compat_pickle") {
+        Ok(compat) => compat,
+        Err(_) => py.import("_compat_pickle")?.into_any(),
+    };
+    Ok(compat.getattr("IMPORT_MAPPING")?.contains(module)? || compat.getattr("NAME_MAPPING")?.contains((module, name))?)
+}
+
+/// `(object, its module)` as `find_class` resolves them (import, then a getattr per dotted part),
+/// or `None` when they do not resolve.
+fn resolve<'py>(py: Python<'py>, module: &str, name: &str) -> PyResult<Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)>> {
+    let modules = sys_modules(py)?;
+    let home = match modules.get_item(module) {
+        Ok(home) => home,
+        Err(_) => {
+            if py.import(module).is_err() {
+                return Ok(None);
+            }
+            modules.get_item(module)?
+        }
+    };
+    let mut object = home.clone();
+    for part in name.split('.') {
+        match object.getattr(part) {
+            Ok(next) => object = next,
+            Err(_) => return Ok(None),
+        }
+    }
+    Ok(Some((object, home)))
+}
+
+fn is_defined_in(py: Python<'_>, object: &Bound<'_, PyAny>, home: &Bound<'_, PyAny>, name: &str) -> PyResult<bool> {
+    if object.is_instance_of::<pyo3::types::PyModule>() || !(object.is_callable() || object.is_instance_of::<pyo3::types::PyType>()) {
+        return Ok(false);
+    }
+    let qualname: String = object.getattr(intern!(py, "__qualname__"))?.extract()?;
+    let defined_in = sys_modules(py)?.get_item(object.getattr(intern!(py, "__module__"))?)?;
+    Ok(qualname == name && defined_in.is(home))
+}
+
+/// `sys.modules` of the running interpreter, without going through the import machinery.
+fn sys_modules(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    let modules = unsafe { ffi::PySys_GetObject(b"modules\0".as_ptr().cast()) };
+    if modules.is_null() {
+        return Err(errors::policy_error(py, "sys.modules is missing".into()));
+    }
+    Ok(unsafe { Bound::from_borrowed_ptr(py, modules) })
 }
 
 /// Registers the hook once and proves it runs (another hook may veto `sys.addaudithook`).

@@ -21,10 +21,7 @@ struct RawBuffer {
     internal: *mut c_void,
 }
 
-extern "C" {
-    fn PyObject_GetBuffer(obj: *mut ffi::PyObject, view: *mut RawBuffer, flags: c_int) -> c_int;
-    fn PyBuffer_Release(view: *mut RawBuffer);
-}
+use crate::capi::{PyBuffer_Release, PyObject_GetBuffer};
 
 const PYBUF_SIMPLE: c_int = 0;
 const PYBUF_WRITABLE: c_int = 0x0001;

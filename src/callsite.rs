@@ -38,9 +38,11 @@ fn classify(py: Python<'_>, code: &Bound<'_, PyAny>, globals: &Bound<'_, PyAny>)
     if state::is_loader_module(&module) {
         return Ok(Seen::Loader);
     }
-    let qualname = code
-        .getattr(intern!(py, "co_qualname"))
-        .or_else(|_| code.getattr(intern!(py, "co_name")))?;
+    let qualname = match code.getattr(intern!(py, "co_qualname")) {
+        Ok(qualname) => qualname,
+        // CPython 3.9 and 3.10: found where the compiler left it (picklegate/_qualname.py).
+        Err(_) => py.import(intern!(py, "picklegate._qualname"))?.call_method1(intern!(py, "of"), (code,))?,
+    };
     Ok(Seen::Site(format!("{module}:{}", qualname.extract::<String>()?).into()))
 }
 

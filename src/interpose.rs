@@ -1,14 +1,24 @@
 //! Interposition below Python: `_pickle.loads` and `_pickle.load` share one `PyMethodDef` with
 //! every reference to them, so pointing its `ml_meth` at picklegate reaches references captured
 //! before install (`from pickle import loads`, `cloudpickle.loads`, multiprocessing's).
+//!
+//! The layouts are CPython's own, recognised per version (3.9 to 3.14) and checked before any
+//! write; where one is not recognised, `enforce` refuses to run unless the operator opted in to
+//! the audit-hook backstop alone (`PICKLEGATE_BACKSTOP_ONLY=1`, `install(backstop_only=True)`).
 
-use crate::load::{guarded_c_loads, guarded_foreign_unpickler};
+use crate::errors;
+use crate::load::{guarded_c_loads, guarded_c_unpickler};
+use crate::state;
+use parking_lot::Mutex;
+use picklegate_core::policy::Mode;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple};
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 #[repr(C)]
@@ -19,7 +29,7 @@ struct MethodDef {
     doc: *const c_char,
 }
 
-/// The head of CPython's `PyCFunctionObject`, unchanged from 3.9 to 3.13.
+/// The head of CPython's `PyCFunctionObject`, unchanged from 3.9 to 3.14 (default builds).
 #[repr(C)]
 struct CFunctionHead {
     ob_refcnt: ffi::Py_ssize_t,
@@ -27,7 +37,7 @@ struct CFunctionHead {
     m_ml: *mut MethodDef,
 }
 
-/// The head of CPython's `PyMethodDescrObject` (`PyDescr_COMMON`, then the method), 3.9 to 3.13.
+/// The head of CPython's `PyMethodDescrObject` (`PyDescr_COMMON`, then the method), 3.9 to 3.14.
 #[repr(C)]
 struct MethodDescrHead {
     ob_refcnt: ffi::Py_ssize_t,
@@ -38,31 +48,97 @@ struct MethodDescrHead {
     d_method: *mut MethodDef,
 }
 
-const METH_FASTCALL_KEYWORDS: c_int = 0x0080 | 0x0002;
 const METH_NOARGS: c_int = 0x0004;
+const METH_KEYWORDS: c_int = 0x0002;
+const METH_FASTCALL: c_int = 0x0080;
+const METH_METHOD: c_int = 0x0200;
 
 type NoArgs = unsafe extern "C" fn(*mut ffi::PyObject, *mut ffi::PyObject) -> *mut ffi::PyObject;
 
 type FastCallKeywords =
     unsafe extern "C" fn(*mut ffi::PyObject, *const *mut ffi::PyObject, ffi::Py_ssize_t, *mut ffi::PyObject) -> *mut ffi::PyObject;
 
-extern "C" {
-    fn PyCFunction_NewEx(def: *mut MethodDef, slf: *mut ffi::PyObject, module: *mut ffi::PyObject) -> *mut ffi::PyObject;
-    fn PyObject_Vectorcall(
-        callable: *mut ffi::PyObject,
-        args: *const *mut ffi::PyObject,
-        nargsf: usize,
-        kwnames: *mut ffi::PyObject,
-    ) -> *mut ffi::PyObject;
+/// `PyCMethod`: a method that is also given the class that defined it (Argument Clinic's
+/// `defining_class`), with METH_METHOD|METH_FASTCALL|METH_KEYWORDS.
+type DefiningClassFastCall = unsafe extern "C" fn(
+    *mut ffi::PyObject,
+    *mut ffi::PyTypeObject,
+    *const *mut ffi::PyObject,
+    ffi::Py_ssize_t,
+    *mut ffi::PyObject,
+) -> *mut ffi::PyObject;
+
+/// How `_pickle.Unpickler.load` is declared in `Modules/_pickle.c` of each CPython version.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum UnpicklerLoadLayout {
+    /// 3.9 to 3.11: `_pickle_Unpickler_load(self, unused)`, METH_NOARGS.
+    NoArgs,
+    /// 3.12 to 3.14: `_pickle_Unpickler_load(self, cls, args, nargs, kwnames)`: the module state
+    /// is found from the defining class (the types became heap types).
+    DefiningClass,
+}
+
+impl UnpicklerLoadLayout {
+    fn flags(self) -> c_int {
+        match self {
+            UnpicklerLoadLayout::NoArgs => METH_NOARGS,
+            UnpicklerLoadLayout::DefiningClass => METH_METHOD | METH_FASTCALL | METH_KEYWORDS,
+        }
+    }
+}
+
+/// The layouts of the CPython versions picklegate knows; `None` for any other version.
+/// `_pickle.loads` and `_pickle.load` are METH_FASTCALL|METH_KEYWORDS module functions in all.
+fn known_layout(version: (u8, u8)) -> Option<UnpicklerLoadLayout> {
+    match version {
+        (3, 9..=11) => Some(UnpicklerLoadLayout::NoArgs),
+        (3, 12..=14) => Some(UnpicklerLoadLayout::DefiningClass),
+        _ => None,
+    }
+}
+
+fn running_version(py: Python<'_>) -> String {
+    let version = py.version_info();
+    format!("{}.{}.{}", version.major, version.minor, version.patch)
+}
+
+fn running_layout(py: Python<'_>) -> PyResult<UnpicklerLoadLayout> {
+    let version = py.version_info();
+    known_layout((version.major, version.minor)).ok_or_else(|| {
+        PyTypeError::new_err(format!(
+            "CPython {}.{} is not a version whose _pickle layouts picklegate knows (3.9 to 3.14)",
+            version.major, version.minor
+        ))
+    })
 }
 
 /// The original `_pickle.loads` implementation, once redirected.
 static ORIGINAL_LOADS: OnceLock<FastCallKeywords> = OnceLock::new();
-/// The original `_pickle.Unpickler.load`, and the class it belongs to.
-static ORIGINAL_UNPICKLER_LOAD: OnceLock<NoArgs> = OnceLock::new();
-static UNPICKLER_CLASS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// The original `_pickle.Unpickler.load`, in the layout of the running CPython.
+#[derive(Clone, Copy)]
+enum OriginalUnpicklerLoad {
+    NoArgs(NoArgs),
+    DefiningClass(DefiningClassFastCall),
+}
+
+static ORIGINAL_UNPICKLER_LOAD: OnceLock<OriginalUnpicklerLoad> = OnceLock::new();
 /// The Python wrapper that `_pickle.load` calls are sent to (it reads the file first).
 static LOAD_WRAPPER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// Why each redirect that failed could not be set up: `(what, why)`.
+static FAILURES: Mutex<Vec<(&'static str, String)>> = Mutex::new(Vec::new());
+/// The operator accepted `enforce` with the audit-hook backstop alone where a redirect is missing.
+static BACKSTOP_ONLY: AtomicBool = AtomicBool::new(false);
+static BACKSTOP_ONLY_SAID: AtomicBool = AtomicBool::new(false);
+
+/// Runs a redirect; a failure is remembered, to name it when `enforce` refuses to start.
+fn recorded<T>(py: Python<'_>, what: &'static str, result: PyResult<T>) -> PyResult<T> {
+    if let Err(err) = &result {
+        FAILURES.lock().push((what, err.value(py).to_string()));
+    }
+    result
+}
 
 fn into_raw(py: Python<'_>, result: PyResult<Py<PyAny>>) -> *mut ffi::PyObject {
     match result {
@@ -72,6 +148,10 @@ fn into_raw(py: Python<'_>, result: PyResult<Py<PyAny>>) -> *mut ffi::PyObject {
             std::ptr::null_mut()
         }
     }
+}
+
+fn internal_error() -> PyErr {
+    PyRuntimeError::new_err("picklegate: internal error; the load was refused")
 }
 
 /// `_pickle.loads(data, ...)`: judged in Rust, then the original C function on the same args.
@@ -103,10 +183,31 @@ unsafe extern "C" fn loads_trampoline(
         let data = Bound::from_borrowed_ptr(py, *args);
         guarded_c_loads(py, &data, call_original)
     }));
-    match outcome {
-        Ok(result) => into_raw(py, result),
-        Err(_) => into_raw(py, Err(PyRuntimeError::new_err("picklegate: internal error; the load was refused"))),
-    }
+    into_raw(py, outcome.unwrap_or_else(|_| Err(internal_error())))
+}
+
+/// Calls `callable` with vectorcall-style arguments through the 3.9 stable ABI
+/// (`PyObject_Vectorcall` is in it only from 3.12).
+unsafe fn call_fastcall(
+    py: Python<'_>,
+    callable: &Bound<'_, PyAny>,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<Py<PyAny>> {
+    let arg = |i: usize| Bound::from_borrowed_ptr(py, *args.add(i));
+    let positional = PyTuple::new(py, (0..nargs as usize).map(arg))?;
+    let keywords = if kwnames.is_null() {
+        None
+    } else {
+        let names = Bound::from_borrowed_ptr(py, kwnames).cast_into::<PyTuple>()?;
+        let dict = PyDict::new(py);
+        for (i, name) in names.iter().enumerate() {
+            dict.set_item(name, arg(nargs as usize + i))?;
+        }
+        Some(dict)
+    };
+    callable.call(positional, keywords.as_ref()).map(Bound::unbind)
 }
 
 /// `_pickle.load(file, ...)`: forwarded to the Python wrapper, which reads the file and decides.
@@ -117,74 +218,125 @@ unsafe extern "C" fn load_trampoline(
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     let py = Python::assume_attached();
-    match LOAD_WRAPPER.get(py) {
-        Some(wrapper) => PyObject_Vectorcall(wrapper.as_ptr(), args, nargs as usize, kwnames),
-        None => into_raw(py, Err(PyRuntimeError::new_err("picklegate: _pickle.load has no wrapper"))),
-    }
+    let result = match LOAD_WRAPPER.get(py) {
+        Some(wrapper) => call_fastcall(py, wrapper.bind(py), args, nargs, kwnames),
+        None => Err(PyRuntimeError::new_err("picklegate: _pickle.load has no wrapper")),
+    };
+    into_raw(py, result)
 }
 
-/// `_pickle.Unpickler.load` reached without picklegate's `Unpickler`: an instance of a class made
-/// before install. Its file cannot be seen, so it is judged as a load that cannot be verified.
+/// `_pickle.Unpickler.load` of any unpickler, whatever its class or when it was made, on 3.9 to
+/// 3.11: its next pickle is judged, then the original runs on exactly those bytes.
 unsafe extern "C" fn unpickler_load_trampoline(slf: *mut ffi::PyObject, unused: *mut ffi::PyObject) -> *mut ffi::PyObject {
     let py = Python::assume_attached();
-    let original = *ORIGINAL_UNPICKLER_LOAD.get().expect("redirected before the trampoline is installed");
+    let Some(OriginalUnpicklerLoad::NoArgs(original)) = ORIGINAL_UNPICKLER_LOAD.get().copied() else {
+        return into_raw(py, Err(internal_error()));
+    };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let unpickler = Bound::from_borrowed_ptr(py, slf);
-        guarded_foreign_unpickler(py, &unpickler, || Bound::from_owned_ptr_or_err(py, original(slf, unused)).map(Bound::unbind))
+        guarded_c_unpickler(py, &unpickler, || Bound::from_owned_ptr_or_err(py, original(slf, unused)).map(Bound::unbind))
     }));
-    match outcome {
-        Ok(result) => into_raw(py, result),
-        Err(_) => into_raw(py, Err(PyRuntimeError::new_err("picklegate: internal error; the load was refused"))),
+    into_raw(py, outcome.unwrap_or_else(|_| Err(internal_error())))
+}
+
+/// The same for 3.12 to 3.14, where the method also receives its defining class and arguments.
+unsafe extern "C" fn unpickler_load_method_trampoline(
+    slf: *mut ffi::PyObject,
+    defining_class: *mut ffi::PyTypeObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    let py = Python::assume_attached();
+    let Some(OriginalUnpicklerLoad::DefiningClass(original)) = ORIGINAL_UNPICKLER_LOAD.get().copied() else {
+        return into_raw(py, Err(internal_error()));
+    };
+    let call_original =
+        || Bound::from_owned_ptr_or_err(py, original(slf, defining_class, args, nargs, kwnames)).map(Bound::unbind);
+    if nargs != 0 || (!kwnames.is_null() && ffi::PyTuple_Size(kwnames) != 0) {
+        return into_raw(py, call_original()); // "load() takes no arguments", from the original
+    }
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let unpickler = Bound::from_borrowed_ptr(py, slf);
+        guarded_c_unpickler(py, &unpickler, call_original)
+    }));
+    into_raw(py, outcome.unwrap_or_else(|_| Err(internal_error())))
+}
+
+/// The type of every C function object (`builtin_function_or_method`), and of every C method
+/// descriptor (`method_descriptor`), taken from builtins that have them.
+fn builtin_types(py: Python<'_>) -> PyResult<(Bound<'_, PyAny>, Bound<'_, PyAny>)> {
+    let builtins = py.import("builtins")?;
+    let function = builtins.getattr("len")?.get_type().into_any();
+    let descriptor = builtins.getattr("str")?.getattr("__dict__")?.get_item("join")?.get_type().into_any();
+    Ok((function, descriptor))
+}
+
+unsafe fn def_name(def: *const MethodDef) -> &'static str {
+    if def.is_null() || (*def).name.is_null() {
+        ""
+    } else {
+        CStr::from_ptr((*def).name).to_str().unwrap_or("")
     }
 }
 
-/// Points the method `_pickle.Unpickler.load` at the trampoline above. picklegate's own
-/// `Unpickler` decides first and then runs the original through `c_unpickler_load`.
+/// Points the method `_pickle.Unpickler.load` at the trampoline for this CPython's layout.
 #[pyfunction]
 pub fn redirect_unpickler_load(py: Python<'_>, cls: &Bound<'_, PyAny>) -> PyResult<()> {
+    recorded(py, "_pickle.Unpickler.load", redirect_unpickler_load_checked(py, cls))
+}
+
+fn redirect_unpickler_load_checked(py: Python<'_>, cls: &Bound<'_, PyAny>) -> PyResult<()> {
+    let layout = running_layout(py)?;
+    crate::unpickler::require_layout()?; // the trampoline serves each load its judged bytes through them
     let descriptor = cls.getattr("__dict__")?.get_item("load")?;
-    if descriptor.get_type().name()? != "method_descriptor" {
-        return Err(PyTypeError::new_err("_pickle.Unpickler.load is not a C method"));
+    if !descriptor.get_type().is(&builtin_types(py)?.1) {
+        return Err(PyTypeError::new_err(format!("_pickle.Unpickler.load is not a C method but {}", descriptor.get_type())));
     }
     unsafe {
-        let def = (*(descriptor.as_ptr() as *mut MethodDescrHead)).d_method;
-        let name = if def.is_null() || (*def).name.is_null() { "" } else { CStr::from_ptr((*def).name).to_str().unwrap_or("") };
-        if name != "load" || (*def).flags != METH_NOARGS {
-            return Err(PyTypeError::new_err(format!("_pickle.Unpickler.load does not have the layout picklegate knows (name {name:?})")));
+        let head = descriptor.as_ptr() as *mut MethodDescrHead;
+        let def = (*head).d_method;
+        let name = def_name(def);
+        if name != "load" || (*head).d_type as *mut ffi::PyObject != cls.as_ptr() || (*def).flags != layout.flags() {
+            return Err(PyTypeError::new_err(format!(
+                "_pickle.Unpickler.load does not have the layout of CPython's {layout:?} (name {name:?}, flags {:#x}, expected {:#x})",
+                if def.is_null() { 0 } else { (*def).flags },
+                layout.flags()
+            )));
         }
-        if (*def).meth == unpickler_load_trampoline as *mut c_void {
+        let trampoline = match layout {
+            UnpicklerLoadLayout::NoArgs => unpickler_load_trampoline as *mut c_void,
+            UnpicklerLoadLayout::DefiningClass => unpickler_load_method_trampoline as *mut c_void,
+        };
+        if (*def).meth == trampoline {
             return Ok(());
         }
-        let current: NoArgs = std::mem::transmute((*def).meth);
-        ORIGINAL_UNPICKLER_LOAD.set(current).map_err(|_| PyRuntimeError::new_err("_pickle.Unpickler.load was redirected twice"))?;
-        UNPICKLER_CLASS.get_or_init(py, || cls.clone().unbind());
-        (*def).meth = unpickler_load_trampoline as *mut c_void;
+        let original = match layout {
+            UnpicklerLoadLayout::NoArgs => OriginalUnpicklerLoad::NoArgs(std::mem::transmute::<*mut c_void, NoArgs>((*def).meth)),
+            UnpicklerLoadLayout::DefiningClass => {
+                OriginalUnpicklerLoad::DefiningClass(std::mem::transmute::<*mut c_void, DefiningClassFastCall>((*def).meth))
+            }
+        };
+        ORIGINAL_UNPICKLER_LOAD
+            .set(original)
+            .map_err(|_| PyRuntimeError::new_err("_pickle.Unpickler.load was redirected twice"))?;
+        (*def).meth = trampoline;
     }
     Ok(())
 }
 
-/// Runs the original `_pickle.Unpickler.load` on `unpickler`, after picklegate decided.
-#[pyfunction]
-pub fn c_unpickler_load(py: Python<'_>, unpickler: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-    let (Some(original), Some(cls)) = (ORIGINAL_UNPICKLER_LOAD.get(), UNPICKLER_CLASS.get(py)) else {
-        return Err(PyRuntimeError::new_err("_pickle.Unpickler.load is not redirected"));
-    };
-    if !unpickler.is_instance(cls.bind(py))? {
-        return Err(PyTypeError::new_err("c_unpickler_load needs a _pickle.Unpickler"));
-    }
-    unsafe { Bound::from_owned_ptr_or_err(py, original(unpickler.as_ptr(), std::ptr::null_mut())).map(Bound::unbind) }
-}
-
 /// Checks that `function` is the C function `name` with the calling convention picklegate knows.
-unsafe fn method_def(function: &Bound<'_, PyAny>, name: &str) -> PyResult<*mut MethodDef> {
-    if function.get_type().name()? != "builtin_function_or_method" {
-        return Err(PyTypeError::new_err(format!("_pickle.{name} is not a C function")));
+unsafe fn method_def(py: Python<'_>, function: &Bound<'_, PyAny>, name: &str) -> PyResult<*mut MethodDef> {
+    running_layout(py)?;
+    if !function.get_type().is(&builtin_types(py)?.0) {
+        return Err(PyTypeError::new_err(format!("_pickle.{name} is not a C function but {}", function.get_type())));
     }
     let def = (*(function.as_ptr() as *mut CFunctionHead)).m_ml;
-    let def_name = if def.is_null() || (*def).name.is_null() { "" } else { CStr::from_ptr((*def).name).to_str().unwrap_or("") };
-    if def_name != name || (*def).flags != METH_FASTCALL_KEYWORDS {
+    let def_name = def_name(def);
+    if def_name != name || (*def).flags != METH_FASTCALL | METH_KEYWORDS {
         return Err(PyTypeError::new_err(format!(
-            "_pickle.{name} does not have the layout picklegate knows (name {def_name:?})"
+            "_pickle.{name} does not have the layout picklegate knows (name {def_name:?}, flags {:#x})",
+            if def.is_null() { 0 } else { (*def).flags }
         )));
     }
     Ok(def)
@@ -193,33 +345,105 @@ unsafe fn method_def(function: &Bound<'_, PyAny>, name: &str) -> PyResult<*mut M
 /// Points `_pickle.loads` (the function object `original`) at the Rust decision point. Every
 /// reference to it, including ones captured before, now decides before it unpickles.
 #[pyfunction]
-pub fn redirect_loads(original: &Bound<'_, PyAny>) -> PyResult<()> {
-    unsafe {
-        let def = method_def(original, "loads")?;
-        if (*def).meth == loads_trampoline as *mut c_void {
-            return Ok(());
-        }
-        let current: FastCallKeywords = std::mem::transmute((*def).meth);
-        ORIGINAL_LOADS.set(current).map_err(|_| PyRuntimeError::new_err("_pickle.loads was redirected twice"))?;
-        (*def).meth = loads_trampoline as *mut c_void;
-    }
-    Ok(())
+pub fn redirect_loads(py: Python<'_>, original: &Bound<'_, PyAny>) -> PyResult<()> {
+    recorded(py, "_pickle.loads", unsafe {
+        method_def(py, original, "loads").and_then(|def| {
+            if (*def).meth == loads_trampoline as *mut c_void {
+                return Ok(());
+            }
+            let current: FastCallKeywords = std::mem::transmute((*def).meth);
+            ORIGINAL_LOADS.set(current).map_err(|_| PyRuntimeError::new_err("_pickle.loads was redirected twice"))?;
+            (*def).meth = loads_trampoline as *mut c_void;
+            Ok(())
+        })
+    })
 }
 
 /// Points `_pickle.load` at `wrapper`, and returns a fresh function object that still runs the
 /// original code, for the wrapper to call after its decision.
 #[pyfunction]
 pub fn redirect_load(py: Python<'_>, original: &Bound<'_, PyAny>, wrapper: Py<PyAny>) -> PyResult<Py<PyAny>> {
-    unsafe {
-        let def = method_def(original, "load")?;
-        if (*def).meth == load_trampoline as *mut c_void {
-            return Err(PyRuntimeError::new_err("_pickle.load is already redirected"));
-        }
-        let copy = Box::into_raw(Box::new(MethodDef { name: (*def).name, meth: (*def).meth, flags: (*def).flags, doc: (*def).doc }));
-        let fresh = PyCFunction_NewEx(copy, ffi::PyCFunction_GetSelf(original.as_ptr()), std::ptr::null_mut());
-        let fresh = Bound::from_owned_ptr_or_err(py, fresh)?;
-        LOAD_WRAPPER.set(py, wrapper).map_err(|_| PyValueError::new_err("_pickle.load was redirected twice"))?;
-        (*def).meth = load_trampoline as *mut c_void;
-        Ok(fresh.unbind())
+    recorded(py, "_pickle.load", unsafe {
+        method_def(py, original, "load").and_then(|def| {
+            if (*def).meth == load_trampoline as *mut c_void {
+                return Err(PyRuntimeError::new_err("_pickle.load is already redirected"));
+            }
+            let copy = Box::into_raw(Box::new(MethodDef { name: (*def).name, meth: (*def).meth, flags: (*def).flags, doc: (*def).doc }));
+            let fresh = ffi::PyCFunction_NewEx(copy as *mut ffi::PyMethodDef, ffi::PyCFunction_GetSelf(original.as_ptr()), std::ptr::null_mut());
+            let fresh = Bound::from_owned_ptr_or_err(py, fresh)?;
+            LOAD_WRAPPER.set(py, wrapper).map_err(|_| PyValueError::new_err("_pickle.load was redirected twice"))?;
+            (*def).meth = load_trampoline as *mut c_void;
+            Ok(fresh.unbind())
+        })
+    })
+}
+
+/// What is not redirected: one line per entry point, with the reason its redirect failed.
+fn missing_redirects(py: Python<'_>) -> Vec<String> {
+    let failures = FAILURES.lock();
+    let reason = |what: &str| {
+        failures.iter().rev().find(|(w, _)| *w == what).map_or_else(|| "not attempted after the failure above".to_string(), |(_, why)| why.clone())
+    };
+    let mut missing = Vec::new();
+    if ORIGINAL_LOADS.get().is_none() {
+        missing.push(format!("_pickle.loads ({})", reason("_pickle.loads")));
     }
+    if LOAD_WRAPPER.get(py).is_none() {
+        missing.push(format!("_pickle.load ({})", reason("_pickle.load")));
+    }
+    if ORIGINAL_UNPICKLER_LOAD.get().is_none() {
+        missing.push(format!("_pickle.Unpickler.load ({})", reason("_pickle.Unpickler.load")));
+    }
+    missing
+}
+
+/// Reads `PICKLEGATE_BACKSTOP_ONLY`: `1` accepts backstop-only enforcement; empty or `0` does not.
+fn backstop_only_from_environment(py: Python<'_>) -> PyResult<bool> {
+    match std::env::var("PICKLEGATE_BACKSTOP_ONLY").as_deref() {
+        Err(_) | Ok("") | Ok("0") => Ok(false),
+        Ok("1") => Ok(true),
+        Ok(other) => Err(errors::policy_error(py, format!("PICKLEGATE_BACKSTOP_ONLY={other:?}: expected 1 (accept backstop-only enforcement) or 0"))),
+    }
+}
+
+/// The operator accepts `enforce` guarded by the audit-hook backstop alone where a redirect cannot
+/// be set up (`install(backstop_only=True)`). It cannot be taken back.
+#[pyfunction]
+pub fn accept_backstop_only() {
+    BACKSTOP_ONLY.store(true, Ordering::SeqCst);
+}
+
+/// Under `enforce`, fails with a `PolicyError` naming each entry point that is not redirected,
+/// unless the operator accepted backstop-only enforcement, which is then said on stderr once.
+/// Called after every activation; other modes run with what is redirected.
+#[pyfunction]
+pub fn require_full_interposition(py: Python<'_>) -> PyResult<()> {
+    if state::current().map_or(true, |gate| gate.policy.mode != Mode::Enforce) {
+        return Ok(());
+    }
+    let missing = missing_redirects(py);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let what = missing.join("; ");
+    if BACKSTOP_ONLY.load(Ordering::SeqCst) || backstop_only_from_environment(py)? {
+        if !BACKSTOP_ONLY_SAID.swap(true, Ordering::SeqCst) {
+            let message = format!(
+                "picklegate: WARNING: enforce runs BACKSTOP-ONLY, as the operator chose (PICKLEGATE_BACKSTOP_ONLY / \
+                 backstop_only=True): not redirected: {what}. Unpicklers made before install and references \
+                 captured before it are judged only by the audit hook on the globals they resolve.\n"
+            );
+            py.import("sys")?.getattr("stderr")?.call_method1("write", (message,))?;
+        }
+        return Ok(());
+    }
+    Err(errors::policy_error(
+        py,
+        format!(
+            "enforce cannot give its full guarantee on this Python (CPython {}): not redirected: {what}. \
+             Refusing to run weaker. To run with the audit-hook backstop alone, set PICKLEGATE_BACKSTOP_ONLY=1 \
+             (or install(..., backstop_only=True))",
+            running_version(py)
+        ),
+    ))
 }

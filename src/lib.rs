@@ -4,6 +4,7 @@
 mod audit;
 mod buffer;
 mod callsite;
+mod capi;
 mod errors;
 mod file;
 mod interpose;
@@ -11,6 +12,7 @@ mod inventory;
 mod load;
 mod state;
 mod tokens;
+mod unpickler;
 
 use buffer::Bytes;
 use picklegate_core::hash::Digest;
@@ -74,6 +76,7 @@ impl StreamScanner {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    capi::load()?;
     m.add_function(wrap_pyfunction!(sha256, m)?)?;
     m.add_function(wrap_pyfunction!(sha256_file, m)?)?;
     m.add_function(wrap_pyfunction!(state::configure, m)?)?;
@@ -85,12 +88,15 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(interpose::redirect_loads, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::redirect_load, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::redirect_unpickler_load, m)?)?;
-    m.add_function(wrap_pyfunction!(interpose::c_unpickler_load, m)?)?;
+    m.add_function(wrap_pyfunction!(unpickler::learn_unpickler_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(load::set_unpickler_take, m)?)?;
+    m.add_function(wrap_pyfunction!(interpose::accept_backstop_only, m)?)?;
+    m.add_function(wrap_pyfunction!(interpose::require_full_interposition, m)?)?;
     m.add_function(wrap_pyfunction!(callsite::current_callsite, m)?)?;
     m.add_function(wrap_pyfunction!(audit::install_backstop, m)?)?;
     m.add_function(wrap_pyfunction!(tokens::new_token, m)?)?;
     m.add_function(wrap_pyfunction!(state::set_observer, m)?)?;
-    m.add_function(wrap_pyfunction!(inventory::scan_file, m)?)?;
+    m.add_function(wrap_pyfunction!(inventory::scan_files, m)?)?;
     m.add_function(wrap_pyfunction!(inventory::freeze_records, m)?)?;
     m.add_function(wrap_pyfunction!(inventory::manifest_entries, m)?)?;
     m.add_function(wrap_pyfunction!(tokens::close_token, m)?)?;

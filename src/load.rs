@@ -6,12 +6,16 @@ use crate::errors::{self, RefusalFacts};
 use crate::file::HashedFile;
 use crate::state::{self, emit};
 use crate::callsite;
+use crate::unpickler;
+use pyo3::sync::PyOnceLock;
 use crate::tokens::{current_scope, ScopeObj};
 use picklegate_core::event::Event;
 use picklegate_core::record::Record;
 use picklegate_core::hash::Digest;
 use picklegate_core::manifest::Manifest;
 use picklegate_core::policy::{Action, Approval, Judgement, Load, Mode, Refusal, ScopeRefusal};
+use picklegate_core::container::scan_all;
+use picklegate_core::risk::classify;
 use picklegate_core::scan::{self, Report, ScanError};
 use pyo3::prelude::*;
 use std::cell::{Cell, RefCell};
@@ -85,10 +89,26 @@ pub fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-pub fn global_names(report: &Option<Result<Report, ScanError>>) -> Vec<String> {
-    match report {
-        Some(Ok(r)) => r.globals.iter().map(|(m, n)| format!("{m}.{n}")).collect(),
-        _ => Vec::new(),
+/// What the scan of the bytes of a load found, whatever carries the pickles (a torch zip, a
+/// joblib file, an .npz): every global with its class, and whether the scan read it all.
+struct Found {
+    globals: Vec<String>,
+    classes: Vec<String>,
+    complete: bool,
+}
+
+fn found_in(bytes: &[u8]) -> Found {
+    let scanned = scan_all(bytes);
+    let mut seen: Vec<&(String, String)> = Vec::new();
+    for global in scanned.contents.parts.iter().flat_map(|p| &p.report.globals) {
+        if !seen.contains(&global) {
+            seen.push(global);
+        }
+    }
+    Found {
+        globals: seen.iter().map(|(m, n)| format!("{m}.{n}")).collect(),
+        classes: seen.iter().map(|(m, n)| classify(m, n).0.as_str().to_string()).collect(),
+        complete: scanned.error.is_none() && scanned.contents.parts.iter().all(|p| p.report.unresolved.is_empty()),
     }
 }
 
@@ -97,7 +117,9 @@ fn toml_string(text: &str) -> String {
 }
 
 /// What a refusal message tells the user to add.
-fn suggestion(refusal: &Refusal, manifest: Option<&Manifest>, sha: &Digest, callsite: &str, globals: &[String]) -> String {
+/// `globals` is `None` when the scan did not read the whole pickle: the entry then has no
+/// `globals` key (which admits any), never `globals = []` (which admits none).
+fn suggestion(refusal: &Refusal, manifest: Option<&Manifest>, sha: &Digest, callsite: &str, globals: Option<&[String]>) -> String {
     let target = manifest.map_or("a manifest (PICKLEGATE_POLICY)".to_string(), |m| m.source.clone());
     match refusal {
         Refusal::UntrustedGlobal { global, .. } => format!(
@@ -105,9 +127,11 @@ fn suggestion(refusal: &Refusal, manifest: Option<&Manifest>, sha: &Digest, call
         ),
         Refusal::Unscannable { .. } => "A trusted transport's pickle must be scannable; list it by sha256 instead.".into(),
         _ => {
-            let globals = globals.iter().map(|g| toml_string(g)).collect::<Vec<_>>().join(", ");
+            let globals = globals.map_or(String::new(), |globals| {
+                format!("globals = [{}]\n", globals.iter().map(|g| toml_string(g)).collect::<Vec<_>>().join(", "))
+            });
             format!(
-                "To allow it after review, add to {target}:\n\n[[allow]]\nsha256 = \"{sha}\"\ncallsite = {}\nnote = \"reviewed by ...\"\nglobals = [{globals}]\n",
+                "To allow it after review, add to {target}:\n\n[[allow]]\nsha256 = \"{sha}\"\ncallsite = {}\nnote = \"reviewed by ...\"\n{globals}",
                 toml_string(callsite)
             )
         }
@@ -115,14 +139,16 @@ fn suggestion(refusal: &Refusal, manifest: Option<&Manifest>, sha: &Digest, call
 }
 
 /// The record-file line of a load that `record` mode lets run.
-fn record_of(event: &Event) -> Record {
+fn record_of(event: &Event, found: Found) -> Record {
     Record {
         time: event.time,
         pid: event.pid,
         callsite: event.callsite.clone(),
         sha256: event.sha256.clone().unwrap_or_default(),
         size: event.size.unwrap_or_default(),
-        globals: event.globals.clone(),
+        globals: found.globals,
+        classes: found.classes,
+        globals_complete: found.complete,
         source: event.source.clone(),
     }
 }
@@ -168,8 +194,8 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
     if !refused && judgement.action == Action::Run && !state::has_observer() {
         return Ok(policy.approval_while_running(&judgement)); // the common case: nothing to log
     }
-    report.get_or_insert_with(|| scan::scan(bytes));
-    let globals = global_names(&report);
+    let found = found_in(bytes);
+    let globals = found.globals.clone();
     let refusal_facts =
         RefusalFacts { callsite: callsite.to_string(), sha256: Some(sha.to_hex()), size: Some(size) };
     let event = |decision: &'static str, reason: Option<String>| Event {
@@ -194,7 +220,7 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
         let message = format!(
             "picklegate refused to unpickle {size} bytes (sha256 {sha}) at {callsite}{}: {reason}.\n{}",
             source.map(|s| format!(" from {s}")).unwrap_or_default(),
-            suggestion(refusal, manifest, &sha, callsite, &globals)
+            suggestion(refusal, manifest, &sha, callsite, found.complete.then_some(&globals[..]))
         );
         return Err(errors::pickle_denied(py, message, &refusal_facts));
     }
@@ -226,7 +252,7 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
         emit(&decision);
     }
     if let Some(record_file) = gate.as_ref().and_then(|g| g.record.as_ref()).filter(|_| policy.mode == Mode::Record) {
-        record_file.append(&record_of(&decision)).map_err(|e| errors::policy_error(py, e.to_string()))?;
+        record_file.append(&record_of(&decision, found)).map_err(|e| errors::policy_error(py, e.to_string()))?;
     }
     state::observe(py, &decision)?;
     Ok(policy.approval_while_running(&judgement))
@@ -332,8 +358,18 @@ pub fn guarded_file_load(
     run: &Bound<'_, PyAny>,
     callsite: &Bound<'_, PyAny>,
 ) -> PyResult<Py<PyAny>> {
-    let run = || run.call0().map(Bound::unbind);
-    if let Some(covered) = decided_without_hash(py, &scope)? {
+    guard_file(py, file, &scope, source.as_deref(), || run.call0().map(Bound::unbind), || callsite.call0()?.extract())
+}
+
+fn guard_file(
+    py: Python<'_>,
+    file: &Bound<'_, HashedFile>,
+    scope: &ScopeObj,
+    source: Option<&str>,
+    run: impl FnOnce() -> PyResult<Py<PyAny>>,
+    callsite: impl FnOnce() -> PyResult<String>,
+) -> PyResult<Py<PyAny>> {
+    if let Some(covered) = decided_without_hash(py, scope)? {
         let _running = covered.map(|approval| Running::enter(Frame::Load(approval)));
         return run();
     }
@@ -343,9 +379,9 @@ pub fn guarded_file_load(
             drop(hashed);
             return run(); // the unpickler raises its own EOFError
         }
-        let callsite: String = callsite.call0()?.extract()?;
-        let facts = Facts { bytes: hashed.bytes(), size: hashed.bytes().len() as u64, sha: hashed.sha, callsite: &callsite, source: source.as_deref() };
-        decide(py, &scope, &facts)?
+        let callsite = callsite()?;
+        let facts = Facts { bytes: hashed.bytes(), size: hashed.bytes().len() as u64, sha: hashed.sha, callsite: &callsite, source };
+        decide(py, scope, &facts)?
     }; // the borrow ends here: the unpickler reads `file`
     let _running = Running::enter(Frame::Load(approval));
     run()
@@ -372,9 +408,75 @@ pub fn guarded_c_loads(
     guard(py, &copy, scope.get(), None, || call_original(Some(&copy)), callsite)
 }
 
-/// A load by an unpickler picklegate cannot see the bytes of (its class was made before install).
-/// Inside a container it is part of the file; otherwise it is judged as unverifiable.
-pub fn guarded_foreign_unpickler(
+/// The Python helper that reads what a live unpickler's next load consumes:
+/// `take(read, readline) -> (data, source, stream, done)` (see `_interpose._take_for_unpickler`).
+static UNPICKLER_TAKE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+/// `spelled(data)`: the set of strings the pickle `data` spells out (its text arguments).
+static SPELLED_STRINGS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+#[pyfunction]
+pub fn set_unpickler_take(py: Python<'_>, take: Py<PyAny>, spelled: Py<PyAny>) {
+    UNPICKLER_TAKE.get_or_init(py, || take);
+    SPELLED_STRINGS.get_or_init(py, || spelled);
+}
+
+/// Code that, after an approved load, resolves names the loaded data lists by calling the
+/// unpickler's `find_class` itself (`dill.session.load_module` restores a module's imports so).
+const RESOLVES_AFTER_LOAD: &[&str] = &["dill.session"];
+
+/// A load by one of those: the frame that ran it (and its code), and the strings its judged bytes
+/// spell out. While that frame runs, its direct `find_class` calls may resolve those names only.
+struct AfterLoad {
+    frame: usize,
+    code: usize,
+    strings: std::collections::HashSet<String>,
+}
+
+thread_local! {
+    static AFTER_LOAD: RefCell<Option<AfterLoad>> = const { RefCell::new(None) };
+}
+
+/// How many frames up from the load that code may be (dill's own `Unpickler.load` is between).
+const AFTER_LOAD_DEPTH: usize = 4;
+
+/// The frame (and its code) that runs this load, if it belongs to code that resolves names after it.
+fn frame_resolving_after_load(py: Python<'_>) -> PyResult<Option<(usize, usize)>> {
+    let mut frame = py.import("sys")?.call_method1("_getframe", (0,))?;
+    for _ in 0..AFTER_LOAD_DEPTH {
+        if frame.is_none() {
+            break;
+        }
+        let module = frame.getattr("f_globals")?.get_item("__name__").ok();
+        if module.and_then(|m| m.extract::<String>().ok()).is_some_and(|m| RESOLVES_AFTER_LOAD.contains(&m.as_str())) {
+            return Ok(Some((frame.as_ptr() as usize, frame.getattr("f_code")?.as_ptr() as usize)));
+        }
+        frame = frame.getattr("f_back")?;
+    }
+    Ok(None)
+}
+
+/// The backstop's question for a global resolved outside any load: is it `find_class` called
+/// directly by the frame that just ran an approved load, for a name the approved bytes spell out?
+pub fn resolved_after_approved_load(py: Python<'_>, module: &str, name: &str) -> PyResult<bool> {
+    let Some((frame, code)) = AFTER_LOAD.with(|a| {
+        a.borrow().as_ref().filter(|a| a.strings.contains(module) && a.strings.contains(name)).map(|a| (a.frame, a.code))
+    }) else {
+        return Ok(false);
+    };
+    let mut current = py.import("sys")?.call_method1("_getframe", (0,))?;
+    while !current.is_none() {
+        if current.as_ptr() as usize == frame && current.getattr("f_code")?.as_ptr() as usize == code {
+            return Ok(true);
+        }
+        current = current.getattr("f_back")?;
+    }
+    Ok(false)
+}
+
+/// `_pickle.Unpickler.load` of any live unpickler, whatever its class: its next pickle is read
+/// from its file, judged, and then the unpickler itself (its memo, `find_class`,
+/// `persistent_load`) runs exactly those bytes, served through its input fields.
+pub fn guarded_c_unpickler(
     py: Python<'_>,
     unpickler: &Bound<'_, PyAny>,
     run: impl FnOnce() -> PyResult<Py<PyAny>>,
@@ -384,45 +486,46 @@ pub fn guarded_foreign_unpickler(
         let _running = covered.map(|approval| Running::enter(Frame::Load(approval)));
         return run();
     }
-    let callsite = callsite::current(py)?.to_string();
-    let class = unpickler.get_type().fully_qualified_name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
-    let facts = RefusalFacts { callsite: callsite.clone(), sha256: None, size: None };
-    let gate = state::current();
-    let policy = state::policy_of(&gate);
-    let event = |decision: &'static str, reason: String| Event {
-        time: now(),
-        pid: std::process::id(),
-        mode: policy.mode.as_str(),
-        decision,
-        callsite: callsite.clone(),
-        sha256: None,
-        size: None,
-        globals: Vec::new(),
-        source: None,
-        reason: Some(reason),
+    // Redirected only once the layout is known and the helper set (see redirect_unpickler_load).
+    let take = UNPICKLER_TAKE.get(py).filter(|_| unpickler::layout_known());
+    let take = take.ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("picklegate: the unpickler's input fields are not known; the load was refused"))?;
+    let Some((read, readline)) = unpickler::reader(unpickler) else {
+        return run(); // __init__ was never called: the original raises its own error
     };
-    if scope.get().inner.permits(None).is_err() {
-        let reason = format!("{class} (made before picklegate was installed) loads inside no_pickles()");
-        emit(&event("deny", reason.clone()));
-        return Err(errors::no_pickle(py, format!("picklegate refused a load at {callsite}: {reason}"), &facts));
-    }
-    let judgement = policy.judge_unverifiable_load();
-    let Err(refusal) = &judgement.verdict else { return run() };
-    let reason = format!("{} ({class})", refusal.describe(policy.manifest.as_deref()));
-    match judgement.action {
-        Action::Refuse => {
-            emit(&event("deny", reason.clone()));
-            let message = format!(
-                "picklegate refused a load at {callsite}: {reason}. Install picklegate before the module defining {class} is imported (PICKLEGATE_POLICY does so at start-up)."
-            );
-            Err(errors::pickle_denied(py, message, &facts))
+    let (data, source, stream, done): (Bound<'_, PyAny>, Option<String>, Bound<'_, PyAny>, Bound<'_, PyAny>) =
+        take.bind(py).call1((read, readline))?.extract()?;
+    let run = || {
+        let _swapped = unpickler::swap(unpickler, &stream)?;
+        run()
+    };
+    let callsite = || Ok(callsite::current(py)?.to_string());
+    let (result, after_load) = match data.cast::<HashedFile>() {
+        Ok(file) => {
+            let after_load = after_load(py, file.borrow().bytes())?;
+            (guard_file(py, file, scope.get(), source.as_deref(), run, callsite), after_load)
         }
-        Action::RunAndReport => {
-            emit(&event("warn", reason));
-            run()
+        Err(_) => {
+            let after_load = after_load(py, Bytes::borrow(&data)?.as_slice())?;
+            (guard(py, &data, scope.get(), source.as_deref(), run, callsite), after_load)
         }
-        Action::Run => run(),
+    };
+    if result.is_ok() && after_load.is_some() {
+        AFTER_LOAD.with(|a| *a.borrow_mut() = after_load);
     }
+    // Also after a refusal: the file is left where it was, the memory read for it let go.
+    let finished = done.call1((result.is_err(),));
+    let value = result?;
+    finished?;
+    Ok(value)
+}
+
+/// What a load by code that resolves names after it may resolve then (see `AfterLoad`).
+fn after_load(py: Python<'_>, bytes: &[u8]) -> PyResult<Option<AfterLoad>> {
+    let (Some((frame, code)), Some(spelled)) = (frame_resolving_after_load(py)?, SPELLED_STRINGS.get(py)) else {
+        return Ok(None);
+    };
+    let strings = spelled.bind(py).call1((pyo3::types::PyBytes::new(py, bytes),))?.extract()?;
+    Ok(Some(AfterLoad { frame, code, strings }))
 }
 
 /// Reads a Python file object in chunks, for hashing without holding its content.

@@ -1,11 +1,12 @@
 //! The process-wide configuration (mode, manifest, who set it) and the event log behind the
-//! `log` crate, which writes JSON lines to `PICKLEGATE_LOG` and forwards them to Python logging.
+//! `log` crate, which writes JSON lines to `PICKLEGATE_LOG` and forwards them to the Python logger
+//! `picklegate` (which reaches the application's root handlers only once the application configures it).
 
 use crate::errors;
 use parking_lot::{Mutex, RwLock};
 use picklegate_core::event::{Event, Sink};
 use picklegate_core::manifest::Manifest;
-use picklegate_core::policy::{Mode, Policy};
+use picklegate_core::policy::{settle, Mode, Policy, Request, Settlement};
 use picklegate_core::record::RecordFile;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -19,6 +20,8 @@ pub enum Origin {
     Implicit,
     Code,
     Environment,
+    /// The host-wide policy file, found by the preload library listed in /etc/ld.so.preload.
+    Host,
 }
 
 impl Origin {
@@ -27,6 +30,7 @@ impl Origin {
             "implicit" => Ok(Origin::Implicit),
             "code" => Ok(Origin::Code),
             "environment" => Ok(Origin::Environment),
+            "host" => Ok(Origin::Host),
             other => Err(pyo3::exceptions::PyValueError::new_err(format!("unknown origin {other:?}"))),
         }
     }
@@ -36,6 +40,7 @@ impl Origin {
             Origin::Implicit => "implicit",
             Origin::Code => "code",
             Origin::Environment => "environment",
+            Origin::Host => "host",
         }
     }
 }
@@ -55,6 +60,10 @@ impl Gate {
     fn source(&self) -> Option<&str> {
         self.manifest().map(|m| m.source.as_str())
     }
+
+    fn request(&self) -> Request<'_> {
+        Request { mode: self.policy.mode, manifest: self.source(), host: self.origin == Origin::Host }
+    }
 }
 
 static GATE: RwLock<Option<Arc<Gate>>> = RwLock::new(None);
@@ -70,8 +79,9 @@ pub fn policy_of(gate: &Option<Arc<Gate>>) -> &Policy {
     gate.as_ref().map_or(&UNINSTALLED, |g| &g.policy)
 }
 
-/// Sets the mode and manifest. A second call may only tighten what is in force: it cannot lower
-/// the mode or swap the manifest, so a library cannot undo what the operator or application set.
+/// Sets the mode and manifest. Of two calls the stricter wins, whatever their order
+/// (`policy::settle`): a library cannot undo what the operator or application set, nor keep an
+/// application's later `enforce` from applying by installing something looser first.
 #[pyfunction]
 #[pyo3(signature = (mode, policy, origin, log=None, record=None))]
 pub fn configure(
@@ -101,29 +111,24 @@ pub fn configure(
     crate::callsite::forget();
     let mut slot = GATE.write();
     let wanted = Gate { policy: Policy { mode, manifest }, origin, record };
-    match slot.as_ref() {
-        Some(held) if held.origin != Origin::Implicit => {
-            let same_manifest = wanted.source().is_none() || wanted.source() == held.source();
-            if same_manifest && wanted.policy.mode > held.policy.mode {
-                let tightened = Gate {
-                    policy: Policy { mode: wanted.policy.mode, manifest: held.policy.manifest.clone() },
-                    origin: held.origin,
-                    record: None,
-                };
-                *slot = Some(Arc::new(tightened));
-            } else if !(same_manifest && wanted.policy.mode == held.policy.mode) {
-                let message = format!(
-                    "picklegate: install(mode={:?}, policy={:?}) ignored: already installed by the {} with mode {:?} and policy {:?}; code can only make it stricter",
-                    wanted.policy.mode.as_str(),
-                    wanted.source(),
-                    held.origin.as_str(),
-                    held.policy.mode.as_str(),
-                    held.source(),
-                );
-                log::warn!(target: "picklegate", "{}", serde_json::json!({"event": "install-ignored", "message": message}));
-            }
+    let settlement = match slot.as_ref() {
+        Some(held) if held.origin != Origin::Implicit => settle(held.request(), wanted.request()),
+        _ => Settlement::Replace,
+    };
+    match (settlement, slot.as_ref()) {
+        (Settlement::Replace, _) | (_, None) => *slot = Some(Arc::new(wanted)),
+        (Settlement::Unchanged, _) => {}
+        (Settlement::Ignored, Some(held)) => {
+            let message = format!(
+                "picklegate: install(mode={:?}, policy={:?}) ignored: already installed by the {} with mode {:?} and policy {:?}, which is as strict or stricter; a later install can only make it stricter",
+                wanted.policy.mode.as_str(),
+                wanted.source(),
+                held.origin.as_str(),
+                held.policy.mode.as_str(),
+                held.source(),
+            );
+            log::warn!(target: "picklegate", "{}", serde_json::json!({"event": "install-ignored", "message": message}));
         }
-        _ => *slot = Some(Arc::new(wanted)),
     }
     Ok(describe(slot.as_ref()))
 }
@@ -195,14 +200,28 @@ impl log::Log for EventLogger {
                 eprintln!("picklegate: cannot write to the log {}: {e}", sink.describe());
             }
         }
+        // A subinterpreter's own events go to the sink only: the Python logger belongs to the
+        // main interpreter.
+        if !in_main_interpreter() {
+            return;
+        }
         let level = if record.level() <= log::Level::Warn { 30 } else { 20 };
-        Python::attach(|py| {
+        // Every event is logged by code that holds the GIL (a decision, the audit hook, install),
+        // so no PyGILState_Ensure here: inside a subinterpreter it waits for itself forever.
+        let py = unsafe { Python::assume_attached() };
+        {
             let forwarded = PY_LOGGER
                 .get_or_try_init(py, || {
                     // Imported on the first event, not at start-up. The NullHandler keeps Python's
                     // last-resort handler from printing each line a second time.
                     let logging = py.import("logging")?;
                     let logger = logging.call_method1("getLogger", ("picklegate",))?;
+                    let configured = logger.getattr("handlers")?.len()? > 0 || logger.getattr("level")?.extract::<i64>()? != 0;
+                    if !configured {
+                        // The lines already went to PICKLEGATE_LOG: they reach the application's
+                        // own handlers only if it asks, by giving this logger a level or a handler.
+                        logger.setattr("propagate", false)?;
+                    }
                     logger.call_method1("addHandler", (logging.call_method0("NullHandler")?,))?;
                     Ok::<_, PyErr>(logger.unbind())
                 })
@@ -210,10 +229,15 @@ impl log::Log for EventLogger {
             if let Err(e) = forwarded {
                 e.write_unraisable(py, None);
             }
-        });
+        }
     }
 
     fn flush(&self) {}
+}
+
+/// True when the thread (which holds the GIL) runs in the main interpreter.
+fn in_main_interpreter() -> bool {
+    unsafe { pyo3::ffi::PyInterpreterState_GetID(pyo3::ffi::PyInterpreterState_Get()) == 0 }
 }
 
 static OBSERVER: Mutex<Option<Py<PyAny>>> = Mutex::new(None);

@@ -8,16 +8,13 @@ use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use std::os::raw::c_int;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 static SCOPE_VAR: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
-extern "C" {
-    fn PyContextVar_Get(var: *mut ffi::PyObject, default: *mut ffi::PyObject, value: *mut *mut ffi::PyObject) -> c_int;
-}
+use crate::capi::PyContextVar_Get;
 
 /// Remembers the context variable that holds the scope (`picklegate._scope.SCOPE`), once.
 pub fn register_scope_var(py: Python<'_>, var: Py<PyAny>) {

@@ -34,10 +34,8 @@ pub fn is_loader_module(module: &str, extra_loaders: &[String]) -> bool {
         || extra_loaders.iter().any(|p| in_package(module, p))
 }
 
-/// Matches `text` against `pattern`, where `*` stands for any run of characters.
-/// Characters at or after `dot_guard` may not be eaten by a `*` when they are dots: this keeps
-/// `pkg.*` from matching the dotted name `pkg` + `os.system` a protocol-4 pickle can ask for.
-fn glob(pattern: &[u8], text: &[u8], dot_guard: usize) -> bool {
+/// Matches a callsite against `pattern`, where `*` stands for any run of characters.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
     let (mut p, mut t) = (0usize, 0usize);
     let mut backtrack: Option<(usize, usize)> = None;
     while t < text.len() {
@@ -48,10 +46,7 @@ fn glob(pattern: &[u8], text: &[u8], dot_guard: usize) -> bool {
             p += 1;
             t += 1;
         } else if let Some((star_p, star_t)) = backtrack {
-            // Let the last `*` eat one more character, unless that character is guarded.
-            if star_t >= dot_guard && text[star_t] == b'.' {
-                return false;
-            }
+            // Let the last `*` eat one more character.
             backtrack = Some((star_p, star_t + 1));
             p = star_p + 1;
             t = star_t + 1;
@@ -64,14 +59,63 @@ fn glob(pattern: &[u8], text: &[u8], dot_guard: usize) -> bool {
 
 /// A callsite pattern such as `myapp.serving:load_model` or `multiprocessing.*`.
 pub fn callsite_matches(pattern: &str, callsite: &str) -> bool {
-    glob(pattern.as_bytes(), callsite.as_bytes(), usize::MAX)
+    glob(pattern.as_bytes(), callsite.as_bytes())
 }
 
-/// A global pattern such as `collections.OrderedDict` or `myapp.tasks.*`, against the global
-/// `(module, name)` an unpickler resolves. A `*` never spans a dot inside `name`.
+/// A global pattern such as `collections.OrderedDict`, `myapp.tasks.*` or `myapp.**`, against
+/// the global `(module, name)` an unpickler resolves. `*` never matches a dot, in the module part
+/// or the name: `multiprocessing.*` is what the module `multiprocessing` itself holds, not
+/// `multiprocessing.util.spawnv_passfds`. `**` also matches dots, but only in the module part, so
+/// no pattern reaches the dotted name `pkg` + `os.system` that a protocol-4 pickle can ask for.
 pub fn global_matches(pattern: &str, module: &str, name: &str) -> bool {
     let full = format!("{module}.{name}");
-    glob(pattern.as_bytes(), full.as_bytes(), module.len() + 1)
+    global_glob(pattern.as_bytes(), full.as_bytes(), module.len() + 1)
+}
+
+/// `global_matches` on `text` = module + "." + name, where `name_start` is where the name begins.
+fn global_glob(pattern: &[u8], text: &[u8], name_start: usize) -> bool {
+    enum Token {
+        Star,
+        DoubleStar,
+        Byte(u8),
+    }
+    let mut tokens = Vec::with_capacity(pattern.len());
+    let mut i = 0;
+    while i < pattern.len() {
+        if pattern[i] == b'*' {
+            let double = pattern.get(i + 1) == Some(&b'*');
+            tokens.push(if double { Token::DoubleStar } else { Token::Star });
+            i += if double { 2 } else { 1 };
+            while pattern.get(i) == Some(&b'*') {
+                i += 1; // `***` reads as `**`
+            }
+        } else {
+            tokens.push(Token::Byte(pattern[i]));
+            i += 1;
+        }
+    }
+    // matches[j]: the tokens after the current one match text[j..].
+    let mut matches = vec![false; text.len() + 1];
+    matches[text.len()] = true;
+    for token in tokens.iter().rev() {
+        let mut current = vec![false; text.len() + 1];
+        for j in (0..=text.len()).rev() {
+            current[j] = match token {
+                Token::Byte(c) => j < text.len() && text[j] == *c && matches[j + 1],
+                Token::Star => matches[j] || (j < text.len() && text[j] != b'.' && current[j + 1]),
+                Token::DoubleStar => {
+                    matches[j] || (j < text.len() && (text[j] != b'.' || j < name_start) && current[j + 1])
+                }
+            };
+        }
+        matches = current;
+    }
+    matches[0]
+}
+
+/// A global pattern that names one global exactly, with no `*`.
+pub fn is_exact_global(pattern: &str) -> bool {
+    !pattern.contains('*')
 }
 
 #[cfg(test)]
@@ -94,10 +138,41 @@ mod tests {
     fn global_patterns_do_not_span_dotted_names() {
         assert!(global_matches("collections.OrderedDict", "collections", "OrderedDict"));
         assert!(global_matches("multiprocessing.pool.*", "multiprocessing.pool", "worker"));
-        assert!(global_matches("multiprocessing.*", "multiprocessing.pool", "worker"));
         assert!(!global_matches("myapp.tasks.*", "myapp.tasks", "os.system"));
         assert!(global_matches("myapp.tasks.Outer.Inner", "myapp.tasks", "Outer.Inner"));
         assert!(!global_matches("collections.*", "os", "system"));
+        assert!(global_matches("builtins.*Error", "builtins", "ValueError"));
+        assert!(!global_matches("builtins.*Error", "builtins", "ValueError.x"));
+    }
+
+    #[test]
+    fn a_star_never_crosses_a_dot_in_the_module_part() {
+        // issue 11, finding 2: `multiprocessing.*` admitted multiprocessing.util.spawnv_passfds
+        assert!(!global_matches("multiprocessing.*", "multiprocessing.util", "spawnv_passfds"));
+        assert!(!global_matches("multiprocessing.*", "multiprocessing.pool", "worker"));
+        assert!(global_matches("multiprocessing.*", "multiprocessing", "Process"));
+        assert!(!global_matches("myapp.*", "myapp.tasks", "square"));
+        assert!(global_matches("myapp.*.square", "myapp.tasks", "square"));
+        assert!(!global_matches("myapp.*.square", "myapp.tasks.deep", "square"));
+        assert!(!global_matches("*", "os", "system"));
+    }
+
+    #[test]
+    fn a_double_star_spans_submodules_but_never_a_dotted_name() {
+        assert!(global_matches("myapp.**", "myapp.tasks", "square"));
+        assert!(global_matches("myapp.**", "myapp.tasks.deep", "square"));
+        assert!(global_matches("myapp.**", "myapp", "square"));
+        assert!(!global_matches("myapp.**", "myapp.tasks", "os.system"));
+        assert!(!global_matches("myapp.**", "myappx.tasks", "square"));
+        assert!(global_matches("myapp.***", "myapp.a.b", "c"));
+        assert!(global_matches("**.square", "myapp.tasks", "square"));
+        assert!(!global_matches("**", "myapp.tasks", "os.system"));
+    }
+
+    #[test]
+    fn exact_globals_have_no_star() {
+        assert!(is_exact_global("dask._expr.Expr._reconstruct"));
+        assert!(!is_exact_global("builtins.*Error"));
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! `picklegate freeze`: turns recorded loads into a version 1 manifest, one `[[allow]]` per
 //! (sha256, callsite), sorted and deduplicated so the same input always gives the same bytes.
+//! Each entry pins the globals its complete scan saw, each one commented with its class.
 
 use crate::callsite::callsite_matches;
 use crate::hash::Digest;
 use crate::manifest::{Manifest, SUPPORTED_VERSION};
 use crate::record::Record;
+use crate::risk::{classify, Risk};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
@@ -13,6 +15,10 @@ use std::fmt::Write as _;
 struct Entry {
     note: Option<String>,
     globals: BTreeSet<String>,
+    /// The class of each global the records named, as recorded.
+    classes: BTreeMap<String, String>,
+    /// The globals are all of them: an existing entry listed them, or a record's scan was complete.
+    pinned: bool,
     sources: BTreeSet<String>,
     from_bytes: bool,
 }
@@ -35,6 +41,41 @@ fn toml_string(text: &str) -> String {
     toml::Value::String(text.to_string()).to_string()
 }
 
+/// The class of a global named `module.name` without the record's split: the last dot splits.
+fn class_of(global: &str) -> String {
+    match global.rsplit_once('.') {
+        Some(_) if global.contains('*') => "pattern".into(),
+        Some((module, name)) => classify(module, name).0.as_str().into(),
+        None => Risk::Unknown.as_str().into(),
+    }
+}
+
+/// `globals = [...]`, one per line with its class as a comment, and a comment line that says
+/// what the entry needs from a reviewer.
+fn write_globals(out: &mut String, entry: &Entry) {
+    if !entry.pinned {
+        out.push_str("# globals not pinned: the recorded scan did not read the whole file, so any global is allowed\n");
+        return;
+    }
+    if entry.globals.is_empty() {
+        out.push_str("globals = []  # the scan found no global: plain data\n");
+        return;
+    }
+    let classes: Vec<String> =
+        entry.globals.iter().map(|g| entry.classes.get(g).cloned().unwrap_or_else(|| class_of(g))).collect();
+    let count = |class: &str| classes.iter().filter(|c| c.as_str() == class).count();
+    let needs_human = count("code") + count("unknown");
+    let summary: Vec<String> =
+        ["code", "unknown", "data", "pattern"].iter().filter(|c| count(c) > 0).map(|c| format!("{} {c}", count(c))).collect();
+    let verdict = if needs_human > 0 { "needs a human" } else { "plain data" };
+    let _ = writeln!(out, "# review: {verdict} ({})", summary.join(", "));
+    out.push_str("globals = [\n");
+    for (global, class) in entry.globals.iter().zip(&classes) {
+        let _ = writeln!(out, "    {},  # {class}", toml_string(global));
+    }
+    out.push_str("]\n");
+}
+
 fn toml_list<'a>(items: impl IntoIterator<Item = &'a String>) -> String {
     let items: Vec<String> = items.into_iter().map(|s| toml_string(s)).collect();
     format!("[{}]", items.join(", "))
@@ -47,7 +88,10 @@ pub fn freeze(records: &[Record], existing: Option<&Manifest>) -> String {
     for allow in existing.map_or(&[][..], |m| &m.allow) {
         let entry = entries.entry((allow.callsite.clone(), allow.sha256)).or_default();
         entry.note = entry.note.take().or_else(|| allow.note.clone());
-        entry.globals.extend(allow.globals.iter().cloned());
+        if let Some(globals) = &allow.globals {
+            entry.globals.extend(globals.iter().cloned());
+            entry.pinned = true;
+        }
     }
     for record in records {
         let sha = Digest::parse(&record.sha256).expect("records are validated when parsed");
@@ -59,6 +103,8 @@ pub fn freeze(records: &[Record], existing: Option<&Manifest>) -> String {
         }
         let entry = entries.entry((record.callsite.clone(), sha)).or_default();
         entry.globals.extend(record.globals.iter().cloned());
+        entry.classes.extend(record.globals.iter().cloned().zip(record.classes.iter().cloned()));
+        entry.pinned |= record.globals_complete;
         match &record.source {
             Some(source) => entry.sources.insert(source.clone()),
             None => std::mem::replace(&mut entry.from_bytes, true),
@@ -75,7 +121,7 @@ pub fn freeze(records: &[Record], existing: Option<&Manifest>) -> String {
         if let Some(note) = entry.note() {
             let _ = writeln!(out, "note = {}", toml_string(&note));
         }
-        let _ = writeln!(out, "globals = {}", toml_list(&entry.globals));
+        write_globals(&mut out, entry);
     }
     for rule in existing.map_or(&[][..], |m| &m.trust) {
         let _ = write!(out, "\n[[trust]]\ncallsite = {}\nglobals = {}\n", toml_string(&rule.callsite), toml_list(&rule.globals));
@@ -107,7 +153,8 @@ mod tests {
         assert_eq!(manifest.allow.len(), 2);
         let first = &manifest.allow[0];
         assert_eq!((first.callsite.as_str(), first.sha256), ("app:load", Digest::of(b"model")));
-        assert_eq!(first.globals, vec!["collections.OrderedDict".to_string(), "numpy.dtype".to_string()]);
+        assert_eq!(first.globals, Some(vec!["collections.OrderedDict".to_string(), "numpy.dtype".to_string()]));
+        assert!(text.contains("# review: plain data (2 data)\nglobals = [\n    \"collections.OrderedDict\",  # data\n    \"numpy.dtype\",  # data\n]\n"), "{text}");
         assert_eq!(first.note.as_deref(), Some("recorded from /srv/a.pkl, /srv/b.pkl; review before enforcing"));
         assert_eq!(manifest.allow[1].note.as_deref(), Some("recorded from bytes in memory; review before enforcing"));
     }
@@ -143,6 +190,30 @@ mod tests {
         assert_eq!(merged.loaders, vec!["myorg.io".to_string()]);
         assert_eq!(merged.trust[0].globals, vec!["myapp.tasks.*".to_string()]);
         assert_eq!(freeze(&records, Some(&merged)), text, "freezing again changes nothing");
+    }
+
+    #[test]
+    fn globals_are_pinned_only_from_a_complete_scan() {
+        let mut complete_empty = sample("app:a", b"plain", None);
+        complete_empty.globals.clear();
+        complete_empty.classes.clear();
+        let mut incomplete = sample("app:b", b"zip", None);
+        incomplete.globals.clear();
+        incomplete.classes.clear();
+        incomplete.globals_complete = false;
+        let mut payload = sample("app:c", b"evil", None);
+        payload.globals = vec!["posix.system".into(), "myapp.tasks.os.system".into()];
+        payload.classes = vec!["code".into(), "code".into()];
+        let text = freeze(&[complete_empty, incomplete, payload], None);
+        let manifest = Manifest::parse(&text, "f.toml").unwrap();
+        let globals: Vec<Option<Vec<String>>> = manifest.allow.iter().map(|e| e.globals.clone()).collect();
+        assert_eq!(globals, vec![Some(vec![]), None, Some(vec!["myapp.tasks.os.system".into(), "posix.system".into()])]);
+        assert!(text.contains("globals = []  # the scan found no global"), "{text}");
+        assert!(text.contains("# globals not pinned"), "{text}");
+        assert!(text.contains("# review: needs a human (2 code)"), "{text}");
+        // `globals = []` admits nothing; no key admits anything
+        assert!(!manifest.allow[0].permits_global("collections", "OrderedDict"));
+        assert!(manifest.allow[1].permits_global("posix", "system"));
     }
 
     #[test]

@@ -9,4 +9,5 @@ pub mod hash;
 pub mod manifest;
 pub mod policy;
 pub mod record;
+pub mod risk;
 pub mod scan;

@@ -23,14 +23,18 @@ pub struct AllowEntry {
     pub sha256: Digest,
     pub callsite: String,
     pub note: Option<String>,
-    pub globals: Vec<String>,
+    /// `None` when the entry has no `globals` key: the reviewed bytes may resolve any global.
+    /// `Some(patterns)`: only those; `globals = []` admits no global at all.
+    pub globals: Option<Vec<String>>,
     pub line: usize,
 }
 
 impl AllowEntry {
-    /// An entry that lists no globals accepts whatever the reviewed bytes resolve.
     pub fn permits_global(&self, module: &str, name: &str) -> bool {
-        self.globals.is_empty() || self.globals.iter().any(|p| global_matches(p, module, name))
+        match &self.globals {
+            None => true,
+            Some(patterns) => patterns.iter().any(|p| global_matches(p, module, name)),
+        }
     }
 }
 
@@ -134,8 +138,7 @@ struct RawAllow {
     sha256: Spanned<String>,
     callsite: Spanned<String>,
     note: Option<String>,
-    #[serde(default)]
-    globals: Vec<Spanned<String>>,
+    globals: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -201,7 +204,7 @@ impl Located<'_> {
             sha256,
             callsite: self.pattern(&entry.callsite, "callsite")?,
             note: entry.note.clone(),
-            globals: self.global_patterns(&entry.globals)?,
+            globals: entry.globals.as_ref().map(|g| self.global_patterns(g)).transpose()?,
             line,
         })
     }
@@ -472,7 +475,7 @@ impl<'a> PieceReader<'a> {
                         sha256: fields.sha256?,
                         callsite: fields.callsite?,
                         note: fields.note,
-                        globals: fields.globals.map(Spanned::into_inner).unwrap_or_default(),
+                        globals: fields.globals.map(Spanned::into_inner),
                     };
                     manifest.allow.push(at.allow_entry(&Spanned::new(span, raw)).ok()?);
                 }

@@ -1,9 +1,9 @@
 //! Load decisions as pure functions: the operator's manifest and mode, then the code's
 //! `no_pickles`/`allow_pickles` scope, then the backstop's ruling on each resolved global.
 
-use crate::callsite::callsite_matches;
+use crate::callsite::{callsite_matches, global_matches, is_exact_global};
 use crate::hash::Digest;
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, TrustRule};
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
@@ -68,6 +68,41 @@ pub enum Refusal {
     GlobalNotInEntry { entry: usize, global: String },
     /// An unpickler whose bytes picklegate cannot see (its class was made before install).
     Unverifiable,
+    /// A global only a `*` pattern admits, that resolves to something not defined in its module:
+    /// a module, a name the module imported, an instance.
+    NotDefinedThere { global: String },
+}
+
+/// How a list of global patterns admits one global.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Named exactly (or the list is an `[[allow]]` entry's absent list: the reviewed bytes decide).
+    Named,
+    /// Only through a `*` pattern: it must resolve to a class or function defined in that module.
+    Pattern,
+}
+
+/// How `patterns` admit the global `(module, name)`, if they do. A pattern never admits a dunder
+/// name (`__getattr__`, `__builtins__`, `__class__`...): module machinery, not the module's API.
+pub fn admission(patterns: &[String], module: &str, name: &str) -> Option<Admission> {
+    let mut matching = patterns.iter().filter(|p| global_matches(p, module, name));
+    let first = matching.next()?;
+    if is_exact_global(first) || matching.any(|p| is_exact_global(p)) {
+        Some(Admission::Named)
+    } else if name.split('.').any(|part| part.len() > 4 && part.starts_with("__") && part.ends_with("__")) {
+        None
+    } else {
+        Some(Admission::Pattern)
+    }
+}
+
+/// picklegate's own exceptions: plain messages and strings, safe to rebuild, so a refusal in a
+/// worker travels back to its parent under any `[[trust]]` rule instead of breaking the transport.
+pub const OWN_ERRORS: &[&str] = &["PickleDeniedError", "NoPickleError", "BadTokenError", "PolicyError", "ScanError"];
+
+/// True for one of `OWN_ERRORS`, named exactly as picklegate defines it.
+pub fn is_own_error(module: &str, name: &str) -> bool {
+    module == "picklegate._errors" && OWN_ERRORS.contains(&name)
 }
 
 /// What to do with a load or a global, given the verdict and the mode.
@@ -133,7 +168,8 @@ impl Policy {
         }
         if let Some((index, rule)) = manifest.trust_for(load.callsite) {
             let globals = scan_globals().map_err(|reason| Refusal::Unscannable { rule: index, reason })?;
-            return match globals.iter().find(|(m, n)| !rule.permits_global(m, n)) {
+            let fits = |(m, n): &&Global| rule.permits_global(m, n) || is_own_error(m, n);
+            return match globals.iter().find(|g| !fits(g)) {
                 Some((m, n)) => Err(Refusal::UntrustedGlobal { rule: index, global: format!("{m}.{n}") }),
                 None => Ok(Approval::Trust(index)),
             };
@@ -180,34 +216,60 @@ impl Policy {
     }
 
     /// The backstop: judges a global resolved while `active` (the innermost load picklegate
-    /// decided on this thread, if any) runs. `callsite` is computed only when needed.
+    /// decided on this thread, if any) runs. `callsite` is computed only when needed, and
+    /// `defined_there` (is the object it resolves to a class or function defined in that module?)
+    /// only for a global that nothing but a `*` pattern admits.
     pub fn judge_global(
         &self,
         active: Option<Approval>,
         module: &str,
         name: &str,
         callsite: impl FnOnce() -> String,
+        defined_there: impl FnOnce() -> bool,
     ) -> Judgement {
         if self.mode == Mode::Off {
             return Judgement { verdict: Ok(Approval::Unchecked), action: Action::Run };
         }
         let global = || format!("{module}.{name}");
-        let verdict = match (active, &self.manifest) {
-            (Some(Approval::Unchecked), _) => Ok(Approval::Unchecked),
-            (Some(Approval::Entry(i)), Some(m)) if m.allow[i].permits_global(module, name) => {
-                Ok(Approval::Entry(i))
+        let trusted = |rule: &TrustRule| {
+            if is_own_error(module, name) {
+                Some(Admission::Named)
+            } else {
+                admission(&rule.globals, module, name)
             }
-            (Some(Approval::Entry(i)), _) => Err(Refusal::GlobalNotInEntry { entry: i, global: global() }),
-            (Some(Approval::Trust(i)), Some(m)) if m.trust[i].permits_global(module, name) => {
-                Ok(Approval::Trust(i))
+        };
+        let (verdict, how) = match (active, &self.manifest) {
+            (Some(Approval::Unchecked), _) => (Ok(Approval::Unchecked), None),
+            (Some(Approval::Entry(i)), Some(m)) => {
+                let entry = &m.allow[i];
+                // no `globals` key: the reviewed bytes may resolve anything; `globals = []`: nothing
+                let how = match &entry.globals {
+                    None => Some(Admission::Named),
+                    Some(patterns) => admission(patterns, module, name),
+                };
+                match how {
+                    Some(how) => (Ok(Approval::Entry(i)), Some(how)),
+                    None => (Err(Refusal::GlobalNotInEntry { entry: i, global: global() }), None),
+                }
             }
-            (Some(Approval::Trust(i)), _) => Err(Refusal::UntrustedGlobal { rule: i, global: global() }),
-            (None, Some(m)) => match m.trust_for(&callsite()) {
-                Some((i, rule)) if rule.permits_global(module, name) => Ok(Approval::Trust(i)),
-                Some((i, _)) => Err(Refusal::UntrustedGlobal { rule: i, global: global() }),
-                None => Err(Refusal::OutsideApprovedLoad { global: global() }),
+            (Some(Approval::Entry(i)), None) => (Err(Refusal::GlobalNotInEntry { entry: i, global: global() }), None),
+            (Some(Approval::Trust(i)), Some(m)) => match trusted(&m.trust[i]) {
+                Some(how) => (Ok(Approval::Trust(i)), Some(how)),
+                None => (Err(Refusal::UntrustedGlobal { rule: i, global: global() }), None),
             },
-            (None, None) => Err(Refusal::OutsideApprovedLoad { global: global() }),
+            (Some(Approval::Trust(i)), None) => (Err(Refusal::UntrustedGlobal { rule: i, global: global() }), None),
+            (None, Some(m)) => match m.trust_for(&callsite()) {
+                Some((i, rule)) => match trusted(rule) {
+                    Some(how) => (Ok(Approval::Trust(i)), Some(how)),
+                    None => (Err(Refusal::UntrustedGlobal { rule: i, global: global() }), None),
+                },
+                None => (Err(Refusal::OutsideApprovedLoad { global: global() }), None),
+            },
+            (None, None) => (Err(Refusal::OutsideApprovedLoad { global: global() }), None),
+        };
+        let verdict = match how {
+            Some(Admission::Pattern) if !defined_there() => Err(Refusal::NotDefinedThere { global: global() }),
+            _ => verdict,
         };
         let action = match (self.mode, &verdict) {
             (Mode::Record, Ok(_)) => Action::Run,
@@ -217,11 +279,62 @@ impl Policy {
     }
 }
 
+/// One `install()` (or the environment's) request: a mode and the manifest it names, if any.
+/// `host` marks the host-wide policy (`/etc/picklegate/policy.toml`, read by the preload library):
+/// it outranks any other request of equal strictness, whichever came first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub mode: Mode,
+    pub manifest: Option<&'a str>,
+    pub host: bool,
+}
+
+/// What a second request does to the one in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// The request is stricter: it replaces the one in force, manifest, mode and record file.
+    Replace,
+    /// The request asks for what is in force already.
+    Unchanged,
+    /// The request would loosen the guard, or swap one manifest for another at the same
+    /// strictness: it is ignored (and said so).
+    Ignored,
+}
+
+/// How strict a mode and manifest are: off, record, warn, enforce with a manifest, and enforce with
+/// none (every load refused). Only `enforce` refuses anything, so it outranks every other mode.
+pub fn strictness(mode: Mode, has_manifest: bool) -> u8 {
+    match (mode, has_manifest) {
+        (Mode::Off, _) => 0,
+        (Mode::Record, _) => 1,
+        (Mode::Warn, _) => 2,
+        (Mode::Enforce, true) => 3,
+        (Mode::Enforce, false) => 4,
+    }
+}
+
+/// Settles a second request against the one in force, whatever their order: the stricter wins,
+/// so a library that installs first cannot keep an application's later `enforce` from applying.
+/// At equal strictness a request that adds a manifest where none was wins (it refuses nothing more
+/// outside `enforce`, and names what is expected); two manifests under `enforce` keep the first.
+pub fn settle(held: Request<'_>, wanted: Request<'_>) -> Settlement {
+    if held.mode == wanted.mode && held.manifest == wanted.manifest && (held.host || !wanted.host) {
+        return Settlement::Unchanged;
+    }
+    let rank = |r: Request<'_>| strictness(r.mode, r.manifest.is_some());
+    match rank(wanted).cmp(&rank(held)) {
+        std::cmp::Ordering::Greater => Settlement::Replace,
+        std::cmp::Ordering::Equal if wanted.host && !held.host => Settlement::Replace,
+        std::cmp::Ordering::Equal if held.manifest.is_none() && wanted.mode == held.mode && !held.host => Settlement::Replace,
+        _ => Settlement::Ignored,
+    }
+}
+
 impl Refusal {
     /// One sentence on what was refused, for messages and logs.
     pub fn describe(&self, manifest: Option<&Manifest>) -> String {
         match self {
-            Refusal::NoPolicy => "picklegate is in enforce mode with no manifest: every pickle load is refused".into(),
+            Refusal::NoPolicy => "no manifest is in force, so no rule allows any pickle (under enforce, every load is refused)".into(),
             Refusal::NotListed => "this pickle's sha256 is not in the manifest".into(),
             Refusal::WrongCallsite { listed_for } => format!(
                 "this pickle's sha256 is in the manifest, but only for callsite(s) {}",
@@ -241,9 +354,17 @@ impl Refusal {
             Refusal::Unverifiable => {
                 "an unpickler made from a class defined before picklegate was installed reads bytes picklegate cannot hash".into()
             }
+            Refusal::NotDefinedThere { global } => format!(
+                "global {global} matches only a `*` pattern, and what it resolves to is not a class or function defined in that module (a module, an imported name or an instance); list it by its exact name if it is safe"
+            ),
             Refusal::GlobalNotInEntry { entry, global } => format!(
-                "global {global} is not in the globals list of the [[allow]] entry{}",
-                rule_location(manifest, |m| m.allow.get(*entry).map(|e| (e.line, e.callsite.as_str())))
+                "global {global} is not in the globals list of the [[allow]] entry{}{}",
+                rule_location(manifest, |m| m.allow.get(*entry).map(|e| (e.line, e.callsite.as_str()))),
+                if manifest.and_then(|m| m.allow.get(*entry)).is_some_and(|e| e.globals.as_ref().is_some_and(Vec::is_empty)) {
+                    " (`globals = []` admits no global; older freezes wrote it for files they could not scan: drop the key, or record and freeze again)"
+                } else {
+                    ""
+                }
             ),
         }
     }
@@ -446,6 +567,10 @@ mod tests {
         assert_eq!(elsewhere.verdict, Err(Refusal::NotListed));
     }
 
+    fn defined() -> bool {
+        true
+    }
+
     #[test]
     fn backstop_judges_globals() {
         let d = Digest::of(b"m");
@@ -455,17 +580,78 @@ mod tests {
         );
         let policy = Policy { mode: Mode::Enforce, manifest: Some(manifest(&text)) };
         let never = || -> String { panic!("callsite not needed inside a decided load") };
-        assert_eq!(policy.judge_global(Some(Approval::Entry(0)), "collections", "OrderedDict", never).action, Action::Run);
-        assert_eq!(policy.judge_global(Some(Approval::Entry(0)), "posix", "system", never).action, Action::Refuse);
-        assert_eq!(policy.judge_global(Some(Approval::Unchecked), "posix", "system", never).action, Action::Run);
-        let escaped = policy.judge_global(None, "posix", "system", || "app:main".into());
+        let unasked = || -> bool { panic!("an exactly named global needs no resolution") };
+        assert_eq!(policy.judge_global(Some(Approval::Entry(0)), "collections", "OrderedDict", never, unasked).action, Action::Run);
+        assert_eq!(policy.judge_global(Some(Approval::Entry(0)), "posix", "system", never, unasked).action, Action::Refuse);
+        assert_eq!(policy.judge_global(Some(Approval::Unchecked), "posix", "system", never, unasked).action, Action::Run);
+        let escaped = policy.judge_global(None, "posix", "system", || "app:main".into(), unasked);
         assert_eq!(escaped.verdict, Err(Refusal::OutsideApprovedLoad { global: "posix.system".into() }));
-        let transport = policy.judge_global(None, "app", "f", || "multiprocessing.queues:SimpleQueue.get".into());
+        let transport = policy.judge_global(None, "app", "f", || "multiprocessing.queues:SimpleQueue.get".into(), defined);
         assert_eq!(transport.verdict, Ok(Approval::Trust(0)));
         let warn = Policy { mode: Mode::Warn, ..policy.clone() };
-        assert_eq!(warn.judge_global(None, "posix", "system", || "app:main".into()).action, Action::RunAndReport);
+        assert_eq!(warn.judge_global(None, "posix", "system", || "app:main".into(), unasked).action, Action::RunAndReport);
         let deny_all = Policy { mode: Mode::Enforce, manifest: None };
-        assert_eq!(deny_all.judge_global(None, "builtins", "dict", || "a:b".into()).action, Action::Refuse);
+        assert_eq!(deny_all.judge_global(None, "builtins", "dict", || "a:b".into(), unasked).action, Action::Refuse);
+    }
+
+    #[test]
+    fn a_pattern_admits_only_what_is_defined_in_its_module() {
+        // issue 11, finding 1: `dask._expr.*` admitted the module `os` and an imported function
+        let text = "[[trust]]\ncallsite = \"dist.*\"\nglobals = [\"dask._expr.*\", \"dask._expr.Expr._reconstruct\"]\n";
+        let policy = Policy { mode: Mode::Enforce, manifest: Some(manifest(text)) };
+        let at = || "dist.protocol:loads".to_string();
+        let imported = policy.judge_global(Some(Approval::Trust(0)), "dask._expr", "os", at, || false);
+        assert_eq!(imported.verdict, Err(Refusal::NotDefinedThere { global: "dask._expr.os".into() }));
+        assert_eq!(imported.action, Action::Refuse);
+        let own = policy.judge_global(Some(Approval::Trust(0)), "dask._expr", "LLGExpr", at, || true);
+        assert_eq!(own.verdict, Ok(Approval::Trust(0)));
+        let unasked = || -> bool { panic!("an exactly named global needs no resolution") };
+        let named = policy.judge_global(Some(Approval::Trust(0)), "dask._expr", "Expr._reconstruct", at, unasked);
+        assert_eq!(named.verdict, Ok(Approval::Trust(0)));
+        // the same through the backstop at the transport's callsite, and in warn (reported)
+        let outside = policy.judge_global(None, "dask._expr", "import_required", at, || false);
+        assert_eq!(outside.action, Action::Refuse);
+        let warn = Policy { mode: Mode::Warn, ..policy.clone() };
+        assert_eq!(warn.judge_global(None, "dask._expr", "os", at, || false).action, Action::RunAndReport);
+        // an [[allow]] entry's pattern is held to the same rule; an entry without globals is not
+        let d = Digest::of(b"m");
+        let entries = format!("{}globals = [\"app.*\"]\n{}", allow_entry(&d, "a:b"), allow_entry(&d, "c:d"));
+        let listed = Policy { mode: Mode::Enforce, manifest: Some(manifest(&entries)) };
+        let never = || -> String { panic!("callsite not needed inside a decided load") };
+        assert_eq!(listed.judge_global(Some(Approval::Entry(0)), "app", "os", never, || false).action, Action::Refuse);
+        assert_eq!(listed.judge_global(Some(Approval::Entry(1)), "app", "os", never, unasked).action, Action::Run);
+    }
+
+    #[test]
+    fn picklegate_errors_cross_every_trust_rule() {
+        let text = "[[trust]]\ncallsite = \"multiprocessing.*\"\nglobals = [\"multiprocessing.pool.rebuild_exc\"]\n";
+        let policy = Policy { mode: Mode::Enforce, manifest: Some(manifest(text)) };
+        let d = Digest::of(b"result");
+        let at = Load { sha256: &d, callsite: "multiprocessing.connection:_ConnectionBase.recv" };
+        let error = ("picklegate._errors".to_string(), "PickleDeniedError".to_string());
+        let back = policy.judge_load(at, || Ok(vec![("multiprocessing.pool".into(), "rebuild_exc".into()), error.clone()]));
+        assert_eq!(back.verdict, Ok(Approval::Trust(0)));
+        let unasked = || -> bool { panic!("picklegate's errors are named exactly") };
+        let site = || "multiprocessing.connection:_ConnectionBase.recv".to_string();
+        assert_eq!(policy.judge_global(Some(Approval::Trust(0)), &error.0, &error.1, site, unasked).action, Action::Run);
+        for other in ["_Refusal", "pickle", "os"] {
+            assert_eq!(policy.judge_global(Some(Approval::Trust(0)), "picklegate._errors", other, site, || true).action, Action::Refuse);
+        }
+        // outside a trust rule they are judged like any global
+        let deny_all = Policy { mode: Mode::Enforce, manifest: None };
+        assert_eq!(deny_all.judge_global(None, &error.0, &error.1, site, unasked).action, Action::Refuse);
+    }
+
+    #[test]
+    fn admission_prefers_an_exact_name() {
+        let patterns = vec!["app.*".to_string(), "app.f".to_string()];
+        assert_eq!(admission(&patterns, "app", "f"), Some(Admission::Named));
+        assert_eq!(admission(&patterns, "app", "g"), Some(Admission::Pattern));
+        assert_eq!(admission(&patterns, "app.sub", "g"), None);
+        assert_eq!(admission(&patterns, "app", "__getattr__"), None);
+        assert_eq!(admission(&patterns, "app", "_private"), Some(Admission::Pattern));
+        let named = vec!["app.__getattr__".to_string()];
+        assert_eq!(admission(&named, "app", "__getattr__"), Some(Admission::Named));
     }
 
     #[test]
@@ -529,6 +715,68 @@ mod tests {
         let inner = TokenFacts { id: 3, origin: HERE, open: true };
         let reopened = narrowed.no_pickles(3).allow(inner, HERE, None).unwrap();
         assert_eq!(reopened.permits(Some(&d)), Err(ScopeRefusal::NotInOnlyObjects));
+    }
+
+    #[test]
+    fn the_stricter_request_wins_whatever_the_order() {
+        use Mode::*;
+        let requests = [
+            Request { mode: Off, manifest: None, host: false },
+            Request { mode: Record, manifest: None, host: false },
+            Request { mode: Warn, manifest: None, host: false },
+            Request { mode: Warn, manifest: Some("lib.toml"), host: false },
+            Request { mode: Enforce, manifest: Some("app.toml"), host: false },
+            Request { mode: Enforce, manifest: None, host: false },
+        ];
+        let result = |held: Request<'static>, wanted: Request<'static>| match settle(held, wanted) {
+            Settlement::Replace => wanted,
+            Settlement::Unchanged | Settlement::Ignored => held,
+        };
+        let rank = |r: Request<'_>| strictness(r.mode, r.manifest.is_some());
+        for a in requests {
+            for b in requests {
+                let strictest = rank(a).max(rank(b));
+                assert_eq!(rank(result(a, b)), strictest, "{a:?} then {b:?}");
+                if a.mode == Enforce || b.mode == Enforce {
+                    assert_eq!(result(a, b).mode, Enforce, "{a:?} then {b:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn enforce_with_a_manifest_outranks_every_other_mode() {
+        let app = Request { mode: Mode::Enforce, manifest: Some("app.toml"), host: false };
+        for mode in [Mode::Off, Mode::Record, Mode::Warn] {
+            assert_eq!(settle(Request { mode, manifest: None, host: false }, app), Settlement::Replace);
+            assert_eq!(settle(Request { mode, manifest: Some("lib.toml"), host: false }, app), Settlement::Replace);
+            assert_eq!(settle(app, Request { mode, manifest: None, host: false }), Settlement::Ignored);
+            assert_eq!(settle(app, Request { mode, manifest: Some("lib.toml"), host: false }), Settlement::Ignored);
+        }
+        assert_eq!(settle(Request { mode: Mode::Off, manifest: None, host: false }, Request { mode: Mode::Record, manifest: None, host: false }), Settlement::Replace);
+        assert_eq!(settle(Request { mode: Mode::Warn, manifest: None, host: false }, Request { mode: Mode::Warn, manifest: Some("a"), host: false }), Settlement::Replace);
+        assert_eq!(settle(Request { mode: Mode::Warn, manifest: Some("a"), host: false }, Request { mode: Mode::Warn, manifest: None, host: false }), Settlement::Ignored);
+        assert_eq!(settle(app, app), Settlement::Unchanged);
+        // two different manifests under enforce: neither contains the other; the first stays
+        assert_eq!(settle(app, Request { mode: Mode::Enforce, manifest: Some("other.toml"), host: false }), Settlement::Ignored);
+        // every load refused outranks any manifest
+        let deny_all = Request { mode: Mode::Enforce, manifest: None, host: false };
+        assert_eq!(settle(app, deny_all), Settlement::Replace);
+        assert_eq!(settle(deny_all, app), Settlement::Ignored);
+    }
+
+    #[test]
+    fn the_host_policy_outranks_an_equal_request_in_either_order() {
+        let host = Request { mode: Mode::Enforce, manifest: Some("/etc/picklegate/policy.toml"), host: true };
+        let env = Request { mode: Mode::Enforce, manifest: Some("env.toml"), host: false };
+        assert_eq!(settle(env, host), Settlement::Replace);
+        assert_eq!(settle(host, env), Settlement::Ignored);
+        let off = Request { mode: Mode::Off, manifest: None, host: false };
+        assert_eq!(settle(host, off), Settlement::Ignored);
+        let deny_all = Request { mode: Mode::Enforce, manifest: None, host: false };
+        assert_eq!(settle(host, deny_all), Settlement::Replace);
+        assert_eq!(settle(deny_all, host), Settlement::Ignored);
+        assert_eq!(settle(host, host), Settlement::Unchanged);
     }
 
     #[test]

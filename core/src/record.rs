@@ -22,6 +22,13 @@ pub struct Record {
     pub size: u64,
     /// `module.name` of every global the static scan found.
     pub globals: Vec<String>,
+    /// The class (`code`, `unknown`, `data`: `risk::classify`) of each of `globals`, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<String>,
+    /// The scan read every pickle in the bytes to the end, so `globals` is all of them. Records
+    /// written before this field existed read as incomplete.
+    #[serde(default)]
+    pub globals_complete: bool,
     /// The file the pickle was read from, when the load had one.
     pub source: Option<String>,
 }
@@ -90,6 +97,9 @@ pub fn parse_records(text: &str, file: &str) -> Result<Vec<Record>, RecordError>
         if let Some(global) = record.globals.iter().find(|g| !g.contains('.') || g.chars().any(char::is_whitespace)) {
             return Err(error(format!("bad global {global:?}: expected module.name")));
         }
+        if !record.classes.is_empty() && record.classes.len() != record.globals.len() {
+            return Err(error(format!("{} classes for {} globals", record.classes.len(), record.globals.len())));
+        }
         records.push(record);
     }
     Ok(records)
@@ -115,6 +125,8 @@ pub(crate) mod tests {
             sha256: Digest::of(data).to_hex(),
             size: data.len() as u64,
             globals: vec!["collections.OrderedDict".into()],
+            classes: vec!["data".into()],
+            globals_complete: true,
             source: source.map(str::to_string),
         }
     }
@@ -167,6 +179,15 @@ pub(crate) mod tests {
         threads.into_iter().for_each(|t| t.join().unwrap());
         assert_eq!(read_records(&path).unwrap().len(), 4000);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn records_from_before_classes_read_as_incomplete() {
+        let old = r#"{"time":1.0,"pid":7,"callsite":"app:load","sha256":"ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb","size":1,"globals":[],"source":null}"#;
+        let [record] = parse_records(old, "r").unwrap().try_into().unwrap();
+        assert!(!record.globals_complete && record.classes.is_empty());
+        let mismatched = old.replace(r#""globals":[]"#, r#""globals":[],"classes":["data"]"#);
+        assert!(parse_records(&mismatched, "r").unwrap_err().message.contains("1 classes for 0 globals"));
     }
 
     #[test]

@@ -81,11 +81,82 @@ pub enum Progress {
 }
 
 /// The size of one element of a numpy array, as joblib reads it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Element {
-    /// An object array: joblib stores it as a nested pickle.
+    /// An array whose dtype holds objects: joblib stores it as a nested pickle.
     Object,
     Bytes(u64),
+}
+
+/// A `numpy.dtype(code, align, copy)` and the state its BUILD (`dtype.__setstate__`) gave it.
+/// Shared like the Python object: the memo sees the state a later BUILD sets.
+#[derive(Debug, Default)]
+struct Dtype {
+    code: String,
+    /// `(elsize, flags)` from a version 3 or 4 state tuple.
+    state: Option<(i64, i64)>,
+    /// Why the last BUILD's state was not understood (the dtype then has no known size).
+    bad_state: Option<String>,
+}
+
+/// numpy's `NPY_ITEM_HASOBJECT` bit of `dtype.flags`: joblib pickles such arrays.
+const DTYPE_HAS_OBJECT: i64 = 0x01;
+
+impl Dtype {
+    /// The element joblib reads for this dtype, as numpy would size it after the BUILD: for
+    /// flexible codes (S, U, V) the state's elsize, for the others the code's own size;
+    /// `hasobject` is the state's flag (numpy takes it from the state as is).
+    fn element(&self) -> Result<Element, String> {
+        if let Some(problem) = &self.bad_state {
+            return Err(problem.clone());
+        }
+        let code = self.code.as_str();
+        let flexible = matches!(code.as_bytes().first(), Some(b'S' | b'U' | b'V'))
+            && code.len() > 1
+            && code[1..].bytes().all(|b| b.is_ascii_digit());
+        let fixed = match code {
+            "O8" => Some(8),
+            "b1" | "i1" | "u1" => Some(1),
+            "i2" | "u2" | "f2" => Some(2),
+            "i4" | "u4" | "f4" => Some(4),
+            "i8" | "u8" | "f8" | "c8" | "M8" | "m8" => Some(8),
+            "f16" | "c16" => Some(16),
+            "c32" => Some(32),
+            _ => None,
+        };
+        match (self.state, fixed) {
+            (Some((_, flags)), _) if flags & DTYPE_HAS_OBJECT != 0 => Ok(Element::Object),
+            (Some(_), Some(size)) => Ok(Element::Bytes(size)),
+            (Some((elsize, _)), None) if flexible => {
+                u64::try_from(elsize).map(Element::Bytes).map_err(|_| format!("dtype {code} has a negative itemsize {elsize}"))
+            }
+            (None, Some(_)) if code == "O8" => Ok(Element::Object),
+            (None, Some(size)) => Ok(Element::Bytes(size)),
+            (None, None) if flexible => Err(format!("dtype {code} has no pickled state giving its itemsize")),
+            _ => Err(format!("dtype code {code:?} is not one numpy pickles")),
+        }
+    }
+
+    /// `dtype.__setstate__`: `(version, byteorder, subarray, names, fields, elsize, alignment,
+    /// flags[, metadata])` for versions 3 and 4, the only ones numpy has written since 1.x.
+    fn set_state(&mut self, state: &Item) {
+        let parsed = match state {
+            Item::Tuple(items) => match items.as_slice() {
+                [Item::Int(3), _, _, _, _, Item::Int(elsize), Item::Int(_), Item::Int(flags)]
+                | [Item::Int(4), _, _, _, _, Item::Int(elsize), Item::Int(_), Item::Int(flags), _] => Ok((*elsize, *flags)),
+                [Item::Int(version), ..] => Err(format!("dtype state version {version} with {} fields is not one numpy writes", items.len())),
+                _ => Err("dtype state tuple does not start with its version".to_string()),
+            },
+            _ => Err("dtype state is not a tuple of plain values".to_string()),
+        };
+        match parsed {
+            Ok(state) => {
+                self.state = Some(state);
+                self.bad_state = None;
+            }
+            Err(problem) => self.bad_state = Some(problem),
+        }
+    }
 }
 
 /// What the scanner knows of a stack value. Beyond strings, values are tracked only when
@@ -102,7 +173,7 @@ enum Item {
     /// An instance of joblib's NumpyArrayWrapper; the number tells instances apart.
     Wrapper(usize),
     DtypeClass,
-    Dtype(Element),
+    Dtype(Arc<Mutex<Dtype>>),
     Other,
 }
 
@@ -539,6 +610,9 @@ impl Scanner {
                     }
                 }
                 let mut operands = self.pop(2, at, name)?;
+                if let Item::Dtype(dtype) = &operands[0] {
+                    dtype.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).set_state(&operands[1]);
+                }
                 // BUILD leaves the object on the stack; joblib replaces a wrapper with its array.
                 self.stack.push(match operands.swap_remove(0) {
                     Item::Wrapper(_) => Item::Other,
@@ -607,21 +681,12 @@ impl Scanner {
         }
     }
 
-    /// `numpy.dtype(code, ...)` for the fixed-size codes whose size numpy's BUILD cannot change.
+    /// `numpy.dtype(code, ...)`: its size is known once its BUILD state is seen (or, for codes
+    /// with a fixed size, without it).
     fn reduced(callable: &Item, args: &Item) -> Item {
         let (Item::DtypeClass, Item::Tuple(args)) = (callable, args) else { return Item::Other };
         let Some(Item::Str(code)) = args.first() else { return Item::Other };
-        let element = match code.as_str() {
-            "O8" => Element::Object,
-            "b1" | "i1" | "u1" => Element::Bytes(1),
-            "i2" | "u2" | "f2" => Element::Bytes(2),
-            "i4" | "u4" | "f4" => Element::Bytes(4),
-            "i8" | "u8" | "f8" | "c8" | "M8" | "m8" => Element::Bytes(8),
-            "f16" | "c16" => Element::Bytes(16),
-            "c32" => Element::Bytes(32),
-            _ => return Item::Other,
-        };
-        Item::Dtype(element)
+        Item::Dtype(Arc::new(Mutex::new(Dtype { code: code.clone(), ..Default::default() })))
     }
 
     /// SETITEM(S) and DICT: pairs go into a tracked dict (the last value of a key wins).
@@ -666,8 +731,8 @@ impl Scanner {
         }
         .ok_or_else(|| bad("shape is not a tuple of sizes"))?;
         let element = match fields.get("dtype") {
-            Some(Item::Dtype(element)) => *element,
-            _ => return Err(bad("dtype is not a fixed-size numpy.dtype")),
+            Some(Item::Dtype(dtype)) => dtype.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).element().map_err(|p| bad(&p))?,
+            _ => return Err(bad("dtype is not a numpy.dtype made by numpy.dtype(code, align, copy)")),
         };
         match element {
             Element::Object => {
@@ -866,6 +931,55 @@ mod tests {
         for cut in 0..JOBLIB_ARRAYS.len() {
             assert!(scan_joblib(&JOBLIB_ARRAYS[..cut]).is_err(), "prefix {cut}");
         }
+    }
+
+    // joblib.dump({"nodes": numpy.zeros(2, dtype=[("left", "<i8"), ("thr", "<f8")]), "u": numpy.array(["a", "bc"]),
+    //              "t": numpy.array([1], dtype="M8[ns]"), "nodes2": <nodes copied>, "after": collections.OrderedDict()}):
+    // a structured dtype (as in scikit-learn's trees) and a <U2 whose itemsize only the BUILD state
+    // gives, the second structured array's dtype fetched from the memo.
+    const JOBLIB_SIZED_BY_STATE: &[u8] = b"\x80\x04\x95>\x01\x00\x00\x00\x00\x00\x00}\x94(\x8c\x05nodes\x94\x8c\x13joblib.numpy_pickle\x94\x8c\x11NumpyArrayWrapper\x94\x93\x94)\x81\x94}\x94(\x8c\x08subclass\x94\x8c\x05numpy\x94\x8c\x07ndarray\x94\x93\x94\x8c\x05shape\x94K\x02\x85\x94\x8c\x05order\x94\x8c\x01C\x94\x8c\x05dtype\x94h\x08\x8c\x05dtype\x94\x93\x94\x8c\x03V16\x94\x89\x88\x87\x94R\x94(K\x03\x8c\x01|\x94N\x8c\x04left\x94\x8c\x03thr\x94\x86\x94}\x94(h\x16h\x11\x8c\x02i8\x94\x89\x88\x87\x94R\x94(K\x03\x8c\x01<\x94NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t\x94bK\x00\x86\x94h\x17h\x11\x8c\x02f8\x94\x89\x88\x87\x94R\x94(K\x03h\x1dNNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t\x94bK\x08\x86\x94uK\x10K\x01K\x10t\x94b\x8c\x0aallow_mmap\x94\x88\x8c\x1bnumpy_array_alignment_bytes\x94K\x10ub\x06\xff\xff\xff\xff\xff\xff\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x95C\x00\x00\x00\x00\x00\x00\x00\x8c\x01u\x94h\x04)\x81\x94}\x94(h\x07h\x0ah\x0bK\x02\x85\x94h\x0dh\x0eh\x0fh\x11\x8c\x02U2\x94\x89\x88\x87\x94R\x94(K\x03h\x1dNNNK\x08K\x04K\x08t\x94bh&\x88h'K\x10ub\x03\xff\xff\xffa\x00\x00\x00\x00\x00\x00\x00b\x00\x00\x00c\x00\x00\x00\x95Z\x00\x00\x00\x00\x00\x00\x00\x8c\x01t\x94h\x04)\x81\x94}\x94(h\x07h\x0ah\x0bK\x01\x85\x94h\x0dh\x0eh\x0fh\x11\x8c\x02M8\x94\x89\x88\x87\x94R\x94(K\x04h\x1dNNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00N(C\x02ns\x94K\x01K\x01K\x01t\x94\x86\x94t\x94bh&\x88h'K\x10ub\x0c\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01\x00\x00\x00\x00\x00\x00\x00\x95,\x00\x00\x00\x00\x00\x00\x00\x8c\x06nodes2\x94h\x04)\x81\x94}\x94(h\x07h\x0ah\x0bK\x02\x85\x94h\x0dh\x0eh\x0fh\x14h&\x88h'K\x10ub\x02\xff\xff\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x95+\x00\x00\x00\x00\x00\x00\x00\x8c\x05after\x94\x8c\x0bcollections\x94\x8c\x0bOrderedDict\x94\x93\x94)R\x94u.";
+
+    #[test]
+    fn joblib_dtypes_are_sized_by_their_pickled_state() {
+        let report = scan_joblib(JOBLIB_SIZED_BY_STATE).unwrap();
+        assert_eq!((report.end, report.trailing), (JOBLIB_SIZED_BY_STATE.len(), 0));
+        assert!(names(&report).contains(&"collections.OrderedDict".to_string()), "{:?}", names(&report));
+        for cut in 0..JOBLIB_SIZED_BY_STATE.len() {
+            assert!(scan_joblib(&JOBLIB_SIZED_BY_STATE[..cut]).is_err(), "prefix {cut}");
+        }
+    }
+
+    #[test]
+    fn joblib_streams_with_any_byte_changed_never_panic() {
+        for vector in [JOBLIB_SIZED_BY_STATE, JOBLIB_ARRAYS] {
+            for at in 0..vector.len() {
+                for value in [0x00, 0x01, 0x7f, 0x80, 0xff, vector[at].wrapping_add(1)] {
+                    let mut changed = vector.to_vec();
+                    changed[at] = value;
+                    let _ = scan_joblib(&changed);
+                    let _ = scan(&changed);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dtype_state_decides_size_and_objects_as_numpy_does() {
+        let dtype = |code: &str, state: Option<(i64, i64)>| Dtype { code: code.into(), state, bad_state: None }.element();
+        assert_eq!(dtype("U3", Some((12, 8))), Ok(Element::Bytes(12)));
+        assert_eq!(dtype("V56", Some((56, 0))), Ok(Element::Bytes(56)));
+        // numpy ignores the state's elsize for fixed-size codes, and takes hasobject from its flags
+        assert_eq!(dtype("f8", Some((4, 0))), Ok(Element::Bytes(8)));
+        assert_eq!(dtype("f8", Some((-1, 1))), Ok(Element::Object));
+        assert_eq!(dtype("V9", Some((9, 27))), Ok(Element::Object));
+        assert_eq!(dtype("O8", Some((-1, 0))), Ok(Element::Bytes(8)));
+        assert_eq!(dtype("O8", None), Ok(Element::Object));
+        assert!(dtype("U3", None).unwrap_err().contains("no pickled state"));
+        assert!(dtype("float64", Some((8, 0))).unwrap_err().contains("not one numpy pickles"));
+        assert!(dtype("V4", Some((-5, 0))).unwrap_err().contains("negative itemsize"));
+        let mut odd = Dtype { code: "U3".into(), ..Default::default() };
+        odd.set_state(&Item::Tuple(vec![Item::Int(2), Item::Other]));
+        assert!(odd.element().unwrap_err().contains("version 2"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 # Run by the preload library at the first audit event after start-up, LOCATION = the package directory
-# holding the library: loads that picklegate (unless one is imported) and activates it from the environment.
+# holding the library: loads that picklegate (unless one is imported) and activates it from the host
+# policy (HOST_POLICY, or None) and from the environment.
 import os
 import sys
 
@@ -18,9 +19,9 @@ try:
         except BaseException:
             del sys.modules["picklegate"]
             raise
-    from picklegate._activate import from_environment
+    from picklegate._activate import from_environment, from_host_policy
 except Exception as error:
-    lenient = (os.environ.get("PICKLEGATE_MODE") or "enforce").strip().lower() in ("warn", "record", "off")
+    lenient = HOST_POLICY is None and (os.environ.get("PICKLEGATE_MODE") or "enforce").strip().lower() in ("warn", "record", "off")
     sys.stderr.write(
         f"picklegate: cannot load picklegate from {LOCATION}: {error!r}\n"
         + ("picklegate: WARNING: this process runs UNGUARDED\n" if lenient else "picklegate: stopping, rather than run unguarded\n")
@@ -29,4 +30,7 @@ except Exception as error:
     if not lenient:
         os._exit(78)
 else:
-    from_environment()
+    if HOST_POLICY is not None:
+        from_host_policy(HOST_POLICY)
+    if os.environ.get("PICKLEGATE_POLICY") or os.environ.get("PICKLEGATE_MODE"):
+        from_environment()

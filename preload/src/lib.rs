@@ -1,9 +1,12 @@
 //! The LD_PRELOAD library (libc only; Python functions found with dlsym): in CPython it registers an
 //! audit hook before start-up, then at the first event after start-up loads picklegate from beside it.
+//! Listed in /etc/ld.so.preload with a root-owned /etc/picklegate/policy.toml, it guards every CPython
+//! on the host whatever its flags and environment.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::OnceLock;
 
@@ -30,13 +33,19 @@ static SELF_CHECK_SEEN: AtomicBool = AtomicBool::new(false);
 const SELF_CHECK: &[u8] = b"picklegate.preload-check";
 /// Exit status when picklegate cannot be set up in `enforce` (EX_CONFIG from sysexits.h).
 const EX_CONFIG: c_int = 78;
+/// The host-wide policy: enforced in every CPython this library is preloaded into, whatever its
+/// environment says. It (and its directory) must be owned by root and writable by no one else.
+const HOST_POLICY: &str = "/etc/picklegate/policy.toml";
+/// Set when the host policy is in play: then nothing is lenient, whatever PICKLEGATE_MODE says.
+static HOST: AtomicBool = AtomicBool::new(false);
 
 #[used]
 #[link_section = ".init_array"]
 static CONSTRUCTOR: extern "C" fn() = constructor;
 
 extern "C" fn constructor() {
-    if !configured() {
+    let host = Path::new(HOST_POLICY).symlink_metadata().is_ok();
+    if !host && !configured() {
         return;
     }
     let Some(add_audit_hook) = (unsafe { symbol::<AddAuditHook>(b"PySys_AddAuditHook\0") }) else {
@@ -50,10 +59,16 @@ extern "C" fn constructor() {
     let (Some(is_initialized), Some(run_string)) = (is_initialized, run_string) else {
         return stop("this CPython lacks Py_IsInitialized or PyRun_SimpleStringFlags");
     };
+    if host {
+        HOST.store(true, Ordering::SeqCst);
+        if let Err(reason) = host_policy_is_root_owned() {
+            return stop(&reason);
+        }
+    }
     let Some(package) = own_directory() else {
         return stop("cannot find the directory of its own library (dladdr failed)");
     };
-    let bootstrap = CString::new(bootstrap_statement(&package)).expect("hex digits contain no NUL");
+    let bootstrap = CString::new(bootstrap_statement(&package, host)).expect("hex digits contain no NUL");
     let _ = INTERPRETER.set(Interpreter { is_initialized, run_string, bootstrap });
     if unsafe { add_audit_hook(hook, std::ptr::null_mut()) } != 0 {
         stop("PySys_AddAuditHook refused its hook");
@@ -65,8 +80,33 @@ fn configured() -> bool {
     ["PICKLEGATE_POLICY", "PICKLEGATE_MODE"].iter().any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
 }
 
-/// `warn`, `record` and `off` carry on when picklegate cannot be set up; `enforce` stops.
+/// The host policy file and its directory: not symlinks, owned by root, writable by no one else.
+fn host_policy_is_root_owned() -> Result<(), String> {
+    let file = Path::new(HOST_POLICY);
+    let directory = file.parent().expect("the host policy has a directory");
+    for (path, want_dir) in [(directory, true), (file, false)] {
+        let meta = path.symlink_metadata().map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let kind_ok = if want_dir { meta.is_dir() } else { meta.is_file() };
+        if !kind_ok {
+            let kind = if want_dir { "a directory" } else { "a regular file" };
+            return Err(format!("{} is not {kind} (symlinks are refused)", path.display()));
+        }
+        if meta.uid() != 0 {
+            return Err(format!("{} is owned by uid {}, not by root", path.display(), meta.uid()));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(format!("{} is writable by others than root (mode {:o})", path.display(), meta.mode() & 0o7777));
+        }
+    }
+    Ok(())
+}
+
+/// `warn`, `record` and `off` carry on when picklegate cannot be set up; `enforce` stops, and so
+/// does every process under the host policy.
 fn lenient() -> bool {
+    if HOST.load(Ordering::SeqCst) {
+        return false;
+    }
     let mode = std::env::var("PICKLEGATE_MODE").unwrap_or_default();
     matches!(mode.trim().to_ascii_lowercase().as_str(), "warn" | "record" | "off")
 }
@@ -104,9 +144,10 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// One expression statement, so nothing is bound in `__main__`; hex keeps any path byte intact.
-fn bootstrap_statement(package: &std::path::Path) -> String {
+fn bootstrap_statement(package: &Path, host: bool) -> String {
+    let host_policy = if host { format!("'{HOST_POLICY}'") } else { "None".to_string() };
     format!(
-        "exec(bytes.fromhex('{}').decode(), {{'__name__': 'picklegate-preload', 'LOCATION': __import__('os').fsdecode(bytes.fromhex('{}'))}})",
+        "exec(bytes.fromhex('{}').decode(), {{'__name__': 'picklegate-preload', 'LOCATION': __import__('os').fsdecode(bytes.fromhex('{}')), 'HOST_POLICY': {host_policy}}})",
         hex(include_str!("bootstrap.py").as_bytes()),
         hex(package.as_os_str().as_bytes())
     )

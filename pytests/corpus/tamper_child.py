@@ -97,7 +97,7 @@ def call_pickle_c_module_directly(data):
 
 @attempt
 def original_c_unpickler_class(data):
-    original = [c for c in pickle.Unpickler.__mro__ if c.__module__ == "_pickle" and c is not pickle.Unpickler][-1]
+    original = [c for c in pickle.Unpickler.__mro__ if c.__module__ == "_pickle"][-1]  # the C class, whatever wraps it
     return original(io.BytesIO(data)).load()
 
 

@@ -1,5 +1,8 @@
 """picklegate decides every pickle load before one opcode runs: only reviewed pickles, by
-sha256, at the callsites a manifest names; a token-guarded ``no_pickles()``; a no-pickle mode."""
+sha256, at the callsites a manifest names; a token-guarded ``no_pickles()``; a no-pickle mode.
+
+PYTEST_DONT_REWRITE: the start-up hook imports this package before pytest can mark its plugin's
+package for assertion rewriting; the marker keeps pytest from warning (an error under ``-W error``)."""
 
 import os as _os
 
@@ -26,16 +29,22 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def install(policy=None, mode=None, record=None):
+def install(policy=None, mode=None, record=None, backstop_only=False):
     """Guard every pickle load in this process.
 
     ``policy`` is a manifest path (TOML v1); ``mode`` is ``enforce`` (the default),
     ``warn``, ``record`` or ``off``. ``enforce`` without a policy refuses every load.
     ``record`` is the file ``record`` mode appends each load to (default: ``PICKLEGATE_RECORD``).
-    Calling it again can only make the guard stricter. Returns a one-line description."""
+    Of two calls (or a call and the environment's or the host's policy) the stricter wins, whatever
+    their order: off < record < warn < enforce with a manifest < enforce without one; a looser call is
+    ignored with an ``install-ignored`` warning. Returns a one-line description.
+    Where this Python's ``_pickle`` cannot be redirected, ``enforce`` raises ``PolicyError``;
+    ``backstop_only=True`` (or ``PICKLEGATE_BACKSTOP_ONLY=1``) accepts the audit-hook backstop alone."""
     path = _os.fspath(policy) if policy is not None else None
     record = _os.fspath(record) if record is not None else _os.environ.get("PICKLEGATE_RECORD")
     description = _core.configure(mode, path, "code", _os.environ.get("PICKLEGATE_LOG"), record)
+    if backstop_only:
+        _core.accept_backstop_only()
     _interpose.activate()
     return description
 

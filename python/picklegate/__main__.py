@@ -5,10 +5,12 @@ inside pickle-bearing files without running them, ``freeze`` turns records into 
 import argparse
 import json
 import os
+import pathlib
+import shutil
 import sys
 
 from . import _core
-from ._errors import PolicyError, ScanError
+from ._errors import PolicyError
 
 PRELOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libpicklegate_preload.so")
 
@@ -24,9 +26,15 @@ def _hash(args):
     return status
 
 
+def _preload_missing(command):
+    if os.path.isfile(PRELOAD):
+        return False
+    print(f"picklegate {command}: {PRELOAD} is missing (this build has no preload library)", file=sys.stderr)
+    return True
+
+
 def _preload_path(args):
-    if not os.path.isfile(PRELOAD):
-        print(f"picklegate preload-path: {PRELOAD} is missing (this build has no preload library)", file=sys.stderr)
+    if _preload_missing("preload-path"):
         return 1
     print(PRELOAD)
     return 0
@@ -44,10 +52,15 @@ def _run(args):
         env["PICKLEGATE_MODE"] = args.mode
     if not (env.get("PICKLEGATE_POLICY") or env.get("PICKLEGATE_MODE")):
         env["PICKLEGATE_MODE"] = "enforce"  # no policy at all: the global no-pickle mode
+    # The preload by default, when this build has it: then `python -S`, `python -I -S` and Pythons
+    # without picklegate installed are guarded too, not only those that run the .pth start-up hook.
+    if args.preload is None:
+        args.preload = os.path.isfile(PRELOAD)
     if args.preload:
-        if _preload_path(args) != 0:
+        if _preload_missing("run"):
             return 1
-        env["LD_PRELOAD"] = ":".join(filter(None, [PRELOAD, env.get("LD_PRELOAD")]))
+        if PRELOAD not in env.get("LD_PRELOAD", "").split(":"):
+            env["LD_PRELOAD"] = ":".join(filter(None, [PRELOAD, env.get("LD_PRELOAD")]))
     sys.stdout.flush()
     try:
         os.execvpe(command[0], command, env)  # the command's exit status and signals are its own
@@ -56,45 +69,168 @@ def _run(args):
         return 127
 
 
-def _verdict(summary):
-    outside = sorted({name for part in summary["parts"] for name in part["outside_allowlist"]})
-    if outside:
-        return f"REVIEW: {len(outside)} not allowed: {', '.join(outside)}"
-    return "ok" if summary["parts"] else "ok (no pickle inside)"
+VERDICT_TEXT = {
+    "code": "CODE: runs code or reaches objects by name when loaded; do not load without reading it",
+    "error": "ERROR: not read completely; what it would run is not known",
+    "unknown": "REVIEW: builds library objects whose own code runs when loaded",
+    "data": "data: builds plain data only (containers, arrays, tensors)",
+    "none": "no pickle inside",
+}
+#: Verdicts that need a human (exit status 1).
+NEEDS_REVIEW = ("code", "error", "unknown")
+SCAN_BATCH = 64
+SARIF_RULES = [
+    ("picklegate/code-global", "error", "A global that runs code or reaches objects by name"),
+    ("picklegate/unknown-global", "warning", "A library global whose own code runs when the pickle is loaded"),
+    ("picklegate/incomplete-scan", "error", "A file the scan could not read completely"),
+]
 
 
-def _table(rows):
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + str(row[-1]))
+def _walk(paths):
+    """The files to scan: each path given, and every file under each directory (sorted, symlinks
+    to directories not followed). Returns (path, walked) pairs."""
+    for path in paths:
+        if os.path.isdir(path):
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    yield os.path.join(root, name), True
+        else:
+            yield path, False
+
+
+def _not_a_pickle(summary):
+    """A walked file read as a plain pickle that broke before naming any global: text, images,
+    safetensors and the like. (Named on the command line, such a file is reported as an error.)"""
+    return summary.get("format") == "pickle" and bool(summary.get("error")) and not summary.get("globals")
+
+
+class _Progress:
+    """A one-line progress bar on stderr, only when stderr is a terminal."""
+
+    def __init__(self, total):
+        self.total, self.done = total, 0
+        self.on = total > 1 and sys.stderr.isatty()
+
+    def advance(self, count):
+        self.done += count
+        if self.on:
+            width = 30
+            filled = width * self.done // self.total
+            sys.stderr.write(f"\rscanning [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} files")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.on:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+            sys.stderr.flush()
+
+
+def _scan_all(paths, allow):
+    files = list(_walk(paths))
+    progress = _Progress(len(files))
+    summaries, skipped = [], []
+    for start in range(0, len(files), SCAN_BATCH):
+        batch = files[start:start + SCAN_BATCH]
+        document = json.loads(_core.scan_files([path for path, _ in batch], allow))
+        for (_, walked), summary in zip(batch, document["files"]):
+            if walked and _not_a_pickle(summary):
+                skipped.append(summary["file"])
+            else:
+                summaries.append(summary)
+        progress.advance(len(batch))
+    progress.close()
+    return document["schema"], summaries, skipped
+
+
+def _size(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _print_block(summary, width):
+    import textwrap
+
+    print(summary["file"])
+    if "sha256" not in summary:
+        print(textwrap.fill(f"verdict: {VERDICT_TEXT['error']}", width, initial_indent="  ", subsequent_indent="    "))
+        print(textwrap.fill(summary["error"], width, initial_indent="  ", subsequent_indent="    "))
+        return
+    protocols = sorted({part["protocol"] for part in summary["parts"]})
+    pickles = len(summary["parts"])
+    facts = [summary["format"], _size(summary["size"])]
+    if protocols:
+        facts.append(f"protocol {', '.join(map(str, protocols))}" + (f" ({pickles} pickles)" if pickles > 1 else ""))
+    if summary["raw_data_bytes"]:
+        facts.append(f"{_size(summary['raw_data_bytes'])} of raw tensor data")
+    print(textwrap.fill(", ".join(facts), width, initial_indent="  ", subsequent_indent="    "))
+    print(f"  sha256 {summary['sha256']}")
+    print(textwrap.fill(f"verdict: {VERDICT_TEXT[summary['verdict']]}", width, initial_indent="  ", subsequent_indent="    "))
+    if summary.get("error"):
+        print(textwrap.fill(f"error: {summary['error']}", width, initial_indent="  ", subsequent_indent="    "))
+    for risk in ("code", "unknown", "data"):
+        found = [g for g in summary["globals"] if g["class"] == risk]
+        if not found:
+            continue
+        label = f"  {risk} ({len(found)}): "
+        if risk == "code":
+            print(label.rstrip())
+            for g in found:
+                mark = " (allowed)" if g["allowed"] else ""
+                print(textwrap.fill(f"{g['name']}{mark}: {g['why']}", width, initial_indent="    ", subsequent_indent="      "))
+        else:
+            names = ", ".join(g["name"] + (" (allowed)" if g["allowed"] else "") for g in found)
+            print(textwrap.fill(names, width, initial_indent=label, subsequent_indent=" " * len(label), break_on_hyphens=False))
+
+
+def _sarif(summaries):
+    results = []
+    for summary in summaries:
+        path = summary["file"]
+        uri = pathlib.Path(path).resolve().as_uri() if os.path.isabs(path) else pathlib.PurePath(path).as_posix()
+        location = [{"physicalLocation": {"artifactLocation": {"uri": uri}}}]
+        if summary.get("error"):
+            results.append({"ruleId": SARIF_RULES[2][0], "level": "error", "message": {"text": summary["error"]}, "locations": location})
+        for g in summary["globals"]:
+            if g["allowed"] or g["class"] == "data":
+                continue
+            rule, level, _ = SARIF_RULES[0] if g["class"] == "code" else SARIF_RULES[1]
+            text = f"{path} resolves {g['name']} ({g['class']}: {g['why']})"
+            results.append({"ruleId": rule, "level": level, "message": {"text": text}, "locations": location})
+    rules = [{"id": rule, "shortDescription": {"text": text}, "defaultConfiguration": {"level": level}} for rule, level, text in SARIF_RULES]
+    return {
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [{
+            "tool": {"driver": {"name": "picklegate", "informationUri": "https://pypi.org/project/picklegate/", "rules": rules}},
+            "results": results,
+        }],
+    }
 
 
 def _scan(args):
-    summaries, failed = [], False
-    for path in args.files:
-        try:
-            summary = json.loads(_core.scan_file(path, args.allow))
-            summary["verdict"] = _verdict(summary)
-        except ScanError as error:
-            summary = {"file": path, "error": str(error), "verdict": "ERROR"}
-        failed = failed or summary["verdict"] not in ("ok", "ok (no pickle inside)")
-        summaries.append(summary)
+    schema, summaries, skipped = _scan_all(args.paths, args.allow)
+    failed = any(s["verdict"] in NEEDS_REVIEW for s in summaries)
     if args.json:
-        json.dump(summaries, sys.stdout, indent=2)
+        json.dump({"schema": schema, "files": summaries, "skipped_not_pickles": skipped}, sys.stdout, indent=2)
         print()
         return int(failed)
-    rows = [("FILE", "FORMAT", "PROTO", "SHA256", "GLOBALS", "VERDICT")]
-    for summary in summaries:
-        if "error" in summary:
-            rows.append((summary["file"], "-", "-", "-", "-", f"ERROR: {summary['error']}"))
-            continue
-        parts = summary["parts"] or [{"name": "", "protocol": "-", "globals": []}]
-        for index, part in enumerate(parts):
-            name = summary["file"] + (f" [{part['name']}]" if part["name"] else "")
-            sha = summary["sha256"][:16] if index == 0 else ""
-            verdict = summary["verdict"] if index == 0 else ""
-            rows.append((name, summary["format"], part["protocol"], sha, ", ".join(part["globals"]) or "-", verdict))
-    _table(rows)
+    if args.sarif:
+        json.dump(_sarif(summaries), sys.stdout, indent=2)
+        print()
+        return int(failed)
+    width = max(40, shutil.get_terminal_size((100, 24)).columns - 1)
+    for index, summary in enumerate(summaries):
+        if index:
+            print()
+        _print_block(summary, width)
+    counts = {verdict: sum(s["verdict"] == verdict for s in summaries) for verdict in VERDICT_TEXT}
+    tally = ", ".join(f"{n} {verdict}" for verdict, n in counts.items() if n)
+    if len(summaries) > 1 or skipped:
+        print()
+        print(f"{len(summaries)} files: {tally}" + (f"; {len(skipped)} files skipped (not pickles)" if skipped else ""))
     return int(failed)
 
 
@@ -151,19 +287,29 @@ def main(argv=None):
     run = commands.add_parser(
         "run",
         help="run a command with picklegate activated through the environment",
-        description="Runs CMD with PICKLEGATE_POLICY / PICKLEGATE_MODE set (and LD_PRELOAD with --preload).",
+        description="Runs CMD with PICKLEGATE_POLICY / PICKLEGATE_MODE set and the preload library in LD_PRELOAD.",
     )
     run.add_argument("--policy", metavar="P", help="manifest (TOML); exported as PICKLEGATE_POLICY")
     run.add_argument("--mode", metavar="M", choices=("enforce", "warn", "record", "off"), help="exported as PICKLEGATE_MODE")
-    run.add_argument("--preload", action="store_true", help="also preload the library, for Pythons without picklegate installed")
+    run.add_argument(
+        "--preload", action="store_true", default=None,
+        help="preload the library (the default when this build has it): guards `python -S` and Pythons without picklegate installed",
+    )
+    run.add_argument("--no-preload", dest="preload", action="store_false", help="rely on the .pth start-up hook alone")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
     run.set_defaults(run=_run)
 
-    scan = commands.add_parser("scan", help="list the globals the pickles in each file import, running nothing")
-    scan.add_argument("files", nargs="+", metavar="FILE")
+    scan = commands.add_parser(
+        "scan", help="review the pickles in files and directories, running nothing",
+        description="Scans each FILE, and every file under each DIR (formats told by content), on all cores. "
+                    "Each global is classed code, unknown or data; a file's verdict is its worst global. "
+                    "Exit status 1 when a file needs review (code, unknown, error).")
+    scan.add_argument("paths", nargs="+", metavar="FILE|DIR")
     scan.add_argument("--allow", action="append", default=[], metavar="PATTERN",
-                      help="a global pattern (module.name, '*' globs) that passes; repeatable")
-    scan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+                      help="a global pattern (module.name, '*' globs) already reviewed: it does not count in the verdict; repeatable")
+    output = scan.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the picklegate-scan/1 JSON document (README: Scan output)")
+    output.add_argument("--sarif", action="store_true", help="print SARIF 2.1.0, for CI code scanning")
     scan.set_defaults(run=_scan)
 
     freeze = commands.add_parser("freeze", help="turn record files into a manifest")

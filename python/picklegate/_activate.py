@@ -1,5 +1,6 @@
-"""Activation from the environment, before user code runs: the ``.pth`` start-up hook and the
-LD_PRELOAD library both call ``from_environment()``, which installs the operator's policy."""
+"""Activation before user code runs: the ``.pth`` start-up hook and the LD_PRELOAD library call
+``from_environment()``, which installs the operator's policy; the preload library, when the host has
+``/etc/picklegate/policy.toml``, first calls ``from_host_policy()``."""
 
 import os
 import sys
@@ -35,6 +36,18 @@ def from_environment():
         _install(mode, policy, log)
     except Exception as error:
         _cannot_install(error, mode, policy, log)
+
+
+def from_host_policy(path):
+    """Installs the host-wide policy under ``enforce`` (origin ``host``: the environment and code can
+    only make it stricter). A policy that cannot be used stops the process, whatever the environment."""
+    try:
+        _core.configure("enforce", path, "host", _setting("PICKLEGATE_LOG"), None)
+        _interpose.activate()
+    except Exception as error:
+        sys.stderr.write(f"picklegate: {error}\npicklegate: host policy {path}: stopping, rather than run unguarded\n")
+        sys.stderr.flush()
+        os._exit(EX_CONFIG)
 
 
 def _cannot_install(error, mode, policy, log):

@@ -12,6 +12,11 @@ class _Refusal:
         self.sha256 = sha256
         self.size = int(size) if size is not None else None
 
+    def __reduce__(self):
+        # Plain data only, so a refusal in a worker reaches its parent under any [[trust]] rule
+        # (picklegate admits exactly these classes there): no state dict, no other global.
+        return (type(self), (str(self), self.callsite, self.sha256, self.size))
+
 
 class PickleDeniedError(_Refusal, pickle.UnpicklingError):
     """The operator's policy (manifest and mode) refused a load or a global."""

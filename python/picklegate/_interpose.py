@@ -24,6 +24,7 @@ _lock = threading.Lock()
 _CHUNK = 1 << 20
 _patched = False
 _redirected_loads = False
+_redirected_load = False
 
 
 def _read_one_pickle(read, readline, joblib=False):
@@ -70,9 +71,11 @@ def _stream(data):
     return data if isinstance(data, _core.HashedFile) else io.BytesIO(data)
 
 
-def _finished(data, stream, finish):
-    """Moves the file past what the unpickler used, and lets go of the memory read for it."""
-    finish(stream.tell())
+def _finished(data, stream, finish, file, failed):
+    """Moves the file past what the unpickler used, and lets go of the memory read for it. After a
+    failed load, a file with ``peek`` stays where it was: the C unpickler only peeks at such a file
+    and consumes what it used when the load completes."""
+    finish(0 if failed and hasattr(file, "peek") else stream.tell())
     if isinstance(data, _core.HashedFile):
         data.close()
 
@@ -95,54 +98,65 @@ def loads(data, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffe
 
 def load(file, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=()):
     data, source, finish = _take(file)
+    stream = _stream(data)
+    failed = True
+    try:
+        run = functools.partial(_ORIGINAL_LOAD, stream, **_options(fix_imports, encoding, errors, buffers))
+        result = _guarded(data, source, run)
+        failed = False
+        return result
+    finally:
+        _finished(data, stream, finish, file, failed)
 
-    def run():
-        stream = _stream(data)
-        try:
-            return _run_c_load(_CUnpickler(stream, **_options(fix_imports, encoding, errors, buffers)))
-        finally:
-            _finished(data, stream, finish)
 
-    return _guarded(data, source, run)
-
-
-class Unpickler(_CUnpickler):
-    """``pickle.Unpickler``, deciding each ``load()`` on the bytes it is about to read."""
-
-    __doc__ = _CUnpickler.__doc__
-
-    def __init__(self, file, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=()):
-        options = _options(fix_imports, encoding, errors, buffers)
-        super().__init__(file, **options)
-        self._picklegate_source = (file, options)
-
-    def load(self):
-        try:
-            file, options = self._picklegate_source
-        except AttributeError:
-            raise pickle.UnpicklingError(
-                f"Unpickler.__init__() was not called by {type(self).__name__}.__init__()"
-            ) from None
+def _take_for_unpickler(read, readline):
+    """What a live ``_pickle.Unpickler`` (given its file's ``read`` and ``readline``) consumes
+    next: ``(data, source, stream, done)``. The unpickler reads ``stream`` instead of its file for
+    that load; ``done(failed)`` then leaves the file just past what it used."""
+    file = getattr(read, "__self__", None)
+    if file is not None and getattr(readline, "__self__", None) is file and _files.seekable(file):
         data, source, finish = _take(file)
-
-        def run():
-            stream = _stream(data)
-            # Point the C unpickler at the hashed bytes. Re-initialising forgets a
-            # persistent_load set on the instance (torch sets one), so carry it over.
-            persistent_load = getattr(self, "persistent_load", None)
-            _CUnpickler.__init__(self, stream, **options)
-            if persistent_load is not None:
-                self.persistent_load = persistent_load
-            try:
-                return _run_c_load(self)
-            finally:
-                _finished(data, stream, finish)
-
-        return _guarded(data, source, run)
+    else:
+        data, source, finish = _read_one_pickle(read, readline), _files.source_name(file), lambda used: None
+    stream = _stream(data)
+    return data, source, stream, lambda failed: _finished(data, stream, finish, file, failed)
 
 
-Unpickler.__module__ = _CUnpickler.__module__
-Unpickler.__qualname__ = _CUnpickler.__qualname__
+def _spelled_strings(data):
+    """The strings a pickle spells out (its text arguments), for names resolved after its load."""
+    import pickletools  # only for the few loads that need it
+
+    strings = set()
+    try:
+        for _, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.add(arg)
+    except Exception:
+        pass  # what was read before the error still counts; the unpickler reports the error
+    return strings
+
+
+def _learn_unpickler_layout():
+    """Shows ``_core`` where a ``_pickle.Unpickler`` keeps its file methods and input counters, by
+    making two unpicklers over probe files and finding the probes' own objects in them."""
+
+    class Probe:
+        pass
+
+    fresh = Probe()
+    methods = [lambda *args: b"" for _ in range(4)]
+    fresh.read, fresh.readinto, fresh.readline, fresh.peek = methods
+    pickled = b"\x80\x02K\x07."  # protocol 2: the int 7
+    served = [pickled + b"xyz"]  # the first read returns more than asked: it all lands in the buffer
+    loaded = Probe()
+    loaded.read = lambda n: served.pop() if served else b""
+    loaded.readline = lambda: b""
+    unpickler = _CUnpickler(loaded)
+    try:
+        unpickler.load()
+    except Exception:
+        pass  # then the counters checked below do not match, and _core says the layout is unknown
+    _core.learn_unpickler_layout(_CUnpickler(fresh), methods, unpickler, len(pickled) + 3, len(pickled))
 
 
 class _Replay:
@@ -210,52 +224,51 @@ def _guarded_py_load(self):
     return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _core.current_callsite)
 
 
-def _py_loads(s, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=None):
-    if isinstance(s, str):
-        raise TypeError("Can't load pickle from unicode string")
-    return _PyUnpickler(io.BytesIO(s), **_options(fix_imports, encoding, errors, buffers)).load()
+class _Builtinlike:
+    """A wrapper that, like the builtin it stands for, does not bind as a method when a class
+    stores it as an attribute (``load = pickle.load`` in a class body)."""
+
+    def __init__(self, function, original):
+        functools.update_wrapper(self, function)
+        self.__picklegate_original__ = original
+
+    def __call__(self, *args, **kwargs):
+        return self.__wrapped__(*args, **kwargs)
 
 
-def _py_load(file, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=None):
-    return _PyUnpickler(file, **_options(fix_imports, encoding, errors, buffers)).load()
-
-
-for _wrapper, _original in (
-    (loads, _ORIGINAL_LOADS),
-    (load, _ORIGINAL_LOAD),
-    (Unpickler, _CUnpickler),
-    (_guarded_py_load, _original_py_load),
-):
-    _wrapper.__picklegate_original__ = _original
+_guarded_py_load.__picklegate_original__ = _original_py_load
 
 
 def _patch_modules():
+    """The module attributes stay the original builtins wherever the C functions are redirected;
+    only where they could not be are the Python wrappers put in their place."""
     for module in (pickle, _pickle):
-        module.loads = _ORIGINAL_LOADS if _redirected_loads else loads
-        module.load = load
-        module.Unpickler = Unpickler
-    pickle._loads = _py_loads
-    pickle._load = _py_load
+        if not _redirected_loads:
+            module.loads = _Builtinlike(loads, _ORIGINAL_LOADS)
+        if not _redirected_load:
+            module.load = _Builtinlike(load, _ORIGINAL_LOAD)
     _PyUnpickler.load = _guarded_py_load
-
-
-def _run_c_load(unpickler):
-    """The real ``_pickle.Unpickler.load``, for an unpickler whose bytes were just decided."""
-    return _CUnpickler.load(unpickler)
 
 
 def _redirect_c_functions():
     """Reaches references to ``_pickle.loads``/``load`` captured before install (``loads`` is
     judged in Rust with no Python frame in between), and ``_pickle.Unpickler.load`` of classes
-    made before install. If this CPython's layout is unknown, the Python wrappers guard the
-    module attributes and the backstop guards the rest."""
-    global _ORIGINAL_LOAD, _redirected_loads, _run_c_load
+    made at any time: each load of a live unpickler is judged on the bytes it then runs. If this
+    CPython's layout is unknown, the Python wrappers guard the module attributes and the backstop
+    guards the rest."""
+    global _ORIGINAL_LOAD, _redirected_loads, _redirected_load
     try:
         _core.redirect_loads(_ORIGINAL_LOADS)
         _redirected_loads = True
         _ORIGINAL_LOAD = _core.redirect_load(_ORIGINAL_LOAD, load)
+        _redirected_load = True
+        try:
+            _learn_unpickler_layout()
+        except RuntimeError:
+            pass  # redirect_unpickler_load then refuses, saying why (and enforce will not start)
+        else:
+            _core.set_unpickler_take(_take_for_unpickler, _spelled_strings)
         _core.redirect_unpickler_load(_CUnpickler)
-        _run_c_load = _core.c_unpickler_load
     except (TypeError, RuntimeError) as error:
         import logging  # not at the top: importing logging costs start-up time in every process
 
@@ -275,6 +288,7 @@ def activate():
         _patch_modules()
         _loaders.activate()
         _patched = True
+    _core.require_full_interposition()  # enforce refuses to run weaker than it says
 
 
 def activate_implicitly():

@@ -1,0 +1,148 @@
+//! A live `_pickle.Unpickler` reads its file through four fields (read, readinto, readline, peek);
+//! for one load they are pointed at the judged bytes, so the object itself (memo, marks, reuse) runs them.
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use std::sync::OnceLock;
+
+/// Byte offsets of the fields in CPython's `UnpicklerObject`, learnt once by `learn_unpickler_layout`.
+struct Layout {
+    /// `read`, `readinto`, `readline`, `peek`.
+    methods: [usize; 4],
+    /// `input_len`, `next_read_idx`, `prefetched_idx`: the three words just before `read`.
+    counters: [usize; 3],
+}
+
+static LAYOUT: OnceLock<Layout> = OnceLock::new();
+/// Why the probe did not find the layout, for the message of the redirect that then cannot be made.
+static UNKNOWN: parking_lot::Mutex<Option<String>> = parking_lot::Mutex::new(None);
+
+const WORD: usize = std::mem::size_of::<usize>();
+
+unsafe fn word(obj: &Bound<'_, PyAny>, offset: usize) -> *mut usize {
+    (obj.as_ptr() as *mut u8).add(offset) as *mut usize
+}
+
+/// Finds the fields by value, not by a table per CPython version. `fresh` was made over a file
+/// whose `read`, `readinto`, `readline`, `peek` are the four distinct `methods`; `loaded` was made
+/// over a file with only `read` and `readline`, whose first `read` returned `served` bytes, of which
+/// one load consumed `consumed`. Each method must sit in exactly one word of `fresh`, and `loaded`
+/// must show the counters `_pickle.c` leaves after that load. Anything else: the layout is unknown.
+#[pyfunction]
+pub fn learn_unpickler_layout(
+    fresh: &Bound<'_, PyAny>,
+    methods: [Bound<'_, PyAny>; 4],
+    loaded: &Bound<'_, PyAny>,
+    served: usize,
+    consumed: usize,
+) -> PyResult<()> {
+    let size: usize = fresh.get_type().getattr("__basicsize__")?.extract()?;
+    let unknown = |why: String| {
+        let message = format!("_pickle.Unpickler has a layout picklegate does not know: {why}");
+        *UNKNOWN.lock() = Some(message.clone());
+        PyRuntimeError::new_err(message)
+    };
+    if !loaded.get_type().is(fresh.get_type()) {
+        return Err(unknown("the probes are of different classes".into()));
+    }
+    let mut offsets = [0usize; 4];
+    for (slot, method) in offsets.iter_mut().zip(methods.iter()) {
+        let wanted = method.as_ptr() as usize;
+        let found: Vec<usize> =
+            (0..size / WORD).map(|i| i * WORD).filter(|&off| unsafe { *word(fresh, off) } == wanted).collect();
+        match found.as_slice() {
+            [off] => *slot = *off,
+            _ => return Err(unknown(format!("a file method was found in {} places", found.len()))),
+        }
+    }
+    let read = offsets[0];
+    if read < 3 * WORD {
+        return Err(unknown("no room for the input counters before read".into()));
+    }
+    let counters = [read - 3 * WORD, read - 2 * WORD, read - WORD];
+    let seen: Vec<usize> = counters.iter().map(|&off| unsafe { *word(loaded, off) }).collect();
+    let absent = [offsets[1], offsets[3]].iter().all(|&off| unsafe { *word(loaded, off) } == 0);
+    if seen != [served, consumed, served] || !absent || unsafe { *word(loaded, read) } == 0 {
+        return Err(unknown(format!("input counters read {seen:?}, expected [{served}, {consumed}, {served}]")));
+    }
+    let _ = LAYOUT.set(Layout { methods: offsets, counters });
+    Ok(())
+}
+
+/// True once the layout is known: loads of live unpicklers can then be served the judged bytes.
+pub fn layout_known() -> bool {
+    LAYOUT.get().is_some()
+}
+
+/// Fails, saying why, unless the layout is known: `_pickle.Unpickler.load` is redirected only then.
+pub fn require_layout() -> PyResult<()> {
+    if layout_known() {
+        return Ok(());
+    }
+    let why = UNKNOWN.lock().clone().unwrap_or_else(|| "the input fields of _pickle.Unpickler were not probed".into());
+    Err(pyo3::exceptions::PyTypeError::new_err(why))
+}
+
+/// The unpickler's own `read` and `readline`, or `None` when `__init__` was never called.
+pub fn reader<'py>(unpickler: &Bound<'py, PyAny>) -> Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let layout = LAYOUT.get()?;
+    let field = |off: usize| unsafe {
+        let ptr = *word(unpickler, off) as *mut ffi::PyObject;
+        Bound::from_borrowed_ptr_or_opt(unpickler.py(), ptr)
+    };
+    Some((field(layout.methods[0])?, field(layout.methods[2])?))
+}
+
+/// The unpickler reading `stream` instead of its file, until dropped. The input buffer is emptied
+/// on both sides, so no byte read before (or after) the swap is served inside it.
+pub struct Swapped<'py> {
+    unpickler: Bound<'py, PyAny>,
+    layout: &'static Layout,
+    saved: [*mut ffi::PyObject; 4],
+    /// Held for the swap's duration, so a field that still points at one is known to be ours.
+    placed: [Option<Bound<'py, PyAny>>; 4],
+}
+
+unsafe fn clear_counters(unpickler: &Bound<'_, PyAny>, layout: &Layout) {
+    for &off in &layout.counters {
+        *word(unpickler, off) = 0;
+    }
+}
+
+pub fn swap<'py>(unpickler: &Bound<'py, PyAny>, stream: &Bound<'py, PyAny>) -> PyResult<Swapped<'py>> {
+    let layout = LAYOUT.get().ok_or_else(|| PyRuntimeError::new_err("the unpickler layout is not known"))?;
+    let optional = |name: &str| stream.getattr(name).ok();
+    let placed = [Some(stream.getattr("read")?), optional("readinto"), Some(stream.getattr("readline")?), None];
+    let mut saved = [std::ptr::null_mut(); 4];
+    unsafe {
+        clear_counters(unpickler, layout);
+        for ((slot, off), new) in saved.iter_mut().zip(layout.methods).zip(&placed) {
+            let field = word(unpickler, off) as *mut *mut ffi::PyObject;
+            *slot = *field; // the field's reference moves to `saved`
+            *field = new.as_ref().map_or(std::ptr::null_mut(), |b| b.clone().into_ptr());
+        }
+    }
+    Ok(Swapped { unpickler: unpickler.clone(), layout, saved, placed })
+}
+
+impl Drop for Swapped<'_> {
+    fn drop(&mut self) {
+        unsafe {
+            clear_counters(&self.unpickler, self.layout);
+            for ((saved, off), placed) in self.saved.iter().zip(self.layout.methods).zip(&self.placed) {
+                let field = word(&self.unpickler, off) as *mut *mut ffi::PyObject;
+                let ours = placed.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr());
+                if *field == ours {
+                    let current = std::mem::replace(&mut *field, *saved);
+                    if !current.is_null() {
+                        ffi::Py_DecRef(current);
+                    }
+                } else if !saved.is_null() {
+                    // __init__ ran again during the load: its new file stays.
+                    ffi::Py_DecRef(*saved);
+                }
+            }
+        }
+    }
+}
