@@ -933,6 +933,18 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_joblib_scan_waiting_for_raw_array_bytes_says_where_they_lie() {
+        let build = JOBLIB_ARRAYS.windows(3).position(|w| w == b"ub\x0c").unwrap();
+        let array = build + 3 + 12..build + 3 + 12 + 24; // pad length byte, 12 pad bytes, 3 float64
+        for cut in 0..JOBLIB_ARRAYS.len() {
+            let mut scanner = Scanner::for_joblib();
+            let waiting = matches!(scanner.feed(&JOBLIB_ARRAYS[..cut]), Ok(Progress::NeedMore(_)));
+            let expected = (waiting && cut >= array.start && cut < array.end).then(|| array.clone());
+            assert_eq!(scanner.pending_array(), expected, "prefix {cut}");
+        }
+    }
+
     // joblib.dump({"nodes": numpy.zeros(2, dtype=[("left", "<i8"), ("thr", "<f8")]), "u": numpy.array(["a", "bc"]),
     //              "t": numpy.array([1], dtype="M8[ns]"), "nodes2": <nodes copied>, "after": collections.OrderedDict()}):
     // a structured dtype (as in scikit-learn's trees) and a <U2 whose itemsize only the BUILD state
