@@ -190,3 +190,28 @@ def test_dill_session_restores_its_imports_under_enforce_with_a_frozen_manifest(
     proc = run_python(DILL_SESSION, args=["load"], check=True,
                       env={"PICKLEGATE_POLICY": str(tmp_path / "pickles.toml"), "PICKLEGATE_LOG": os.devnull})
     assert proc.stdout.splitlines() == ["[1, 2, 3] suppress Monday", "PickleDeniedError"]
+
+
+def test_scripts_peers_fails_on_a_test_whose_outcome_changes_with_picklegate(tmp_path, monkeypatch):
+    """scripts/peers compares per test, not counts: one test that fails only under record is named."""
+    import importlib.machinery
+    import importlib.util
+
+    path = str(Path(__file__).parents[1] / "scripts" / "peers")
+    spec = importlib.util.spec_from_loader("peers", importlib.machinery.SourceFileLoader("peers", path))
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+    suite = tmp_path / "test_synthetic.py"
+    suite.write_text("import os\n\ndef test_same():\n    pass\n\n"
+                     "def test_changes():\n    assert os.environ.get('PICKLEGATE_MODE') != 'record'\n"
+                     "\ndef test_skipped_then_passes():\n    import pytest\n"
+                     "    if 'PICKLEGATE_MODE' not in os.environ:\n        pytest.skip('baseline')\n")
+    monkeypatch.setitem(peers.SUITES, "synthetic", peers.PYTEST + [str(suite)])
+    monkeypatch.setattr(peers, "suite_options", lambda name, xml: ["--junitxml", xml, "--rootdir", str(tmp_path)])
+    work = tmp_path / "work"
+    work.mkdir()
+    report = peers.compare("synthetic", str(work))
+    assert report["tests"] == 3
+    assert sorted(report["changed"]["warn"]) == ["test_synthetic::test_skipped_then_passes"]
+    assert sorted(report["changed"]["record"]) == ["test_synthetic::test_changes", "test_synthetic::test_skipped_then_passes"]
+    assert report["flaky"] == {"warn": {}, "record": {}}

@@ -10,9 +10,16 @@ use std::sync::OnceLock;
 struct Layout {
     /// `read`, `readinto`, `readline`, `peek`.
     methods: [usize; 4],
-    /// `input_len`, `next_read_idx`, `prefetched_idx`: the three words just before `read`.
+    /// `input_len`, `next_read_idx`, `prefetched_idx`: the three words just before `read`, or
+    /// just before `frame` where there is one.
     counters: [usize; 3],
+    /// `frame_end`, `saved_input_len`: between `prefetched_idx` and `read` from CPython 3.13.15 and
+    /// 3.14.7 on (the FRAME fix); -1 and 0 between loads.
+    frame: Option<[usize; 2]>,
 }
+
+/// `frame_end` and `saved_input_len` between loads.
+const FRAME_AT_REST: [usize; 2] = [usize::MAX, 0];
 
 static LAYOUT: OnceLock<Layout> = OnceLock::new();
 /// Why the probe did not find the layout, for the message of the redirect that then cannot be made.
@@ -60,13 +67,25 @@ pub fn learn_unpickler_layout(
     if read < 3 * WORD {
         return Err(unknown("no room for the input counters before read".into()));
     }
-    let counters = [read - 3 * WORD, read - 2 * WORD, read - WORD];
-    let seen: Vec<usize> = counters.iter().map(|&off| unsafe { *word(loaded, off) }).collect();
-    let absent = [offsets[1], offsets[3]].iter().all(|&off| unsafe { *word(loaded, off) } == 0);
-    if seen != [served, consumed, served] || !absent || unsafe { *word(loaded, read) } == 0 {
+    let counters_before = |end: usize| [end - 3 * WORD, end - 2 * WORD, end - WORD];
+    let values = |offs: &[usize]| -> Vec<usize> { offs.iter().map(|&off| unsafe { *word(loaded, off) }).collect() };
+    let expected = [served, consumed, served];
+    let (counters, frame) = if values(&counters_before(read)) == expected {
+        (counters_before(read), None)
+    } else if read >= 5 * WORD
+        && values(&counters_before(read - 2 * WORD)) == expected
+        && values(&[read - 2 * WORD, read - WORD]) == FRAME_AT_REST
+    {
+        (counters_before(read - 2 * WORD), Some([read - 2 * WORD, read - WORD]))
+    } else {
+        let seen = values(&counters_before(read));
         return Err(unknown(format!("input counters read {seen:?}, expected [{served}, {consumed}, {served}]")));
+    };
+    let absent = [offsets[1], offsets[3]].iter().all(|&off| unsafe { *word(loaded, off) } == 0);
+    if !absent || unsafe { *word(loaded, read) } == 0 {
+        return Err(unknown("the probe's file methods are not where they were found".into()));
     }
-    let _ = LAYOUT.set(Layout { methods: offsets, counters });
+    let _ = LAYOUT.set(Layout { methods: offsets, counters, frame });
     Ok(())
 }
 
@@ -107,6 +126,11 @@ pub struct Swapped<'py> {
 unsafe fn clear_counters(unpickler: &Bound<'_, PyAny>, layout: &Layout) {
     for &off in &layout.counters {
         *word(unpickler, off) = 0;
+    }
+    if let Some(frame) = layout.frame {
+        for (off, value) in frame.into_iter().zip(FRAME_AT_REST) {
+            *word(unpickler, off) = value;
+        }
     }
 }
 
