@@ -109,7 +109,8 @@ open("pickles.toml", "w").write(f'version = 1\\n[[allow]]\\nsha256 = "{sha}"\\nc
 picklegate.install(policy="pickles.toml")
 decide = _core.guarded_container
 def swap_then_decide(*args):
-    os.replace("evil.joblib", "model.joblib")   # the attacker swaps the file after it was read
+    if os.path.exists("evil.joblib"):
+        os.replace("evil.joblib", "model.joblib")   # the attacker swaps the file after it was read
     return decide(*args)
 _core.guarded_container = swap_then_decide
 print(joblib.load("model.joblib"))

@@ -6,6 +6,7 @@
 
 use crate::buffer::BytesMut;
 use picklegate_core::hash::{Digest, Hasher};
+use picklegate_core::scan::{Progress, Scanner};
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -31,19 +32,21 @@ unsafe impl Send for Region {}
 unsafe impl Sync for Region {}
 
 impl Region {
-    fn new(cap: usize) -> io::Result<Self> {
+    /// `populate`: the region will be filled whole, so map its pages at once (one call instead of
+    /// a fault per page, a third of a guarded load's added time otherwise).
+    fn new(cap: usize, populate: bool) -> io::Result<Self> {
         let cap = cap.max(1);
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), cap, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
-        };
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if populate { libc::MAP_POPULATE } else { 0 };
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), cap, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        // Huge pages where the system allows them on request: a fault per 4 KiB page costs
-        // more than copying that page.
+        // Huge pages where the system allows them on request, for a region filled whole: a fault
+        // per 4 KiB page costs more than copying that page. (A region with holes must not get
+        // them: a 2 MiB page around a few pinned bytes would stay resident.)
         #[cfg(target_os = "linux")]
-        unsafe {
-            libc::madvise(ptr, cap, libc::MADV_HUGEPAGE);
+        if populate {
+            unsafe { libc::madvise(ptr, cap, libc::MADV_HUGEPAGE) };
         }
         Ok(Region { ptr: ptr as *mut u8, cap })
     }
@@ -80,13 +83,13 @@ fn page_size() -> usize {
 fn read_hashed(file: &File, offset: u64) -> io::Result<(Region, usize, Digest)> {
     let expected = file.metadata()?.len().saturating_sub(offset) as usize;
     // One page more than the file holds, so that reaching the end (a read of 0) needs no growth.
-    let mut region = Region::new(expected + page_size())?;
+    let mut region = Region::new(expected + page_size(), true)?;
     let mut hasher = Hasher::default();
     let mut len = 0;
     loop {
         if len == region.cap {
             // The file grew while being read: move to a region twice as large.
-            let mut bigger = Region::new(region.cap * 2)?;
+            let mut bigger = Region::new(region.cap * 2, true)?;
             bigger.slice_mut(0..len).copy_from_slice(region.slice(0..len));
             region = bigger;
         }
@@ -216,5 +219,513 @@ impl HashedFile {
     #[getter]
     fn sha256(&self) -> String {
         self.sha.to_hex()
+    }
+}
+
+/// Which bytes of a pinned file may be served from the file itself after the check.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Everything is kept in private memory.
+    Whole,
+    /// A joblib pickle: the raw bytes of numeric arrays after each NumpyArrayWrapper (as the
+    /// joblib scanner sizes them) are read from the file; the pickle opcodes are private.
+    Joblib,
+    /// A torch zip checkpoint: the storages' raw bytes (`<archive>/data/<key>`, stored) are read
+    /// from the file; every other byte (records, pickles, headers, directory) is private.
+    TorchZip,
+}
+
+fn le16(b: &[u8], at: usize) -> u64 {
+    u16::from_le_bytes([b[at], b[at + 1]]) as u64
+}
+
+fn le32(b: &[u8], at: usize) -> u64 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as u64
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// The zip64 extended sizes/offset that replace the 32-bit fields set to 0xFFFFFFFF, in order.
+fn zip64_fields(extra: &[u8], wanted: &[bool]) -> Option<Vec<u64>> {
+    let mut at = 0;
+    while at + 4 <= extra.len() {
+        let (id, size) = (le16(extra, at), le16(extra, at + 2) as usize);
+        let body = extra.get(at + 4..at + 4 + size)?;
+        if id == 1 {
+            let mut values = Vec::new();
+            let mut off = 0;
+            for &w in wanted {
+                if w {
+                    values.push(le64(body.get(off..off + 8)?, 0));
+                    off += 8;
+                }
+            }
+            return Some(values);
+        }
+        at += 4 + size;
+    }
+    None
+}
+
+/// One member as the central directory names it.
+struct Member {
+    header: usize,
+    name: Vec<u8>,
+    method: u64,
+    size: u64,
+    uncompressed: u64,
+}
+
+fn is_storage(name: &[u8]) -> bool {
+    let parts: Vec<&[u8]> = name.split(|&b| b == b'/').collect();
+    parts.len() == 3 && parts[1] == b"data" && !parts[2].is_empty() && parts[2].iter().all(u8::is_ascii_digit)
+}
+
+/// The directory a zip reader will use, read before the hash pass (torch writes sizes only in the
+/// directory and data descriptors, so the local headers alone cannot be walked). The pass then
+/// checks that the bytes it hashed there are these same bytes.
+struct ZipPlan {
+    /// Where the central directory starts; everything from here to the end is `directory`.
+    start: usize,
+    directory: Vec<u8>,
+    /// Sorted by header offset.
+    members: Vec<Member>,
+    /// The next member whose local header the pass has not reached yet.
+    next: usize,
+    /// The end of the last member's data: members must not overlap.
+    floor: usize,
+    /// Something did not match: the pass keeps everything.
+    broken: bool,
+}
+
+/// A central directory larger than this is not planned: the file is then kept whole.
+const MAX_DIRECTORY: usize = 64 << 20;
+
+impl ZipPlan {
+    fn read(file: &File, size: usize) -> Option<Self> {
+        let tail_len = size.min(22 + 65535);
+        let mut tail = vec![0u8; tail_len];
+        file.read_exact_at(&mut tail, (size - tail_len) as u64).ok()?;
+        let eocd = (0..=tail_len.checked_sub(22)?).rev().find(|&i| &tail[i..i + 4] == b"PK\x05\x06")?;
+        let (mut count, mut offset) = (le16(&tail, eocd + 10), le32(&tail, eocd + 16));
+        if offset == 0xFFFF_FFFF || count == 0xFFFF {
+            let locator = eocd.checked_sub(20).filter(|&l| &tail[l..l + 4] == b"PK\x06\x07")?;
+            let mut record = [0u8; 56];
+            file.read_exact_at(&mut record, le64(&tail, locator + 8)).ok()?;
+            if &record[..4] != b"PK\x06\x06" {
+                return None;
+            }
+            (count, offset) = (le64(&record, 32), le64(&record, 48));
+        }
+        let start = usize::try_from(offset).ok().filter(|&o| o <= size && size - o <= MAX_DIRECTORY)?;
+        let mut directory = vec![0u8; size - start];
+        file.read_exact_at(&mut directory, start as u64).ok()?;
+        let mut members = Vec::new();
+        let mut at = 0;
+        for _ in 0..count {
+            let c = directory.get(at..at + 46).filter(|c| &c[..4] == b"PK\x01\x02")?;
+            let (method, mut csize, mut usize_, mut local) = (le16(c, 10), le32(c, 20), le32(c, 24), le32(c, 42));
+            let (n, m, k) = (le16(c, 28) as usize, le16(c, 30) as usize, le16(c, 32) as usize);
+            let name = directory.get(at + 46..at + 46 + n)?.to_vec();
+            let extra = directory.get(at + 46 + n..at + 46 + n + m)?;
+            let wanted = [usize_ == 0xFFFF_FFFF, csize == 0xFFFF_FFFF, local == 0xFFFF_FFFF];
+            if wanted.iter().any(|&w| w) {
+                let mut values = zip64_fields(extra, &wanted)?.into_iter();
+                if wanted[0] {
+                    usize_ = values.next()?;
+                }
+                if wanted[1] {
+                    csize = values.next()?;
+                }
+                if wanted[2] {
+                    local = values.next()?;
+                }
+            }
+            members.push(Member { header: usize::try_from(local).ok()?, name, method, size: csize, uncompressed: usize_ });
+            at += 46 + n + m + k;
+        }
+        members.sort_by_key(|m| m.header);
+        Some(ZipPlan { start, directory, members, next: 0, floor: 0, broken: false })
+    }
+
+    /// Reads the local headers now wholly in `bytes[..len]`; returns the new payload ranges.
+    fn advance(&mut self, bytes: &[u8], len: usize, out: &mut Vec<std::ops::Range<usize>>) {
+        while let Some(member) = self.members.get(self.next).filter(|_| !self.broken) {
+            let at = member.header;
+            if at + 30 > len {
+                return;
+            }
+            let h = &bytes[at..];
+            let (n, m) = (le16(h, 26) as usize, le16(h, 28) as usize);
+            if at + 30 + n + m > len {
+                return;
+            }
+            let data = at + 30 + n + m;
+            let end = usize::try_from(member.size).ok().and_then(|s| data.checked_add(s));
+            match end {
+                Some(end) if &h[..4] == b"PK\x03\x04" && h[30..30 + n] == member.name[..] && at >= self.floor && end <= self.start => {
+                    if member.method == 0 && member.size == member.uncompressed && is_storage(&member.name) && end > data {
+                        out.push(data..end);
+                    }
+                    self.floor = end;
+                    self.next += 1;
+                }
+                _ => self.broken = true,
+            }
+        }
+    }
+
+    /// Whether the pass hashed exactly the directory the plan was made from, and every member.
+    fn held(&self, hashed: &[u8]) -> bool {
+        !self.broken && self.next == self.members.len() && hashed.len() == self.start + self.directory.len() && hashed[self.start..] == self.directory[..]
+    }
+}
+
+/// A file read once and hashed while read: the bytes the check saw stay in private memory,
+/// except (by layout) raw tensor payloads, which later reads take from the file itself.
+pub struct Pinned {
+    file: File,
+    region: Region,
+    len: usize,
+    /// Sorted, disjoint ranges served from the file, not from `region`.
+    live: Vec<std::ops::Range<usize>>,
+    pub sha: Digest,
+}
+
+impl Pinned {
+    fn read(file: File, layout: Layout) -> io::Result<Self> {
+        let expected = file.metadata()?.len() as usize;
+        let page = page_size();
+        let mut region = Region::new(expected + page, layout == Layout::Whole)?;
+        let mut scratch = vec![0u8; if layout == Layout::Whole { 0 } else { READ_CHUNK }];
+        let mut hasher = Hasher::default();
+        let mut plan = if layout == Layout::TorchZip { ZipPlan::read(&file, expected) } else { None };
+        let mut joblib = (layout == Layout::Joblib).then(Scanner::for_joblib);
+        // The joblib scan reached STOP (`Some(true)`) or failed (`Some(false)`).
+        let mut joblib_end: Option<bool> = None;
+        let mut live = Vec::new();
+        // Payload ranges from `open` on are not yet wholly given back; `mark`: released up to here.
+        let (mut open, mut mark) = (0usize, 0usize);
+        let mut len = 0;
+        loop {
+            if len == region.cap {
+                let mut bigger = Region::new(region.cap * 2, layout == Layout::Whole)?;
+                bigger.slice_mut(0..len).copy_from_slice(region.slice(0..len));
+                region = bigger;
+            }
+            // Inside a payload already found, read through a scratch buffer: its pages are
+            // never touched (no fault, nothing to give back).
+            let payload_end = live.last().filter(|r: &&std::ops::Range<usize>| r.start <= len && len < r.end).map(|r| r.end);
+            let end = (len + READ_CHUNK).min(region.cap).min(payload_end.unwrap_or(usize::MAX));
+            let target = match payload_end {
+                Some(_) => &mut scratch[..end - len],
+                None => region.slice_mut(len..end),
+            };
+            let n = match file.read_at(target, len as u64) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                break;
+            }
+            hasher.update(&target[..n]);
+            len += n;
+            if let (Some(scanner), None) = (joblib.as_mut(), joblib_end) {
+                match scanner.feed(region.slice(0..len)) {
+                    Ok(Progress::Done(_)) => joblib_end = Some(true),
+                    Ok(Progress::NeedMore(_)) => {
+                        if let Some(array) = scanner.pending_array() {
+                            if live.last().map(|r: &std::ops::Range<usize>| r.start) != Some(array.start) {
+                                live.push(array);
+                            }
+                        }
+                    }
+                    Err(_) => joblib_end = Some(false),
+                }
+            }
+            if let Some(plan) = plan.as_mut() {
+                plan.advance(region.slice(0..region.cap), len, &mut live);
+            }
+            if layout != Layout::Whole {
+                // Give back a payload's pages as soon as it is found (the rest of it is hashed
+                // through the scratch buffer): it will be read from the file.
+                while let Some(range) = live.get(open) {
+                    let from = (range.start.div_ceil(page) * page).max(mark);
+                    let upto = range.end / page * page;
+                    if upto > from {
+                        region.release(from..upto);
+                        mark = upto;
+                    }
+                    open += 1;
+                }
+            }
+        }
+        let sha = hasher.finish();
+        let planned = match layout {
+            Layout::TorchZip => plan.as_ref().is_some_and(|p| p.held(region.slice(0..len))),
+            Layout::Joblib => joblib_end == Some(true) && live.last().is_none_or(|r| r.end <= len),
+            Layout::Whole => true,
+        };
+        if !live.is_empty() && !planned {
+            // The directory does not match the walk: keep everything (read again, same hash).
+            let whole = Pinned::read(file, Layout::Whole)?;
+            if whole.sha != sha {
+                return Err(io::Error::other("the file changed while it was being read for its sha256"));
+            }
+            return Ok(whole);
+        }
+        Ok(Pinned { file, region, len, live, sha })
+    }
+
+    /// The private bytes (payload ranges read as zeros): what the scan of the decision reads.
+    pub fn private_bytes(&self) -> &[u8] {
+        self.region.slice(0..self.len)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Copies the bytes at `pos..pos + out.len()` (clamped to the file) into `out`.
+    fn read_at(&self, pos: usize, out: &mut [u8]) -> io::Result<usize> {
+        let end = (pos + out.len()).min(self.len);
+        let mut at = pos;
+        while at < end {
+            let i = self.live.partition_point(|r| r.end <= at);
+            let (upto, from_file) = match self.live.get(i) {
+                Some(r) if r.start <= at => (r.end.min(end), true),
+                Some(r) => (r.start.min(end), false),
+                None => (end, false),
+            };
+            let target = &mut out[at - pos..upto - pos];
+            if from_file {
+                let mut done = 0;
+                while done < target.len() {
+                    match self.file.read_at(&mut target[done..], (at + done) as u64) {
+                        Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file was truncated after its check")),
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            } else {
+                target.copy_from_slice(self.region.slice(at..upto));
+            }
+            at = upto;
+        }
+        Ok(end.saturating_sub(pos))
+    }
+}
+
+/// A read-only file object over a `Pinned` file, handed to a loader library in place of the file
+/// it opens: `read`, `readinto`, `readline`, `peek`, `seek`, `tell`, a context manager.
+#[pyclass(module = "picklegate._core")]
+pub struct PinnedFile {
+    pub pinned: std::sync::Arc<Pinned>,
+    pos: usize,
+    closed: bool,
+    #[pyo3(get, set)]
+    name: Option<Py<PyAny>>,
+}
+
+impl PinnedFile {
+    fn check_open(&self) -> PyResult<()> {
+        if self.closed {
+            return Err(pyo3::exceptions::PyValueError::new_err("I/O operation on closed file."));
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, py: Python<'_>, n: Option<isize>) -> PyResult<Vec<u8>> {
+        self.check_open()?;
+        let left = self.pinned.len.saturating_sub(self.pos);
+        let n = match n {
+            Some(n) if n >= 0 => (n as usize).min(left),
+            _ => left,
+        };
+        let mut out = vec![0u8; n];
+        let pinned = self.pinned.clone();
+        let pos = self.pos;
+        let got = py.detach(|| pinned.read_at(pos, &mut out)).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        out.truncate(got);
+        Ok(out)
+    }
+}
+
+#[pymethods]
+impl PinnedFile {
+    /// Reads the whole file open at descriptor `fd` (duplicated; the caller keeps its own) and
+    /// hashes it. `layout` is `"whole"` or `"torch-zip"`.
+    #[new]
+    #[pyo3(signature = (fd, layout, name=None))]
+    fn new(py: Python<'_>, fd: i32, layout: &str, name: Option<Py<PyAny>>) -> PyResult<Self> {
+        let layout = match layout {
+            "whole" => Layout::Whole,
+            "torch-zip" => Layout::TorchZip,
+            "joblib" => Layout::Joblib,
+            other => return Err(pyo3::exceptions::PyValueError::new_err(format!("unknown layout {other:?}"))),
+        };
+        let borrowed = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+        let file = borrowed.try_clone().map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let pinned = py.detach(|| Pinned::read(file, layout)).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        Ok(PinnedFile { pinned: std::sync::Arc::new(pinned), pos: 0, closed: false, name })
+    }
+
+    /// Another file object over the same checked bytes, at position 0.
+    fn reopen(&self, py: Python<'_>) -> Self {
+        PinnedFile { pinned: self.pinned.clone(), pos: 0, closed: false, name: self.name.as_ref().map(|n| n.clone_ref(py)) }
+    }
+
+    #[getter]
+    fn sha256(&self) -> String {
+        self.pinned.sha.to_hex()
+    }
+
+    /// How many bytes are read from the file after the check instead of private memory.
+    #[getter]
+    fn live_bytes(&self) -> usize {
+        self.pinned.live.iter().map(|r| r.len()).sum()
+    }
+
+    #[getter]
+    fn size(&self) -> usize {
+        self.pinned.len
+    }
+
+    #[getter]
+    fn mode(&self) -> &'static str {
+        "rb"
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.closed
+    }
+
+    fn close(&mut self) {
+        self.closed = true;
+    }
+
+    fn readable(&self) -> PyResult<bool> {
+        self.check_open().map(|_| true)
+    }
+
+    fn seekable(&self) -> PyResult<bool> {
+        self.check_open().map(|_| true)
+    }
+
+    fn writable(&self) -> bool {
+        false
+    }
+
+    fn isatty(&self) -> bool {
+        false
+    }
+
+    fn flush(&self) {}
+
+    fn fileno(&self, py: Python<'_>) -> PyResult<i32> {
+        let unsupported = py.import("io")?.getattr("UnsupportedOperation")?;
+        Err(PyErr::from_value(unsupported.call1(("fileno",))?))
+    }
+
+    #[pyo3(signature = (n=-1))]
+    fn read<'py>(&mut self, py: Python<'py>, n: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+        self.check_open()?;
+        let left = self.pinned.len.saturating_sub(self.pos);
+        let n = match n {
+            Some(n) if n >= 0 => (n as usize).min(left),
+            _ => left,
+        };
+        let (pinned, pos) = (self.pinned.clone(), self.pos);
+        // Straight into the bytes object: no intermediate buffer.
+        let out = PyBytes::new_with(py, n, |buffer| {
+            let got = pinned.read_at(pos, buffer).map_err(|e| PyOSError::new_err(e.to_string()))?;
+            if got != n {
+                return Err(PyOSError::new_err("the file was truncated after its check"));
+            }
+            Ok(())
+        })?;
+        self.pos += n;
+        Ok(out)
+    }
+
+    #[pyo3(signature = (n=-1))]
+    fn read1<'py>(&mut self, py: Python<'py>, n: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+        self.read(py, n)
+    }
+
+    /// The next bytes without moving (at least one byte unless at the end), as `BufferedReader`.
+    #[pyo3(signature = (n=0))]
+    fn peek<'py>(&mut self, py: Python<'py>, n: isize) -> PyResult<Bound<'py, PyBytes>> {
+        let out = self.take(py, Some(n.max(1)))?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    fn readinto(&mut self, py: Python<'_>, buffer: &Bound<'_, PyAny>) -> PyResult<usize> {
+        self.check_open()?;
+        let mut target = BytesMut::borrow(buffer)?;
+        let target = target.as_mut_slice();
+        let pinned = self.pinned.clone();
+        let pos = self.pos;
+        let got = py.detach(|| pinned.read_at(pos, target)).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        self.pos += got;
+        Ok(got)
+    }
+
+    #[pyo3(signature = (size=-1))]
+    fn readline<'py>(&mut self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+        self.check_open()?;
+        let mut line = Vec::new();
+        let limit = match size {
+            Some(s) if s >= 0 => s as usize,
+            _ => usize::MAX,
+        };
+        while line.len() < limit && self.pos < self.pinned.len {
+            let mut chunk = vec![0u8; (limit - line.len()).min(8192).min(self.pinned.len - self.pos)];
+            let got = self.pinned.read_at(self.pos, &mut chunk).map_err(|e| PyOSError::new_err(e.to_string()))?;
+            let used = chunk[..got].iter().position(|&b| b == b'\n').map_or(got, |i| i + 1);
+            line.extend_from_slice(&chunk[..used]);
+            self.pos += used;
+            if used < got || got == 0 || line.last() == Some(&b'\n') {
+                break;
+            }
+        }
+        Ok(PyBytes::new(py, &line))
+    }
+
+    #[pyo3(signature = (offset, whence=0))]
+    fn seek(&mut self, offset: i64, whence: i32) -> PyResult<usize> {
+        self.check_open()?;
+        let base = match whence {
+            0 => 0,
+            1 => self.pos as i64,
+            2 => self.pinned.len as i64,
+            _ => return Err(pyo3::exceptions::PyValueError::new_err(format!("invalid whence ({whence}, should be 0, 1 or 2)"))),
+        };
+        let target = base.checked_add(offset).filter(|&t| t >= 0);
+        let Some(target) = target else {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!("negative seek position {offset}")));
+        };
+        self.pos = target as usize;
+        Ok(self.pos)
+    }
+
+    fn tell(&self) -> PyResult<usize> {
+        self.check_open().map(|_| self.pos)
+    }
+
+    fn __enter__(slf: PyRef<'_, Self>) -> PyResult<PyRef<'_, Self>> {
+        slf.check_open()?;
+        Ok(slf)
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.closed = true;
+        false
     }
 }

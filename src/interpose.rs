@@ -163,9 +163,21 @@ unsafe extern "C" fn loads_trampoline(
 ) -> *mut ffi::PyObject {
     let py = Python::assume_attached();
     let original = *ORIGINAL_LOADS.get().expect("redirected before the trampoline is installed");
-    let call_original = || Bound::from_owned_ptr_or_err(py, original(module, args, nargs, kwnames)).map(Bound::unbind);
+    // `data`, when given, replaces the first argument (a private copy of a mutable buffer).
+    let call_original = |data: Option<&Bound<'_, PyAny>>| {
+        let result = match data {
+            None => original(module, args, nargs, kwnames),
+            Some(data) => {
+                let total = nargs as usize + if kwnames.is_null() { 0 } else { ffi::PyTuple_Size(kwnames) as usize };
+                let mut replaced: Vec<*mut ffi::PyObject> = (0..total).map(|i| *args.add(i)).collect();
+                replaced[0] = data.as_ptr();
+                original(module, replaced.as_ptr(), nargs, kwnames)
+            }
+        };
+        Bound::from_owned_ptr_or_err(py, result).map(Bound::unbind)
+    };
     if nargs < 1 {
-        return into_raw(py, call_original()); // the original raises its own TypeError
+        return into_raw(py, call_original(None)); // the original raises its own TypeError
     }
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let data = Bound::from_borrowed_ptr(py, *args);

@@ -47,9 +47,11 @@ struct StreamScanner {
 
 #[pymethods]
 impl StreamScanner {
+    /// `joblib`: read the stream as `joblib.load` does (raw array bytes after each wrapper).
     #[new]
-    fn new() -> Self {
-        StreamScanner { scanner: Scanner::default() }
+    #[pyo3(signature = (joblib=false))]
+    fn new(joblib: bool) -> Self {
+        StreamScanner { scanner: if joblib { Scanner::for_joblib() } else { Scanner::default() } }
     }
 
     /// Given all bytes read so far: `None` when the pickle is complete, `-1` to read a line,
@@ -102,5 +104,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tokens::ScopeObj>()?;
     m.add_class::<StreamScanner>()?;
     m.add_class::<file::HashedFile>()?;
+    m.add_class::<file::PinnedFile>()?;
     Ok(())
 }

@@ -36,12 +36,20 @@ pub enum Frame {
 /// A file a loader library reads: judged once, on the whole file's hash, by its first pickle
 /// load (or at once when `eager`), and that verdict covers the loads it makes directly.
 pub struct Container {
-    data: Py<PyAny>,
+    data: Content,
     sha: Digest,
     callsite: String,
     source: Option<String>,
     scope: Py<ScopeObj>,
     settled: Cell<Option<Approval>>,
+}
+
+/// A container's bytes: a bytes-like object, or a file pinned by `PinnedFile`.
+enum Content {
+    Buffer(Py<PyAny>),
+    Pinned(std::sync::Arc<crate::file::Pinned>),
+    /// Judged before it is read (it gives its pages back as the unpickler consumes them).
+    Hashed(Py<HashedFile>),
 }
 
 thread_local! {
@@ -294,11 +302,23 @@ fn settle(py: Python<'_>, container: &Container) -> PyResult<Approval> {
     if let Some(approval) = container.settled.get() {
         return Ok(approval);
     }
-    let data = container.data.bind(py);
-    let bytes = Bytes::borrow(data)?;
+    let buffer = match &container.data {
+        Content::Buffer(data) => Some(Bytes::borrow(data.bind(py))?),
+        _ => None,
+    };
+    let hashed = match &container.data {
+        Content::Hashed(file) => Some(file.bind(py).borrow()),
+        _ => None,
+    };
+    let slice = match (&buffer, &hashed, &container.data) {
+        (Some(bytes), _, _) => bytes.as_slice(),
+        (_, Some(file), _) => file.bytes(),
+        (_, _, Content::Pinned(pinned)) => pinned.private_bytes(),
+        _ => unreachable!("a buffer or a hashed file is borrowed above"),
+    };
     let facts = Facts {
-        bytes: bytes.as_slice(),
-        size: bytes.as_slice().len() as u64,
+        bytes: slice,
+        size: slice.len() as u64,
         sha: container.sha,
         callsite: &container.callsite,
         source: container.source.as_deref(),
@@ -412,14 +432,25 @@ fn guard_file(
     run()
 }
 
-/// The C-level entry: `_pickle.loads` redirected here, `call_original` runs the real function.
+/// The C-level entry: `_pickle.loads` redirected here, `call_original(None)` runs the real
+/// function on the caller's arguments. A buffer that is not `bytes` (a bytearray, an mmap, a view
+/// of memory another thread or process can write) is copied first, and the copy is what is hashed
+/// and unpickled (`call_original(Some(copy))`): the bytes that run are the bytes that were hashed.
 pub fn guarded_c_loads(
     py: Python<'_>,
     data: &Bound<'_, PyAny>,
-    call_original: impl FnOnce() -> PyResult<Py<PyAny>>,
+    call_original: impl FnOnce(Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let scope = current_scope(py)?;
-    guard(py, data, scope.get(), None, call_original, || Ok(callsite::current(py)?.to_string()))
+    let callsite = || Ok(callsite::current(py)?.to_string());
+    if data.is_instance_of::<pyo3::types::PyBytes>() || passthrough(scope.get()) {
+        return guard(py, data, scope.get(), None, || call_original(None), callsite);
+    }
+    let Ok(copy) = Bytes::borrow(data).map(|bytes| pyo3::types::PyBytes::new(py, bytes.as_slice())) else {
+        return guard(py, data, scope.get(), None, || call_original(None), callsite); // raises as before
+    };
+    let copy = copy.into_any();
+    guard(py, &copy, scope.get(), None, || call_original(Some(&copy)), callsite)
 }
 
 /// The Python helper that reads what a live unpickler's next load consumes:
@@ -601,8 +632,8 @@ impl<R: std::io::Read> std::io::Read for CountingReader<R> {
     }
 }
 
-/// Runs a loader library's call on a whole file, `data`, already read into memory: `run()` must
-/// read only `data`. The file is judged by its own hash, at once when `eager`, else at its first
+/// Runs a loader library's call on a whole file, `data`, already read into memory (bytes, or a
+/// `PinnedFile` that read and hashed it): `run()` must read only `data`. The file is judged by its own hash, at once when `eager`, else at its first
 /// pickle load (a numeric `.npy` never unpickles, so it is never judged).
 #[pyfunction]
 #[pyo3(signature = (data, scope, source, run, callsite, eager))]
@@ -618,12 +649,24 @@ pub fn guarded_container(
     if passthrough(scope.get()) || matches!(innermost(), Some(Frame::Container(_))) {
         return run.call0().map(Bound::unbind);
     }
-    let sha = {
-        let bytes = Bytes::borrow(data)?;
-        hash(py, data, bytes.as_slice())
+    let (content, sha) = match data.cast::<crate::file::PinnedFile>() {
+        Ok(pinned) => {
+            let pinned = pinned.borrow().pinned.clone();
+            let sha = pinned.sha;
+            (Content::Pinned(pinned), sha)
+        }
+        Err(_) if data.is_instance_of::<HashedFile>() => {
+            let file = data.cast::<HashedFile>()?;
+            let sha = file.borrow().sha;
+            (Content::Hashed(file.clone().unbind()), sha)
+        }
+        Err(_) => {
+            let bytes = Bytes::borrow(data)?;
+            (Content::Buffer(data.clone().unbind()), hash(py, data, bytes.as_slice()))
+        }
     };
     let container = Rc::new(Container {
-        data: data.clone().unbind(),
+        data: content,
         sha,
         callsite: callsite.call0()?.extract()?,
         source,

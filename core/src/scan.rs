@@ -198,6 +198,9 @@ pub struct Scanner {
     /// Whether this pickle stored with PUT/BINPUT/LONG_BINPUT (explicit keys), and with MEMOIZE.
     put_explicitly: bool,
     memoized: bool,
+    /// The raw array bytes (offsets in the input) a joblib scan is waiting for, if that is what
+    /// it needs next.
+    pending_array: Option<std::ops::Range<usize>>,
 }
 
 /// Scans one complete pickle from the start of `bytes`.
@@ -305,6 +308,7 @@ fn quoted_text(bytes: &[u8]) -> Option<Item> {
 impl Scanner {
     /// Continues scanning `buf` (all input so far, from the start of the pickle).
     pub fn feed(&mut self, buf: &[u8]) -> Result<Progress, ScanError> {
+        self.pending_array = None;
         loop {
             let start = self.pos;
             let Some(&op) = buf.get(start) else {
@@ -333,6 +337,12 @@ impl Scanner {
     /// NumpyArrayWrapper come the array's raw bytes (or, for object arrays, a nested pickle).
     pub fn for_joblib() -> Self {
         Scanner { joblib: true, ..Default::default() }
+    }
+
+    /// When the scan waits for a joblib array's raw bytes: where they lie in the input. joblib
+    /// reads them as data (or maps them), never as opcodes.
+    pub fn pending_array(&self) -> Option<std::ops::Range<usize>> {
+        self.pending_array.clone()
     }
 
     /// What the scan found so far, also when it stopped at an error.
@@ -776,7 +786,9 @@ impl Scanner {
                     }
                 }
                 let bytes = count.checked_mul(size).and_then(|n| usize::try_from(n).ok()).ok_or_else(|| bad("array size overflows"))?;
+                let start = cur.at;
                 if let Arg::Missing(need) = cur.take(bytes) {
+                    self.pending_array = Some(start..start.saturating_add(bytes));
                     return Ok(Some(need));
                 }
             }
@@ -967,6 +979,18 @@ mod tests {
         assert!(matches!(scan(JOBLIB_ARRAYS), Err(ScanError::UnknownOpcode { .. })));
         for cut in 0..JOBLIB_ARRAYS.len() {
             assert!(scan_joblib(&JOBLIB_ARRAYS[..cut]).is_err(), "prefix {cut}");
+        }
+    }
+
+    #[test]
+    fn a_joblib_scan_waiting_for_raw_array_bytes_says_where_they_lie() {
+        let build = JOBLIB_ARRAYS.windows(3).position(|w| w == b"ub\x0c").unwrap();
+        let array = build + 3 + 12..build + 3 + 12 + 24; // pad length byte, 12 pad bytes, 3 float64
+        for cut in 0..JOBLIB_ARRAYS.len() {
+            let mut scanner = Scanner::for_joblib();
+            let waiting = matches!(scanner.feed(&JOBLIB_ARRAYS[..cut]), Ok(Progress::NeedMore(_)));
+            let expected = (waiting && cut >= array.start && cut < array.end).then(|| array.clone());
+            assert_eq!(scanner.pending_array(), expected, "prefix {cut}");
         }
     }
 

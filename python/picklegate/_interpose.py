@@ -27,9 +27,10 @@ _redirected_loads = False
 _redirected_load = False
 
 
-def _read_one_pickle(read, readline):
-    """Reads exactly one pickle from a stream that cannot seek, asking the scanner how much."""
-    scanner = _core.StreamScanner()
+def _read_one_pickle(read, readline, joblib=False):
+    """Reads exactly one pickle from a stream that cannot seek, asking the scanner how much (with
+    ``joblib``, as joblib reads it: the raw bytes of each array after its wrapper)."""
+    scanner = _core.StreamScanner(joblib)
     data = bytearray()
     while True:
         need = scanner.feed(data)
@@ -52,6 +53,8 @@ def _take(file):
     if not (hasattr(file, "read") and hasattr(file, "readline")):
         raise TypeError("file must have 'read' and 'readline' attributes")
     source = _files.source_name(file)
+    if type(file) is _core.HashedFile:
+        return file, source, lambda used: None  # read and hashed already by a loader library's guard
     if _files.seekable(file):
         _core.refuse_unread(file, _scope.SCOPE.get(), source)
         start = file.tell()
@@ -189,22 +192,34 @@ def _guarded_py_load(self):
         return _original_py_load(self)  # raises the usual "__init__() was not called" error
     file = getattr(read, "__self__", None)
     source = _files.source_name(file)
+    if type(file) is _core.PinnedFile:
+        # A file a loader library's guard read and hashed whole: judged as that file, read in place.
+        run = functools.partial(_original_py_load, self)
+        return _core.guarded_container(file, _scope.SCOPE.get(), source, run, _core.current_callsite, True)
     if file is not None and _files.seekable(file):
         _core.refuse_unread(file, _scope.SCOPE.get(), source)
         start = file.tell()
         data = file.read()
         file.seek(start)  # the file's position is the truth the replay follows
         replay = _Replay(data, file, start)
+        inline = False
     else:
-        data = _read_one_pickle(read, readline)
+        # joblib reads its arrays' raw bytes from its own file handle (a socket, a pipe): read the
+        # stream as joblib does and serve those reads from the same bytes.
+        inline = file is not None and getattr(self, "file_handle", None) is file and type(self).__module__.startswith("joblib.")
+        data = _read_one_pickle(read, readline, joblib=inline)
         replay = _Replay(data, None, 0)
 
     def run():
         self._file_read, self._file_readline = replay.read, replay.readline
+        if inline:
+            self.file_handle = replay._stream
         try:
             return _original_py_load(self)
         finally:
             self._file_read, self._file_readline = read, readline
+            if inline:
+                self.file_handle = file
 
     return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _core.current_callsite, self)
 

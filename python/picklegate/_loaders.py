@@ -1,10 +1,13 @@
 """Guards the loader libraries where users call them (torch.load, joblib.load, numpy.load,
 pandas.read_pickle, dill.load/loads): each file is judged on its whole content's sha256."""
 
+import builtins
+import contextlib
 import functools
 import importlib.abc
 import io
 import os
+import stat
 import sys
 import threading
 
@@ -27,47 +30,150 @@ def _container(data, source, run, eager, callsite=None):
     return _core.guarded_container(data, _scope.SCOPE.get(), source, run, lambda: where, eager)
 
 
-def _read_whole(path, eager=False):
-    """The file's bytes; when ``eager``, a load refused whatever the bytes is refused unread."""
-    with open(path, "rb") as f:
+# The files a guarded library call on this thread may open, by absolute path: the library's own
+# ``open(path, "rb")`` gets a file object over the bytes that were checked, never the path again.
+_serving = threading.local()
+
+
+@contextlib.contextmanager
+def _serve(path, checked):
+    table = getattr(_serving, "files", None)
+    if table is None:
+        table = _serving.files = {}
+    previous = table.get(path)
+    table[path] = checked
+    try:
+        yield
+    finally:
+        if previous is None:
+            del table[path]
+        else:
+            table[path] = previous
+
+
+def _checked_open(real_open):
+    """``open`` for a library module: a path a guarded call on this thread checked, opened for
+    reading bytes, is served from the checked file; anything else is the real ``open``."""
+
+    def open(file, mode="r", *args, **kwargs):
+        table = getattr(_serving, "files", None)
+        if table and mode in ("rb", "br") and not args and not kwargs and isinstance(file, (str, os.PathLike)):
+            checked = table.get(os.path.abspath(os.fspath(file)))
+            if checked is not None:
+                view = checked() if callable(checked) else checked.reopen()
+                view.name = os.fspath(file)
+                return view
+        return real_open(file, mode, *args, **kwargs)
+
+    open.__picklegate_original__ = real_open
+    return open
+
+
+def _shadow_open(module):
+    if module is not None and not hasattr(module.__dict__.get("open"), "__picklegate_original__"):
+        module.open = _checked_open(module.__dict__.get("open", builtins.open))
+
+
+def _open_checked(path, make, eager=True):
+    """Opens ``path`` once and returns ``make(fd)`` (the file read and hashed from that descriptor),
+    or ``None`` when it is not a regular file the library could read (the library then raises its
+    own error, or reads a pipe whose pickles are judged one by one)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         if eager:
-            _core.refuse_unread(f, _scope.SCOPE.get(), path)
-        return f.read()
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                _core.refuse_unread(handle, _scope.SCOPE.get(), path)
+        return make(fd)
+    finally:
+        os.close(fd)
 
 
-def _guard_file_loader(original, mapped_keyword=None, eager=True, adapt=None):
-    """Wraps ``original(f, ...)``: a local path is read once and the library gets the same bytes
-    from memory; a file object is read from its position to its end. When the library maps the
-    file itself (``mapped_keyword`` set, e.g. torch's ``mmap``), it gets ``/proc/self/fd/N`` of
-    the descriptor picklegate hashed, so a file renamed over the path is not what it maps."""
+def _guard_opened_path(original, layout="whole", eager=True, skip=None):
+    """Wraps a library call ``original(path, ...)`` that opens the path itself (``torch.load``,
+    ``joblib.load``): the file is read and hashed once through one descriptor and judged; the
+    library gets the real path, and its ``open`` of it returns the checked bytes (a
+    ``_core.PinnedFile``). With the ``torch-zip`` layout the raw tensor bytes are read from the file
+    after the check, and only those; with mmap options the library maps the data itself."""
+    file_loader = _guard_file_object(original, layout)
 
     @functools.wraps(original)
     def guarded(f, *args, **kwargs):
         path = _local_path(f)
-        mapped = mapped_keyword is not None and kwargs.get(mapped_keyword) and path is not None
-        if mapped:
-            fd = os.open(path, os.O_RDONLY)
+        if path is None:
+            return file_loader(f, *args, **kwargs)
+        name = os.fspath(f) if not isinstance(f, bytes) else f
+
+        def pin(fd):
+            if skip is not None and skip(fd):
+                return None
+            return _core.PinnedFile(fd, layout, name)
+
+        checked = _open_checked(path, pin, eager)
+        if checked is None:
+            return original(f, *args, **kwargs)
+        with _serve(path, checked):
+            return _container(checked, path, lambda: original(f, *args, **kwargs), eager)
+
+    guarded.__picklegate_original__ = original
+    return guarded
+
+
+def _guard_file_object(original, layout="whole", eager=True):
+    """Wraps ``original(fileobj, ...)`` for a library that may seek anywhere in the file object it
+    is given (joblib rewinds it itself). A real file is judged whole, from the same descriptor,
+    and the library gets a ``PinnedFile`` over it at the same position (same name); the caller's
+    file ends where the library left it. Any other file object (BytesIO, GzipFile, a socket) is
+    given to the library as it is: each pickle it loads is judged on the bytes it reads."""
+
+    @functools.wraps(original)
+    def guarded(f, *args, **kwargs):
+        if type(f) not in (io.BufferedReader, io.FileIO) or not _files.seekable(f):
+            return original(f, *args, **kwargs)
+        start = f.tell()
+        view = _core.PinnedFile(f.fileno(), layout, getattr(f, "name", None))
+        view.seek(start)
+
+        def run():
             try:
-                with os.fdopen(os.dup(fd), "rb") as handle:
-                    if eager:
-                        _core.refuse_unread(handle, _scope.SCOPE.get(), path)
-                    data = handle.read()
-                return _container(data, path, lambda: original(f"/proc/self/fd/{fd}", *args, **kwargs), eager)
+                return original(view, *args, **kwargs)
             finally:
-                os.close(fd)
+                f.seek(view.tell())
+
+        return _container(view, _files.source_name(f), run, eager)
+
+    guarded.__picklegate_original__ = original
+    return guarded
+
+
+def _guard_file_loader(original, eager=True, adapt=None):
+    """Wraps ``original(f, ...)`` for a file object (or a path the library does not open through
+    a module picklegate can see): read from its position to its end, judged, and given to the
+    library from memory."""
+
+    @functools.wraps(original)
+    def guarded(f, *args, **kwargs):
+        path = _local_path(f)
         if path is not None:
-            data, start = _read_whole(path, eager), None
+            checked = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(f)), eager)
+            if checked is None:
+                return original(f, *args, **kwargs)
+            data, start, target = checked, None, checked
         elif hasattr(f, "read") and _files.seekable(f):
             path = _files.source_name(f)
             if eager:
                 _core.refuse_unread(f, _scope.SCOPE.get(), path)
             start = f.tell()
             data = f.read()
+            target = io.BytesIO(data)
         else:
             return original(f, *args, **kwargs)  # a stream: its pickle loads are judged one by one
         if adapt is not None:
             args, kwargs = adapt(path, args, kwargs)
-        target = io.BytesIO(data)
 
         def run():
             try:
@@ -100,39 +206,72 @@ def _replace(module, name, make):
     setattr(module, name, make(current))
 
 
-def _pandas_compression(path, args, kwargs):
-    """pandas infers compression from the file name, which a buffer does not have."""
-    if path is not None and not args and kwargs.get("compression", "infer") == "infer":
+def _read_pickle(original):
+    """pandas.read_pickle of a local path: an uncompressed file is read and hashed into memory that
+    the unpickler gives back as it reads (``_core.HashedFile``); a compressed one is pinned whole.
+    pandas infers compression from the file name, which a buffer does not have."""
+    file_loader = _guard_file_loader(original)
+
+    @functools.wraps(original)
+    def read_pickle(f, *args, **kwargs):
+        path = _local_path(f)
+        if path is None or args or kwargs.get("storage_options") is not None:
+            return file_loader(f, *args, **kwargs)
         from pandas.io.common import infer_compression
 
-        kwargs = dict(kwargs, compression=infer_compression(path, "infer"))
-    return args, kwargs
+        compression = kwargs.get("compression", "infer")
+        if compression == "infer":
+            compression = infer_compression(path, "infer")
+        whole = compression is not None
+        checked = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(f)) if whole else _core.HashedFile(fd, 0))
+        if checked is None:
+            return original(f, *args, **kwargs)
+        kwargs = dict(kwargs, compression=compression)
+        return _container(checked, path, lambda: original(checked, **kwargs), True)
+
+    read_pickle.__picklegate_original__ = original
+    return read_pickle
+
+
+def _numeric_npy(fd):
+    """Whether the file at ``fd`` is an .npy whose header declares no Python objects: numpy never
+    unpickles it, and a pickle it would run after a swap is judged on its own bytes."""
+    try:
+        from numpy.lib import format as npy_format
+
+        head = io.BytesIO(os.pread(fd, 65536 + 16, 0))
+        version = npy_format.read_magic(head)
+        shape, fortran, dtype = npy_format._read_array_header(head, version)
+        return not dtype.hasobject
+    except Exception:
+        return False
 
 
 def _numpy_load(original):
-    file_loader = _guard_file_loader(original, mapped_keyword="mmap_mode", eager=False)
+    opened = _guard_opened_path(original, eager=False, skip=_numeric_npy)
+    file_loader = _guard_file_loader(original, eager=False)
 
     @functools.wraps(original)
     def load(file, *args, **kwargs):
         allow_pickle = kwargs.get("allow_pickle", args[1] if len(args) > 1 else False)
         if not allow_pickle:
             return original(file, *args, **kwargs)  # numpy itself refuses object arrays
-        result = file_loader(file, *args, **kwargs)
+        path = _local_path(file)
+        result = (opened if path is not None else file_loader)(file, *args, **kwargs)
         npz_type = getattr(sys.modules.get("numpy.lib.npyio"), "NpzFile", None)
         if npz_type is not None and isinstance(result, npz_type):
-            _judge_members_later(result, file)
+            _judge_members_later(result, path)
         return result
 
     load.__picklegate_original__ = original
     return load
 
 
-def _judge_members_later(npz, file):
-    """An .npz reads its members when indexed: judge each object member as part of the file."""
-    path = _local_path(file)
-    if path is None:
-        return
-    data = _read_whole(path) if not isinstance(npz.zip.fp, io.BytesIO) else npz.zip.fp.getvalue()
+def _judge_members_later(npz, path):
+    """An .npz reads its members when indexed, from the checked bytes it was opened on: judge each
+    object member as part of that file."""
+    fp = npz.zip.fp
+    data = fp if isinstance(fp, _core.PinnedFile) else fp.getvalue()
     callsite = _core.current_callsite()
     base = type(npz)
 
@@ -145,11 +284,25 @@ def _judge_members_later(npz, file):
     npz.__class__ = GuardedNpzFile
 
 
+def _torch_load(original):
+    opened = _guard_opened_path(original, layout="torch-zip")
+
+    @functools.wraps(original)
+    def load(f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".safetensors"):
+            return original(f, *args, **kwargs)  # torch hands it to safetensors: no pickle
+        return opened(f, *args, **kwargs)
+
+    load.__picklegate_original__ = original
+    return load
+
+
 def _patch_torch(torch):
     serialization = sys.modules.get("torch.serialization")
     if serialization is None:
         return
-    _replace(serialization, "load", lambda f: _guard_file_loader(f, mapped_keyword="mmap"))
+    _shadow_open(serialization)
+    _replace(serialization, "load", _torch_load)
     torch.load = serialization.load
     _patch_torch_jit(torch)
 
@@ -164,15 +317,69 @@ def _patch_torch_jit(torch):
     torch.jit.load = jit_serialization.load
 
 
+def _patch_torch_package(package_importer):
+    """A torch.package archive carries module source that its pickles import: the whole archive is
+    judged on its file's sha256 when it is opened (like a checkpoint), the importer reads only the
+    checked bytes, and its pickles load under that verdict."""
+    importer = getattr(package_importer, "PackageImporter", None)
+    if importer is None or hasattr(importer.__init__, "__picklegate_original__"):
+        return
+    original_init, original_load_pickle = importer.__init__, importer.load_pickle
+
+    @functools.wraps(original_init)
+    def __init__(self, file_or_buffer, *args, **kwargs):
+        path = _local_path(file_or_buffer) if isinstance(file_or_buffer, (str, os.PathLike)) else None
+        if path is not None and not os.path.isdir(path):
+            checked = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(file_or_buffer)))
+            if checked is None:
+                return original_init(self, file_or_buffer, *args, **kwargs)
+            source, reader = path, checked.reopen()
+        elif hasattr(file_or_buffer, "read") and _files.seekable(file_or_buffer):
+            source = _files.source_name(file_or_buffer)
+            checked = file_or_buffer.read()
+            reader = io.BytesIO(checked)
+        else:
+            return original_init(self, file_or_buffer, *args, **kwargs)
+        callsite = _core.current_callsite()
+        _container(checked, source, lambda: original_init(self, reader, *args, **kwargs), True, callsite)
+        if path is not None:
+            self.filename = os.fspath(file_or_buffer)
+        self._picklegate_archive = (checked, source, callsite)
+
+    @functools.wraps(original_load_pickle)
+    def load_pickle(self, *args, **kwargs):
+        archive = getattr(self, "_picklegate_archive", None)
+        if archive is None:
+            return original_load_pickle(self, *args, **kwargs)
+        checked, source, callsite = archive
+        return _container(checked, source, lambda: original_load_pickle(self, *args, **kwargs), True, callsite)
+
+    __init__.__picklegate_original__ = original_init
+    load_pickle.__picklegate_original__ = original_load_pickle
+    importer.__init__, importer.load_pickle = __init__, load_pickle
+
+
 def _patch_joblib(joblib):
     numpy_pickle = sys.modules.get("joblib.numpy_pickle")
     if numpy_pickle is None:
         return
-    _replace(numpy_pickle, "load", lambda f: _guard_file_loader(f, mapped_keyword="mmap_mode"))
+    _shadow_open(numpy_pickle)
+    _shadow_open(sys.modules.get("joblib.numpy_pickle_compat"))
+    utils = sys.modules.get("joblib.numpy_pickle_utils")
+    is_raw_file = getattr(utils, "_is_raw_file", None)
+    if is_raw_file is not None and not hasattr(is_raw_file, "__picklegate_original__"):
+        # joblib maps arrays only from a real file: the checked file stands for the one it opened.
+        def _is_raw_file(fileobj):
+            return type(fileobj) is _core.PinnedFile or is_raw_file(fileobj)
+
+        _is_raw_file.__picklegate_original__ = is_raw_file
+        utils._is_raw_file = _is_raw_file
+    _replace(numpy_pickle, "load", lambda f: _guard_opened_path(f, layout="joblib"))
     joblib.load = numpy_pickle.load
 
 
 def _patch_numpy(numpy):
+    _shadow_open(sys.modules.get("numpy.lib._npyio_impl"))
     _replace(numpy, "load", _numpy_load)
 
 
@@ -180,7 +387,7 @@ def _patch_pandas(pandas):
     pickle_io = sys.modules.get("pandas.io.pickle")
     if pickle_io is None:
         return
-    _replace(pickle_io, "read_pickle", lambda f: _guard_file_loader(f, adapt=_pandas_compression))
+    _replace(pickle_io, "read_pickle", _read_pickle)
     pandas.read_pickle = pickle_io.read_pickle
 
 
@@ -192,7 +399,7 @@ def _patch_dill(dill):
             _replace(module, "loads", _guard_bytes_loader)
 
 
-PATCHES = {"torch": _patch_torch, "joblib": _patch_joblib, "numpy": _patch_numpy, "pandas": _patch_pandas, "dill": _patch_dill}
+PATCHES = {"torch": _patch_torch, "torch.package.package_importer": _patch_torch_package, "joblib": _patch_joblib, "numpy": _patch_numpy, "pandas": _patch_pandas, "dill": _patch_dill}
 
 
 class _PatchAfterExec(importlib.abc.Loader):
