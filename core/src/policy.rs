@@ -66,8 +66,6 @@ pub enum Refusal {
     OutsideApprovedLoad { global: String },
     /// A global outside the `globals` list of the entry that approved the load.
     GlobalNotInEntry { entry: usize, global: String },
-    /// An unpickler whose bytes picklegate cannot see (its class was made before install).
-    Unverifiable,
     /// A global only a `*` pattern admits, that resolves to something not defined in its module:
     /// a module, a name the module imported, an instance.
     NotDefinedThere { global: String },
@@ -196,17 +194,6 @@ impl Policy {
     /// not be read into memory to be refused.
     pub fn refuses_any_bytes_at(&self, callsite: &str) -> bool {
         self.mode == Mode::Enforce && self.manifest.as_ref().map_or(true, |m| !m.admits_anything_at(callsite))
-    }
-
-    /// Judges a load whose bytes cannot be hashed: no manifest entry can match it, so only
-    /// `off`, `warn` and `record` let it run.
-    pub fn judge_unverifiable_load(&self) -> Judgement {
-        if self.mode == Mode::Off {
-            return Judgement { verdict: Ok(Approval::Unchecked), action: Action::Run };
-        }
-        let verdict = Err(Refusal::Unverifiable);
-        let action = self.action_for(&verdict);
-        Judgement { verdict, action }
     }
 
     /// The approval a load that runs carries into the backstop: in `warn` and `record`, a refused
@@ -361,9 +348,6 @@ impl Refusal {
             Refusal::OutsideApprovedLoad { global } => format!(
                 "global {global} was resolved by an unpickler outside any approved load (backstop)"
             ),
-            Refusal::Unverifiable => {
-                "an unpickler made from a class defined before picklegate was installed reads bytes picklegate cannot hash".into()
-            }
             Refusal::NotDefinedThere { global } => format!(
                 "global {global} matches only a `*` pattern, and what it resolves to is not a class or function defined in that module (a module, an imported name or an instance); list it by its exact name if it is safe"
             ),
@@ -673,15 +657,6 @@ mod tests {
         assert!(!enforce.refuses_any_bytes_at("app:load"));
         assert!(Policy { mode: Mode::Enforce, manifest: None }.refuses_any_bytes_at("app:load"));
         assert!(!Policy { mode: Mode::Warn, manifest: Some(listed) }.refuses_any_bytes_at("app:other"));
-    }
-
-    #[test]
-    fn unverifiable_loads_run_only_when_nothing_is_enforced() {
-        let judge = |mode| Policy { mode, manifest: None }.judge_unverifiable_load();
-        assert_eq!(judge(Mode::Enforce), Judgement { verdict: Err(Refusal::Unverifiable), action: Action::Refuse });
-        assert_eq!(judge(Mode::Warn).action, Action::RunAndReport);
-        assert_eq!(judge(Mode::Record).action, Action::RunAndReport);
-        assert_eq!(judge(Mode::Off), Judgement { verdict: Ok(Approval::Unchecked), action: Action::Run });
     }
 
     #[test]
