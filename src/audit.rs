@@ -43,7 +43,11 @@ unsafe extern "C" fn hook(event: *const c_char, args: *mut ffi::PyObject, _: *mu
             -1
         }
         Err(_) => {
-            errors::policy_error(py, "picklegate's backstop failed; refusing the global".into()).restore(py);
+            errors::policy_error(
+                py,
+                "picklegate's backstop failed; refusing the global".into(),
+            )
+            .restore(py);
             -1
         }
     }
@@ -51,7 +55,9 @@ unsafe extern "C" fn hook(event: *const c_char, args: *mut ffi::PyObject, _: *mu
 
 fn text(obj: PyResult<Bound<'_, PyAny>>) -> String {
     match obj {
-        Ok(o) => o.extract::<String>().unwrap_or_else(|_| o.repr().map(|r| r.to_string()).unwrap_or_default()),
+        Ok(o) => o
+            .extract::<String>()
+            .unwrap_or_else(|_| o.repr().map(|r| r.to_string()).unwrap_or_default()),
         Err(_) => "?".into(),
     }
 }
@@ -61,7 +67,11 @@ fn judge(py: Python<'_>, args: &Bound<'_, PyAny>) -> PyResult<()> {
     let gate = state::current();
     let policy = state::policy_of(&gate);
     let active = active_approval(py)?;
-    let callsite = || crate::callsite::current(py).map(|s| s.to_string()).unwrap_or_else(|_| "?:?".into());
+    let callsite = || {
+        crate::callsite::current(py)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|_| "?:?".into())
+    };
     if active.is_none() {
         let scope = current_scope(py)?;
         if scope.get().inner.permits(None).is_err() {
@@ -69,10 +79,20 @@ fn judge(py: Python<'_>, args: &Bound<'_, PyAny>) -> PyResult<()> {
             let message = format!(
                 "picklegate refused global {module}.{name} at {site}: an unpickler that bypassed picklegate ran inside a no_pickles() block"
             );
-            return Err(errors::no_pickle(py, message, &RefusalFacts { callsite: site, sha256: None, size: None }));
+            return Err(errors::no_pickle(
+                py,
+                message,
+                &RefusalFacts {
+                    callsite: site,
+                    sha256: None,
+                    size: None,
+                },
+            ));
         }
     }
-    if policy.mode == Mode::Off || (active.is_none() && crate::load::resolved_after_approved_load(py, &module, &name)?) {
+    if policy.mode == Mode::Off
+        || (active.is_none() && crate::load::resolved_after_approved_load(py, &module, &name)?)
+    {
         return Ok(());
     }
     let mut site: Option<String> = None;
@@ -86,7 +106,9 @@ fn judge(py: Python<'_>, args: &Bound<'_, PyAny>) -> PyResult<()> {
     if judgement.action == Action::Run {
         return Ok(());
     }
-    let Err(refusal) = &judgement.verdict else { return Ok(()) };
+    let Err(refusal) = &judgement.verdict else {
+        return Ok(());
+    };
     let site = site.unwrap_or_else(callsite);
     let reason = refusal.describe(policy.manifest.as_deref());
     let refused = judgement.action == Action::Refuse;
@@ -108,7 +130,15 @@ fn judge(py: Python<'_>, args: &Bound<'_, PyAny>) -> PyResult<()> {
     let message = format!(
         "picklegate refused global {module}.{name} at {site}: {reason}. If this unpickler is a trusted transport, add a [[trust]] rule with callsite = \"{site}\" and globals = [\"{module}.{name}\"]."
     );
-    Err(errors::pickle_denied(py, message, &RefusalFacts { callsite: site, sha256: None, size: None }))
+    Err(errors::pickle_denied(
+        py,
+        message,
+        &RefusalFacts {
+            callsite: site,
+            sha256: None,
+            size: None,
+        },
+    ))
 }
 
 /// Whether `module`.`name` resolves, as `find_class` is about to resolve it, to a class or a
@@ -134,12 +164,17 @@ fn renamed_by_fix_imports(py: Python<'_>, module: &str, name: &str) -> PyResult<
         Ok(compat) => compat,
         Err(_) => py.import("_compat_pickle")?.into_any(),
     };
-    Ok(compat.getattr("IMPORT_MAPPING")?.contains(module)? || compat.getattr("NAME_MAPPING")?.contains((module, name))?)
+    Ok(compat.getattr("IMPORT_MAPPING")?.contains(module)?
+        || compat.getattr("NAME_MAPPING")?.contains((module, name))?)
 }
 
 /// `(object, its module)` as `find_class` resolves them (import, then a getattr per dotted part),
 /// or `None` when they do not resolve.
-fn resolve<'py>(py: Python<'py>, module: &str, name: &str) -> PyResult<Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)>> {
+fn resolve<'py>(
+    py: Python<'py>,
+    module: &str,
+    name: &str,
+) -> PyResult<Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)>> {
     let modules = sys_modules(py)?;
     let home = match modules.get_item(module) {
         Ok(home) => home,
@@ -160,8 +195,15 @@ fn resolve<'py>(py: Python<'py>, module: &str, name: &str) -> PyResult<Option<(B
     Ok(Some((object, home)))
 }
 
-fn is_defined_in(py: Python<'_>, object: &Bound<'_, PyAny>, home: &Bound<'_, PyAny>, name: &str) -> PyResult<bool> {
-    if object.is_instance_of::<pyo3::types::PyModule>() || !(object.is_callable() || object.is_instance_of::<pyo3::types::PyType>()) {
+fn is_defined_in(
+    py: Python<'_>,
+    object: &Bound<'_, PyAny>,
+    home: &Bound<'_, PyAny>,
+    name: &str,
+) -> PyResult<bool> {
+    if object.is_instance_of::<pyo3::types::PyModule>()
+        || !(object.is_callable() || object.is_instance_of::<pyo3::types::PyType>())
+    {
         return Ok(false);
     }
     let qualname: String = object.getattr(intern!(py, "__qualname__"))?.extract()?;
@@ -185,7 +227,8 @@ pub fn install_backstop(py: Python<'_>, scope_var: Py<PyAny>) -> PyResult<()> {
     register_scope_var(py, scope_var);
     let first = !REGISTERED.swap(true, Ordering::SeqCst);
     if first && unsafe { PySys_AddAuditHook(hook, std::ptr::null_mut()) } != 0 {
-        return Err(PyErr::take(py).unwrap_or_else(|| errors::policy_error(py, "PySys_AddAuditHook failed".into())));
+        return Err(PyErr::take(py)
+            .unwrap_or_else(|| errors::policy_error(py, "PySys_AddAuditHook failed".into())));
     }
     py.import("sys")?.call_method1("audit", (SELF_CHECK,))?;
     if !SELF_CHECK_SEEN.load(Ordering::SeqCst) {

@@ -63,7 +63,10 @@ impl Bytes {
             let err = PyErr::take(obj.py());
             return Err(PyTypeError::new_err(format!(
                 "{what} is required, not '{}'{}",
-                obj.get_type().name().map(|n| n.to_string()).unwrap_or_default(),
+                obj.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default(),
                 err.map(|e| format!(" ({e})")).unwrap_or_default()
             )));
         }

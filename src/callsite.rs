@@ -41,9 +41,13 @@ fn classify(py: Python<'_>, code: &Bound<'_, PyAny>, globals: &Bound<'_, PyAny>)
     let qualname = match code.getattr(intern!(py, "co_qualname")) {
         Ok(qualname) => qualname,
         // CPython 3.9 and 3.10: found where the compiler left it (picklegate/_qualname.py).
-        Err(_) => py.import(intern!(py, "picklegate._qualname"))?.call_method1(intern!(py, "of"), (code,))?,
+        Err(_) => py
+            .import(intern!(py, "picklegate._qualname"))?
+            .call_method1(intern!(py, "of"), (code,))?,
     };
-    Ok(Seen::Site(format!("{module}:{}", qualname.extract::<String>()?).into()))
+    Ok(Seen::Site(
+        format!("{module}:{}", qualname.extract::<String>()?).into(),
+    ))
 }
 
 /// The callsite of the code running now.
@@ -76,7 +80,14 @@ pub fn current(py: Python<'_>) -> PyResult<Arc<str>> {
                 if cache.len() >= CACHE_LIMIT {
                     cache.clear();
                 }
-                cache.insert(key, Cached { seen, _code: code.unbind(), _globals: globals.unbind() });
+                cache.insert(
+                    key,
+                    Cached {
+                        seen,
+                        _code: code.unbind(),
+                        _globals: globals.unbind(),
+                    },
+                );
                 site
             }
         };

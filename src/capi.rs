@@ -19,7 +19,11 @@ pub type AuditHook = unsafe extern "C" fn(*const c_char, *mut ffi::PyObject, *mu
 
 struct Api {
     add_audit_hook: unsafe extern "C" fn(AuditHook, *mut c_void) -> c_int,
-    context_var_get: unsafe extern "C" fn(*mut ffi::PyObject, *mut ffi::PyObject, *mut *mut ffi::PyObject) -> c_int,
+    context_var_get: unsafe extern "C" fn(
+        *mut ffi::PyObject,
+        *mut ffi::PyObject,
+        *mut *mut ffi::PyObject,
+    ) -> c_int,
     get_buffer: unsafe extern "C" fn(*mut ffi::PyObject, *mut c_void, c_int) -> c_int,
     buffer_release: unsafe extern "C" fn(*mut c_void),
 }
@@ -35,7 +39,9 @@ fn lookup(name: &CStr) -> Option<*mut c_void> {
             return Some(found);
         }
         let mut info: libc::Dl_info = std::mem::zeroed();
-        if libc::dladdr(ffi::PyLong_FromLong as *const c_void, &mut info) == 0 || info.dli_fname.is_null() {
+        if libc::dladdr(ffi::PyLong_FromLong as *const c_void, &mut info) == 0
+            || info.dli_fname.is_null()
+        {
             return None;
         }
         let handle = libc::dlopen(info.dli_fname, libc::RTLD_NOW | libc::RTLD_NOLOAD);
@@ -53,7 +59,12 @@ pub fn load() -> PyResult<()> {
     if API.get().is_some() {
         return Ok(());
     }
-    const NAMES: [&[u8]; 4] = [b"PySys_AddAuditHook\0", b"PyContextVar_Get\0", b"PyObject_GetBuffer\0", b"PyBuffer_Release\0"];
+    const NAMES: [&[u8]; 4] = [
+        b"PySys_AddAuditHook\0",
+        b"PyContextVar_Get\0",
+        b"PyObject_GetBuffer\0",
+        b"PyBuffer_Release\0",
+    ];
     let mut found = [std::ptr::null_mut(); 4];
     let mut missing = Vec::new();
     for (slot, name) in found.iter_mut().zip(NAMES) {
@@ -92,12 +103,20 @@ pub unsafe fn PySys_AddAuditHook(hook: AuditHook, user_data: *mut c_void) -> c_i
 }
 
 /// `PyContextVar_Get`.
-pub unsafe fn PyContextVar_Get(var: *mut ffi::PyObject, default: *mut ffi::PyObject, value: *mut *mut ffi::PyObject) -> c_int {
+pub unsafe fn PyContextVar_Get(
+    var: *mut ffi::PyObject,
+    default: *mut ffi::PyObject,
+    value: *mut *mut ffi::PyObject,
+) -> c_int {
     (api().context_var_get)(var, default, value)
 }
 
 /// `PyObject_GetBuffer`, into the caller's `Py_buffer`.
-pub unsafe fn PyObject_GetBuffer<View>(obj: *mut ffi::PyObject, view: *mut View, flags: c_int) -> c_int {
+pub unsafe fn PyObject_GetBuffer<View>(
+    obj: *mut ffi::PyObject,
+    view: *mut View,
+    flags: c_int,
+) -> c_int {
     (api().get_buffer)(obj, view.cast(), flags)
 }
 

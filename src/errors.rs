@@ -10,9 +10,15 @@ use pyo3::types::PyDict;
 
 static ERRORS: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
 
-fn raise(py: Python<'_>, class: &str, message: String, details: &[(&str, Option<String>)]) -> PyErr {
+fn raise(
+    py: Python<'_>,
+    class: &str,
+    message: String,
+    details: &[(&str, Option<String>)],
+) -> PyErr {
     let build = || -> PyResult<PyErr> {
-        let module = ERRORS.get_or_try_init(py, || py.import("picklegate._errors").map(Bound::unbind))?;
+        let module =
+            ERRORS.get_or_try_init(py, || py.import("picklegate._errors").map(Bound::unbind))?;
         let cls = module.bind(py).getattr(class)?;
         let kwargs = PyDict::new(py);
         for (key, value) in details {
@@ -32,7 +38,12 @@ pub fn manifest_error(py: Python<'_>, err: &ManifestError) -> PyErr {
 }
 
 pub fn bad_token(py: Python<'_>, err: &BadToken) -> PyErr {
-    raise(py, "BadTokenError", format!("allow_pickles() refused the token: {err}"), &[])
+    raise(
+        py,
+        "BadTokenError",
+        format!("allow_pickles() refused the token: {err}"),
+        &[],
+    )
 }
 
 pub fn bad_token_message(py: Python<'_>, message: String) -> PyErr {

@@ -36,8 +36,18 @@ impl Region {
     /// a fault per page, a third of a guarded load's added time otherwise).
     fn new(cap: usize, populate: bool) -> io::Result<Self> {
         let cap = cap.max(1);
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if populate { libc::MAP_POPULATE } else { 0 };
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), cap, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+        let flags =
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if populate { libc::MAP_POPULATE } else { 0 };
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                cap,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
+        };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -48,7 +58,10 @@ impl Region {
         if populate {
             unsafe { libc::madvise(ptr, cap, libc::MADV_HUGEPAGE) };
         }
-        Ok(Region { ptr: ptr as *mut u8, cap })
+        Ok(Region {
+            ptr: ptr as *mut u8,
+            cap,
+        })
     }
 
     fn slice(&self, range: std::ops::Range<usize>) -> &[u8] {
@@ -58,13 +71,21 @@ impl Region {
 
     fn slice_mut(&mut self, range: std::ops::Range<usize>) -> &mut [u8] {
         assert!(range.start <= range.end && range.end <= self.cap);
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.end - range.start) }
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.end - range.start)
+        }
     }
 
     /// Gives the pages of `range` (page-aligned) back; they read as zeros afterwards.
     fn release(&mut self, range: std::ops::Range<usize>) {
         if range.end > range.start {
-            unsafe { libc::madvise(self.ptr.add(range.start) as *mut libc::c_void, range.end - range.start, libc::MADV_DONTNEED) };
+            unsafe {
+                libc::madvise(
+                    self.ptr.add(range.start) as *mut libc::c_void,
+                    range.end - range.start,
+                    libc::MADV_DONTNEED,
+                )
+            };
         }
     }
 }
@@ -90,7 +111,9 @@ fn read_hashed(file: &File, offset: u64) -> io::Result<(Region, usize, Digest)> 
         if len == region.cap {
             // The file grew while being read: move to a region twice as large.
             let mut bigger = Region::new(region.cap * 2, true)?;
-            bigger.slice_mut(0..len).copy_from_slice(region.slice(0..len));
+            bigger
+                .slice_mut(0..len)
+                .copy_from_slice(region.slice(0..len));
             region = bigger;
         }
         let end = (len + READ_CHUNK).min(region.cap);
@@ -122,7 +145,9 @@ pub struct HashedFile {
 
 impl HashedFile {
     fn slice(&self, range: std::ops::Range<usize>) -> &[u8] {
-        self.region.as_ref().map_or(&[], |region| region.slice(range))
+        self.region
+            .as_ref()
+            .map_or(&[], |region| region.slice(range))
     }
 
     /// Everything read from the file, while nothing has been consumed yet.
@@ -168,8 +193,16 @@ impl HashedFile {
     fn new(py: Python<'_>, fd: i32, offset: u64) -> PyResult<Self> {
         // Borrow the descriptor: its owner (a Python file object) closes it, not us.
         let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-        let (region, len, sha) = py.detach(|| read_hashed(&file, offset)).map_err(|e| PyOSError::new_err(e.to_string()))?;
-        Ok(HashedFile { region: Some(region), len, pos: 0, released: 0, sha })
+        let (region, len, sha) = py
+            .detach(|| read_hashed(&file, offset))
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        Ok(HashedFile {
+            region: Some(region),
+            len,
+            pos: 0,
+            released: 0,
+            sha,
+        })
     }
 
     /// Lets go of the memory (an unpickler may outlive its load); reads then find nothing.
@@ -207,7 +240,10 @@ impl HashedFile {
     fn readline<'py>(&mut self, py: Python<'py>, size: Option<isize>) -> Bound<'py, PyBytes> {
         let limit = self.remaining(size);
         let rest = self.slice(self.pos..self.pos + limit);
-        let n = rest.iter().position(|&b| b == b'\n').map_or(limit, |i| i + 1);
+        let n = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(limit, |i| i + 1);
         self.read(py, Some(n as isize))
     }
 
@@ -280,7 +316,10 @@ struct Member {
 
 fn is_storage(name: &[u8]) -> bool {
     let parts: Vec<&[u8]> = name.split(|&b| b == b'/').collect();
-    parts.len() == 3 && parts[1] == b"data" && !parts[2].is_empty() && parts[2].iter().all(u8::is_ascii_digit)
+    parts.len() == 3
+        && parts[1] == b"data"
+        && !parts[2].is_empty()
+        && parts[2].iter().all(u8::is_ascii_digit)
 }
 
 /// The directory a zip reader will use, read before the hash pass (torch writes sizes only in the
@@ -307,30 +346,49 @@ impl ZipPlan {
     fn read(file: &File, size: usize) -> Option<Self> {
         let tail_len = size.min(22 + 65535);
         let mut tail = vec![0u8; tail_len];
-        file.read_exact_at(&mut tail, (size - tail_len) as u64).ok()?;
-        let eocd = (0..=tail_len.checked_sub(22)?).rev().find(|&i| &tail[i..i + 4] == b"PK\x05\x06")?;
+        file.read_exact_at(&mut tail, (size - tail_len) as u64)
+            .ok()?;
+        let eocd = (0..=tail_len.checked_sub(22)?)
+            .rev()
+            .find(|&i| &tail[i..i + 4] == b"PK\x05\x06")?;
         let (mut count, mut offset) = (le16(&tail, eocd + 10), le32(&tail, eocd + 16));
         if offset == 0xFFFF_FFFF || count == 0xFFFF {
-            let locator = eocd.checked_sub(20).filter(|&l| &tail[l..l + 4] == b"PK\x06\x07")?;
+            let locator = eocd
+                .checked_sub(20)
+                .filter(|&l| &tail[l..l + 4] == b"PK\x06\x07")?;
             let mut record = [0u8; 56];
-            file.read_exact_at(&mut record, le64(&tail, locator + 8)).ok()?;
+            file.read_exact_at(&mut record, le64(&tail, locator + 8))
+                .ok()?;
             if &record[..4] != b"PK\x06\x06" {
                 return None;
             }
             (count, offset) = (le64(&record, 32), le64(&record, 48));
         }
-        let start = usize::try_from(offset).ok().filter(|&o| o <= size && size - o <= MAX_DIRECTORY)?;
+        let start = usize::try_from(offset)
+            .ok()
+            .filter(|&o| o <= size && size - o <= MAX_DIRECTORY)?;
         let mut directory = vec![0u8; size - start];
         file.read_exact_at(&mut directory, start as u64).ok()?;
         let mut members = Vec::new();
         let mut at = 0;
         for _ in 0..count {
-            let c = directory.get(at..at + 46).filter(|c| &c[..4] == b"PK\x01\x02")?;
-            let (method, mut csize, mut usize_, mut local) = (le16(c, 10), le32(c, 20), le32(c, 24), le32(c, 42));
-            let (n, m, k) = (le16(c, 28) as usize, le16(c, 30) as usize, le16(c, 32) as usize);
+            let c = directory
+                .get(at..at + 46)
+                .filter(|c| &c[..4] == b"PK\x01\x02")?;
+            let (method, mut csize, mut usize_, mut local) =
+                (le16(c, 10), le32(c, 20), le32(c, 24), le32(c, 42));
+            let (n, m, k) = (
+                le16(c, 28) as usize,
+                le16(c, 30) as usize,
+                le16(c, 32) as usize,
+            );
             let name = directory.get(at + 46..at + 46 + n)?.to_vec();
             let extra = directory.get(at + 46 + n..at + 46 + n + m)?;
-            let wanted = [usize_ == 0xFFFF_FFFF, csize == 0xFFFF_FFFF, local == 0xFFFF_FFFF];
+            let wanted = [
+                usize_ == 0xFFFF_FFFF,
+                csize == 0xFFFF_FFFF,
+                local == 0xFFFF_FFFF,
+            ];
             if wanted.iter().any(|&w| w) {
                 let mut values = zip64_fields(extra, &wanted)?.into_iter();
                 if wanted[0] {
@@ -343,11 +401,24 @@ impl ZipPlan {
                     local = values.next()?;
                 }
             }
-            members.push(Member { header: usize::try_from(local).ok()?, name, method, size: csize, uncompressed: usize_ });
+            members.push(Member {
+                header: usize::try_from(local).ok()?,
+                name,
+                method,
+                size: csize,
+                uncompressed: usize_,
+            });
             at += 46 + n + m + k;
         }
         members.sort_by_key(|m| m.header);
-        Some(ZipPlan { start, directory, members, next: 0, floor: 0, broken: false })
+        Some(ZipPlan {
+            start,
+            directory,
+            members,
+            next: 0,
+            floor: 0,
+            broken: false,
+        })
     }
 
     /// Reads the local headers now wholly in `bytes[..len]`; returns the new payload ranges.
@@ -363,10 +434,21 @@ impl ZipPlan {
                 return;
             }
             let data = at + 30 + n + m;
-            let end = usize::try_from(member.size).ok().and_then(|s| data.checked_add(s));
+            let end = usize::try_from(member.size)
+                .ok()
+                .and_then(|s| data.checked_add(s));
             match end {
-                Some(end) if &h[..4] == b"PK\x03\x04" && h[30..30 + n] == member.name[..] && at >= self.floor && end <= self.start => {
-                    if member.method == 0 && member.size == member.uncompressed && is_storage(&member.name) && end > data {
+                Some(end)
+                    if &h[..4] == b"PK\x03\x04"
+                        && h[30..30 + n] == member.name[..]
+                        && at >= self.floor
+                        && end <= self.start =>
+                {
+                    if member.method == 0
+                        && member.size == member.uncompressed
+                        && is_storage(&member.name)
+                        && end > data
+                    {
                         out.push(data..end);
                     }
                     self.floor = end;
@@ -379,7 +461,10 @@ impl ZipPlan {
 
     /// Whether the pass hashed exactly the directory the plan was made from, and every member.
     fn held(&self, hashed: &[u8]) -> bool {
-        !self.broken && self.next == self.members.len() && hashed.len() == self.start + self.directory.len() && hashed[self.start..] == self.directory[..]
+        !self.broken
+            && self.next == self.members.len()
+            && hashed.len() == self.start + self.directory.len()
+            && hashed[self.start..] == self.directory[..]
     }
 }
 
@@ -399,9 +484,20 @@ impl Pinned {
         let expected = file.metadata()?.len() as usize;
         let page = page_size();
         let mut region = Region::new(expected + page, layout == Layout::Whole)?;
-        let mut scratch = vec![0u8; if layout == Layout::Whole { 0 } else { READ_CHUNK }];
+        let mut scratch = vec![
+            0u8;
+            if layout == Layout::Whole {
+                0
+            } else {
+                READ_CHUNK
+            }
+        ];
         let mut hasher = Hasher::default();
-        let mut plan = if layout == Layout::TorchZip { ZipPlan::read(&file, expected) } else { None };
+        let mut plan = if layout == Layout::TorchZip {
+            ZipPlan::read(&file, expected)
+        } else {
+            None
+        };
         let mut joblib = (layout == Layout::Joblib).then(Scanner::for_joblib);
         // The joblib scan reached STOP (`Some(true)`) or failed (`Some(false)`).
         let mut joblib_end: Option<bool> = None;
@@ -412,13 +508,20 @@ impl Pinned {
         loop {
             if len == region.cap {
                 let mut bigger = Region::new(region.cap * 2, layout == Layout::Whole)?;
-                bigger.slice_mut(0..len).copy_from_slice(region.slice(0..len));
+                bigger
+                    .slice_mut(0..len)
+                    .copy_from_slice(region.slice(0..len));
                 region = bigger;
             }
             // Inside a payload already found, read through a scratch buffer: its pages are
             // never touched (no fault, nothing to give back).
-            let payload_end = live.last().filter(|r: &&std::ops::Range<usize>| r.start <= len && len < r.end).map(|r| r.end);
-            let end = (len + READ_CHUNK).min(region.cap).min(payload_end.unwrap_or(usize::MAX));
+            let payload_end = live
+                .last()
+                .filter(|r: &&std::ops::Range<usize>| r.start <= len && len < r.end)
+                .map(|r| r.end);
+            let end = (len + READ_CHUNK)
+                .min(region.cap)
+                .min(payload_end.unwrap_or(usize::MAX));
             let target = match payload_end {
                 Some(_) => &mut scratch[..end - len],
                 None => region.slice_mut(len..end),
@@ -438,7 +541,9 @@ impl Pinned {
                     Ok(Progress::Done(_)) => joblib_end = Some(true),
                     Ok(Progress::NeedMore(_)) => {
                         if let Some(array) = scanner.pending_array() {
-                            if live.last().map(|r: &std::ops::Range<usize>| r.start) != Some(array.start) {
+                            if live.last().map(|r: &std::ops::Range<usize>| r.start)
+                                != Some(array.start)
+                            {
                                 live.push(array);
                             }
                         }
@@ -473,11 +578,19 @@ impl Pinned {
             // The directory does not match the walk: keep everything (read again, same hash).
             let whole = Pinned::read(file, Layout::Whole)?;
             if whole.sha != sha {
-                return Err(io::Error::other("the file changed while it was being read for its sha256"));
+                return Err(io::Error::other(
+                    "the file changed while it was being read for its sha256",
+                ));
             }
             return Ok(whole);
         }
-        Ok(Pinned { file, region, len, live, sha })
+        Ok(Pinned {
+            file,
+            region,
+            len,
+            live,
+            sha,
+        })
     }
 
     /// The private bytes (payload ranges read as zeros): what the scan of the decision reads.
@@ -505,7 +618,12 @@ impl Pinned {
                 let mut done = 0;
                 while done < target.len() {
                     match self.file.read_at(&mut target[done..], (at + done) as u64) {
-                        Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file was truncated after its check")),
+                        Ok(0) => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the file was truncated after its check",
+                            ))
+                        }
                         Ok(n) => done += n,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => return Err(e),
@@ -534,7 +652,9 @@ pub struct PinnedFile {
 impl PinnedFile {
     fn check_open(&self) -> PyResult<()> {
         if self.closed {
-            return Err(pyo3::exceptions::PyValueError::new_err("I/O operation on closed file."));
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "I/O operation on closed file.",
+            ));
         }
         Ok(())
     }
@@ -549,7 +669,9 @@ impl PinnedFile {
         let mut out = vec![0u8; n];
         let pinned = self.pinned.clone();
         let pos = self.pos;
-        let got = py.detach(|| pinned.read_at(pos, &mut out)).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let got = py
+            .detach(|| pinned.read_at(pos, &mut out))
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
         out.truncate(got);
         Ok(out)
     }
@@ -566,17 +688,35 @@ impl PinnedFile {
             "whole" => Layout::Whole,
             "torch-zip" => Layout::TorchZip,
             "joblib" => Layout::Joblib,
-            other => return Err(pyo3::exceptions::PyValueError::new_err(format!("unknown layout {other:?}"))),
+            other => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "unknown layout {other:?}"
+                )))
+            }
         };
         let borrowed = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-        let file = borrowed.try_clone().map_err(|e| PyOSError::new_err(e.to_string()))?;
-        let pinned = py.detach(|| Pinned::read(file, layout)).map_err(|e| PyOSError::new_err(e.to_string()))?;
-        Ok(PinnedFile { pinned: std::sync::Arc::new(pinned), pos: 0, closed: false, name })
+        let file = borrowed
+            .try_clone()
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let pinned = py
+            .detach(|| Pinned::read(file, layout))
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        Ok(PinnedFile {
+            pinned: std::sync::Arc::new(pinned),
+            pos: 0,
+            closed: false,
+            name,
+        })
     }
 
     /// Another file object over the same checked bytes, at position 0.
     fn reopen(&self, py: Python<'_>) -> Self {
-        PinnedFile { pinned: self.pinned.clone(), pos: 0, closed: false, name: self.name.as_ref().map(|n| n.clone_ref(py)) }
+        PinnedFile {
+            pinned: self.pinned.clone(),
+            pos: 0,
+            closed: false,
+            name: self.name.as_ref().map(|n| n.clone_ref(py)),
+        }
     }
 
     #[getter]
@@ -643,7 +783,9 @@ impl PinnedFile {
         let (pinned, pos) = (self.pinned.clone(), self.pos);
         // Straight into the bytes object: no intermediate buffer.
         let out = PyBytes::new_with(py, n, |buffer| {
-            let got = pinned.read_at(pos, buffer).map_err(|e| PyOSError::new_err(e.to_string()))?;
+            let got = pinned
+                .read_at(pos, buffer)
+                .map_err(|e| PyOSError::new_err(e.to_string()))?;
             if got != n {
                 return Err(PyOSError::new_err("the file was truncated after its check"));
             }
@@ -671,13 +813,19 @@ impl PinnedFile {
         let target = target.as_mut_slice();
         let pinned = self.pinned.clone();
         let pos = self.pos;
-        let got = py.detach(|| pinned.read_at(pos, target)).map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let got = py
+            .detach(|| pinned.read_at(pos, target))
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
         self.pos += got;
         Ok(got)
     }
 
     #[pyo3(signature = (size=-1))]
-    fn readline<'py>(&mut self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+    fn readline<'py>(
+        &mut self,
+        py: Python<'py>,
+        size: Option<isize>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         self.check_open()?;
         let mut line = Vec::new();
         let limit = match size {
@@ -685,9 +833,20 @@ impl PinnedFile {
             _ => usize::MAX,
         };
         while line.len() < limit && self.pos < self.pinned.len {
-            let mut chunk = vec![0u8; (limit - line.len()).min(8192).min(self.pinned.len - self.pos)];
-            let got = self.pinned.read_at(self.pos, &mut chunk).map_err(|e| PyOSError::new_err(e.to_string()))?;
-            let used = chunk[..got].iter().position(|&b| b == b'\n').map_or(got, |i| i + 1);
+            let mut chunk = vec![
+                0u8;
+                (limit - line.len())
+                    .min(8192)
+                    .min(self.pinned.len - self.pos)
+            ];
+            let got = self
+                .pinned
+                .read_at(self.pos, &mut chunk)
+                .map_err(|e| PyOSError::new_err(e.to_string()))?;
+            let used = chunk[..got]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(got, |i| i + 1);
             line.extend_from_slice(&chunk[..used]);
             self.pos += used;
             if used < got || got == 0 || line.last() == Some(&b'\n') {
@@ -704,11 +863,17 @@ impl PinnedFile {
             0 => 0,
             1 => self.pos as i64,
             2 => self.pinned.len as i64,
-            _ => return Err(pyo3::exceptions::PyValueError::new_err(format!("invalid whence ({whence}, should be 0, 1 or 2)"))),
+            _ => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "invalid whence ({whence}, should be 0, 1 or 2)"
+                )))
+            }
         };
         let target = base.checked_add(offset).filter(|&t| t >= 0);
         let Some(target) = target else {
-            return Err(pyo3::exceptions::PyValueError::new_err(format!("negative seek position {offset}")));
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "negative seek position {offset}"
+            )));
         };
         self.pos = target as usize;
         Ok(self.pos)

@@ -55,8 +55,12 @@ const METH_METHOD: c_int = 0x0200;
 
 type NoArgs = unsafe extern "C" fn(*mut ffi::PyObject, *mut ffi::PyObject) -> *mut ffi::PyObject;
 
-type FastCallKeywords =
-    unsafe extern "C" fn(*mut ffi::PyObject, *const *mut ffi::PyObject, ffi::Py_ssize_t, *mut ffi::PyObject) -> *mut ffi::PyObject;
+type FastCallKeywords = unsafe extern "C" fn(
+    *mut ffi::PyObject,
+    *const *mut ffi::PyObject,
+    ffi::Py_ssize_t,
+    *mut ffi::PyObject,
+) -> *mut ffi::PyObject;
 
 /// `PyCMethod`: a method that is also given the class that defined it (Argument Clinic's
 /// `defining_class`), with METH_METHOD|METH_FASTCALL|METH_KEYWORDS.
@@ -162,14 +166,22 @@ unsafe extern "C" fn loads_trampoline(
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     let py = Python::assume_attached();
-    let original = *ORIGINAL_LOADS.get().expect("redirected before the trampoline is installed");
+    let original = *ORIGINAL_LOADS
+        .get()
+        .expect("redirected before the trampoline is installed");
     // `data`, when given, replaces the first argument (a private copy of a mutable buffer).
     let call_original = |data: Option<&Bound<'_, PyAny>>| {
         let result = match data {
             None => original(module, args, nargs, kwnames),
             Some(data) => {
-                let total = nargs as usize + if kwnames.is_null() { 0 } else { ffi::PyTuple_Size(kwnames) as usize };
-                let mut replaced: Vec<*mut ffi::PyObject> = (0..total).map(|i| *args.add(i)).collect();
+                let total = nargs as usize
+                    + if kwnames.is_null() {
+                        0
+                    } else {
+                        ffi::PyTuple_Size(kwnames) as usize
+                    };
+                let mut replaced: Vec<*mut ffi::PyObject> =
+                    (0..total).map(|i| *args.add(i)).collect();
                 replaced[0] = data.as_ptr();
                 original(module, replaced.as_ptr(), nargs, kwnames)
             }
@@ -207,7 +219,9 @@ unsafe fn call_fastcall(
         }
         Some(dict)
     };
-    callable.call(positional, keywords.as_ref()).map(Bound::unbind)
+    callable
+        .call(positional, keywords.as_ref())
+        .map(Bound::unbind)
 }
 
 /// `_pickle.load(file, ...)`: forwarded to the Python wrapper, which reads the file and decides.
@@ -220,21 +234,29 @@ unsafe extern "C" fn load_trampoline(
     let py = Python::assume_attached();
     let result = match LOAD_WRAPPER.get(py) {
         Some(wrapper) => call_fastcall(py, wrapper.bind(py), args, nargs, kwnames),
-        None => Err(PyRuntimeError::new_err("picklegate: _pickle.load has no wrapper")),
+        None => Err(PyRuntimeError::new_err(
+            "picklegate: _pickle.load has no wrapper",
+        )),
     };
     into_raw(py, result)
 }
 
 /// `_pickle.Unpickler.load` of any unpickler, whatever its class or when it was made, on 3.9 to
 /// 3.11: its next pickle is judged, then the original runs on exactly those bytes.
-unsafe extern "C" fn unpickler_load_trampoline(slf: *mut ffi::PyObject, unused: *mut ffi::PyObject) -> *mut ffi::PyObject {
+unsafe extern "C" fn unpickler_load_trampoline(
+    slf: *mut ffi::PyObject,
+    unused: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
     let py = Python::assume_attached();
-    let Some(OriginalUnpicklerLoad::NoArgs(original)) = ORIGINAL_UNPICKLER_LOAD.get().copied() else {
+    let Some(OriginalUnpicklerLoad::NoArgs(original)) = ORIGINAL_UNPICKLER_LOAD.get().copied()
+    else {
         return into_raw(py, Err(internal_error()));
     };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let unpickler = Bound::from_borrowed_ptr(py, slf);
-        guarded_c_unpickler(py, &unpickler, || Bound::from_owned_ptr_or_err(py, original(slf, unused)).map(Bound::unbind))
+        guarded_c_unpickler(py, &unpickler, || {
+            Bound::from_owned_ptr_or_err(py, original(slf, unused)).map(Bound::unbind)
+        })
     }));
     into_raw(py, outcome.unwrap_or_else(|_| Err(internal_error())))
 }
@@ -248,11 +270,15 @@ unsafe extern "C" fn unpickler_load_method_trampoline(
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
     let py = Python::assume_attached();
-    let Some(OriginalUnpicklerLoad::DefiningClass(original)) = ORIGINAL_UNPICKLER_LOAD.get().copied() else {
+    let Some(OriginalUnpicklerLoad::DefiningClass(original)) =
+        ORIGINAL_UNPICKLER_LOAD.get().copied()
+    else {
         return into_raw(py, Err(internal_error()));
     };
-    let call_original =
-        || Bound::from_owned_ptr_or_err(py, original(slf, defining_class, args, nargs, kwnames)).map(Bound::unbind);
+    let call_original = || {
+        Bound::from_owned_ptr_or_err(py, original(slf, defining_class, args, nargs, kwnames))
+            .map(Bound::unbind)
+    };
     if nargs != 0 || (!kwnames.is_null() && ffi::PyTuple_Size(kwnames) != 0) {
         return into_raw(py, call_original()); // "load() takes no arguments", from the original
     }
@@ -268,7 +294,12 @@ unsafe extern "C" fn unpickler_load_method_trampoline(
 fn builtin_types(py: Python<'_>) -> PyResult<(Bound<'_, PyAny>, Bound<'_, PyAny>)> {
     let builtins = py.import("builtins")?;
     let function = builtins.getattr("len")?.get_type().into_any();
-    let descriptor = builtins.getattr("str")?.getattr("__dict__")?.get_item("join")?.get_type().into_any();
+    let descriptor = builtins
+        .getattr("str")?
+        .getattr("__dict__")?
+        .get_item("join")?
+        .get_type()
+        .into_any();
     Ok((function, descriptor))
 }
 
@@ -283,7 +314,11 @@ unsafe fn def_name(def: *const MethodDef) -> &'static str {
 /// Points the method `_pickle.Unpickler.load` at the trampoline for this CPython's layout.
 #[pyfunction]
 pub fn redirect_unpickler_load(py: Python<'_>, cls: &Bound<'_, PyAny>) -> PyResult<()> {
-    recorded(py, "_pickle.Unpickler.load", redirect_unpickler_load_checked(py, cls))
+    recorded(
+        py,
+        "_pickle.Unpickler.load",
+        redirect_unpickler_load_checked(py, cls),
+    )
 }
 
 fn redirect_unpickler_load_checked(py: Python<'_>, cls: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -291,13 +326,19 @@ fn redirect_unpickler_load_checked(py: Python<'_>, cls: &Bound<'_, PyAny>) -> Py
     crate::unpickler::require_layout()?; // the trampoline serves each load its judged bytes through them
     let descriptor = cls.getattr("__dict__")?.get_item("load")?;
     if !descriptor.get_type().is(&builtin_types(py)?.1) {
-        return Err(PyTypeError::new_err(format!("_pickle.Unpickler.load is not a C method but {}", descriptor.get_type())));
+        return Err(PyTypeError::new_err(format!(
+            "_pickle.Unpickler.load is not a C method but {}",
+            descriptor.get_type()
+        )));
     }
     unsafe {
         let head = descriptor.as_ptr() as *mut MethodDescrHead;
         let def = (*head).d_method;
         let name = def_name(def);
-        if name != "load" || (*head).d_type as *mut ffi::PyObject != cls.as_ptr() || (*def).flags != layout.flags() {
+        if name != "load"
+            || (*head).d_type as *mut ffi::PyObject != cls.as_ptr()
+            || (*def).flags != layout.flags()
+        {
             return Err(PyTypeError::new_err(format!(
                 "_pickle.Unpickler.load does not have the layout of CPython's {layout:?} (name {name:?}, flags {:#x}, expected {:#x})",
                 if def.is_null() { 0 } else { (*def).flags },
@@ -312,9 +353,15 @@ fn redirect_unpickler_load_checked(py: Python<'_>, cls: &Bound<'_, PyAny>) -> Py
             return Ok(());
         }
         let original = match layout {
-            UnpicklerLoadLayout::NoArgs => OriginalUnpicklerLoad::NoArgs(std::mem::transmute::<*mut c_void, NoArgs>((*def).meth)),
+            UnpicklerLoadLayout::NoArgs => OriginalUnpicklerLoad::NoArgs(std::mem::transmute::<
+                *mut c_void,
+                NoArgs,
+            >((*def).meth)),
             UnpicklerLoadLayout::DefiningClass => {
-                OriginalUnpicklerLoad::DefiningClass(std::mem::transmute::<*mut c_void, DefiningClassFastCall>((*def).meth))
+                OriginalUnpicklerLoad::DefiningClass(std::mem::transmute::<
+                    *mut c_void,
+                    DefiningClassFastCall,
+                >((*def).meth))
             }
         };
         ORIGINAL_UNPICKLER_LOAD
@@ -326,10 +373,17 @@ fn redirect_unpickler_load_checked(py: Python<'_>, cls: &Bound<'_, PyAny>) -> Py
 }
 
 /// Checks that `function` is the C function `name` with the calling convention picklegate knows.
-unsafe fn method_def(py: Python<'_>, function: &Bound<'_, PyAny>, name: &str) -> PyResult<*mut MethodDef> {
+unsafe fn method_def(
+    py: Python<'_>,
+    function: &Bound<'_, PyAny>,
+    name: &str,
+) -> PyResult<*mut MethodDef> {
     running_layout(py)?;
     if !function.get_type().is(&builtin_types(py)?.0) {
-        return Err(PyTypeError::new_err(format!("_pickle.{name} is not a C function but {}", function.get_type())));
+        return Err(PyTypeError::new_err(format!(
+            "_pickle.{name} is not a C function but {}",
+            function.get_type()
+        )));
     }
     let def = (*(function.as_ptr() as *mut CFunctionHead)).m_ml;
     let def_name = def_name(def);
@@ -352,7 +406,9 @@ pub fn redirect_loads(py: Python<'_>, original: &Bound<'_, PyAny>) -> PyResult<(
                 return Ok(());
             }
             let current: FastCallKeywords = std::mem::transmute((*def).meth);
-            ORIGINAL_LOADS.set(current).map_err(|_| PyRuntimeError::new_err("_pickle.loads was redirected twice"))?;
+            ORIGINAL_LOADS
+                .set(current)
+                .map_err(|_| PyRuntimeError::new_err("_pickle.loads was redirected twice"))?;
             (*def).meth = loads_trampoline as *mut c_void;
             Ok(())
         })
@@ -362,16 +418,33 @@ pub fn redirect_loads(py: Python<'_>, original: &Bound<'_, PyAny>) -> PyResult<(
 /// Points `_pickle.load` at `wrapper`, and returns a fresh function object that still runs the
 /// original code, for the wrapper to call after its decision.
 #[pyfunction]
-pub fn redirect_load(py: Python<'_>, original: &Bound<'_, PyAny>, wrapper: Py<PyAny>) -> PyResult<Py<PyAny>> {
+pub fn redirect_load(
+    py: Python<'_>,
+    original: &Bound<'_, PyAny>,
+    wrapper: Py<PyAny>,
+) -> PyResult<Py<PyAny>> {
     recorded(py, "_pickle.load", unsafe {
         method_def(py, original, "load").and_then(|def| {
             if (*def).meth == load_trampoline as *mut c_void {
-                return Err(PyRuntimeError::new_err("_pickle.load is already redirected"));
+                return Err(PyRuntimeError::new_err(
+                    "_pickle.load is already redirected",
+                ));
             }
-            let copy = Box::into_raw(Box::new(MethodDef { name: (*def).name, meth: (*def).meth, flags: (*def).flags, doc: (*def).doc }));
-            let fresh = ffi::PyCFunction_NewEx(copy as *mut ffi::PyMethodDef, ffi::PyCFunction_GetSelf(original.as_ptr()), std::ptr::null_mut());
+            let copy = Box::into_raw(Box::new(MethodDef {
+                name: (*def).name,
+                meth: (*def).meth,
+                flags: (*def).flags,
+                doc: (*def).doc,
+            }));
+            let fresh = ffi::PyCFunction_NewEx(
+                copy as *mut ffi::PyMethodDef,
+                ffi::PyCFunction_GetSelf(original.as_ptr()),
+                std::ptr::null_mut(),
+            );
             let fresh = Bound::from_owned_ptr_or_err(py, fresh)?;
-            LOAD_WRAPPER.set(py, wrapper).map_err(|_| PyValueError::new_err("_pickle.load was redirected twice"))?;
+            LOAD_WRAPPER
+                .set(py, wrapper)
+                .map_err(|_| PyValueError::new_err("_pickle.load was redirected twice"))?;
             (*def).meth = load_trampoline as *mut c_void;
             Ok(fresh.unbind())
         })
@@ -382,7 +455,10 @@ pub fn redirect_load(py: Python<'_>, original: &Bound<'_, PyAny>, wrapper: Py<Py
 fn missing_redirects(py: Python<'_>) -> Vec<String> {
     let failures = FAILURES.lock();
     let reason = |what: &str| {
-        failures.iter().rev().find(|(w, _)| *w == what).map_or_else(|| "not attempted after the failure above".to_string(), |(_, why)| why.clone())
+        failures.iter().rev().find(|(w, _)| *w == what).map_or_else(
+            || "not attempted after the failure above".to_string(),
+            |(_, why)| why.clone(),
+        )
     };
     let mut missing = Vec::new();
     if ORIGINAL_LOADS.get().is_none() {
@@ -392,7 +468,10 @@ fn missing_redirects(py: Python<'_>) -> Vec<String> {
         missing.push(format!("_pickle.load ({})", reason("_pickle.load")));
     }
     if ORIGINAL_UNPICKLER_LOAD.get().is_none() {
-        missing.push(format!("_pickle.Unpickler.load ({})", reason("_pickle.Unpickler.load")));
+        missing.push(format!(
+            "_pickle.Unpickler.load ({})",
+            reason("_pickle.Unpickler.load")
+        ));
     }
     missing
 }
@@ -433,7 +512,9 @@ pub fn require_full_interposition(py: Python<'_>) -> PyResult<()> {
                  backstop_only=True): not redirected: {what}. Unpicklers made before install and references \
                  captured before it are judged only by the audit hook on the globals they resolve.\n"
             );
-            py.import("sys")?.getattr("stderr")?.call_method1("write", (message,))?;
+            py.import("sys")?
+                .getattr("stderr")?
+                .call_method1("write", (message,))?;
         }
         return Ok(());
     }

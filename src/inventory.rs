@@ -5,10 +5,10 @@ use crate::errors;
 use parking_lot::Mutex;
 use picklegate_core::callsite::global_matches;
 use picklegate_core::container::{scan_path, Scanned};
-use picklegate_core::risk::{classify, Risk, UNRESOLVED};
 use picklegate_core::freeze::freeze;
 use picklegate_core::manifest::Manifest;
 use picklegate_core::record::read_records;
+use picklegate_core::risk::{classify, Risk, UNRESOLVED};
 use pyo3::prelude::*;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -19,11 +19,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// that is not an added field.
 const SCAN_SCHEMA: &str = "picklegate-scan/1";
 /// Why persistent ids outside a torch file are `unknown`.
-const PERSISTENT: &str = "the loader's persistent_load decides what each id becomes (torch's own are storages)";
+const PERSISTENT: &str =
+    "the loader's persistent_load decides what each id becomes (torch's own are storages)";
 /// Why an import only `pickle.load`'s reading of a joblib file makes is `unknown`, not `code`.
 const MISREAD: &str = "only if this joblib file is read by pickle.load instead of joblib.load: its array bytes then read as opcodes";
 
-fn global_entry(name: String, risk: Risk, why: &str, parts: Vec<&str>, allowed: bool) -> serde_json::Value {
+fn global_entry(
+    name: String,
+    risk: Risk,
+    why: &str,
+    parts: Vec<&str>,
+    allowed: bool,
+) -> serde_json::Value {
     json!({"name": name, "class": risk.as_str(), "why": why, "parts": parts, "allowed": allowed})
 }
 
@@ -34,31 +41,51 @@ fn scan_summary(path: &Path, allow: &[String]) -> serde_json::Value {
     let file = path.display().to_string();
     let (sha256, size, Scanned { contents, error }) = match scan_path(path) {
         Ok(scanned) => (scanned.sha256, scanned.size, scanned.scanned),
-        Err(e) => return json!({"file": file, "error": format!("{file}: {e}"), "verdict": "error", "complete": false, "globals": [], "parts": []}),
+        Err(e) => {
+            return json!({"file": file, "error": format!("{file}: {e}"), "verdict": "error", "complete": false, "globals": [], "parts": []})
+        }
     };
     let mut globals: BTreeMap<(Risk, String), (&'static str, Vec<&str>, bool)> = BTreeMap::new();
     for part in &contents.parts {
         for (module, name) in &part.report.globals {
             let (risk, why) = classify(module, name);
             let allowed = allow.iter().any(|p| global_matches(p, module, name));
-            let entry = globals.entry((risk, format!("{module}.{name}"))).or_insert((why, Vec::new(), allowed));
+            let entry = globals
+                .entry((risk, format!("{module}.{name}")))
+                .or_insert((why, Vec::new(), allowed));
             entry.1.push(part.name.as_str());
         }
         for import in &part.report.unresolved {
-            let entry = globals.entry((UNRESOLVED.0, import.clone())).or_insert((UNRESOLVED.1, Vec::new(), false));
+            let entry = globals.entry((UNRESOLVED.0, import.clone())).or_insert((
+                UNRESOLVED.1,
+                Vec::new(),
+                false,
+            ));
             entry.1.push(part.name.as_str());
         }
-        let persistent = ["PERSID", "BINPERSID"].iter().any(|op| part.report.risky_opcodes.contains_key(op));
+        let persistent = ["PERSID", "BINPERSID"]
+            .iter()
+            .any(|op| part.report.risky_opcodes.contains_key(op));
         if persistent && !contents.format.starts_with("torch") {
-            let entry = globals.entry((Risk::Unknown, "persistent ids (PERSID/BINPERSID)".into())).or_insert((PERSISTENT, Vec::new(), false));
+            let entry = globals
+                .entry((Risk::Unknown, "persistent ids (PERSID/BINPERSID)".into()))
+                .or_insert((PERSISTENT, Vec::new(), false));
             entry.1.push(part.name.as_str());
         }
         for import in &part.misread_unresolved {
-            let entry = globals.entry((Risk::Unknown, import.clone())).or_insert((MISREAD, Vec::new(), false));
+            let entry = globals.entry((Risk::Unknown, import.clone())).or_insert((
+                MISREAD,
+                Vec::new(),
+                false,
+            ));
             entry.1.push(part.name.as_str());
         }
     }
-    let worst = globals.iter().filter(|(_, (_, _, allowed))| !allowed).map(|((risk, _), _)| *risk).min();
+    let worst = globals
+        .iter()
+        .filter(|(_, (_, _, allowed))| !allowed)
+        .map(|((risk, _), _)| *risk)
+        .min();
     let verdict = match (worst, &error) {
         (Some(Risk::Code), _) => "code",
         (_, Some(_)) => "error",
@@ -70,7 +97,12 @@ fn scan_summary(path: &Path, allow: &[String]) -> serde_json::Value {
         .parts
         .iter()
         .map(|part| {
-            let names: Vec<String> = part.report.globals.iter().map(|(m, n)| format!("{m}.{n}")).collect();
+            let names: Vec<String> = part
+                .report
+                .globals
+                .iter()
+                .map(|(m, n)| format!("{m}.{n}"))
+                .collect();
             json!({
                 "name": part.name,
                 "protocol": part.report.protocol,
@@ -81,8 +113,10 @@ fn scan_summary(path: &Path, allow: &[String]) -> serde_json::Value {
             })
         })
         .collect();
-    let globals: Vec<_> =
-        globals.into_iter().map(|((risk, name), (why, parts, allowed))| global_entry(name, risk, why, parts, allowed)).collect();
+    let globals: Vec<_> = globals
+        .into_iter()
+        .map(|((risk, name), (why, parts, allowed))| global_entry(name, risk, why, parts, allowed))
+        .collect();
     json!({
         "file": file,
         "format": contents.format,
@@ -103,8 +137,11 @@ fn scan_summary(path: &Path, allow: &[String]) -> serde_json::Value {
 pub fn scan_files(py: Python<'_>, paths: Vec<PathBuf>, allow: Vec<String>) -> String {
     let summaries = py.detach(|| {
         let next = AtomicUsize::new(0);
-        let slots: Vec<Mutex<Option<serde_json::Value>>> = paths.iter().map(|_| Mutex::new(None)).collect();
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(paths.len().max(1));
+        let slots: Vec<Mutex<Option<serde_json::Value>>> =
+            paths.iter().map(|_| Mutex::new(None)).collect();
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(paths.len().max(1));
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| loop {
@@ -114,7 +151,10 @@ pub fn scan_files(py: Python<'_>, paths: Vec<PathBuf>, allow: Vec<String>) -> St
                 });
             }
         });
-        slots.into_iter().map(|slot| slot.into_inner().expect("every path is scanned")).collect::<Vec<_>>()
+        slots
+            .into_iter()
+            .map(|slot| slot.into_inner().expect("every path is scanned"))
+            .collect::<Vec<_>>()
     });
     json!({"schema": SCAN_SCHEMA, "files": summaries}).to_string()
 }
@@ -122,8 +162,15 @@ pub fn scan_files(py: Python<'_>, paths: Vec<PathBuf>, allow: Vec<String>) -> St
 /// The manifest text for the record files at `records`, merged into `merge` when given.
 #[pyfunction]
 #[pyo3(signature = (records, merge=None))]
-pub fn freeze_records(py: Python<'_>, records: Vec<PathBuf>, merge: Option<PathBuf>) -> PyResult<String> {
-    let existing = merge.map(|p| Manifest::load(&p)).transpose().map_err(|e| errors::manifest_error(py, &e))?;
+pub fn freeze_records(
+    py: Python<'_>,
+    records: Vec<PathBuf>,
+    merge: Option<PathBuf>,
+) -> PyResult<String> {
+    let existing = merge
+        .map(|p| Manifest::load(&p))
+        .transpose()
+        .map_err(|e| errors::manifest_error(py, &e))?;
     let mut all = Vec::new();
     for path in &records {
         all.extend(read_records(path).map_err(|e| errors::policy_error(py, e.to_string()))?);
@@ -135,5 +182,9 @@ pub fn freeze_records(py: Python<'_>, records: Vec<PathBuf>, merge: Option<PathB
 #[pyfunction]
 pub fn manifest_entries(py: Python<'_>, path: PathBuf) -> PyResult<Vec<(String, String)>> {
     let manifest = Manifest::load(&path).map_err(|e| errors::manifest_error(py, &e))?;
-    Ok(manifest.allow.iter().map(|e| (e.sha256.to_hex(), e.callsite.clone())).collect())
+    Ok(manifest
+        .allow
+        .iter()
+        .map(|e| (e.sha256.to_hex(), e.callsite.clone()))
+        .collect())
 }

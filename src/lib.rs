@@ -34,9 +34,9 @@ fn sha256(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<String> {
 #[pyfunction]
 fn sha256_file(py: Python<'_>, path: std::path::PathBuf) -> PyResult<String> {
     let digest = py.detach(|| std::fs::File::open(&path).and_then(Digest::of_reader));
-    digest.map(|d| d.to_hex()).map_err(|e| {
-        pyo3::exceptions::PyOSError::new_err(format!("{}: {e}", path.display()))
-    })
+    digest
+        .map(|d| d.to_hex())
+        .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("{}: {e}", path.display())))
 }
 
 /// Reads a pickle from a stream without over-reading: it says how many bytes to read next.
@@ -51,7 +51,13 @@ impl StreamScanner {
     #[new]
     #[pyo3(signature = (joblib=false))]
     fn new(joblib: bool) -> Self {
-        StreamScanner { scanner: if joblib { Scanner::for_joblib() } else { Scanner::default() } }
+        StreamScanner {
+            scanner: if joblib {
+                Scanner::for_joblib()
+            } else {
+                Scanner::default()
+            },
+        }
     }
 
     /// Given all bytes read so far: `None` when the pickle is complete, `-1` to read a line,
@@ -62,7 +68,9 @@ impl StreamScanner {
             Ok(Progress::Done(_)) => Ok(None),
             Ok(Progress::NeedMore(Need::Line)) => Ok(Some(-1)),
             // A hostile length (BINUNICODE8 of 2**64-1) must not wrap to -1, "read a line".
-            Ok(Progress::NeedMore(Need::Bytes(n))) => Ok(Some(i64::try_from(n).unwrap_or(i64::MAX))),
+            Ok(Progress::NeedMore(Need::Bytes(n))) => {
+                Ok(Some(i64::try_from(n).unwrap_or(i64::MAX)))
+            }
             Err(e) => Err(errors::scan_error(py, &e)),
         }
     }
@@ -70,7 +78,10 @@ impl StreamScanner {
     /// The error for a stream that ended before STOP.
     fn truncated(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<PyErr> {
         let bytes = Bytes::borrow(data)?;
-        Ok(errors::scan_error(py, &self.scanner.truncation(bytes.as_slice())))
+        Ok(errors::scan_error(
+            py,
+            &self.scanner.truncation(bytes.as_slice()),
+        ))
     }
 }
 

@@ -2,22 +2,22 @@
 //! against the policy and the scope, log, then run the real unpickler on those same bytes.
 
 use crate::buffer::Bytes;
+use crate::callsite;
 use crate::errors::{self, RefusalFacts};
 use crate::file::HashedFile;
 use crate::state::{self, emit};
-use crate::callsite;
-use crate::unpickler;
-use pyo3::sync::PyOnceLock;
 use crate::tokens::{current_scope, ScopeObj};
+use crate::unpickler;
+use picklegate_core::container::scan_all;
 use picklegate_core::event::Event;
-use picklegate_core::record::Record;
 use picklegate_core::hash::Digest;
 use picklegate_core::manifest::Manifest;
 use picklegate_core::policy::{Action, Approval, Judgement, Load, Mode, Refusal, ScopeRefusal};
-use picklegate_core::container::scan_all;
+use picklegate_core::record::Record;
 use picklegate_core::risk::classify;
 use picklegate_core::scan::{self, Report, ScanError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -86,7 +86,10 @@ impl Drop for Running {
 }
 
 pub fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// What the scan of the bytes of a load found, whatever carries the pickles (a torch zip, a
@@ -100,15 +103,28 @@ struct Found {
 fn found_in(bytes: &[u8]) -> Found {
     let scanned = scan_all(bytes);
     let mut seen: Vec<&(String, String)> = Vec::new();
-    for global in scanned.contents.parts.iter().flat_map(|p| &p.report.globals) {
+    for global in scanned
+        .contents
+        .parts
+        .iter()
+        .flat_map(|p| &p.report.globals)
+    {
         if !seen.contains(&global) {
             seen.push(global);
         }
     }
     Found {
         globals: seen.iter().map(|(m, n)| format!("{m}.{n}")).collect(),
-        classes: seen.iter().map(|(m, n)| classify(m, n).0.as_str().to_string()).collect(),
-        complete: scanned.error.is_none() && scanned.contents.parts.iter().all(|p| p.report.unresolved.is_empty()),
+        classes: seen
+            .iter()
+            .map(|(m, n)| classify(m, n).0.as_str().to_string())
+            .collect(),
+        complete: scanned.error.is_none()
+            && scanned
+                .contents
+                .parts
+                .iter()
+                .all(|p| p.report.unresolved.is_empty()),
     }
 }
 
@@ -119,16 +135,33 @@ fn toml_string(text: &str) -> String {
 /// What a refusal message tells the user to add.
 /// `globals` is `None` when the scan did not read the whole pickle: the entry then has no
 /// `globals` key (which admits any), never `globals = []` (which admits none).
-fn suggestion(refusal: &Refusal, manifest: Option<&Manifest>, sha: &Digest, callsite: &str, globals: Option<&[String]>) -> String {
-    let target = manifest.map_or("a manifest (PICKLEGATE_POLICY)".to_string(), |m| m.source.clone());
+fn suggestion(
+    refusal: &Refusal,
+    manifest: Option<&Manifest>,
+    sha: &Digest,
+    callsite: &str,
+    globals: Option<&[String]>,
+) -> String {
+    let target = manifest.map_or("a manifest (PICKLEGATE_POLICY)".to_string(), |m| {
+        m.source.clone()
+    });
     match refusal {
         Refusal::UntrustedGlobal { global, .. } => format!(
             "If {global} is safe for this transport, add it to that rule's globals in {target}."
         ),
-        Refusal::Unscannable { .. } => "A trusted transport's pickle must be scannable; list it by sha256 instead.".into(),
+        Refusal::Unscannable { .. } => {
+            "A trusted transport's pickle must be scannable; list it by sha256 instead.".into()
+        }
         _ => {
             let globals = globals.map_or(String::new(), |globals| {
-                format!("globals = [{}]\n", globals.iter().map(|g| toml_string(g)).collect::<Vec<_>>().join(", "))
+                format!(
+                    "globals = [{}]\n",
+                    globals
+                        .iter()
+                        .map(|g| toml_string(g))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             });
             format!(
                 "To allow it after review, add to {target}:\n\n[[allow]]\nsha256 = \"{sha}\"\ncallsite = {}\nnote = \"reviewed by ...\"\n{globals}",
@@ -208,8 +241,12 @@ impl Drop for LiveUnpickler {
 /// How many entries an unpickler's memo holds (`_pickle`'s memo proxy and `pickle._Unpickler`'s
 /// dict both `copy()` to a dict).
 fn memo_len(unpickler: &Bound<'_, PyAny>) -> Result<u64, String> {
-    let memo = unpickler.getattr("memo").and_then(|m| m.call_method0("copy")).and_then(|m| m.len());
-    memo.map(|n| n as u64).map_err(|e| format!("the unpickler's memo could not be measured: {e}"))
+    let memo = unpickler
+        .getattr("memo")
+        .and_then(|m| m.call_method0("copy"))
+        .and_then(|m| m.len());
+    memo.map(|n| n as u64)
+        .map_err(|e| format!("the unpickler's memo could not be measured: {e}"))
 }
 
 /// Judges one load against the operator's policy, then the code's scope; logs; raises the
@@ -217,17 +254,32 @@ fn memo_len(unpickler: &Bound<'_, PyAny>) -> Result<u64, String> {
 fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Approval> {
     let gate = state::current();
     let policy = state::policy_of(&gate);
-    let Facts { bytes, size, sha, callsite, source } = *facts;
+    let Facts {
+        bytes,
+        size,
+        sha,
+        callsite,
+        source,
+    } = *facts;
     let live = LIVE_UNPICKLER.with(|u| u.borrow_mut().take());
     let mut report: Option<Result<Report, ScanError>> = None;
-    let judgement: Judgement = policy.judge_load(Load { sha256: &sha, callsite }, || {
-        let memo_before = match &live {
-            Some(unpickler) => memo_len(unpickler.bind(py))?,
-            None => 0,
-        };
-        let scanned = report.get_or_insert_with(|| scan::scan_after(bytes, memo_before));
-        scanned.as_ref().map_err(|e| e.to_string()).and_then(Report::nameable_globals)
-    });
+    let judgement: Judgement = policy.judge_load(
+        Load {
+            sha256: &sha,
+            callsite,
+        },
+        || {
+            let memo_before = match &live {
+                Some(unpickler) => memo_len(unpickler.bind(py))?,
+                None => 0,
+            };
+            let scanned = report.get_or_insert_with(|| scan::scan_after(bytes, memo_before));
+            scanned
+                .as_ref()
+                .map_err(|e| e.to_string())
+                .and_then(Report::nameable_globals)
+        },
+    );
     let scope_verdict = scope.inner.permits(Some(&sha));
     let refused = judgement.action == Action::Refuse || scope_verdict.is_err();
     if !refused && judgement.action == Action::Run && !state::has_observer() {
@@ -235,8 +287,11 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
     }
     let found = found_in(bytes);
     let globals = found.globals.clone();
-    let refusal_facts =
-        RefusalFacts { callsite: callsite.to_string(), sha256: Some(sha.to_hex()), size: Some(size) };
+    let refusal_facts = RefusalFacts {
+        callsite: callsite.to_string(),
+        sha256: Some(sha.to_hex()),
+        size: Some(size),
+    };
     let event = |decision: &'static str, reason: Option<String>| Event {
         time: now(),
         pid: std::process::id(),
@@ -284,14 +339,22 @@ fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Appro
     }
     let decision = match (&judgement.verdict, policy.mode) {
         (_, Mode::Record) => event("record", None),
-        (Err(refusal), _) if judgement.action == Action::RunAndReport => event("warn", Some(refusal.describe(manifest))),
+        (Err(refusal), _) if judgement.action == Action::RunAndReport => {
+            event("warn", Some(refusal.describe(manifest)))
+        }
         _ => event("allow", None),
     };
     if decision.decision != "allow" {
         emit(&decision);
     }
-    if let Some(record_file) = gate.as_ref().and_then(|g| g.record.as_ref()).filter(|_| policy.mode == Mode::Record) {
-        record_file.append(&record_of(&decision, found)).map_err(|e| errors::policy_error(py, e.to_string()))?;
+    if let Some(record_file) = gate
+        .as_ref()
+        .and_then(|g| g.record.as_ref())
+        .filter(|_| policy.mode == Mode::Record)
+    {
+        record_file
+            .append(&record_of(&decision, found))
+            .map_err(|e| errors::policy_error(py, e.to_string()))?;
     }
     state::observe(py, &decision)?;
     Ok(policy.approval_while_running(&judgement))
@@ -368,7 +431,13 @@ fn guard(
         return run();
     }
     let callsite = callsite()?;
-    let facts = Facts { bytes: slice, size: slice.len() as u64, sha: hash(py, data, slice), callsite: &callsite, source };
+    let facts = Facts {
+        bytes: slice,
+        size: slice.len() as u64,
+        sha: hash(py, data, slice),
+        callsite: &callsite,
+        source,
+    };
     let _running = Running::enter(Frame::Load(decide(py, scope, &facts)?));
     run()
 }
@@ -386,7 +455,14 @@ pub fn guarded_load(
     unpickler: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let _live = unpickler.map(LiveUnpickler::enter);
-    guard(py, data, &scope, source.as_deref(), || run.call0().map(Bound::unbind), || callsite.call0()?.extract())
+    guard(
+        py,
+        data,
+        &scope,
+        source.as_deref(),
+        || run.call0().map(Bound::unbind),
+        || callsite.call0()?.extract(),
+    )
 }
 
 /// A load from a plain file read by `HashedFile`: judged on the hash taken while reading, then
@@ -401,7 +477,14 @@ pub fn guarded_file_load(
     run: &Bound<'_, PyAny>,
     callsite: &Bound<'_, PyAny>,
 ) -> PyResult<Py<PyAny>> {
-    guard_file(py, file, &scope, source.as_deref(), || run.call0().map(Bound::unbind), || callsite.call0()?.extract())
+    guard_file(
+        py,
+        file,
+        &scope,
+        source.as_deref(),
+        || run.call0().map(Bound::unbind),
+        || callsite.call0()?.extract(),
+    )
 }
 
 fn guard_file(
@@ -425,7 +508,13 @@ fn guard_file(
             return run(); // the unpickler raises its own EOFError
         }
         let callsite = callsite()?;
-        let facts = Facts { bytes: hashed.bytes(), size: hashed.bytes().len() as u64, sha: hashed.sha, callsite: &callsite, source };
+        let facts = Facts {
+            bytes: hashed.bytes(),
+            size: hashed.bytes().len() as u64,
+            sha: hashed.sha,
+            callsite: &callsite,
+            source,
+        };
         decide(py, scope, &facts)?
     }; // the borrow ends here: the unpickler reads `file`
     let _running = Running::enter(Frame::Load(approval));
@@ -444,13 +533,35 @@ pub fn guarded_c_loads(
     let scope = current_scope(py)?;
     let callsite = || Ok(callsite::current(py)?.to_string());
     if data.is_instance_of::<pyo3::types::PyBytes>() || passthrough(scope.get()) {
-        return guard(py, data, scope.get(), None, || call_original(None), callsite);
+        return guard(
+            py,
+            data,
+            scope.get(),
+            None,
+            || call_original(None),
+            callsite,
+        );
     }
-    let Ok(copy) = Bytes::borrow(data).map(|bytes| pyo3::types::PyBytes::new(py, bytes.as_slice())) else {
-        return guard(py, data, scope.get(), None, || call_original(None), callsite); // raises as before
+    let Ok(copy) = Bytes::borrow(data).map(|bytes| pyo3::types::PyBytes::new(py, bytes.as_slice()))
+    else {
+        return guard(
+            py,
+            data,
+            scope.get(),
+            None,
+            || call_original(None),
+            callsite,
+        ); // raises as before
     };
     let copy = copy.into_any();
-    guard(py, &copy, scope.get(), None, || call_original(Some(&copy)), callsite)
+    guard(
+        py,
+        &copy,
+        scope.get(),
+        None,
+        || call_original(Some(&copy)),
+        callsite,
+    )
 }
 
 /// The Python helper that reads what a live unpickler's next load consumes:
@@ -492,8 +603,14 @@ fn frame_resolving_after_load(py: Python<'_>) -> PyResult<Option<(usize, usize)>
             break;
         }
         let module = frame.getattr("f_globals")?.get_item("__name__").ok();
-        if module.and_then(|m| m.extract::<String>().ok()).is_some_and(|m| RESOLVES_AFTER_LOAD.contains(&m.as_str())) {
-            return Ok(Some((frame.as_ptr() as usize, frame.getattr("f_code")?.as_ptr() as usize)));
+        if module
+            .and_then(|m| m.extract::<String>().ok())
+            .is_some_and(|m| RESOLVES_AFTER_LOAD.contains(&m.as_str()))
+        {
+            return Ok(Some((
+                frame.as_ptr() as usize,
+                frame.getattr("f_code")?.as_ptr() as usize,
+            )));
         }
         frame = frame.getattr("f_back")?;
     }
@@ -504,13 +621,18 @@ fn frame_resolving_after_load(py: Python<'_>) -> PyResult<Option<(usize, usize)>
 /// directly by the frame that just ran an approved load, for a name the approved bytes spell out?
 pub fn resolved_after_approved_load(py: Python<'_>, module: &str, name: &str) -> PyResult<bool> {
     let Some((frame, code)) = AFTER_LOAD.with(|a| {
-        a.borrow().as_ref().filter(|a| a.strings.contains(module) && a.strings.contains(name)).map(|a| (a.frame, a.code))
+        a.borrow()
+            .as_ref()
+            .filter(|a| a.strings.contains(module) && a.strings.contains(name))
+            .map(|a| (a.frame, a.code))
     }) else {
         return Ok(false);
     };
     let mut current = py.import("sys")?.call_method1("_getframe", (0,))?;
     while !current.is_none() {
-        if current.as_ptr() as usize == frame && current.getattr("f_code")?.as_ptr() as usize == code {
+        if current.as_ptr() as usize == frame
+            && current.getattr("f_code")?.as_ptr() as usize == code
+        {
             return Ok(true);
         }
         current = current.getattr("f_back")?;
@@ -533,12 +655,20 @@ pub fn guarded_c_unpickler(
     }
     // Redirected only once the layout is known and the helper set (see redirect_unpickler_load).
     let take = UNPICKLER_TAKE.get(py).filter(|_| unpickler::layout_known());
-    let take = take.ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("picklegate: the unpickler's input fields are not known; the load was refused"))?;
+    let take = take.ok_or_else(|| {
+        pyo3::exceptions::PyRuntimeError::new_err(
+            "picklegate: the unpickler's input fields are not known; the load was refused",
+        )
+    })?;
     let Some((read, readline)) = unpickler::reader(unpickler) else {
         return run(); // __init__ was never called: the original raises its own error
     };
-    let (data, source, stream, done): (Bound<'_, PyAny>, Option<String>, Bound<'_, PyAny>, Bound<'_, PyAny>) =
-        take.bind(py).call1((read, readline))?.extract()?;
+    let (data, source, stream, done): (
+        Bound<'_, PyAny>,
+        Option<String>,
+        Bound<'_, PyAny>,
+        Bound<'_, PyAny>,
+    ) = take.bind(py).call1((read, readline))?.extract()?;
     let run = || {
         let _swapped = unpickler::swap(unpickler, &stream)?;
         run()
@@ -548,11 +678,17 @@ pub fn guarded_c_unpickler(
     let (result, after_load) = match data.cast::<HashedFile>() {
         Ok(file) => {
             let after_load = after_load(py, file.borrow().bytes())?;
-            (guard_file(py, file, scope.get(), source.as_deref(), run, callsite), after_load)
+            (
+                guard_file(py, file, scope.get(), source.as_deref(), run, callsite),
+                after_load,
+            )
         }
         Err(_) => {
             let after_load = after_load(py, Bytes::borrow(&data)?.as_slice())?;
-            (guard(py, &data, scope.get(), source.as_deref(), run, callsite), after_load)
+            (
+                guard(py, &data, scope.get(), source.as_deref(), run, callsite),
+                after_load,
+            )
         }
     };
     if result.is_ok() && after_load.is_some() {
@@ -567,11 +703,20 @@ pub fn guarded_c_unpickler(
 
 /// What a load by code that resolves names after it may resolve then (see `AfterLoad`).
 fn after_load(py: Python<'_>, bytes: &[u8]) -> PyResult<Option<AfterLoad>> {
-    let (Some((frame, code)), Some(spelled)) = (frame_resolving_after_load(py)?, SPELLED_STRINGS.get(py)) else {
+    let (Some((frame, code)), Some(spelled)) =
+        (frame_resolving_after_load(py)?, SPELLED_STRINGS.get(py))
+    else {
         return Ok(None);
     };
-    let strings = spelled.bind(py).call1((pyo3::types::PyBytes::new(py, bytes),))?.extract()?;
-    Ok(Some(AfterLoad { frame, code, strings }))
+    let strings = spelled
+        .bind(py)
+        .call1((pyo3::types::PyBytes::new(py, bytes),))?
+        .extract()?;
+    Ok(Some(AfterLoad {
+        frame,
+        code,
+        strings,
+    }))
 }
 
 /// Reads a Python file object in chunks, for hashing without holding its content.
@@ -579,7 +724,10 @@ struct PyFileReader<'py>(Bound<'py, PyAny>);
 
 impl std::io::Read for PyFileReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let chunk = self.0.call_method1("read", (buf.len(),)).map_err(std::io::Error::other)?;
+        let chunk = self
+            .0
+            .call_method1("read", (buf.len(),))
+            .map_err(std::io::Error::other)?;
         let bytes = Bytes::borrow(&chunk).map_err(std::io::Error::other)?;
         let n = bytes.as_slice().len().min(buf.len());
         buf[..n].copy_from_slice(&bytes.as_slice()[..n]);
@@ -592,7 +740,12 @@ impl std::io::Read for PyFileReader<'_> {
 /// huge file costs no memory), leave the position where it was, and raise that refusal.
 #[pyfunction]
 #[pyo3(signature = (file, scope, source))]
-pub fn refuse_unread(py: Python<'_>, file: &Bound<'_, PyAny>, scope: PyRef<'_, ScopeObj>, source: Option<String>) -> PyResult<()> {
+pub fn refuse_unread(
+    py: Python<'_>,
+    file: &Bound<'_, PyAny>,
+    scope: PyRef<'_, ScopeObj>,
+    source: Option<String>,
+) -> PyResult<()> {
     if passthrough(&scope) || matches!(innermost(), Some(Frame::Container(_))) {
         return Ok(());
     }
@@ -603,7 +756,10 @@ pub fn refuse_unread(py: Python<'_>, file: &Bound<'_, PyAny>, scope: PyRef<'_, S
         return Ok(());
     }
     let start = file.call_method0("tell")?;
-    let mut counted = CountingReader { inner: PyFileReader(file.clone()), count: 0 };
+    let mut counted = CountingReader {
+        inner: PyFileReader(file.clone()),
+        count: 0,
+    };
     let sha = Digest::of_reader(&mut counted).map_err(|e| match e.into_inner() {
         Some(inner) => match inner.downcast::<PyErr>() {
             Ok(err) => *err,
@@ -615,7 +771,13 @@ pub fn refuse_unread(py: Python<'_>, file: &Bound<'_, PyAny>, scope: PyRef<'_, S
     if counted.count == 0 {
         return Ok(()); // an empty file: the unpickler raises its own EOFError
     }
-    let facts = Facts { bytes: &[], size: counted.count, sha, callsite: &callsite, source: source.as_deref() };
+    let facts = Facts {
+        bytes: &[],
+        size: counted.count,
+        sha,
+        callsite: &callsite,
+        source: source.as_deref(),
+    };
     decide(py, &scope, &facts).map(drop)
 }
 
@@ -662,7 +824,10 @@ pub fn guarded_container(
         }
         Err(_) => {
             let bytes = Bytes::borrow(data)?;
-            (Content::Buffer(data.clone().unbind()), hash(py, data, bytes.as_slice()))
+            (
+                Content::Buffer(data.clone().unbind()),
+                hash(py, data, bytes.as_slice()),
+            )
         }
     };
     let container = Rc::new(Container {

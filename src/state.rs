@@ -31,7 +31,9 @@ impl Origin {
             "code" => Ok(Origin::Code),
             "environment" => Ok(Origin::Environment),
             "host" => Ok(Origin::Host),
-            other => Err(pyo3::exceptions::PyValueError::new_err(format!("unknown origin {other:?}"))),
+            other => Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "unknown origin {other:?}"
+            ))),
         }
     }
 
@@ -62,7 +64,11 @@ impl Gate {
     }
 
     fn request(&self) -> Request<'_> {
-        Request { mode: self.policy.mode, manifest: self.source(), host: self.origin == Origin::Host }
+        Request {
+            mode: self.policy.mode,
+            manifest: self.source(),
+            host: self.origin == Origin::Host,
+        }
     }
 }
 
@@ -73,7 +79,10 @@ pub fn current() -> Option<Arc<Gate>> {
     GATE.read().clone()
 }
 
-const UNINSTALLED: Policy = Policy { mode: Mode::Off, manifest: None };
+const UNINSTALLED: Policy = Policy {
+    mode: Mode::Off,
+    manifest: None,
+};
 
 pub fn policy_of(gate: &Option<Arc<Gate>>) -> &Policy {
     gate.as_ref().map_or(&UNINSTALLED, |g| &g.policy)
@@ -98,10 +107,13 @@ pub fn configure(
         Err(message) => return Err(errors::policy_error(py, message)),
     };
     let manifest = match policy {
-        Some(path) => Some(Arc::new(Manifest::load(Path::new(path)).map_err(|e| errors::manifest_error(py, &e))?)),
+        Some(path) => Some(Arc::new(
+            Manifest::load(Path::new(path)).map_err(|e| errors::manifest_error(py, &e))?,
+        )),
         None => None,
     };
-    let record = open_record_file(mode, record).map_err(|message| errors::policy_error(py, message))?;
+    let record =
+        open_record_file(mode, record).map_err(|message| errors::policy_error(py, message))?;
     if let Some(setting) = log {
         let sink = Sink::parse(setting).map_err(|e| errors::policy_error(py, e.to_string()))?;
         *LOGGER.sink.lock() = Some(sink);
@@ -110,7 +122,11 @@ pub fn configure(
 
     crate::callsite::forget();
     let mut slot = GATE.write();
-    let wanted = Gate { policy: Policy { mode, manifest }, origin, record };
+    let wanted = Gate {
+        policy: Policy { mode, manifest },
+        origin,
+        record,
+    };
     let settlement = match slot.as_ref() {
         Some(held) if held.origin != Origin::Implicit => settle(held.request(), wanted.request()),
         _ => Settlement::Replace,
@@ -172,7 +188,8 @@ fn describe(gate: Option<&Arc<Gate>>) -> String {
         Some(g) => format!(
             "picklegate: mode={} policy={} (set by {})",
             g.policy.mode.as_str(),
-            g.source().unwrap_or("<none: every load is refused in enforce>"),
+            g.source()
+                .unwrap_or("<none: every load is refused in enforce>"),
             g.origin.as_str()
         ),
     }
@@ -182,13 +199,19 @@ fn describe(gate: Option<&Arc<Gate>>) -> String {
 #[pyfunction]
 pub fn current_state() -> Option<(String, Option<String>, String)> {
     current().map(|g| {
-        (g.policy.mode.as_str().to_string(), g.source().map(str::to_string), g.origin.as_str().to_string())
+        (
+            g.policy.mode.as_str().to_string(),
+            g.source().map(str::to_string),
+            g.origin.as_str().to_string(),
+        )
     })
 }
 
 /// True when frames of `module` are skipped when naming the callsite.
 pub fn is_loader_module(module: &str) -> bool {
-    let extra = current().and_then(|g| g.manifest().map(|m| m.loaders.clone())).unwrap_or_default();
+    let extra = current()
+        .and_then(|g| g.manifest().map(|m| m.loaders.clone()))
+        .unwrap_or_default();
     picklegate_core::callsite::is_loader_module(module, &extra)
 }
 
@@ -196,7 +219,9 @@ struct EventLogger {
     sink: Mutex<Option<Sink>>,
 }
 
-static LOGGER: EventLogger = EventLogger { sink: Mutex::new(None) };
+static LOGGER: EventLogger = EventLogger {
+    sink: Mutex::new(None),
+};
 static PY_LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 fn ensure_logger() {
@@ -219,7 +244,10 @@ impl log::Log for EventLogger {
             let mut sink = self.sink.lock();
             let sink = sink.get_or_insert(Sink::Stderr);
             if let Err(e) = sink.write_line(&format!("{line}\n")) {
-                eprintln!("picklegate: cannot write to the log {}: {e}", sink.describe());
+                eprintln!(
+                    "picklegate: cannot write to the log {}: {e}",
+                    sink.describe()
+                );
             }
         }
         // A subinterpreter's own events go to the sink only: the Python logger belongs to the
@@ -227,7 +255,11 @@ impl log::Log for EventLogger {
         if !in_main_interpreter() {
             return;
         }
-        let level = if record.level() <= log::Level::Warn { 30 } else { 20 };
+        let level = if record.level() <= log::Level::Warn {
+            30
+        } else {
+            20
+        };
         // Every event is logged by code that holds the GIL (a decision, the audit hook, install),
         // so no PyGILState_Ensure here: inside a subinterpreter it waits for itself forever.
         let py = unsafe { Python::assume_attached() };
@@ -238,7 +270,8 @@ impl log::Log for EventLogger {
                     // last-resort handler from printing each line a second time.
                     let logging = py.import("logging")?;
                     let logger = logging.call_method1("getLogger", ("picklegate",))?;
-                    let configured = logger.getattr("handlers")?.len()? > 0 || logger.getattr("level")?.extract::<i64>()? != 0;
+                    let configured = logger.getattr("handlers")?.len()? > 0
+                        || logger.getattr("level")?.extract::<i64>()? != 0;
                     if !configured {
                         // The lines already went to PICKLEGATE_LOG: they reach the application's
                         // own handlers only if it asks, by giving this logger a level or a handler.
@@ -279,8 +312,12 @@ pub fn has_observer() -> bool {
 
 /// Shows `event` to the observer, if one is set; its exception is the caller's to raise.
 pub fn observe(py: Python<'_>, event: &Event) -> PyResult<()> {
-    let Some(observer) = OBSERVER.lock().as_ref().map(|o| o.clone_ref(py)) else { return Ok(()) };
-    let json = py.import("json")?.call_method1("loads", (event.to_json_line(),))?;
+    let Some(observer) = OBSERVER.lock().as_ref().map(|o| o.clone_ref(py)) else {
+        return Ok(());
+    };
+    let json = py
+        .import("json")?
+        .call_method1("loads", (event.to_json_line(),))?;
     observer.bind(py).call1((json,)).map(drop)
 }
 

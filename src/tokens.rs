@@ -48,7 +48,11 @@ pub struct Token {
 #[pymethods]
 impl Token {
     fn __repr__(&self) -> String {
-        let state = if self.open.load(Ordering::Acquire) { "open" } else { "finished" };
+        let state = if self.open.load(Ordering::Acquire) {
+            "open"
+        } else {
+            "finished"
+        };
         format!("<picklegate.Token #{} ({state})>", self.id)
     }
 }
@@ -56,7 +60,11 @@ impl Token {
 /// Makes the token of a new `no_pickles()` block, bound to the thread and task that made it.
 #[pyfunction]
 pub fn new_token(thread: u64, task: u64) -> Token {
-    Token { id: NEXT_TOKEN.fetch_add(1, Ordering::Relaxed), origin: Origin { thread, task }, open: AtomicBool::new(true) }
+    Token {
+        id: NEXT_TOKEN.fetch_add(1, Ordering::Relaxed),
+        origin: Origin { thread, task },
+        open: AtomicBool::new(true),
+    }
 }
 
 /// Marks a token's block as finished: the token opens nothing from now on.
@@ -75,7 +83,9 @@ impl ScopeObj {
     /// The open scope: nothing narrowed.
     #[new]
     fn new() -> Self {
-        ScopeObj { inner: Scope::default() }
+        ScopeObj {
+            inner: Scope::default(),
+        }
     }
 
     #[getter]
@@ -84,7 +94,9 @@ impl ScopeObj {
     }
 
     fn no_pickles(&self, token: PyRef<'_, Token>) -> ScopeObj {
-        ScopeObj { inner: self.inner.no_pickles(token.id) }
+        ScopeObj {
+            inner: self.inner.no_pickles(token.id),
+        }
     }
 
     /// The scope inside `allow_pickles(token, only_objects)`, or `BadTokenError`.
@@ -119,7 +131,11 @@ impl ScopeObj {
                     .collect::<PyResult<HashSet<Digest>>>()
             })
             .transpose()?;
-        let facts = TokenFacts { id: token.id, origin: token.origin, open: token.open.load(Ordering::Acquire) };
+        let facts = TokenFacts {
+            id: token.id,
+            origin: token.origin,
+            open: token.open.load(Ordering::Acquire),
+        };
         self.inner
             .allow(facts, Origin { thread, task }, only)
             .map(|inner| ScopeObj { inner })

@@ -56,11 +56,18 @@ pub fn learn_unpickler_layout(
     let mut offsets = [0usize; 4];
     for (slot, method) in offsets.iter_mut().zip(methods.iter()) {
         let wanted = method.as_ptr() as usize;
-        let found: Vec<usize> =
-            (0..size / WORD).map(|i| i * WORD).filter(|&off| unsafe { *word(fresh, off) } == wanted).collect();
+        let found: Vec<usize> = (0..size / WORD)
+            .map(|i| i * WORD)
+            .filter(|&off| unsafe { *word(fresh, off) } == wanted)
+            .collect();
         match found.as_slice() {
             [off] => *slot = *off,
-            _ => return Err(unknown(format!("a file method was found in {} places", found.len()))),
+            _ => {
+                return Err(unknown(format!(
+                    "a file method was found in {} places",
+                    found.len()
+                )))
+            }
         }
     }
     let read = offsets[0];
@@ -68,7 +75,11 @@ pub fn learn_unpickler_layout(
         return Err(unknown("no room for the input counters before read".into()));
     }
     let counters_before = |end: usize| [end - 3 * WORD, end - 2 * WORD, end - WORD];
-    let values = |offs: &[usize]| -> Vec<usize> { offs.iter().map(|&off| unsafe { *word(loaded, off) }).collect() };
+    let values = |offs: &[usize]| -> Vec<usize> {
+        offs.iter()
+            .map(|&off| unsafe { *word(loaded, off) })
+            .collect()
+    };
     let expected = [served, consumed, served];
     let (counters, frame) = if values(&counters_before(read)) == expected {
         (counters_before(read), None)
@@ -76,16 +87,29 @@ pub fn learn_unpickler_layout(
         && values(&counters_before(read - 2 * WORD)) == expected
         && values(&[read - 2 * WORD, read - WORD]) == FRAME_AT_REST
     {
-        (counters_before(read - 2 * WORD), Some([read - 2 * WORD, read - WORD]))
+        (
+            counters_before(read - 2 * WORD),
+            Some([read - 2 * WORD, read - WORD]),
+        )
     } else {
         let seen = values(&counters_before(read));
-        return Err(unknown(format!("input counters read {seen:?}, expected [{served}, {consumed}, {served}]")));
+        return Err(unknown(format!(
+            "input counters read {seen:?}, expected [{served}, {consumed}, {served}]"
+        )));
     };
-    let absent = [offsets[1], offsets[3]].iter().all(|&off| unsafe { *word(loaded, off) } == 0);
+    let absent = [offsets[1], offsets[3]]
+        .iter()
+        .all(|&off| unsafe { *word(loaded, off) } == 0);
     if !absent || unsafe { *word(loaded, read) } == 0 {
-        return Err(unknown("the probe's file methods are not where they were found".into()));
+        return Err(unknown(
+            "the probe's file methods are not where they were found".into(),
+        ));
     }
-    let _ = LAYOUT.set(Layout { methods: offsets, counters, frame });
+    let _ = LAYOUT.set(Layout {
+        methods: offsets,
+        counters,
+        frame,
+    });
     Ok(())
 }
 
@@ -99,12 +123,17 @@ pub fn require_layout() -> PyResult<()> {
     if layout_known() {
         return Ok(());
     }
-    let why = UNKNOWN.lock().clone().unwrap_or_else(|| "the input fields of _pickle.Unpickler were not probed".into());
+    let why = UNKNOWN
+        .lock()
+        .clone()
+        .unwrap_or_else(|| "the input fields of _pickle.Unpickler were not probed".into());
     Err(pyo3::exceptions::PyTypeError::new_err(why))
 }
 
 /// The unpickler's own `read` and `readline`, or `None` when `__init__` was never called.
-pub fn reader<'py>(unpickler: &Bound<'py, PyAny>) -> Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+pub fn reader<'py>(
+    unpickler: &Bound<'py, PyAny>,
+) -> Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let layout = LAYOUT.get()?;
     let field = |off: usize| unsafe {
         let ptr = *word(unpickler, off) as *mut ffi::PyObject;
@@ -134,27 +163,46 @@ unsafe fn clear_counters(unpickler: &Bound<'_, PyAny>, layout: &Layout) {
     }
 }
 
-pub fn swap<'py>(unpickler: &Bound<'py, PyAny>, stream: &Bound<'py, PyAny>) -> PyResult<Swapped<'py>> {
-    let layout = LAYOUT.get().ok_or_else(|| PyRuntimeError::new_err("the unpickler layout is not known"))?;
+pub fn swap<'py>(
+    unpickler: &Bound<'py, PyAny>,
+    stream: &Bound<'py, PyAny>,
+) -> PyResult<Swapped<'py>> {
+    let layout = LAYOUT
+        .get()
+        .ok_or_else(|| PyRuntimeError::new_err("the unpickler layout is not known"))?;
     let optional = |name: &str| stream.getattr(name).ok();
-    let placed = [Some(stream.getattr("read")?), optional("readinto"), Some(stream.getattr("readline")?), None];
+    let placed = [
+        Some(stream.getattr("read")?),
+        optional("readinto"),
+        Some(stream.getattr("readline")?),
+        None,
+    ];
     let mut saved = [std::ptr::null_mut(); 4];
     unsafe {
         clear_counters(unpickler, layout);
         for ((slot, off), new) in saved.iter_mut().zip(layout.methods).zip(&placed) {
             let field = word(unpickler, off) as *mut *mut ffi::PyObject;
             *slot = *field; // the field's reference moves to `saved`
-            *field = new.as_ref().map_or(std::ptr::null_mut(), |b| b.clone().into_ptr());
+            *field = new
+                .as_ref()
+                .map_or(std::ptr::null_mut(), |b| b.clone().into_ptr());
         }
     }
-    Ok(Swapped { unpickler: unpickler.clone(), layout, saved, placed })
+    Ok(Swapped {
+        unpickler: unpickler.clone(),
+        layout,
+        saved,
+        placed,
+    })
 }
 
 impl Drop for Swapped<'_> {
     fn drop(&mut self) {
         unsafe {
             clear_counters(&self.unpickler, self.layout);
-            for ((saved, off), placed) in self.saved.iter().zip(self.layout.methods).zip(&self.placed) {
+            for ((saved, off), placed) in
+                self.saved.iter().zip(self.layout.methods).zip(&self.placed)
+            {
                 let field = word(&self.unpickler, off) as *mut *mut ffi::PyObject;
                 let ours = placed.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr());
                 if *field == ours {

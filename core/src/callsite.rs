@@ -94,7 +94,11 @@ fn global_glob(pattern: &[u8], text: &[u8], name_start: usize) -> bool {
     while i < pattern.len() {
         if pattern[i] == b'*' {
             let double = pattern.get(i + 1) == Some(&b'*');
-            tokens.push(if double { Token::DoubleStar } else { Token::Star });
+            tokens.push(if double {
+                Token::DoubleStar
+            } else {
+                Token::Star
+            });
             i += if double { 2 } else { 1 };
             while pattern.get(i) == Some(&b'*') {
                 i += 1; // `***` reads as `**`
@@ -114,7 +118,8 @@ fn global_glob(pattern: &[u8], text: &[u8], name_start: usize) -> bool {
                 Token::Byte(c) => j < text.len() && text[j] == *c && matches[j + 1],
                 Token::Star => matches[j] || (j < text.len() && text[j] != b'.' && current[j + 1]),
                 Token::DoubleStar => {
-                    matches[j] || (j < text.len() && (text[j] != b'.' || j < name_start) && current[j + 1])
+                    matches[j]
+                        || (j < text.len() && (text[j] != b'.' || j < name_start) && current[j + 1])
                 }
             };
         }
@@ -134,9 +139,18 @@ mod tests {
 
     #[test]
     fn callsite_patterns() {
-        assert!(callsite_matches("myapp.serving:load_model", "myapp.serving:load_model"));
-        assert!(!callsite_matches("myapp.serving:load_model", "myapp.serving:load_model2"));
-        assert!(callsite_matches("multiprocessing.*", "multiprocessing.connection:Connection.recv"));
+        assert!(callsite_matches(
+            "myapp.serving:load_model",
+            "myapp.serving:load_model"
+        ));
+        assert!(!callsite_matches(
+            "myapp.serving:load_model",
+            "myapp.serving:load_model2"
+        ));
+        assert!(callsite_matches(
+            "multiprocessing.*",
+            "multiprocessing.connection:Connection.recv"
+        ));
         assert!(callsite_matches("*:load", "a.b:load"));
         assert!(callsite_matches("a*b*c", "axxbyyc"));
         assert!(!callsite_matches("a*b*c", "axxbyy"));
@@ -146,24 +160,56 @@ mod tests {
 
     #[test]
     fn global_patterns_do_not_span_dotted_names() {
-        assert!(global_matches("collections.OrderedDict", "collections", "OrderedDict"));
-        assert!(global_matches("multiprocessing.pool.*", "multiprocessing.pool", "worker"));
+        assert!(global_matches(
+            "collections.OrderedDict",
+            "collections",
+            "OrderedDict"
+        ));
+        assert!(global_matches(
+            "multiprocessing.pool.*",
+            "multiprocessing.pool",
+            "worker"
+        ));
         assert!(!global_matches("myapp.tasks.*", "myapp.tasks", "os.system"));
-        assert!(global_matches("myapp.tasks.Outer.Inner", "myapp.tasks", "Outer.Inner"));
+        assert!(global_matches(
+            "myapp.tasks.Outer.Inner",
+            "myapp.tasks",
+            "Outer.Inner"
+        ));
         assert!(!global_matches("collections.*", "os", "system"));
         assert!(global_matches("builtins.*Error", "builtins", "ValueError"));
-        assert!(!global_matches("builtins.*Error", "builtins", "ValueError.x"));
+        assert!(!global_matches(
+            "builtins.*Error",
+            "builtins",
+            "ValueError.x"
+        ));
     }
 
     #[test]
     fn a_star_never_crosses_a_dot_in_the_module_part() {
         // issue 11, finding 2: `multiprocessing.*` admitted multiprocessing.util.spawnv_passfds
-        assert!(!global_matches("multiprocessing.*", "multiprocessing.util", "spawnv_passfds"));
-        assert!(!global_matches("multiprocessing.*", "multiprocessing.pool", "worker"));
-        assert!(global_matches("multiprocessing.*", "multiprocessing", "Process"));
+        assert!(!global_matches(
+            "multiprocessing.*",
+            "multiprocessing.util",
+            "spawnv_passfds"
+        ));
+        assert!(!global_matches(
+            "multiprocessing.*",
+            "multiprocessing.pool",
+            "worker"
+        ));
+        assert!(global_matches(
+            "multiprocessing.*",
+            "multiprocessing",
+            "Process"
+        ));
         assert!(!global_matches("myapp.*", "myapp.tasks", "square"));
         assert!(global_matches("myapp.*.square", "myapp.tasks", "square"));
-        assert!(!global_matches("myapp.*.square", "myapp.tasks.deep", "square"));
+        assert!(!global_matches(
+            "myapp.*.square",
+            "myapp.tasks.deep",
+            "square"
+        ));
         assert!(!global_matches("*", "os", "system"));
     }
 

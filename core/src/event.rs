@@ -36,13 +36,20 @@ pub fn open_for_append(path: &Path, what: &str) -> io::Result<File> {
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {what} {}: {e}", path.display())))
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot open {what} {}: {e}", path.display()),
+            )
+        })
 }
 
 /// Writes `line` with one `write` call: with O_APPEND, lines from many threads and processes
 /// never tear. `what` names the destination in errors.
 pub fn write_line_once(mut out: impl Write, line: &[u8], what: &str) -> io::Result<()> {
-    let written = out.write(line).map_err(|e| io::Error::new(e.kind(), format!("cannot append to {what}: {e}")))?;
+    let written = out
+        .write(line)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot append to {what}: {e}")))?;
     if written != line.len() {
         return Err(io::Error::new(
             io::ErrorKind::WriteZero,
@@ -75,9 +82,11 @@ impl Sink {
     pub fn write_line(&mut self, line: &str) -> io::Result<()> {
         match self {
             Sink::Stderr => write_line_once(io::stderr().lock(), line.as_bytes(), "stderr"),
-            Sink::File { path, file } => {
-                write_line_once(&*file, line.as_bytes(), &format!("picklegate log {}", path.display()))
-            }
+            Sink::File { path, file } => write_line_once(
+                &*file,
+                line.as_bytes(),
+                &format!("picklegate log {}", path.display()),
+            ),
         }
     }
 
@@ -124,7 +133,13 @@ mod tests {
         let mut b = Sink::parse(path.to_str().unwrap()).unwrap();
         a.write_line("{\"n\":1}\n").unwrap();
         b.write_line("{\"n\":2}\n").unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"n\":1}\n{\"n\":2}\n");
-        assert!(Sink::parse("/nonexistent-dir/x.log").unwrap_err().to_string().contains("/nonexistent-dir/x.log"));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"n\":1}\n{\"n\":2}\n"
+        );
+        assert!(Sink::parse("/nonexistent-dir/x.log")
+            .unwrap_err()
+            .to_string()
+            .contains("/nonexistent-dir/x.log"));
     }
 }

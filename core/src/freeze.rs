@@ -33,7 +33,12 @@ impl Entry {
         if self.from_bytes {
             origins.push("bytes in memory");
         }
-        (!origins.is_empty()).then(|| format!("recorded from {}; review before enforcing", origins.join(", ")))
+        (!origins.is_empty()).then(|| {
+            format!(
+                "recorded from {}; review before enforcing",
+                origins.join(", ")
+            )
+        })
     }
 }
 
@@ -61,13 +66,23 @@ fn write_globals(out: &mut String, entry: &Entry) {
         out.push_str("globals = []  # the scan found no global: plain data\n");
         return;
     }
-    let classes: Vec<String> =
-        entry.globals.iter().map(|g| entry.classes.get(g).cloned().unwrap_or_else(|| class_of(g))).collect();
+    let classes: Vec<String> = entry
+        .globals
+        .iter()
+        .map(|g| entry.classes.get(g).cloned().unwrap_or_else(|| class_of(g)))
+        .collect();
     let count = |class: &str| classes.iter().filter(|c| c.as_str() == class).count();
     let needs_human = count("code") + count("unknown");
-    let summary: Vec<String> =
-        ["code", "unknown", "data", "pattern"].iter().filter(|c| count(c) > 0).map(|c| format!("{} {c}", count(c))).collect();
-    let verdict = if needs_human > 0 { "needs a human" } else { "plain data" };
+    let summary: Vec<String> = ["code", "unknown", "data", "pattern"]
+        .iter()
+        .filter(|c| count(c) > 0)
+        .map(|c| format!("{} {c}", count(c)))
+        .collect();
+    let verdict = if needs_human > 0 {
+        "needs a human"
+    } else {
+        "plain data"
+    };
     let _ = writeln!(out, "# review: {verdict} ({})", summary.join(", "));
     out.push_str("globals = [\n");
     for (global, class) in entry.globals.iter().zip(&classes) {
@@ -86,7 +101,9 @@ fn toml_list<'a>(items: impl IntoIterator<Item = &'a String>) -> String {
 pub fn freeze(records: &[Record], existing: Option<&Manifest>) -> String {
     let mut entries: BTreeMap<(String, Digest), Entry> = BTreeMap::new();
     for allow in existing.map_or(&[][..], |m| &m.allow) {
-        let entry = entries.entry((allow.callsite.clone(), allow.sha256)).or_default();
+        let entry = entries
+            .entry((allow.callsite.clone(), allow.sha256))
+            .or_default();
         entry.note = entry.note.take().or_else(|| allow.note.clone());
         if let Some(globals) = &allow.globals {
             entry.globals.extend(globals.iter().cloned());
@@ -96,14 +113,22 @@ pub fn freeze(records: &[Record], existing: Option<&Manifest>) -> String {
     for record in records {
         let sha = Digest::parse(&record.sha256).expect("records are validated when parsed");
         let covered = existing.is_some_and(|m| {
-            m.entries_for(&sha).any(|(_, e)| e.callsite != record.callsite && callsite_matches(&e.callsite, &record.callsite))
+            m.entries_for(&sha).any(|(_, e)| {
+                e.callsite != record.callsite && callsite_matches(&e.callsite, &record.callsite)
+            })
         });
         if covered {
             continue;
         }
         let entry = entries.entry((record.callsite.clone(), sha)).or_default();
         entry.globals.extend(record.globals.iter().cloned());
-        entry.classes.extend(record.globals.iter().cloned().zip(record.classes.iter().cloned()));
+        entry.classes.extend(
+            record
+                .globals
+                .iter()
+                .cloned()
+                .zip(record.classes.iter().cloned()),
+        );
         entry.pinned |= record.globals_complete;
         match &record.source {
             Some(source) => entry.sources.insert(source.clone()),
@@ -117,14 +142,23 @@ pub fn freeze(records: &[Record], existing: Option<&Manifest>) -> String {
         let _ = writeln!(out, "loaders = {}", toml_list(&manifest.loaders));
     }
     for ((callsite, sha), entry) in &entries {
-        let _ = write!(out, "\n[[allow]]\nsha256 = \"{sha}\"\ncallsite = {}\n", toml_string(callsite));
+        let _ = write!(
+            out,
+            "\n[[allow]]\nsha256 = \"{sha}\"\ncallsite = {}\n",
+            toml_string(callsite)
+        );
         if let Some(note) = entry.note() {
             let _ = writeln!(out, "note = {}", toml_string(&note));
         }
         write_globals(&mut out, entry);
     }
     for rule in existing.map_or(&[][..], |m| &m.trust) {
-        let _ = write!(out, "\n[[trust]]\ncallsite = {}\nglobals = {}\n", toml_string(&rule.callsite), toml_list(&rule.globals));
+        let _ = write!(
+            out,
+            "\n[[trust]]\ncallsite = {}\nglobals = {}\n",
+            toml_string(&rule.callsite),
+            toml_list(&rule.globals)
+        );
     }
     out
 }
@@ -147,16 +181,35 @@ mod tests {
         let text = freeze(&records, None);
         let mut reversed = records.clone();
         reversed.reverse();
-        assert_eq!(text, freeze(&reversed, None), "order of records must not matter");
+        assert_eq!(
+            text,
+            freeze(&reversed, None),
+            "order of records must not matter"
+        );
 
         let manifest = Manifest::parse(&text, "frozen.toml").unwrap();
         assert_eq!(manifest.allow.len(), 2);
         let first = &manifest.allow[0];
-        assert_eq!((first.callsite.as_str(), first.sha256), ("app:load", Digest::of(b"model")));
-        assert_eq!(first.globals, Some(vec!["collections.OrderedDict".to_string(), "numpy.dtype".to_string()]));
+        assert_eq!(
+            (first.callsite.as_str(), first.sha256),
+            ("app:load", Digest::of(b"model"))
+        );
+        assert_eq!(
+            first.globals,
+            Some(vec![
+                "collections.OrderedDict".to_string(),
+                "numpy.dtype".to_string()
+            ])
+        );
         assert!(text.contains("# review: plain data (2 data)\nglobals = [\n    \"collections.OrderedDict\",  # data\n    \"numpy.dtype\",  # data\n]\n"), "{text}");
-        assert_eq!(first.note.as_deref(), Some("recorded from /srv/a.pkl, /srv/b.pkl; review before enforcing"));
-        assert_eq!(manifest.allow[1].note.as_deref(), Some("recorded from bytes in memory; review before enforcing"));
+        assert_eq!(
+            first.note.as_deref(),
+            Some("recorded from /srv/a.pkl, /srv/b.pkl; review before enforcing")
+        );
+        assert_eq!(
+            manifest.allow[1].note.as_deref(),
+            Some("recorded from bytes in memory; review before enforcing")
+        );
     }
 
     #[test]
@@ -177,19 +230,29 @@ mod tests {
         ];
         let text = freeze(&records, Some(&existing));
         let merged = Manifest::parse(&text, "new.toml").unwrap();
-        let summary: Vec<(&str, Option<&str>)> =
-            merged.allow.iter().map(|e| (e.callsite.as_str(), e.note.as_deref())).collect();
+        let summary: Vec<(&str, Option<&str>)> = merged
+            .allow
+            .iter()
+            .map(|e| (e.callsite.as_str(), e.note.as_deref()))
+            .collect();
         assert_eq!(
             summary,
             vec![
                 ("app.*", None),
                 ("app:load", Some("reviewed by ana")),
-                ("app:new", Some("recorded from bytes in memory; review before enforcing")),
+                (
+                    "app:new",
+                    Some("recorded from bytes in memory; review before enforcing")
+                ),
             ]
         );
         assert_eq!(merged.loaders, vec!["myorg.io".to_string()]);
         assert_eq!(merged.trust[0].globals, vec!["myapp.tasks.*".to_string()]);
-        assert_eq!(freeze(&records, Some(&merged)), text, "freezing again changes nothing");
+        assert_eq!(
+            freeze(&records, Some(&merged)),
+            text,
+            "freezing again changes nothing"
+        );
     }
 
     #[test]
@@ -206,9 +269,20 @@ mod tests {
         payload.classes = vec!["code".into(), "code".into()];
         let text = freeze(&[complete_empty, incomplete, payload], None);
         let manifest = Manifest::parse(&text, "f.toml").unwrap();
-        let globals: Vec<Option<Vec<String>>> = manifest.allow.iter().map(|e| e.globals.clone()).collect();
-        assert_eq!(globals, vec![Some(vec![]), None, Some(vec!["myapp.tasks.os.system".into(), "posix.system".into()])]);
-        assert!(text.contains("globals = []  # the scan found no global"), "{text}");
+        let globals: Vec<Option<Vec<String>>> =
+            manifest.allow.iter().map(|e| e.globals.clone()).collect();
+        assert_eq!(
+            globals,
+            vec![
+                Some(vec![]),
+                None,
+                Some(vec!["myapp.tasks.os.system".into(), "posix.system".into()])
+            ]
+        );
+        assert!(
+            text.contains("globals = []  # the scan found no global"),
+            "{text}"
+        );
         assert!(text.contains("# globals not pinned"), "{text}");
         assert!(text.contains("# review: needs a human (2 code)"), "{text}");
         // `globals = []` admits nothing; no key admits anything
@@ -220,6 +294,10 @@ mod tests {
     fn strings_are_escaped() {
         let record = sample("app:load", b"q", Some("/tmp/we\"ird\npath.pkl"));
         let manifest = Manifest::parse(&freeze(&[record], None), "f.toml").unwrap();
-        assert!(manifest.allow[0].note.as_deref().unwrap().contains("/tmp/we\"ird\npath.pkl"));
+        assert!(manifest.allow[0]
+            .note
+            .as_deref()
+            .unwrap()
+            .contains("/tmp/we\"ird\npath.pkl"));
     }
 }

@@ -108,7 +108,10 @@ impl fmt::Display for DigestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DigestError::WrongLength(n) => {
-                write!(f, "expected 64 hex digits of a sha256, found {n} characters")
+                write!(
+                    f,
+                    "expected 64 hex digits of a sha256, found {n} characters"
+                )
             }
             DigestError::NotHex => f.write_str("expected 64 hex digits (0-9, a-f) of a sha256"),
         }
@@ -138,7 +141,10 @@ mod tests {
     fn parse_accepts_prefix_and_rejects_bad_input() {
         let hex = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
         assert_eq!(Digest::parse(hex).unwrap(), Digest::of(b"abc"));
-        assert_eq!(Digest::parse(&format!("sha256:{hex}")).unwrap(), Digest::of(b"abc"));
+        assert_eq!(
+            Digest::parse(&format!("sha256:{hex}")).unwrap(),
+            Digest::of(b"abc")
+        );
         assert_eq!(Digest::parse("abc"), Err(DigestError::WrongLength(3)));
         assert_eq!(Digest::parse(&"zz".repeat(32)), Err(DigestError::NotHex));
     }

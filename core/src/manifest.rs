@@ -101,8 +101,16 @@ impl std::hash::Hasher for DigestHasher {
 /// A manifest that cannot be used. Every variant names the file; parse errors name line and column.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ManifestError {
-    Unreadable { file: String, reason: String },
-    Invalid { file: String, line: usize, column: usize, message: String },
+    Unreadable {
+        file: String,
+        reason: String,
+    },
+    Invalid {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
 }
 
 impl fmt::Display for ManifestError {
@@ -111,7 +119,12 @@ impl fmt::Display for ManifestError {
             ManifestError::Unreadable { file, reason } => {
                 write!(f, "{file}: cannot read the pickle manifest: {reason}")
             }
-            ManifestError::Invalid { file, line, column, message } => {
+            ManifestError::Invalid {
+                file,
+                line,
+                column,
+                message,
+            } => {
                 write!(f, "{file}:{line}:{column}: {message}")
             }
         }
@@ -162,7 +175,11 @@ impl LineCursor {
             (at, line) if at <= offset => (at, line),
             _ => (0, 0),
         };
-        let line = line + text.as_bytes()[from..offset].iter().filter(|&&b| b == b'\n').count();
+        let line = line
+            + text.as_bytes()[from..offset]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count();
         self.at.set((offset, line));
         line + 1
     }
@@ -187,24 +204,37 @@ impl Located<'_> {
 
     fn error(&self, span: Range<usize>, message: impl Into<String>) -> ManifestError {
         let (line, column) = self.line_column(self.base + span.start);
-        ManifestError::Invalid { file: self.file.to_string(), line, column, message: message.into() }
+        ManifestError::Invalid {
+            file: self.file.to_string(),
+            line,
+            column,
+            message: message.into(),
+        }
     }
 
     fn line_of(&self, span: &Range<usize>) -> usize {
-        self.lines.line(self.text, (self.base + span.start).min(self.text.len()))
+        self.lines
+            .line(self.text, (self.base + span.start).min(self.text.len()))
     }
 
     fn allow_entry(&self, entry: &Spanned<RawAllow>) -> Result<AllowEntry, ManifestError> {
         let line = self.line_of(&entry.span());
         let entry = entry.get_ref();
         let sha256 = Digest::parse(entry.sha256.get_ref().trim()).map_err(|e| {
-            self.error(entry.sha256.span(), format!("bad sha256 {:?}: {e}", entry.sha256.get_ref()))
+            self.error(
+                entry.sha256.span(),
+                format!("bad sha256 {:?}: {e}", entry.sha256.get_ref()),
+            )
         })?;
         Ok(AllowEntry {
             sha256,
             callsite: self.pattern(&entry.callsite, "callsite")?,
             note: entry.note.clone(),
-            globals: entry.globals.as_ref().map(|g| self.global_patterns(g)).transpose()?,
+            globals: entry
+                .globals
+                .as_ref()
+                .map(|g| self.global_patterns(g))
+                .transpose()?,
             line,
         })
     }
@@ -240,7 +270,10 @@ impl Located<'_> {
     }
 
     fn global_patterns(&self, values: &[Spanned<String>]) -> Result<Vec<String>, ManifestError> {
-        values.iter().map(|g| self.pattern(g, "a global pattern")).collect()
+        values
+            .iter()
+            .map(|g| self.pattern(g, "a global pattern"))
+            .collect()
     }
 }
 
@@ -248,8 +281,10 @@ impl Manifest {
     /// Reads and validates the manifest at `path`.
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ManifestError::Unreadable { file: file.clone(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ManifestError::Unreadable {
+            file: file.clone(),
+            reason: e.to_string(),
+        })?;
         Self::parse(&text, &file)
     }
 
@@ -264,7 +299,12 @@ impl Manifest {
 
     /// The one parse of the whole document: the reference behaviour, and every error message.
     fn parse_whole(text: &str, file: &str, lines: &LineCursor) -> Result<Self, ManifestError> {
-        let at = Located { file, text, lines, base: 0 };
+        let at = Located {
+            file,
+            text,
+            lines,
+            base: 0,
+        };
         let raw: RawManifest = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
             at.error(span, e.message().trim().to_string())
@@ -285,11 +325,24 @@ impl Manifest {
             Some(_) => {}
         }
 
-        let mut manifest = Manifest { source: file.to_string(), ..Default::default() };
-        manifest.allow = raw.allow.iter().map(|entry| at.allow_entry(entry)).collect::<Result<_, _>>()?;
-        manifest.trust = raw.trust.iter().map(|rule| at.trust_rule(rule)).collect::<Result<_, _>>()?;
+        let mut manifest = Manifest {
+            source: file.to_string(),
+            ..Default::default()
+        };
+        manifest.allow = raw
+            .allow
+            .iter()
+            .map(|entry| at.allow_entry(entry))
+            .collect::<Result<_, _>>()?;
+        manifest.trust = raw
+            .trust
+            .iter()
+            .map(|rule| at.trust_rule(rule))
+            .collect::<Result<_, _>>()?;
         for loader in &raw.loaders {
-            manifest.loaders.push(at.pattern(loader, "a loader module")?);
+            manifest
+                .loaders
+                .push(at.pattern(loader, "a loader module")?);
         }
         manifest.index();
         Ok(manifest)
@@ -324,36 +377,64 @@ impl Manifest {
         let (head_end, _) = *cuts.first()?;
         cuts.push((text.len(), 0));
         let head: RawManifest = toml::from_str(&text[..head_end]).ok()?;
-        if head.version.as_ref().map(|v| *v.get_ref()) != Some(SUPPORTED_VERSION) || !head.allow.is_empty() || !head.trust.is_empty() {
+        if head.version.as_ref().map(|v| *v.get_ref()) != Some(SUPPORTED_VERSION)
+            || !head.allow.is_empty()
+            || !head.trust.is_empty()
+        {
             return None;
         }
         // The pieces are independent: contiguous runs of them are read on the available cores.
         let pieces: Vec<&[(usize, usize)]> = cuts.windows(2).collect();
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_THREADS);
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, MAX_THREADS);
         let run = pieces.len().div_ceil(workers);
         let read_run = |run: &[&[(usize, usize)]]| -> Option<Manifest> {
             let mut part = Manifest::default();
             for piece in run {
                 let ((from, line), (to, _)) = (piece[0], piece[1]);
-                let lines = LineCursor { at: std::cell::Cell::new((from, line)) };
-                let at = Located { file, text, lines: &lines, base: from };
+                let lines = LineCursor {
+                    at: std::cell::Cell::new((from, line)),
+                };
+                let at = Located {
+                    file,
+                    text,
+                    lines: &lines,
+                    base: from,
+                };
                 PieceReader::read(&text[from..to], &at, &mut part)?;
             }
             Some(part)
         };
         let parts: Vec<Option<Manifest>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = pieces.chunks(run).map(|r| scope.spawn(move || read_run(r))).collect();
-            handles.into_iter().map(|h| h.join().ok().flatten()).collect()
+            let handles: Vec<_> = pieces
+                .chunks(run)
+                .map(|r| scope.spawn(move || read_run(r)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().ok().flatten())
+                .collect()
         });
-        let mut manifest = Manifest { source: file.to_string(), ..Default::default() };
+        let mut manifest = Manifest {
+            source: file.to_string(),
+            ..Default::default()
+        };
         for part in parts {
             let part = part?;
             manifest.allow.extend(part.allow);
             manifest.trust.extend(part.trust);
         }
-        let at = Located { file, text, lines, base: 0 };
+        let at = Located {
+            file,
+            text,
+            lines,
+            base: 0,
+        };
         for loader in &head.loaders {
-            manifest.loaders.push(at.pattern(loader, "a loader module").ok()?);
+            manifest
+                .loaders
+                .push(at.pattern(loader, "a loader module").ok()?);
         }
         manifest.index();
         Some(manifest)
@@ -361,7 +442,10 @@ impl Manifest {
 
     /// A manifest with no rules: `enforce` with it denies every load.
     pub fn empty(source: &str) -> Self {
-        Manifest { source: source.to_string(), ..Default::default() }
+        Manifest {
+            source: source.to_string(),
+            ..Default::default()
+        }
     }
 
     fn index(&mut self) {
@@ -390,20 +474,28 @@ impl Manifest {
     /// `[[trust]]` rule names it. When none does, a load there is refused without reading it.
     pub fn admits_anything_at(&self, callsite: &str) -> bool {
         self.exact_callsites.contains(callsite)
-            || self.callsite_patterns.iter().any(|p| callsite_matches(p, callsite))
+            || self
+                .callsite_patterns
+                .iter()
+                .any(|p| callsite_matches(p, callsite))
             || self.trust_for(callsite).is_some()
     }
 
     /// The `[[allow]]` entries for these bytes, in manifest order.
     pub fn entries_for(&self, sha256: &Digest) -> impl Iterator<Item = (usize, &AllowEntry)> {
         let first = self.by_sha256.get(sha256).copied();
-        std::iter::successors(first, move |&i| Some(self.next_same[i]).filter(|&next| next != NO_ENTRY))
-            .map(move |i| (i, &self.allow[i]))
+        std::iter::successors(first, move |&i| {
+            Some(self.next_same[i]).filter(|&next| next != NO_ENTRY)
+        })
+        .map(move |i| (i, &self.allow[i]))
     }
 
     /// The first `[[trust]]` rule whose callsite pattern matches.
     pub fn trust_for(&self, callsite: &str) -> Option<(usize, &TrustRule)> {
-        self.trust.iter().enumerate().find(|(_, r)| callsite_matches(&r.callsite, callsite))
+        self.trust
+            .iter()
+            .enumerate()
+            .find(|(_, r)| callsite_matches(&r.callsite, callsite))
     }
 }
 
@@ -462,7 +554,11 @@ impl<'a> PieceReader<'a> {
             done: Vec::new(),
         };
         let mut failed: Option<ParseError> = None;
-        toml_parser::parser::parse_document(&tokens, &mut ValidateWhitespace::new(&mut reader, source), &mut failed);
+        toml_parser::parser::parse_document(
+            &tokens,
+            &mut ValidateWhitespace::new(&mut reader, source),
+            &mut failed,
+        );
         reader.finish_table();
         if reader.gave_up || failed.is_some() {
             return None;
@@ -477,14 +573,21 @@ impl<'a> PieceReader<'a> {
                         note: fields.note,
                         globals: fields.globals.map(Spanned::into_inner),
                     };
-                    manifest.allow.push(at.allow_entry(&Spanned::new(span, raw)).ok()?);
+                    manifest
+                        .allow
+                        .push(at.allow_entry(&Spanned::new(span, raw)).ok()?);
                 }
                 Kind::Trust => {
                     if fields.sha256.is_some() || fields.note.is_some() {
                         return None;
                     }
-                    let raw = RawTrust { callsite: fields.callsite?, globals: fields.globals? };
-                    manifest.trust.push(at.trust_rule(&Spanned::new(span, raw)).ok()?);
+                    let raw = RawTrust {
+                        callsite: fields.callsite?,
+                        globals: fields.globals?,
+                    };
+                    manifest
+                        .trust
+                        .push(at.trust_rule(&Spanned::new(span, raw)).ok()?);
                 }
             }
         }
@@ -497,7 +600,10 @@ impl<'a> PieceReader<'a> {
         let mut failed: Option<ParseError> = None;
         if key {
             raw.decode_key(&mut out, &mut failed);
-        } else if !matches!(raw.decode_scalar(&mut out, &mut failed), toml_parser::decoder::ScalarKind::String) {
+        } else if !matches!(
+            raw.decode_scalar(&mut out, &mut failed),
+            toml_parser::decoder::ScalarKind::String
+        ) {
             return None;
         }
         failed.is_none().then(|| out.into_owned())
@@ -505,7 +611,8 @@ impl<'a> PieceReader<'a> {
 
     fn finish_table(&mut self) {
         if let Some((span, Some(kind))) = self.header.take() {
-            self.done.push((span, kind, std::mem::take(&mut self.fields)));
+            self.done
+                .push((span, kind, std::mem::take(&mut self.fields)));
         }
     }
 
@@ -543,7 +650,9 @@ impl EventReceiver for PieceReader<'_> {
     }
 
     fn simple_key(&mut self, span: Span, encoding: Option<Encoding>, _error: &mut dyn ErrorSink) {
-        let Some(name) = self.decode(span, encoding, true) else { return self.give_up() };
+        let Some(name) = self.decode(span, encoding, true) else {
+            return self.give_up();
+        };
         match &mut self.header {
             Some((_, kind @ None)) => {
                 *kind = match name.as_str() {
@@ -567,10 +676,15 @@ impl EventReceiver for PieceReader<'_> {
     }
 
     fn scalar(&mut self, span: Span, encoding: Option<Encoding>, _error: &mut dyn ErrorSink) {
-        if !matches!(encoding, Some(Encoding::BasicString | Encoding::LiteralString)) {
+        if !matches!(
+            encoding,
+            Some(Encoding::BasicString | Encoding::LiteralString)
+        ) {
             return self.give_up();
         }
-        let Some(value) = self.decode(span, encoding, false) else { return self.give_up() };
+        let Some(value) = self.decode(span, encoding, false) else {
+            return self.give_up();
+        };
         let value = Spanned::new(span.start()..span.end(), value);
         match (self.key, &mut self.array) {
             (Some(Field::Globals), Some((_, items))) => items.push(value),
@@ -616,7 +730,12 @@ mod tests {
 
     fn invalid(text: &str) -> (usize, usize, String) {
         match Manifest::parse(text, "m.toml") {
-            Err(ManifestError::Invalid { file, line, column, message }) => {
+            Err(ManifestError::Invalid {
+                file,
+                line,
+                column,
+                message,
+            }) => {
                 assert_eq!(file, "m.toml");
                 (line, column, message)
             }
@@ -640,14 +759,17 @@ mod tests {
         let digest = Digest::parse(SHA).unwrap();
         assert_eq!(m.entries_for(&digest).count(), 1);
         assert_eq!(m.entries_for(&Digest::of(b"other")).count(), 0);
-        assert!(m.trust_for("multiprocessing.connection:Connection.recv").is_some());
+        assert!(m
+            .trust_for("multiprocessing.connection:Connection.recv")
+            .is_some());
         assert!(m.trust_for("myapp:main").is_none());
     }
 
     #[test]
     fn unknown_key_is_located() {
-        let (line, column, message) =
-            invalid(&format!("version = 1\n[[allow]]\nsha256 = \"{SHA}\"\ncallsite = \"a:b\"\nnotes = \"x\"\n"));
+        let (line, column, message) = invalid(&format!(
+            "version = 1\n[[allow]]\nsha256 = \"{SHA}\"\ncallsite = \"a:b\"\nnotes = \"x\"\n"
+        ));
         assert_eq!((line, column), (5, 1));
         assert!(message.contains("unknown field `notes`"), "{message}");
     }
@@ -655,15 +777,17 @@ mod tests {
     #[test]
     fn bad_hex_is_located() {
         let bad = "g".repeat(64);
-        let (line, column, message) =
-            invalid(&format!("version = 1\n[[allow]]\nsha256 = \"{bad}\"\ncallsite = \"a:b\"\n"));
+        let (line, column, message) = invalid(&format!(
+            "version = 1\n[[allow]]\nsha256 = \"{bad}\"\ncallsite = \"a:b\"\n"
+        ));
         assert_eq!((line, column), (3, 10));
         assert!(message.contains("hex"), "{message}");
     }
 
     #[test]
     fn wrong_length_is_located() {
-        let (line, _, message) = invalid("version = 1\n[[allow]]\nsha256 = \"abcd\"\ncallsite = \"a:b\"\n");
+        let (line, _, message) =
+            invalid("version = 1\n[[allow]]\nsha256 = \"abcd\"\ncallsite = \"a:b\"\n");
         assert_eq!(line, 3);
         assert!(message.contains("found 4 characters"), "{message}");
     }
@@ -688,14 +812,19 @@ mod tests {
         let (line, _, message) = invalid(&format!("version = 1\n[[allow]]\nsha256 = \"{SHA}\"\n"));
         assert_eq!(line, 2);
         assert!(message.contains("callsite"), "{message}");
-        let (line, _, message) = invalid("version = 1\n[[trust]]\ncallsite = \"a.*\"\nglobals = \"x\"\n");
+        let (line, _, message) =
+            invalid("version = 1\n[[trust]]\ncallsite = \"a.*\"\nglobals = \"x\"\n");
         assert_eq!(line, 4);
-        assert!(message.contains("sequence") || message.contains("array"), "{message}");
+        assert!(
+            message.contains("sequence") || message.contains("array"),
+            "{message}"
+        );
     }
 
     #[test]
     fn trust_needs_globals() {
-        let (line, column, message) = invalid("version = 1\n[[trust]]\ncallsite = \"a.*\"\nglobals = []\n");
+        let (line, column, message) =
+            invalid("version = 1\n[[trust]]\ncallsite = \"a.*\"\nglobals = []\n");
         assert_eq!((line, column), (4, 11));
         assert!(message.contains("at least one global"), "{message}");
     }
@@ -703,7 +832,11 @@ mod tests {
     #[test]
     fn unreadable_file_names_the_path() {
         let err = Manifest::load(Path::new("/nonexistent/pickles.toml")).unwrap_err();
-        assert!(err.to_string().starts_with("/nonexistent/pickles.toml: cannot read"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/pickles.toml: cannot read"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -711,14 +844,21 @@ mod tests {
         let mut text = String::from("version = 1\n");
         for i in 0..500u32 {
             let sha = Digest::of(&i.to_le_bytes());
-            text.push_str(&format!("[[allow]]\nsha256 = \"{sha}\"\ncallsite = \"app:f{i}\"\n"));
+            text.push_str(&format!(
+                "[[allow]]\nsha256 = \"{sha}\"\ncallsite = \"app:f{i}\"\n"
+            ));
         }
         text.push_str("[[allow]]\nsha256 = \"abcd\"\ncallsite = \"é:x\"\n");
         let (line, column, _) = invalid(&text);
         assert_eq!((line, column), (1 + 500 * 3 + 2, 10));
         let text = "ab\n\u{e9} x\n";
         let lines = LineCursor::default();
-        let at = Located { file: "m.toml", text, lines: &lines, base: 0 };
+        let at = Located {
+            file: "m.toml",
+            text,
+            lines: &lines,
+            base: 0,
+        };
         assert_eq!(at.line_column(text.find('x').unwrap()), (2, 3)); // columns count characters
         assert_eq!(at.line_column(text.len()), (3, 1));
     }
@@ -728,21 +868,33 @@ mod tests {
         let mut text = String::from("version = 1\nloaders = [\"myorg.io\"]\n");
         for i in 0..12_000u32 {
             let sha = Digest::of(&(i % 11_000).to_le_bytes()); // entries 11000.. repeat earlier digests
-            text.push_str(&format!("[[allow]]\nsha256 = \"{sha}\"\ncallsite = \"app:f{i}\"\nnote = \"n{i}\"\n"));
+            text.push_str(&format!(
+                "[[allow]]\nsha256 = \"{sha}\"\ncallsite = \"app:f{i}\"\nnote = \"n{i}\"\n"
+            ));
             if i == 6_000 {
                 text.push_str("[[trust]]\ncallsite = \"multiprocessing.*\"\nglobals = [\"a.*\"]\n");
             }
         }
         assert!(text.len() > PIECE_BYTES);
-        let pieces = Manifest::parse_in_pieces(&text, "big.toml", &LineCursor::default()).expect("parsed in pieces");
+        let pieces = Manifest::parse_in_pieces(&text, "big.toml", &LineCursor::default())
+            .expect("parsed in pieces");
         let whole = Manifest::parse_whole(&text, "big.toml", &LineCursor::default()).unwrap();
         assert_eq!((pieces.allow.len(), pieces.trust.len()), (12_000, 1));
-        assert_eq!((&pieces.allow, &pieces.trust, &pieces.loaders), (&whole.allow, &whole.trust, &whole.loaders));
-        let twice: Vec<usize> = pieces.entries_for(&Digest::of(&5u32.to_le_bytes())).map(|(i, _)| i).collect();
+        assert_eq!(
+            (&pieces.allow, &pieces.trust, &pieces.loaders),
+            (&whole.allow, &whole.trust, &whole.loaders)
+        );
+        let twice: Vec<usize> = pieces
+            .entries_for(&Digest::of(&5u32.to_le_bytes()))
+            .map(|(i, _)| i)
+            .collect();
         assert_eq!(twice, vec![5, 11_005]);
         // An error far down is reported exactly as the whole parse reports it.
         text.push_str("[[allow]]\nsha256 = \"abcd\"\ncallsite = \"a:b\"\n");
-        assert_eq!(Manifest::parse(&text, "big.toml").unwrap_err(), Manifest::parse_whole(&text, "big.toml", &LineCursor::default()).unwrap_err());
+        assert_eq!(
+            Manifest::parse(&text, "big.toml").unwrap_err(),
+            Manifest::parse_whole(&text, "big.toml", &LineCursor::default()).unwrap_err()
+        );
     }
 
     #[test]
@@ -763,10 +915,15 @@ mod tests {
         let mut text = String::from("version = 1\n");
         for i in 0..2000u32 {
             let sha = Digest::of(&i.to_le_bytes());
-            text.push_str(&format!("[[allow]]\nsha256 = \"{sha}\"\ncallsite = \"app:f{i}\"\n"));
+            text.push_str(&format!(
+                "[[allow]]\nsha256 = \"{sha}\"\ncallsite = \"app:f{i}\"\n"
+            ));
         }
         let m = Manifest::parse(&text, "big.toml").unwrap();
-        let (i, e) = m.entries_for(&Digest::of(&1234u32.to_le_bytes())).next().unwrap();
+        let (i, e) = m
+            .entries_for(&Digest::of(&1234u32.to_le_bytes()))
+            .next()
+            .unwrap();
         assert_eq!((i, e.callsite.as_str()), (1234, "app:f1234"));
     }
 }

@@ -24,7 +24,9 @@ impl Mode {
             "warn" => Ok(Mode::Warn),
             "record" => Ok(Mode::Record),
             "off" => Ok(Mode::Off),
-            _ => Err(format!("unknown picklegate mode {text:?}; expected one of enforce, warn, record, off")),
+            _ => Err(format!(
+                "unknown picklegate mode {text:?}; expected one of enforce, warn, record, off"
+            )),
         }
     }
 
@@ -87,7 +89,10 @@ pub fn admission(patterns: &[String], module: &str, name: &str) -> Option<Admiss
     let first = matching.next()?;
     if is_exact_global(first) || matching.any(|p| is_exact_global(p)) {
         Some(Admission::Named)
-    } else if name.split('.').any(|part| part.len() > 4 && part.starts_with("__") && part.ends_with("__")) {
+    } else if name
+        .split('.')
+        .any(|part| part.len() > 4 && part.starts_with("__") && part.ends_with("__"))
+    {
         None
     } else {
         Some(Admission::Pattern)
@@ -96,7 +101,13 @@ pub fn admission(patterns: &[String], module: &str, name: &str) -> Option<Admiss
 
 /// picklegate's own exceptions: plain messages and strings, safe to rebuild, so a refusal in a
 /// worker travels back to its parent under any `[[trust]]` rule instead of breaking the transport.
-pub const OWN_ERRORS: &[&str] = &["PickleDeniedError", "NoPickleError", "BadTokenError", "PolicyError", "ScanError"];
+pub const OWN_ERRORS: &[&str] = &[
+    "PickleDeniedError",
+    "NoPickleError",
+    "BadTokenError",
+    "PolicyError",
+    "ScanError",
+];
 
 /// True for one of `OWN_ERRORS`, named exactly as picklegate defines it.
 pub fn is_own_error(module: &str, name: &str) -> bool {
@@ -144,7 +155,10 @@ impl Policy {
         scan_globals: impl FnOnce() -> Result<Vec<Global>, String>,
     ) -> Judgement {
         if self.mode == Mode::Off {
-            return Judgement { verdict: Ok(Approval::Unchecked), action: Action::Run };
+            return Judgement {
+                verdict: Ok(Approval::Unchecked),
+                action: Action::Run,
+            };
         }
         let verdict = self.rule_for_load(load, scan_globals);
         let action = self.action_for(&verdict);
@@ -156,7 +170,9 @@ impl Policy {
         load: Load<'_>,
         scan_globals: impl FnOnce() -> Result<Vec<Global>, String>,
     ) -> Result<Approval, Refusal> {
-        let Some(manifest) = &self.manifest else { return Err(Refusal::NoPolicy) };
+        let Some(manifest) = &self.manifest else {
+            return Err(Refusal::NoPolicy);
+        };
         let mut listed_for = Vec::new();
         for (index, entry) in manifest.entries_for(load.sha256) {
             if callsite_matches(&entry.callsite, load.callsite) {
@@ -165,10 +181,16 @@ impl Policy {
             listed_for.push(entry.callsite.clone());
         }
         if let Some((index, rule)) = manifest.trust_for(load.callsite) {
-            let globals = scan_globals().map_err(|reason| Refusal::Unscannable { rule: index, reason })?;
+            let globals = scan_globals().map_err(|reason| Refusal::Unscannable {
+                rule: index,
+                reason,
+            })?;
             let fits = |(m, n): &&Global| rule.permits_global(m, n) || is_own_error(m, n);
             return match globals.iter().find(|g| !fits(g)) {
-                Some((m, n)) => Err(Refusal::UntrustedGlobal { rule: index, global: format!("{m}.{n}") }),
+                Some((m, n)) => Err(Refusal::UntrustedGlobal {
+                    rule: index,
+                    global: format!("{m}.{n}"),
+                }),
                 None => Ok(Approval::Trust(index)),
             };
         }
@@ -193,7 +215,11 @@ impl Policy {
     /// True when `enforce` refuses every load at `callsite`, whatever its bytes: then a file need
     /// not be read into memory to be refused.
     pub fn refuses_any_bytes_at(&self, callsite: &str) -> bool {
-        self.mode == Mode::Enforce && self.manifest.as_ref().map_or(true, |m| !m.admits_anything_at(callsite))
+        self.mode == Mode::Enforce
+            && self
+                .manifest
+                .as_ref()
+                .map_or(true, |m| !m.admits_anything_at(callsite))
     }
 
     /// The approval a load that runs carries into the backstop: in `warn` and `record`, a refused
@@ -215,7 +241,10 @@ impl Policy {
         defined_there: impl FnOnce() -> bool,
     ) -> Judgement {
         if self.mode == Mode::Off {
-            return Judgement { verdict: Ok(Approval::Unchecked), action: Action::Run };
+            return Judgement {
+                verdict: Ok(Approval::Unchecked),
+                action: Action::Run,
+            };
         }
         let global = || format!("{module}.{name}");
         let trusted = |rule: &TrustRule| {
@@ -236,26 +265,58 @@ impl Policy {
                 };
                 match how {
                     Some(how) => (Ok(Approval::Entry(i)), Some(how)),
-                    None => (Err(Refusal::GlobalNotInEntry { entry: i, global: global() }), None),
+                    None => (
+                        Err(Refusal::GlobalNotInEntry {
+                            entry: i,
+                            global: global(),
+                        }),
+                        None,
+                    ),
                 }
             }
-            (Some(Approval::Entry(i)), None) => (Err(Refusal::GlobalNotInEntry { entry: i, global: global() }), None),
+            (Some(Approval::Entry(i)), None) => (
+                Err(Refusal::GlobalNotInEntry {
+                    entry: i,
+                    global: global(),
+                }),
+                None,
+            ),
             (Some(Approval::Trust(i)), Some(m)) => match trusted(&m.trust[i]) {
                 Some(how) => (Ok(Approval::Trust(i)), Some(how)),
-                None => (Err(Refusal::UntrustedGlobal { rule: i, global: global() }), None),
+                None => (
+                    Err(Refusal::UntrustedGlobal {
+                        rule: i,
+                        global: global(),
+                    }),
+                    None,
+                ),
             },
-            (Some(Approval::Trust(i)), None) => (Err(Refusal::UntrustedGlobal { rule: i, global: global() }), None),
+            (Some(Approval::Trust(i)), None) => (
+                Err(Refusal::UntrustedGlobal {
+                    rule: i,
+                    global: global(),
+                }),
+                None,
+            ),
             (None, Some(m)) => match m.trust_for(&callsite()) {
                 Some((i, rule)) => match trusted(rule) {
                     Some(how) => (Ok(Approval::Trust(i)), Some(how)),
-                    None => (Err(Refusal::UntrustedGlobal { rule: i, global: global() }), None),
+                    None => (
+                        Err(Refusal::UntrustedGlobal {
+                            rule: i,
+                            global: global(),
+                        }),
+                        None,
+                    ),
                 },
                 None => (Err(Refusal::OutsideApprovedLoad { global: global() }), None),
             },
             (None, None) => (Err(Refusal::OutsideApprovedLoad { global: global() }), None),
         };
         let verdict = match how {
-            Some(Admission::Pattern) if !defined_there() => Err(Refusal::NotDefinedThere { global: global() }),
+            Some(Admission::Pattern) if !defined_there() => {
+                Err(Refusal::NotDefinedThere { global: global() })
+            }
             _ => verdict,
         };
         let action = match (self.mode, &verdict) {
@@ -322,7 +383,11 @@ pub fn settle(held: Request<'_>, wanted: Request<'_>) -> Settlement {
     match rank(wanted).cmp(&rank(held)) {
         std::cmp::Ordering::Greater => Settlement::Replace,
         std::cmp::Ordering::Equal if wanted.host && !held.host => Settlement::Replace,
-        std::cmp::Ordering::Equal if held.manifest.is_none() && wanted.mode == held.mode && !held.host => Settlement::Replace,
+        std::cmp::Ordering::Equal
+            if held.manifest.is_none() && wanted.mode == held.mode && !held.host =>
+        {
+            Settlement::Replace
+        }
         _ => Settlement::Ignored,
     }
 }
@@ -369,7 +434,9 @@ fn rule_location(
     find: impl Fn(&Manifest) -> Option<(usize, &str)>,
 ) -> String {
     manifest
-        .and_then(|m| find(m).map(|(line, callsite)| format!(" for {callsite} at {}:{line}", m.source)))
+        .and_then(|m| {
+            find(m).map(|(line, callsite)| format!(" for {callsite} at {}:{line}", m.source))
+        })
         .unwrap_or_default()
 }
 
@@ -418,8 +485,13 @@ pub enum ScopeRefusal {
 
 #[derive(Debug)]
 enum Layer {
-    NoPickles { token: u64 },
-    Allow { token: u64, only: Option<HashSet<Digest>> },
+    NoPickles {
+        token: u64,
+    },
+    Allow {
+        token: u64,
+        only: Option<HashSet<Digest>>,
+    },
 }
 
 #[derive(Debug)]
@@ -438,7 +510,10 @@ impl Scope {
     }
 
     fn push(&self, layer: Layer) -> Scope {
-        Scope(Some(Arc::new(Node { layer, outer: self.clone() })))
+        Scope(Some(Arc::new(Node {
+            layer,
+            outer: self.clone(),
+        })))
     }
 
     fn layers(&self) -> impl Iterator<Item = &Layer> {
@@ -456,7 +531,12 @@ impl Scope {
     }
 
     /// Enters `allow_pickles(token, only_objects)`, if the token may open a block here.
-    pub fn allow(&self, token: TokenFacts, here: Origin, only: Option<HashSet<Digest>>) -> Result<Scope, BadToken> {
+    pub fn allow(
+        &self,
+        token: TokenFacts,
+        here: Origin,
+        only: Option<HashSet<Digest>>,
+    ) -> Result<Scope, BadToken> {
         if !token.open {
             return Err(BadToken::Finished);
         }
@@ -466,10 +546,16 @@ impl Scope {
         if token.origin.task != here.task {
             return Err(BadToken::OtherTask);
         }
-        if !self.layers().any(|l| matches!(l, Layer::NoPickles { token: t } if *t == token.id)) {
+        if !self
+            .layers()
+            .any(|l| matches!(l, Layer::NoPickles { token: t } if *t == token.id))
+        {
             return Err(BadToken::NotInScope);
         }
-        Ok(self.push(Layer::Allow { token: token.id, only }))
+        Ok(self.push(Layer::Allow {
+            token: token.id,
+            only,
+        }))
     }
 
     /// Whether a load of these bytes may run in this scope. `allow_pickles(token)` lifts only
@@ -486,7 +572,9 @@ impl Scope {
                     }
                     lifted.push(*token);
                 }
-                Layer::NoPickles { token } if !lifted.contains(token) => return Err(ScopeRefusal::NoPickles),
+                Layer::NoPickles { token } if !lifted.contains(token) => {
+                    return Err(ScopeRefusal::NoPickles)
+                }
                 Layer::NoPickles { .. } => {}
             }
         }
@@ -515,30 +603,83 @@ mod tests {
     #[test]
     fn listed_pickle_at_its_callsite_runs_elsewhere_refused() {
         let d = Digest::of(b"model");
-        let policy = Policy { mode: Mode::Enforce, manifest: Some(manifest(&allow_entry(&d, "app.serve:load_*"))) };
-        let ok = policy.judge_load(Load { sha256: &d, callsite: "app.serve:load_model" }, no_scan);
-        assert_eq!(ok, Judgement { verdict: Ok(Approval::Entry(0)), action: Action::Run });
-        let elsewhere = policy.judge_load(Load { sha256: &d, callsite: "app.other:f" }, no_scan);
+        let policy = Policy {
+            mode: Mode::Enforce,
+            manifest: Some(manifest(&allow_entry(&d, "app.serve:load_*"))),
+        };
+        let ok = policy.judge_load(
+            Load {
+                sha256: &d,
+                callsite: "app.serve:load_model",
+            },
+            no_scan,
+        );
+        assert_eq!(
+            ok,
+            Judgement {
+                verdict: Ok(Approval::Entry(0)),
+                action: Action::Run
+            }
+        );
+        let elsewhere = policy.judge_load(
+            Load {
+                sha256: &d,
+                callsite: "app.other:f",
+            },
+            no_scan,
+        );
         assert_eq!(elsewhere.action, Action::Refuse);
-        assert_eq!(elsewhere.verdict, Err(Refusal::WrongCallsite { listed_for: vec!["app.serve:load_*".into()] }));
+        assert_eq!(
+            elsewhere.verdict,
+            Err(Refusal::WrongCallsite {
+                listed_for: vec!["app.serve:load_*".into()]
+            })
+        );
         let flipped = Digest::of(b"modeL");
-        let other = policy.judge_load(Load { sha256: &flipped, callsite: "app.serve:load_model" }, no_scan);
+        let other = policy.judge_load(
+            Load {
+                sha256: &flipped,
+                callsite: "app.serve:load_model",
+            },
+            no_scan,
+        );
         assert_eq!(other.verdict, Err(Refusal::NotListed));
     }
 
     #[test]
     fn enforce_without_manifest_refuses_everything_warn_reports_off_runs() {
         let d = Digest::of(b"x");
-        let load = Load { sha256: &d, callsite: "a:b" };
-        let enforce = Policy { mode: Mode::Enforce, manifest: None };
-        assert_eq!(enforce.judge_load(load, no_scan).verdict, Err(Refusal::NoPolicy));
+        let load = Load {
+            sha256: &d,
+            callsite: "a:b",
+        };
+        let enforce = Policy {
+            mode: Mode::Enforce,
+            manifest: None,
+        };
+        assert_eq!(
+            enforce.judge_load(load, no_scan).verdict,
+            Err(Refusal::NoPolicy)
+        );
         assert_eq!(enforce.judge_load(load, no_scan).action, Action::Refuse);
-        let warn = Policy { mode: Mode::Warn, manifest: None };
+        let warn = Policy {
+            mode: Mode::Warn,
+            manifest: None,
+        };
         assert_eq!(warn.judge_load(load, no_scan).action, Action::RunAndReport);
-        let off = Policy { mode: Mode::Off, manifest: None };
+        let off = Policy {
+            mode: Mode::Off,
+            manifest: None,
+        };
         assert_eq!(off.judge_load(load, no_scan).action, Action::Run);
-        let record = Policy { mode: Mode::Record, manifest: None };
-        assert_eq!(record.judge_load(load, no_scan).action, Action::RunAndReport);
+        let record = Policy {
+            mode: Mode::Record,
+            manifest: None,
+        };
+        assert_eq!(
+            record.judge_load(load, no_scan).action,
+            Action::RunAndReport
+        );
     }
 
     #[test]
@@ -548,16 +689,31 @@ mod tests {
             manifest: Some(manifest("[[trust]]\ncallsite = \"multiprocessing.*\"\nglobals = [\"multiprocessing.pool.*\", \"app.tasks.*\"]\n")),
         };
         let d = Digest::of(b"task");
-        let at = Load { sha256: &d, callsite: "multiprocessing.connection:Connection.recv" };
+        let at = Load {
+            sha256: &d,
+            callsite: "multiprocessing.connection:Connection.recv",
+        };
         let good = policy.judge_load(at, || Ok(vec![("app.tasks".into(), "square".into())]));
         assert_eq!(good.verdict, Ok(Approval::Trust(0)));
         let bad = policy.judge_load(at, || Ok(vec![("posix".into(), "system".into())]));
-        assert_eq!(bad.verdict, Err(Refusal::UntrustedGlobal { rule: 0, global: "posix.system".into() }));
+        assert_eq!(
+            bad.verdict,
+            Err(Refusal::UntrustedGlobal {
+                rule: 0,
+                global: "posix.system".into()
+            })
+        );
         let dotted = policy.judge_load(at, || Ok(vec![("app.tasks".into(), "os.system".into())]));
         assert_eq!(dotted.action, Action::Refuse);
         let broken = policy.judge_load(at, || Err("truncated".into()));
         assert!(matches!(broken.verdict, Err(Refusal::Unscannable { .. })));
-        let elsewhere = policy.judge_load(Load { sha256: &d, callsite: "app:main" }, no_scan);
+        let elsewhere = policy.judge_load(
+            Load {
+                sha256: &d,
+                callsite: "app:main",
+            },
+            no_scan,
+        );
         assert_eq!(elsewhere.verdict, Err(Refusal::NotListed));
     }
 
@@ -572,68 +728,201 @@ mod tests {
             "{}globals = [\"collections.OrderedDict\"]\n[[trust]]\ncallsite = \"multiprocessing.*\"\nglobals = [\"app.*\"]\n",
             allow_entry(&d, "app:load")
         );
-        let policy = Policy { mode: Mode::Enforce, manifest: Some(manifest(&text)) };
+        let policy = Policy {
+            mode: Mode::Enforce,
+            manifest: Some(manifest(&text)),
+        };
         let never = || -> String { panic!("callsite not needed inside a decided load") };
         let unasked = || -> bool { panic!("an exactly named global needs no resolution") };
-        assert_eq!(policy.judge_global(Some(Approval::Entry(0)), "collections", "OrderedDict", never, unasked).action, Action::Run);
-        assert_eq!(policy.judge_global(Some(Approval::Entry(0)), "posix", "system", never, unasked).action, Action::Refuse);
-        assert_eq!(policy.judge_global(Some(Approval::Unchecked), "posix", "system", never, unasked).action, Action::Run);
+        assert_eq!(
+            policy
+                .judge_global(
+                    Some(Approval::Entry(0)),
+                    "collections",
+                    "OrderedDict",
+                    never,
+                    unasked
+                )
+                .action,
+            Action::Run
+        );
+        assert_eq!(
+            policy
+                .judge_global(Some(Approval::Entry(0)), "posix", "system", never, unasked)
+                .action,
+            Action::Refuse
+        );
+        assert_eq!(
+            policy
+                .judge_global(Some(Approval::Unchecked), "posix", "system", never, unasked)
+                .action,
+            Action::Run
+        );
         let escaped = policy.judge_global(None, "posix", "system", || "app:main".into(), unasked);
-        assert_eq!(escaped.verdict, Err(Refusal::OutsideApprovedLoad { global: "posix.system".into() }));
-        let transport = policy.judge_global(None, "app", "f", || "multiprocessing.queues:SimpleQueue.get".into(), defined);
+        assert_eq!(
+            escaped.verdict,
+            Err(Refusal::OutsideApprovedLoad {
+                global: "posix.system".into()
+            })
+        );
+        let transport = policy.judge_global(
+            None,
+            "app",
+            "f",
+            || "multiprocessing.queues:SimpleQueue.get".into(),
+            defined,
+        );
         assert_eq!(transport.verdict, Ok(Approval::Trust(0)));
-        let warn = Policy { mode: Mode::Warn, ..policy.clone() };
-        assert_eq!(warn.judge_global(None, "posix", "system", || "app:main".into(), unasked).action, Action::RunAndReport);
-        let deny_all = Policy { mode: Mode::Enforce, manifest: None };
-        assert_eq!(deny_all.judge_global(None, "builtins", "dict", || "a:b".into(), unasked).action, Action::Refuse);
+        let warn = Policy {
+            mode: Mode::Warn,
+            ..policy.clone()
+        };
+        assert_eq!(
+            warn.judge_global(None, "posix", "system", || "app:main".into(), unasked)
+                .action,
+            Action::RunAndReport
+        );
+        let deny_all = Policy {
+            mode: Mode::Enforce,
+            manifest: None,
+        };
+        assert_eq!(
+            deny_all
+                .judge_global(None, "builtins", "dict", || "a:b".into(), unasked)
+                .action,
+            Action::Refuse
+        );
     }
 
     #[test]
     fn a_pattern_admits_only_what_is_defined_in_its_module() {
         // issue 11, finding 1: `dask._expr.*` admitted the module `os` and an imported function
         let text = "[[trust]]\ncallsite = \"dist.*\"\nglobals = [\"dask._expr.*\", \"dask._expr.Expr._reconstruct\"]\n";
-        let policy = Policy { mode: Mode::Enforce, manifest: Some(manifest(text)) };
+        let policy = Policy {
+            mode: Mode::Enforce,
+            manifest: Some(manifest(text)),
+        };
         let at = || "dist.protocol:loads".to_string();
-        let imported = policy.judge_global(Some(Approval::Trust(0)), "dask._expr", "os", at, || false);
-        assert_eq!(imported.verdict, Err(Refusal::NotDefinedThere { global: "dask._expr.os".into() }));
+        let imported =
+            policy.judge_global(Some(Approval::Trust(0)), "dask._expr", "os", at, || false);
+        assert_eq!(
+            imported.verdict,
+            Err(Refusal::NotDefinedThere {
+                global: "dask._expr.os".into()
+            })
+        );
         assert_eq!(imported.action, Action::Refuse);
-        let own = policy.judge_global(Some(Approval::Trust(0)), "dask._expr", "LLGExpr", at, || true);
+        let own = policy.judge_global(
+            Some(Approval::Trust(0)),
+            "dask._expr",
+            "LLGExpr",
+            at,
+            || true,
+        );
         assert_eq!(own.verdict, Ok(Approval::Trust(0)));
         let unasked = || -> bool { panic!("an exactly named global needs no resolution") };
-        let named = policy.judge_global(Some(Approval::Trust(0)), "dask._expr", "Expr._reconstruct", at, unasked);
+        let named = policy.judge_global(
+            Some(Approval::Trust(0)),
+            "dask._expr",
+            "Expr._reconstruct",
+            at,
+            unasked,
+        );
         assert_eq!(named.verdict, Ok(Approval::Trust(0)));
         // the same through the backstop at the transport's callsite, and in warn (reported)
         let outside = policy.judge_global(None, "dask._expr", "import_required", at, || false);
         assert_eq!(outside.action, Action::Refuse);
-        let warn = Policy { mode: Mode::Warn, ..policy.clone() };
-        assert_eq!(warn.judge_global(None, "dask._expr", "os", at, || false).action, Action::RunAndReport);
+        let warn = Policy {
+            mode: Mode::Warn,
+            ..policy.clone()
+        };
+        assert_eq!(
+            warn.judge_global(None, "dask._expr", "os", at, || false)
+                .action,
+            Action::RunAndReport
+        );
         // an [[allow]] entry's pattern is held to the same rule; an entry without globals is not
         let d = Digest::of(b"m");
-        let entries = format!("{}globals = [\"app.*\"]\n{}", allow_entry(&d, "a:b"), allow_entry(&d, "c:d"));
-        let listed = Policy { mode: Mode::Enforce, manifest: Some(manifest(&entries)) };
+        let entries = format!(
+            "{}globals = [\"app.*\"]\n{}",
+            allow_entry(&d, "a:b"),
+            allow_entry(&d, "c:d")
+        );
+        let listed = Policy {
+            mode: Mode::Enforce,
+            manifest: Some(manifest(&entries)),
+        };
         let never = || -> String { panic!("callsite not needed inside a decided load") };
-        assert_eq!(listed.judge_global(Some(Approval::Entry(0)), "app", "os", never, || false).action, Action::Refuse);
-        assert_eq!(listed.judge_global(Some(Approval::Entry(1)), "app", "os", never, unasked).action, Action::Run);
+        assert_eq!(
+            listed
+                .judge_global(Some(Approval::Entry(0)), "app", "os", never, || false)
+                .action,
+            Action::Refuse
+        );
+        assert_eq!(
+            listed
+                .judge_global(Some(Approval::Entry(1)), "app", "os", never, unasked)
+                .action,
+            Action::Run
+        );
     }
 
     #[test]
     fn picklegate_errors_cross_every_trust_rule() {
         let text = "[[trust]]\ncallsite = \"multiprocessing.*\"\nglobals = [\"multiprocessing.pool.rebuild_exc\"]\n";
-        let policy = Policy { mode: Mode::Enforce, manifest: Some(manifest(text)) };
+        let policy = Policy {
+            mode: Mode::Enforce,
+            manifest: Some(manifest(text)),
+        };
         let d = Digest::of(b"result");
-        let at = Load { sha256: &d, callsite: "multiprocessing.connection:_ConnectionBase.recv" };
-        let error = ("picklegate._errors".to_string(), "PickleDeniedError".to_string());
-        let back = policy.judge_load(at, || Ok(vec![("multiprocessing.pool".into(), "rebuild_exc".into()), error.clone()]));
+        let at = Load {
+            sha256: &d,
+            callsite: "multiprocessing.connection:_ConnectionBase.recv",
+        };
+        let error = (
+            "picklegate._errors".to_string(),
+            "PickleDeniedError".to_string(),
+        );
+        let back = policy.judge_load(at, || {
+            Ok(vec![
+                ("multiprocessing.pool".into(), "rebuild_exc".into()),
+                error.clone(),
+            ])
+        });
         assert_eq!(back.verdict, Ok(Approval::Trust(0)));
         let unasked = || -> bool { panic!("picklegate's errors are named exactly") };
         let site = || "multiprocessing.connection:_ConnectionBase.recv".to_string();
-        assert_eq!(policy.judge_global(Some(Approval::Trust(0)), &error.0, &error.1, site, unasked).action, Action::Run);
+        assert_eq!(
+            policy
+                .judge_global(Some(Approval::Trust(0)), &error.0, &error.1, site, unasked)
+                .action,
+            Action::Run
+        );
         for other in ["_Refusal", "pickle", "os"] {
-            assert_eq!(policy.judge_global(Some(Approval::Trust(0)), "picklegate._errors", other, site, || true).action, Action::Refuse);
+            assert_eq!(
+                policy
+                    .judge_global(
+                        Some(Approval::Trust(0)),
+                        "picklegate._errors",
+                        other,
+                        site,
+                        || true
+                    )
+                    .action,
+                Action::Refuse
+            );
         }
         // outside a trust rule they are judged like any global
-        let deny_all = Policy { mode: Mode::Enforce, manifest: None };
-        assert_eq!(deny_all.judge_global(None, &error.0, &error.1, site, unasked).action, Action::Refuse);
+        let deny_all = Policy {
+            mode: Mode::Enforce,
+            manifest: None,
+        };
+        assert_eq!(
+            deny_all
+                .judge_global(None, &error.0, &error.1, site, unasked)
+                .action,
+            Action::Refuse
+        );
     }
 
     #[test]
@@ -643,20 +932,37 @@ mod tests {
         assert_eq!(admission(&patterns, "app", "g"), Some(Admission::Pattern));
         assert_eq!(admission(&patterns, "app.sub", "g"), None);
         assert_eq!(admission(&patterns, "app", "__getattr__"), None);
-        assert_eq!(admission(&patterns, "app", "_private"), Some(Admission::Pattern));
+        assert_eq!(
+            admission(&patterns, "app", "_private"),
+            Some(Admission::Pattern)
+        );
         let named = vec!["app.__getattr__".to_string()];
-        assert_eq!(admission(&named, "app", "__getattr__"), Some(Admission::Named));
+        assert_eq!(
+            admission(&named, "app", "__getattr__"),
+            Some(Admission::Named)
+        );
     }
 
     #[test]
     fn refusal_regardless_of_bytes() {
         let d = Digest::of(b"m");
         let listed = manifest(&allow_entry(&d, "app:load"));
-        let enforce = Policy { mode: Mode::Enforce, manifest: Some(listed.clone()) };
+        let enforce = Policy {
+            mode: Mode::Enforce,
+            manifest: Some(listed.clone()),
+        };
         assert!(enforce.refuses_any_bytes_at("app:other"));
         assert!(!enforce.refuses_any_bytes_at("app:load"));
-        assert!(Policy { mode: Mode::Enforce, manifest: None }.refuses_any_bytes_at("app:load"));
-        assert!(!Policy { mode: Mode::Warn, manifest: Some(listed) }.refuses_any_bytes_at("app:other"));
+        assert!(Policy {
+            mode: Mode::Enforce,
+            manifest: None
+        }
+        .refuses_any_bytes_at("app:load"));
+        assert!(!Policy {
+            mode: Mode::Warn,
+            manifest: Some(listed)
+        }
+        .refuses_any_bytes_at("app:other"));
     }
 
     #[test]
@@ -665,12 +971,18 @@ mod tests {
         let open = Scope::default();
         assert!(open.is_open());
         assert_eq!(open.permits(Some(&d)), Ok(()));
-        let token = TokenFacts { id: 7, origin: HERE, open: true };
+        let token = TokenFacts {
+            id: 7,
+            origin: HERE,
+            open: true,
+        };
         let closed = open.no_pickles(7);
         assert_eq!(closed.permits(Some(&d)), Err(ScopeRefusal::NoPickles));
         let lifted = closed.allow(token, HERE, None).unwrap();
         assert_eq!(lifted.permits(Some(&d)), Ok(()));
-        let only = closed.allow(token, HERE, Some([Digest::of(b"y")].into())).unwrap();
+        let only = closed
+            .allow(token, HERE, Some([Digest::of(b"y")].into()))
+            .unwrap();
         assert_eq!(only.permits(Some(&d)), Err(ScopeRefusal::NotInOnlyObjects));
         assert_eq!(only.permits(Some(&Digest::of(b"y"))), Ok(()));
         assert_eq!(only.permits(None), Err(ScopeRefusal::NotInOnlyObjects));
@@ -679,39 +991,108 @@ mod tests {
     #[test]
     fn bad_tokens_are_refused() {
         let scope = Scope::default().no_pickles(7);
-        let facts = |open, origin| TokenFacts { id: 7, origin, open };
-        assert_eq!(scope.allow(facts(false, HERE), HERE, None).unwrap_err(), BadToken::Finished);
+        let facts = |open, origin| TokenFacts {
+            id: 7,
+            origin,
+            open,
+        };
+        assert_eq!(
+            scope.allow(facts(false, HERE), HERE, None).unwrap_err(),
+            BadToken::Finished
+        );
         let other_thread = Origin { thread: 2, task: 0 };
-        assert_eq!(scope.allow(facts(true, other_thread), HERE, None).unwrap_err(), BadToken::OtherThread);
-        let other_task = Origin { thread: 1, task: 99 };
-        assert_eq!(scope.allow(facts(true, other_task), HERE, None).unwrap_err(), BadToken::OtherTask);
-        let stranger = TokenFacts { id: 8, origin: HERE, open: true };
-        assert_eq!(scope.allow(stranger, HERE, None).unwrap_err(), BadToken::NotInScope);
+        assert_eq!(
+            scope
+                .allow(facts(true, other_thread), HERE, None)
+                .unwrap_err(),
+            BadToken::OtherThread
+        );
+        let other_task = Origin {
+            thread: 1,
+            task: 99,
+        };
+        assert_eq!(
+            scope
+                .allow(facts(true, other_task), HERE, None)
+                .unwrap_err(),
+            BadToken::OtherTask
+        );
+        let stranger = TokenFacts {
+            id: 8,
+            origin: HERE,
+            open: true,
+        };
+        assert_eq!(
+            scope.allow(stranger, HERE, None).unwrap_err(),
+            BadToken::NotInScope
+        );
     }
 
     #[test]
     fn lifting_an_outer_token_does_not_lift_an_inner_block() {
         let d = Digest::of(b"x");
-        let app = TokenFacts { id: 1, origin: HERE, open: true };
-        let scope = Scope::default().no_pickles(1).no_pickles(2).allow(app, HERE, None).unwrap();
+        let app = TokenFacts {
+            id: 1,
+            origin: HERE,
+            open: true,
+        };
+        let scope = Scope::default()
+            .no_pickles(1)
+            .no_pickles(2)
+            .allow(app, HERE, None)
+            .unwrap();
         assert_eq!(scope.permits(Some(&d)), Err(ScopeRefusal::NoPickles));
         // An allow inside an only_objects block keeps the outer narrowing.
-        let narrowed = Scope::default().no_pickles(1).allow(app, HERE, Some([Digest::of(b"y")].into())).unwrap();
-        let inner = TokenFacts { id: 3, origin: HERE, open: true };
+        let narrowed = Scope::default()
+            .no_pickles(1)
+            .allow(app, HERE, Some([Digest::of(b"y")].into()))
+            .unwrap();
+        let inner = TokenFacts {
+            id: 3,
+            origin: HERE,
+            open: true,
+        };
         let reopened = narrowed.no_pickles(3).allow(inner, HERE, None).unwrap();
-        assert_eq!(reopened.permits(Some(&d)), Err(ScopeRefusal::NotInOnlyObjects));
+        assert_eq!(
+            reopened.permits(Some(&d)),
+            Err(ScopeRefusal::NotInOnlyObjects)
+        );
     }
 
     #[test]
     fn the_stricter_request_wins_whatever_the_order() {
         use Mode::*;
         let requests = [
-            Request { mode: Off, manifest: None, host: false },
-            Request { mode: Record, manifest: None, host: false },
-            Request { mode: Warn, manifest: None, host: false },
-            Request { mode: Warn, manifest: Some("lib.toml"), host: false },
-            Request { mode: Enforce, manifest: Some("app.toml"), host: false },
-            Request { mode: Enforce, manifest: None, host: false },
+            Request {
+                mode: Off,
+                manifest: None,
+                host: false,
+            },
+            Request {
+                mode: Record,
+                manifest: None,
+                host: false,
+            },
+            Request {
+                mode: Warn,
+                manifest: None,
+                host: false,
+            },
+            Request {
+                mode: Warn,
+                manifest: Some("lib.toml"),
+                host: false,
+            },
+            Request {
+                mode: Enforce,
+                manifest: Some("app.toml"),
+                host: false,
+            },
+            Request {
+                mode: Enforce,
+                manifest: None,
+                host: false,
+            },
         ];
         let result = |held: Request<'static>, wanted: Request<'static>| match settle(held, wanted) {
             Settlement::Replace => wanted,
@@ -731,37 +1112,147 @@ mod tests {
 
     #[test]
     fn enforce_with_a_manifest_outranks_every_other_mode() {
-        let app = Request { mode: Mode::Enforce, manifest: Some("app.toml"), host: false };
+        let app = Request {
+            mode: Mode::Enforce,
+            manifest: Some("app.toml"),
+            host: false,
+        };
         for mode in [Mode::Off, Mode::Record, Mode::Warn] {
-            assert_eq!(settle(Request { mode, manifest: None, host: false }, app), Settlement::Replace);
-            assert_eq!(settle(Request { mode, manifest: Some("lib.toml"), host: false }, app), Settlement::Replace);
-            assert_eq!(settle(app, Request { mode, manifest: None, host: false }), Settlement::Ignored);
-            assert_eq!(settle(app, Request { mode, manifest: Some("lib.toml"), host: false }), Settlement::Ignored);
+            assert_eq!(
+                settle(
+                    Request {
+                        mode,
+                        manifest: None,
+                        host: false
+                    },
+                    app
+                ),
+                Settlement::Replace
+            );
+            assert_eq!(
+                settle(
+                    Request {
+                        mode,
+                        manifest: Some("lib.toml"),
+                        host: false
+                    },
+                    app
+                ),
+                Settlement::Replace
+            );
+            assert_eq!(
+                settle(
+                    app,
+                    Request {
+                        mode,
+                        manifest: None,
+                        host: false
+                    }
+                ),
+                Settlement::Ignored
+            );
+            assert_eq!(
+                settle(
+                    app,
+                    Request {
+                        mode,
+                        manifest: Some("lib.toml"),
+                        host: false
+                    }
+                ),
+                Settlement::Ignored
+            );
         }
-        assert_eq!(settle(Request { mode: Mode::Off, manifest: None, host: false }, Request { mode: Mode::Record, manifest: None, host: false }), Settlement::Replace);
-        assert_eq!(settle(Request { mode: Mode::Warn, manifest: None, host: false }, Request { mode: Mode::Warn, manifest: Some("a"), host: false }), Settlement::Replace);
-        assert_eq!(settle(Request { mode: Mode::Warn, manifest: Some("a"), host: false }, Request { mode: Mode::Warn, manifest: None, host: false }), Settlement::Ignored);
+        assert_eq!(
+            settle(
+                Request {
+                    mode: Mode::Off,
+                    manifest: None,
+                    host: false
+                },
+                Request {
+                    mode: Mode::Record,
+                    manifest: None,
+                    host: false
+                }
+            ),
+            Settlement::Replace
+        );
+        assert_eq!(
+            settle(
+                Request {
+                    mode: Mode::Warn,
+                    manifest: None,
+                    host: false
+                },
+                Request {
+                    mode: Mode::Warn,
+                    manifest: Some("a"),
+                    host: false
+                }
+            ),
+            Settlement::Replace
+        );
+        assert_eq!(
+            settle(
+                Request {
+                    mode: Mode::Warn,
+                    manifest: Some("a"),
+                    host: false
+                },
+                Request {
+                    mode: Mode::Warn,
+                    manifest: None,
+                    host: false
+                }
+            ),
+            Settlement::Ignored
+        );
         assert_eq!(settle(app, app), Settlement::Unchanged);
         // two different manifests under enforce: neither contains the other; the second fails loudly
         // in either order (red-team S4: a library's looser manifest first kept the application's out)
-        let lib = Request { mode: Mode::Enforce, manifest: Some("lib.toml"), host: false };
+        let lib = Request {
+            mode: Mode::Enforce,
+            manifest: Some("lib.toml"),
+            host: false,
+        };
         assert_eq!(settle(app, lib), Settlement::Conflict);
         assert_eq!(settle(lib, app), Settlement::Conflict);
         // every load refused outranks any manifest
-        let deny_all = Request { mode: Mode::Enforce, manifest: None, host: false };
+        let deny_all = Request {
+            mode: Mode::Enforce,
+            manifest: None,
+            host: false,
+        };
         assert_eq!(settle(app, deny_all), Settlement::Replace);
         assert_eq!(settle(deny_all, app), Settlement::Ignored);
     }
 
     #[test]
     fn the_host_policy_outranks_an_equal_request_in_either_order() {
-        let host = Request { mode: Mode::Enforce, manifest: Some("/etc/picklegate/policy.toml"), host: true };
-        let env = Request { mode: Mode::Enforce, manifest: Some("env.toml"), host: false };
+        let host = Request {
+            mode: Mode::Enforce,
+            manifest: Some("/etc/picklegate/policy.toml"),
+            host: true,
+        };
+        let env = Request {
+            mode: Mode::Enforce,
+            manifest: Some("env.toml"),
+            host: false,
+        };
         assert_eq!(settle(env, host), Settlement::Replace);
         assert_eq!(settle(host, env), Settlement::Ignored);
-        let off = Request { mode: Mode::Off, manifest: None, host: false };
+        let off = Request {
+            mode: Mode::Off,
+            manifest: None,
+            host: false,
+        };
         assert_eq!(settle(host, off), Settlement::Ignored);
-        let deny_all = Request { mode: Mode::Enforce, manifest: None, host: false };
+        let deny_all = Request {
+            mode: Mode::Enforce,
+            manifest: None,
+            host: false,
+        };
         assert_eq!(settle(host, deny_all), Settlement::Replace);
         assert_eq!(settle(deny_all, host), Settlement::Ignored);
         assert_eq!(settle(host, host), Settlement::Unchanged);
@@ -771,6 +1262,9 @@ mod tests {
     fn modes_parse_with_a_clear_error() {
         assert_eq!(Mode::parse("ENFORCE"), Ok(Mode::Enforce));
         let err = Mode::parse("strict").unwrap_err();
-        assert!(err.contains("\"strict\"") && err.contains("enforce, warn, record, off"), "{err}");
+        assert!(
+            err.contains("\"strict\"") && err.contains("enforce, warn, record, off"),
+            "{err}"
+        );
     }
 }

@@ -52,7 +52,10 @@ pub struct RecordFile {
 impl RecordFile {
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = open_for_append(path, "the picklegate record file")?;
-        Ok(RecordFile { path: path.to_path_buf(), file })
+        Ok(RecordFile {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     pub fn append(&self, record: &Record) -> io::Result<()> {
@@ -87,18 +90,36 @@ pub fn parse_records(text: &str, file: &str) -> Result<Vec<Record>, RecordError>
         if line.trim().is_empty() {
             continue;
         }
-        let error = |message: String| RecordError { file: file.to_string(), line: index + 1, message };
+        let error = |message: String| RecordError {
+            file: file.to_string(),
+            line: index + 1,
+            message,
+        };
         let record: Record = serde_json::from_str(line)
             .map_err(|e| error(format!("not a picklegate record line: {e}")))?;
-        Digest::parse(&record.sha256).map_err(|e| error(format!("bad sha256 {:?}: {e}", record.sha256)))?;
+        Digest::parse(&record.sha256)
+            .map_err(|e| error(format!("bad sha256 {:?}: {e}", record.sha256)))?;
         if record.callsite.is_empty() || record.callsite.chars().any(char::is_whitespace) {
-            return Err(error(format!("bad callsite {:?}: expected module:qualname", record.callsite)));
+            return Err(error(format!(
+                "bad callsite {:?}: expected module:qualname",
+                record.callsite
+            )));
         }
-        if let Some(global) = record.globals.iter().find(|g| !g.contains('.') || g.chars().any(char::is_whitespace)) {
-            return Err(error(format!("bad global {global:?}: expected module.name")));
+        if let Some(global) = record
+            .globals
+            .iter()
+            .find(|g| !g.contains('.') || g.chars().any(char::is_whitespace))
+        {
+            return Err(error(format!(
+                "bad global {global:?}: expected module.name"
+            )));
         }
         if !record.classes.is_empty() && record.classes.len() != record.globals.len() {
-            return Err(error(format!("{} classes for {} globals", record.classes.len(), record.globals.len())));
+            return Err(error(format!(
+                "{} classes for {} globals",
+                record.classes.len(),
+                record.globals.len()
+            )));
         }
         records.push(record);
     }
@@ -108,8 +129,11 @@ pub fn parse_records(text: &str, file: &str) -> Result<Vec<Record>, RecordError>
 /// Reads and parses one record file.
 pub fn read_records(path: &Path) -> Result<Vec<Record>, RecordError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| RecordError { file: file.clone(), line: 0, message: format!("cannot read the record file: {e}") })?;
+    let text = std::fs::read_to_string(path).map_err(|e| RecordError {
+        file: file.clone(),
+        line: 0,
+        message: format!("cannot read the record file: {e}"),
+    })?;
     parse_records(&text, &file)
 }
 
@@ -133,7 +157,10 @@ pub(crate) mod tests {
 
     #[test]
     fn lines_round_trip() {
-        let records = vec![sample("app:load", b"a", Some("/data/a.pkl")), sample("app:other", b"b", None)];
+        let records = vec![
+            sample("app:load", b"a", Some("/data/a.pkl")),
+            sample("app:other", b"b", None),
+        ];
         let text: String = records.iter().map(Record::to_json_line).collect();
         assert_eq!(text.lines().count(), 2);
         assert_eq!(parse_records(&text, "r.jsonl").unwrap(), records);
@@ -144,16 +171,29 @@ pub(crate) mod tests {
         let good = sample("app:load", b"a", None).to_json_line();
         let err = parse_records(&format!("{good}\n{{\"time\": 1"), "r.jsonl").unwrap_err();
         assert_eq!((err.file.as_str(), err.line), ("r.jsonl", 3));
-        assert!(err.to_string().starts_with("r.jsonl:3: not a picklegate record line"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("r.jsonl:3: not a picklegate record line"),
+            "{err}"
+        );
 
         let bad_sha = good.replace(&Digest::of(b"a").to_hex(), "abc");
         let err = parse_records(&bad_sha, "r.jsonl").unwrap_err();
-        assert!(err.to_string().contains("r.jsonl:1: bad sha256 \"abc\""), "{err}");
+        assert!(
+            err.to_string().contains("r.jsonl:1: bad sha256 \"abc\""),
+            "{err}"
+        );
 
         let bad_callsite = good.replace("app:load", "app: load");
-        assert!(parse_records(&bad_callsite, "r").unwrap_err().message.contains("bad callsite"));
+        assert!(parse_records(&bad_callsite, "r")
+            .unwrap_err()
+            .message
+            .contains("bad callsite"));
         let extra_field = good.replace("{\"time\"", "{\"tyme\":1,\"time\"");
-        assert!(parse_records(&extra_field, "r").unwrap_err().message.contains("unknown field `tyme`"));
+        assert!(parse_records(&extra_field, "r")
+            .unwrap_err()
+            .message
+            .contains("unknown field `tyme`"));
     }
 
     #[test]
@@ -170,8 +210,17 @@ pub(crate) mod tests {
                 std::thread::spawn(move || {
                     let own = RecordFile::open(&path).unwrap();
                     for i in 0..500u32 {
-                        let record = sample(&format!("app:t{t}"), &i.to_le_bytes(), Some("/x".repeat(200).as_str()));
-                        if i % 2 == 0 { file.append(&record) } else { own.append(&record) }.unwrap();
+                        let record = sample(
+                            &format!("app:t{t}"),
+                            &i.to_le_bytes(),
+                            Some("/x".repeat(200).as_str()),
+                        );
+                        if i % 2 == 0 {
+                            file.append(&record)
+                        } else {
+                            own.append(&record)
+                        }
+                        .unwrap();
                     }
                 })
             })
@@ -187,12 +236,19 @@ pub(crate) mod tests {
         let [record] = parse_records(old, "r").unwrap().try_into().unwrap();
         assert!(!record.globals_complete && record.classes.is_empty());
         let mismatched = old.replace(r#""globals":[]"#, r#""globals":[],"classes":["data"]"#);
-        assert!(parse_records(&mismatched, "r").unwrap_err().message.contains("1 classes for 0 globals"));
+        assert!(parse_records(&mismatched, "r")
+            .unwrap_err()
+            .message
+            .contains("1 classes for 0 globals"));
     }
 
     #[test]
     fn unreadable_file_is_named() {
         let err = read_records(Path::new("/nonexistent/r.jsonl")).unwrap_err();
-        assert!(err.to_string().starts_with("/nonexistent/r.jsonl: cannot read"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/r.jsonl: cannot read"),
+            "{err}"
+        );
     }
 }

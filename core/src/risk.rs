@@ -49,11 +49,19 @@ pub struct Rule {
 }
 
 const fn code(pattern: &'static str, why: &'static str) -> Rule {
-    Rule { pattern, risk: Risk::Code, why }
+    Rule {
+        pattern,
+        risk: Risk::Code,
+        why,
+    }
 }
 
 const fn data(pattern: &'static str, why: &'static str) -> Rule {
-    Rule { pattern, risk: Risk::Data, why }
+    Rule {
+        pattern,
+        risk: Risk::Data,
+        why,
+    }
 }
 
 /// `code` entries are checked first: a global both lists match is `code`.
@@ -289,17 +297,29 @@ pub fn classify(module: &str, name: &str) -> (Risk, &'static str) {
         return (Risk::Code, "a dotted name: find_class follows attributes from the module, reaching what it imports [corpus]");
     }
     let module = python3_module(module);
-    let matching = |risk: Risk| RULES.iter().find(|r| r.risk == risk && rule_matches(r.pattern, module, name));
+    let matching = |risk: Risk| {
+        RULES
+            .iter()
+            .find(|r| r.risk == risk && rule_matches(r.pattern, module, name))
+    };
     match matching(Risk::Code).or_else(|| matching(Risk::Data)) {
         Some(rule) => (rule.risk, rule.why),
-        None => (Risk::Unknown, "not in picklegate's reviewed lists: its own code runs when it is built"),
+        None => (
+            Risk::Unknown,
+            "not in picklegate's reviewed lists: its own code runs when it is built",
+        ),
     }
 }
 
 fn rule_matches(pattern: &str, module: &str, name: &str) -> bool {
-    let (rule_module, rule_name) = pattern.rsplit_once('.').expect("every pattern is module.name");
+    let (rule_module, rule_name) = pattern
+        .rsplit_once('.')
+        .expect("every pattern is module.name");
     if rule_name == "*" {
-        return module == rule_module || module.strip_prefix(rule_module).is_some_and(|rest| rest.starts_with('.'));
+        return module == rule_module
+            || module
+                .strip_prefix(rule_module)
+                .is_some_and(|rest| rest.starts_with('.'));
     }
     module == rule_module && name_matches(rule_name.as_bytes(), name.as_bytes())
 }
@@ -330,27 +350,64 @@ mod tests {
     #[test]
     fn payload_gadgets_are_code() {
         for global in [
-            "os.system", "posix.system", "nt.system", "subprocess.Popen", "builtins.eval", "__builtin__.eval",
-            "builtins.getattr", "builtins.__import__", "pkgutil.resolve_name", "operator.attrgetter",
-            "functools.partial", "marshal.loads", "runpy._run_code", "torch._inductor.codecache.compile_file",
-            "importlib.import_module", "sys.modules", "pickle.loads", "_pickle.loads", "timeit.timeit",
-            "cProfile.run", "uuid._get_command_stdout", "imaplib.IMAP4_stream", "pydoc.pipepager",
-            "code.InteractiveInterpreter", "types.FunctionType", "builtins.map", "dill._dill._create_code",
-            "copy_reg.add_extension", "atexit.register", "torch.storage._load_from_bytes", "builtins.iter",
+            "os.system",
+            "posix.system",
+            "nt.system",
+            "subprocess.Popen",
+            "builtins.eval",
+            "__builtin__.eval",
+            "builtins.getattr",
+            "builtins.__import__",
+            "pkgutil.resolve_name",
+            "operator.attrgetter",
+            "functools.partial",
+            "marshal.loads",
+            "runpy._run_code",
+            "torch._inductor.codecache.compile_file",
+            "importlib.import_module",
+            "sys.modules",
+            "pickle.loads",
+            "_pickle.loads",
+            "timeit.timeit",
+            "cProfile.run",
+            "uuid._get_command_stdout",
+            "imaplib.IMAP4_stream",
+            "pydoc.pipepager",
+            "code.InteractiveInterpreter",
+            "types.FunctionType",
+            "builtins.map",
+            "dill._dill._create_code",
+            "copy_reg.add_extension",
+            "atexit.register",
+            "torch.storage._load_from_bytes",
+            "builtins.iter",
         ] {
             assert_eq!(class(global), Risk::Code, "{global}");
         }
         assert_eq!(classify("myapp.tasks", "os.system").0, Risk::Code);
-        assert_eq!(classify("collections", "OrderedDict.fromkeys").0, Risk::Code);
+        assert_eq!(
+            classify("collections", "OrderedDict.fromkeys").0,
+            Risk::Code
+        );
     }
 
     #[test]
     fn checkpoint_and_array_builders_are_data() {
         for global in [
-            "collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.FloatStorage", "torch.float32",
-            "torch.nn.parameter.Parameter", "numpy._core.multiarray._reconstruct", "numpy.dtype", "numpy.ndarray",
-            "joblib.numpy_pickle.NumpyArrayWrapper", "__builtin__.set", "_codecs.encode", "numpy.dtypes.Float64DType",
-            "torch.per_tensor_affine", "torch.LongTensor",
+            "collections.OrderedDict",
+            "torch._utils._rebuild_tensor_v2",
+            "torch.FloatStorage",
+            "torch.float32",
+            "torch.nn.parameter.Parameter",
+            "numpy._core.multiarray._reconstruct",
+            "numpy.dtype",
+            "numpy.ndarray",
+            "joblib.numpy_pickle.NumpyArrayWrapper",
+            "__builtin__.set",
+            "_codecs.encode",
+            "numpy.dtypes.Float64DType",
+            "torch.per_tensor_affine",
+            "torch.LongTensor",
         ] {
             assert_eq!(class(global), Risk::Data, "{global}");
         }
@@ -359,8 +416,12 @@ mod tests {
     #[test]
     fn library_classes_are_unknown() {
         for global in [
-            "sklearn.tree._classes.DecisionTreeClassifier", "torch.nn.modules.linear.Linear", "copyreg._reconstructor",
-            "builtins.object", "types.SimpleNamespace", "pandas.core.frame.DataFrame",
+            "sklearn.tree._classes.DecisionTreeClassifier",
+            "torch.nn.modules.linear.Linear",
+            "copyreg._reconstructor",
+            "builtins.object",
+            "types.SimpleNamespace",
+            "pandas.core.frame.DataFrame",
             "numpy.random._pickle.__randomstate_ctor",
         ] {
             assert_eq!(class(global), Risk::Unknown, "{global}");
@@ -376,9 +437,16 @@ mod tests {
         // a name pattern stays inside its module: torch.int* is not torch.internal.anything
         assert_eq!(classify("torch.interp", "run").0, Risk::Unknown);
         assert_eq!(classify("torch.nn.x", "EvilTensor").0, Risk::Unknown);
-        assert_eq!(class("os.path.join"), Risk::Code, "a module-wide entry covers its submodules");
+        assert_eq!(
+            class("os.path.join"),
+            Risk::Code,
+            "a module-wide entry covers its submodules"
+        );
         assert_eq!(class("osx.thing"), Risk::Unknown);
-        assert_eq!([Risk::Data, Risk::Code, Risk::Unknown].into_iter().min(), Some(Risk::Code));
+        assert_eq!(
+            [Risk::Data, Risk::Code, Risk::Unknown].into_iter().min(),
+            Some(Risk::Code)
+        );
     }
 
     #[test]

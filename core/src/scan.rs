@@ -34,7 +34,9 @@ impl Report {
     pub fn nameable_globals(&self) -> Result<Vec<Global>, String> {
         match self.unresolved.first() {
             None => Ok(self.globals.clone()),
-            Some(first) => Err(format!("{first} cannot be checked against the rule's globals")),
+            Some(first) => Err(format!(
+                "{first} cannot be checked against the rule's globals"
+            )),
         }
     }
 }
@@ -42,22 +44,46 @@ impl Report {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScanError {
     /// The input ends inside the opcode at `offset`; at least `needed` more bytes are required.
-    Truncated { offset: usize, opcode: &'static str, needed: usize },
-    UnknownOpcode { offset: usize, byte: u8 },
-    Malformed { offset: usize, opcode: &'static str, problem: String },
+    Truncated {
+        offset: usize,
+        opcode: &'static str,
+        needed: usize,
+    },
+    UnknownOpcode {
+        offset: usize,
+        byte: u8,
+    },
+    Malformed {
+        offset: usize,
+        opcode: &'static str,
+        problem: String,
+    },
 }
 
 impl fmt::Display for ScanError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ScanError::Truncated { offset, opcode, .. } => {
-                write!(f, "truncated pickle: input ends inside {opcode} at offset {offset}")
+                write!(
+                    f,
+                    "truncated pickle: input ends inside {opcode} at offset {offset}"
+                )
             }
             ScanError::UnknownOpcode { offset, byte } => {
-                write!(f, "not a pickle: unknown opcode 0x{byte:02x} at offset {offset}")
+                write!(
+                    f,
+                    "not a pickle: unknown opcode 0x{byte:02x} at offset {offset}"
+                )
             }
-            ScanError::Malformed { offset, opcode, problem } => {
-                write!(f, "malformed pickle: {opcode} at offset {offset}: {problem}")
+            ScanError::Malformed {
+                offset,
+                opcode,
+                problem,
+            } => {
+                write!(
+                    f,
+                    "malformed pickle: {opcode} at offset {offset}: {problem}"
+                )
             }
         }
     }
@@ -127,12 +153,14 @@ impl Dtype {
         match (self.state, fixed) {
             (Some((_, flags)), _) if flags & DTYPE_HAS_OBJECT != 0 => Ok(Element::Object),
             (Some(_), Some(size)) => Ok(Element::Bytes(size)),
-            (Some((elsize, _)), None) if flexible => {
-                u64::try_from(elsize).map(Element::Bytes).map_err(|_| format!("dtype {code} has a negative itemsize {elsize}"))
-            }
+            (Some((elsize, _)), None) if flexible => u64::try_from(elsize)
+                .map(Element::Bytes)
+                .map_err(|_| format!("dtype {code} has a negative itemsize {elsize}")),
             (None, Some(_)) if code == "O8" => Ok(Element::Object),
             (None, Some(size)) => Ok(Element::Bytes(size)),
-            (None, None) if flexible => Err(format!("dtype {code} has no pickled state giving its itemsize")),
+            (None, None) if flexible => Err(format!(
+                "dtype {code} has no pickled state giving its itemsize"
+            )),
             _ => Err(format!("dtype code {code:?} is not one numpy pickles")),
         }
     }
@@ -143,8 +171,13 @@ impl Dtype {
         let parsed = match state {
             Item::Tuple(items) => match items.as_slice() {
                 [Item::Int(3), _, _, _, _, Item::Int(elsize), Item::Int(_), Item::Int(flags)]
-                | [Item::Int(4), _, _, _, _, Item::Int(elsize), Item::Int(_), Item::Int(flags), _] => Ok((*elsize, *flags)),
-                [Item::Int(version), ..] => Err(format!("dtype state version {version} with {} fields is not one numpy writes", items.len())),
+                | [Item::Int(4), _, _, _, _, Item::Int(elsize), Item::Int(_), Item::Int(flags), _] => {
+                    Ok((*elsize, *flags))
+                }
+                [Item::Int(version), ..] => Err(format!(
+                    "dtype state version {version} with {} fields is not one numpy writes",
+                    items.len()
+                )),
                 _ => Err("dtype state tuple does not start with its version".to_string()),
             },
             _ => Err("dtype state is not a tuple of plain values".to_string()),
@@ -213,7 +246,10 @@ pub fn scan(bytes: &[u8]) -> Result<Report, ScanError> {
 /// of any key this pickle did not store (an earlier load's object) is an error. A pickle mixing
 /// PUT and MEMOIZE on such an unpickler cannot be numbered without the earlier keys: an error too.
 pub fn scan_after(bytes: &[u8], memo_before: u64) -> Result<Report, ScanError> {
-    let mut scanner = Scanner { memo_before, ..Default::default() };
+    let mut scanner = Scanner {
+        memo_before,
+        ..Default::default()
+    };
     match scanner.feed(bytes)? {
         Progress::Done(report) => Ok(report),
         Progress::NeedMore(_) => Err(scanner.truncation(bytes)),
@@ -238,7 +274,9 @@ impl<'a> Cursor<'a> {
                 self.at = end;
                 Arg::Bytes(bytes)
             }
-            _ => Arg::Missing(Need::Bytes(n.saturating_sub(self.buf.len() - self.at).max(1))),
+            _ => Arg::Missing(Need::Bytes(
+                n.saturating_sub(self.buf.len() - self.at).max(1),
+            )),
         }
     }
 
@@ -255,26 +293,81 @@ impl<'a> Cursor<'a> {
 }
 
 fn le_uint(bytes: &[u8]) -> u64 {
-    bytes.iter().rev().fold(0u64, |acc, &b| (acc << 8) | b as u64)
+    bytes
+        .iter()
+        .rev()
+        .fold(0u64, |acc, &b| (acc << 8) | b as u64)
 }
 
 fn opcode_name(op: u8) -> Option<&'static str> {
     Some(match op {
-        b'(' => "MARK", b'.' => "STOP", b'0' => "POP", b'1' => "POP_MARK", b'2' => "DUP",
-        b'F' => "FLOAT", b'I' => "INT", b'J' => "BININT", b'K' => "BININT1", b'L' => "LONG",
-        b'M' => "BININT2", b'N' => "NONE", b'P' => "PERSID", b'Q' => "BINPERSID", b'R' => "REDUCE",
-        b'S' => "STRING", b'T' => "BINSTRING", b'U' => "SHORT_BINSTRING", b'V' => "UNICODE",
-        b'X' => "BINUNICODE", b'a' => "APPEND", b'b' => "BUILD", b'c' => "GLOBAL", b'd' => "DICT",
-        b'}' => "EMPTY_DICT", b'e' => "APPENDS", b'g' => "GET", b'h' => "BINGET", b'i' => "INST",
-        b'j' => "LONG_BINGET", b'l' => "LIST", b']' => "EMPTY_LIST", b'o' => "OBJ", b'p' => "PUT",
-        b'q' => "BINPUT", b'r' => "LONG_BINPUT", b's' => "SETITEM", b't' => "TUPLE",
-        b')' => "EMPTY_TUPLE", b'u' => "SETITEMS", b'G' => "BINFLOAT",
-        0x80 => "PROTO", 0x81 => "NEWOBJ", 0x82 => "EXT1", 0x83 => "EXT2", 0x84 => "EXT4",
-        0x85 => "TUPLE1", 0x86 => "TUPLE2", 0x87 => "TUPLE3", 0x88 => "NEWTRUE", 0x89 => "NEWFALSE",
-        0x8a => "LONG1", 0x8b => "LONG4", b'B' => "BINBYTES", b'C' => "SHORT_BINBYTES",
-        0x8c => "SHORT_BINUNICODE", 0x8d => "BINUNICODE8", 0x8e => "BINBYTES8", 0x8f => "EMPTY_SET",
-        0x90 => "ADDITEMS", 0x91 => "FROZENSET", 0x92 => "NEWOBJ_EX", 0x93 => "STACK_GLOBAL",
-        0x94 => "MEMOIZE", 0x95 => "FRAME", 0x96 => "BYTEARRAY8", 0x97 => "NEXT_BUFFER",
+        b'(' => "MARK",
+        b'.' => "STOP",
+        b'0' => "POP",
+        b'1' => "POP_MARK",
+        b'2' => "DUP",
+        b'F' => "FLOAT",
+        b'I' => "INT",
+        b'J' => "BININT",
+        b'K' => "BININT1",
+        b'L' => "LONG",
+        b'M' => "BININT2",
+        b'N' => "NONE",
+        b'P' => "PERSID",
+        b'Q' => "BINPERSID",
+        b'R' => "REDUCE",
+        b'S' => "STRING",
+        b'T' => "BINSTRING",
+        b'U' => "SHORT_BINSTRING",
+        b'V' => "UNICODE",
+        b'X' => "BINUNICODE",
+        b'a' => "APPEND",
+        b'b' => "BUILD",
+        b'c' => "GLOBAL",
+        b'd' => "DICT",
+        b'}' => "EMPTY_DICT",
+        b'e' => "APPENDS",
+        b'g' => "GET",
+        b'h' => "BINGET",
+        b'i' => "INST",
+        b'j' => "LONG_BINGET",
+        b'l' => "LIST",
+        b']' => "EMPTY_LIST",
+        b'o' => "OBJ",
+        b'p' => "PUT",
+        b'q' => "BINPUT",
+        b'r' => "LONG_BINPUT",
+        b's' => "SETITEM",
+        b't' => "TUPLE",
+        b')' => "EMPTY_TUPLE",
+        b'u' => "SETITEMS",
+        b'G' => "BINFLOAT",
+        0x80 => "PROTO",
+        0x81 => "NEWOBJ",
+        0x82 => "EXT1",
+        0x83 => "EXT2",
+        0x84 => "EXT4",
+        0x85 => "TUPLE1",
+        0x86 => "TUPLE2",
+        0x87 => "TUPLE3",
+        0x88 => "NEWTRUE",
+        0x89 => "NEWFALSE",
+        0x8a => "LONG1",
+        0x8b => "LONG4",
+        b'B' => "BINBYTES",
+        b'C' => "SHORT_BINBYTES",
+        0x8c => "SHORT_BINUNICODE",
+        0x8d => "BINUNICODE8",
+        0x8e => "BINBYTES8",
+        0x8f => "EMPTY_SET",
+        0x90 => "ADDITEMS",
+        0x91 => "FROZENSET",
+        0x92 => "NEWOBJ_EX",
+        0x93 => "STACK_GLOBAL",
+        0x94 => "MEMOIZE",
+        0x95 => "FRAME",
+        0x96 => "BYTEARRAY8",
+        0x97 => "NEXT_BUFFER",
         0x98 => "READONLY_BUFFER",
         _ => return None,
     })
@@ -283,8 +376,19 @@ fn opcode_name(op: u8) -> Option<&'static str> {
 fn is_risky(name: &str) -> bool {
     matches!(
         name,
-        "GLOBAL" | "STACK_GLOBAL" | "INST" | "OBJ" | "REDUCE" | "BUILD" | "NEWOBJ" | "NEWOBJ_EX"
-            | "EXT1" | "EXT2" | "EXT4" | "PERSID" | "BINPERSID"
+        "GLOBAL"
+            | "STACK_GLOBAL"
+            | "INST"
+            | "OBJ"
+            | "REDUCE"
+            | "BUILD"
+            | "NEWOBJ"
+            | "NEWOBJ_EX"
+            | "EXT1"
+            | "EXT2"
+            | "EXT4"
+            | "PERSID"
+            | "BINPERSID"
     )
 }
 
@@ -314,7 +418,10 @@ impl Scanner {
             let Some(&op) = buf.get(start) else {
                 return Ok(Progress::NeedMore(self.hint(buf, Need::Bytes(1))));
             };
-            let name = opcode_name(op).ok_or(ScanError::UnknownOpcode { offset: start, byte: op })?;
+            let name = opcode_name(op).ok_or(ScanError::UnknownOpcode {
+                offset: start,
+                byte: op,
+            })?;
             let mut cur = Cursor { buf, at: start + 1 };
             match self.step(op, name, &mut cur, start)? {
                 Some(need) => return Ok(Progress::NeedMore(self.hint(buf, need))),
@@ -336,7 +443,10 @@ impl Scanner {
     /// A scanner that reads the stream as `joblib.load` does: after the BUILD of each
     /// NumpyArrayWrapper come the array's raw bytes (or, for object arrays, a nested pickle).
     pub fn for_joblib() -> Self {
-        Scanner { joblib: true, ..Default::default() }
+        Scanner {
+            joblib: true,
+            ..Default::default()
+        }
     }
 
     /// When the scan waits for a joblib array's raw bytes: where they lie in the input. joblib
@@ -352,12 +462,19 @@ impl Scanner {
 
     /// The error for input that ended before STOP.
     pub fn truncation(&self, buf: &[u8]) -> ScanError {
-        let opcode = buf.get(self.pos).and_then(|&b| opcode_name(b)).unwrap_or("an opcode (no STOP)");
+        let opcode = buf
+            .get(self.pos)
+            .and_then(|&b| opcode_name(b))
+            .unwrap_or("an opcode (no STOP)");
         let needed = match self.hint(buf, Need::Bytes(1)) {
             Need::Bytes(n) => n,
             Need::Line => 1,
         };
-        ScanError::Truncated { offset: self.pos, opcode, needed }
+        ScanError::Truncated {
+            offset: self.pos,
+            opcode,
+            needed,
+        }
     }
 
     /// Inside a frame, ask for the whole rest of the frame at once.
@@ -371,10 +488,19 @@ impl Scanner {
     }
 
     fn malformed(offset: usize, opcode: &'static str, problem: impl Into<String>) -> ScanError {
-        ScanError::Malformed { offset, opcode, problem: problem.into() }
+        ScanError::Malformed {
+            offset,
+            opcode,
+            problem: problem.into(),
+        }
     }
 
-    fn pop(&mut self, n: usize, offset: usize, opcode: &'static str) -> Result<Vec<Item>, ScanError> {
+    fn pop(
+        &mut self,
+        n: usize,
+        offset: usize,
+        opcode: &'static str,
+    ) -> Result<Vec<Item>, ScanError> {
         let floor = self.marks.last().copied().unwrap_or(0);
         if self.stack.len() < floor + n {
             return Err(Self::malformed(offset, opcode, "stack underflow"));
@@ -383,17 +509,30 @@ impl Scanner {
     }
 
     fn pop_mark(&mut self, offset: usize, opcode: &'static str) -> Result<Vec<Item>, ScanError> {
-        let mark = self.marks.pop().ok_or_else(|| Self::malformed(offset, opcode, "no MARK on the stack"))?;
+        let mark = self
+            .marks
+            .pop()
+            .ok_or_else(|| Self::malformed(offset, opcode, "no MARK on the stack"))?;
         Self::refuse_wrapper_class(self.stack.split_off(mark), offset, opcode)
     }
 
     /// joblib's NumpyArrayWrapper class may only be instantiated the way joblib does (NEWOBJ
     /// with no arguments): any other use could make a wrapper this scanner would not follow.
-    fn refuse_wrapper_class(items: Vec<Item>, offset: usize, opcode: &'static str) -> Result<Vec<Item>, ScanError> {
-        if matches!(opcode, "NEWOBJ" | "POP" | "POP_MARK" | "STOP") || !items.iter().any(|i| matches!(i, Item::WrapperClass)) {
+    fn refuse_wrapper_class(
+        items: Vec<Item>,
+        offset: usize,
+        opcode: &'static str,
+    ) -> Result<Vec<Item>, ScanError> {
+        if matches!(opcode, "NEWOBJ" | "POP" | "POP_MARK" | "STOP")
+            || !items.iter().any(|i| matches!(i, Item::WrapperClass))
+        {
             return Ok(items);
         }
-        Err(Self::malformed(offset, opcode, "joblib's NumpyArrayWrapper used other than as joblib writes it"))
+        Err(Self::malformed(
+            offset,
+            opcode,
+            "joblib's NumpyArrayWrapper used other than as joblib writes it",
+        ))
     }
 
     fn top(&self, offset: usize, opcode: &'static str) -> Result<Item, ScanError> {
@@ -412,7 +551,8 @@ impl Scanner {
     }
 
     fn text_line(bytes: &[u8], offset: usize, opcode: &'static str) -> Result<String, ScanError> {
-        String::from_utf8(bytes.to_vec()).map_err(|_| Self::malformed(offset, opcode, "argument is not UTF-8"))
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| Self::malformed(offset, opcode, "argument is not UTF-8"))
     }
 
     fn memo_index(bytes: &[u8], offset: usize, opcode: &'static str) -> Result<u64, ScanError> {
@@ -423,7 +563,13 @@ impl Scanner {
     }
 
     /// Applies one opcode. Returns what is missing when the input ends inside it.
-    fn step(&mut self, op: u8, name: &'static str, cur: &mut Cursor<'_>, at: usize) -> Result<Option<Need>, ScanError> {
+    fn step(
+        &mut self,
+        op: u8,
+        name: &'static str,
+        cur: &mut Cursor<'_>,
+        at: usize,
+    ) -> Result<Option<Need>, ScanError> {
         macro_rules! arg {
             ($e:expr) => {
                 match $e {
@@ -432,7 +578,30 @@ impl Scanner {
                 }
             };
         }
-        if op >= 0x80 || matches!(op, b'J' | b'K' | b'M' | b'T' | b'U' | b'X' | b'G' | b'B' | b'C' | b'h' | b'j' | b'q' | b'r' | b'Q' | b'}' | b']' | b')' | b'e' | b'u' | b'o') {
+        if op >= 0x80
+            || matches!(
+                op,
+                b'J' | b'K'
+                    | b'M'
+                    | b'T'
+                    | b'U'
+                    | b'X'
+                    | b'G'
+                    | b'B'
+                    | b'C'
+                    | b'h'
+                    | b'j'
+                    | b'q'
+                    | b'r'
+                    | b'Q'
+                    | b'}'
+                    | b']'
+                    | b')'
+                    | b'e'
+                    | b'u'
+                    | b'o'
+            )
+        {
             self.saw_binary = true;
         }
         match op {
@@ -456,7 +625,10 @@ impl Scanner {
             }
             b'F' | b'I' | b'L' => {
                 let text = arg!(cur.line());
-                let int = std::str::from_utf8(text).ok().map(|t| t.trim_end_matches('L')).and_then(|t| t.parse().ok());
+                let int = std::str::from_utf8(text)
+                    .ok()
+                    .map(|t| t.trim_end_matches('L'))
+                    .and_then(|t| t.parse().ok());
                 self.stack.push(match int {
                     Some(value) if op != b'F' && self.joblib => Item::Int(value),
                     _ => Item::Other,
@@ -466,9 +638,18 @@ impl Scanner {
                 let value = i32::from_le_bytes(arg!(cur.take(4)).try_into().expect("4 bytes"));
                 self.push_int(value.into());
             }
-            b'K' => { let value = le_uint(arg!(cur.take(1))); self.push_int(value as i64); }
-            b'M' => { let value = le_uint(arg!(cur.take(2))); self.push_int(value as i64); }
-            b'G' => { arg!(cur.take(8)); self.stack.push(Item::Other); }
+            b'K' => {
+                let value = le_uint(arg!(cur.take(1)));
+                self.push_int(value as i64);
+            }
+            b'M' => {
+                let value = le_uint(arg!(cur.take(2)));
+                self.push_int(value as i64);
+            }
+            b'G' => {
+                arg!(cur.take(8));
+                self.stack.push(Item::Other);
+            }
             0x8a | 0x8b => {
                 let width = if op == 0x8a { 1 } else { 4 };
                 let len = le_uint(arg!(cur.take(width))) as usize;
@@ -490,7 +671,8 @@ impl Scanner {
             0x88 | 0x89 | b'}' | b']' | 0x8f | 0x97 => self.stack.push(Item::Other),
             b'S' => {
                 let text = arg!(cur.line());
-                let item = quoted_text(text).ok_or_else(|| Self::malformed(at, name, "STRING argument is not quoted"))?;
+                let item = quoted_text(text)
+                    .ok_or_else(|| Self::malformed(at, name, "STRING argument is not quoted"))?;
                 self.stack.push(item);
             }
             b'V' => {
@@ -507,10 +689,15 @@ impl Scanner {
                 if op == b'T' && len > i32::MAX as u64 {
                     return Err(Self::malformed(at, name, "negative length"));
                 }
-                let len = usize::try_from(len).map_err(|_| Self::malformed(at, name, "length does not fit in memory"))?;
+                let len = usize::try_from(len)
+                    .map_err(|_| Self::malformed(at, name, "length does not fit in memory"))?;
                 let data = arg!(cur.take(len));
                 let is_text = matches!(op, b'T' | b'U' | b'X' | 0x8c | 0x8d);
-                self.stack.push(if is_text { plain_text(data) } else { Item::Other });
+                self.stack.push(if is_text {
+                    plain_text(data)
+                } else {
+                    Item::Other
+                });
             }
             0x98 => {
                 self.top(at, name)?;
@@ -589,7 +776,11 @@ impl Scanner {
                 if op == b'i' {
                     self.pop_mark(at, name)?;
                     if matches!(class, Item::WrapperClass) {
-                        return Err(Self::malformed(at, name, "joblib's NumpyArrayWrapper used other than as joblib writes it"));
+                        return Err(Self::malformed(
+                            at,
+                            name,
+                            "joblib's NumpyArrayWrapper used other than as joblib writes it",
+                        ));
                     }
                     self.stack.push(Item::Other);
                 } else {
@@ -604,16 +795,24 @@ impl Scanner {
                         self.class_item(module, attr)
                     }
                     _ => {
-                        self.report.unresolved.push(format!("STACK_GLOBAL at offset {at} with names computed at load time"));
+                        self.report.unresolved.push(format!(
+                            "STACK_GLOBAL at offset {at} with names computed at load time"
+                        ));
                         Item::Other
                     }
                 };
                 self.stack.push(class);
             }
             0x82..=0x84 => {
-                let width = match op { 0x82 => 1, 0x83 => 2, _ => 4 };
+                let width = match op {
+                    0x82 => 1,
+                    0x83 => 2,
+                    _ => 4,
+                };
                 let code = le_uint(arg!(cur.take(width)));
-                self.report.unresolved.push(format!("{name} extension code {code} at offset {at} (copyreg registry)"));
+                self.report.unresolved.push(format!(
+                    "{name} extension code {code} at offset {at} (copyreg registry)"
+                ));
                 self.stack.push(Item::Other);
             }
             b'P' => {
@@ -636,7 +835,10 @@ impl Scanner {
                 }
                 let mut operands = self.pop(2, at, name)?;
                 if let Item::Dtype(dtype) = &operands[0] {
-                    dtype.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).set_state(&operands[1]);
+                    dtype
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .set_state(&operands[1]);
                 }
                 // BUILD leaves the object on the stack; joblib replaces a wrapper with its array.
                 self.stack.push(match operands.swap_remove(0) {
@@ -652,7 +854,11 @@ impl Scanner {
                         Item::Wrapper(self.wrappers_made)
                     }
                     (Item::WrapperClass, _) => {
-                        return Err(Self::malformed(at, name, "joblib's NumpyArrayWrapper made with arguments"))
+                        return Err(Self::malformed(
+                            at,
+                            name,
+                            "joblib's NumpyArrayWrapper made with arguments",
+                        ))
                     }
                     _ => Item::Other,
                 });
@@ -671,17 +877,29 @@ impl Scanner {
             0x80 => {
                 let version = arg!(cur.take(1))[0];
                 if version > 5 {
-                    return Err(Self::malformed(at, name, format!("unsupported protocol {version}")));
+                    return Err(Self::malformed(
+                        at,
+                        name,
+                        format!("unsupported protocol {version}"),
+                    ));
                 }
                 self.proto = Some(version);
             }
             0x95 => {
                 let len = le_uint(arg!(cur.take(8)));
-                self.frame_end = usize::try_from(len).ok().and_then(|l| cur.at.checked_add(l)).ok_or_else(|| {
-                    Self::malformed(at, name, "frame length does not fit in memory")
-                })?;
+                self.frame_end = usize::try_from(len)
+                    .ok()
+                    .and_then(|l| cur.at.checked_add(l))
+                    .ok_or_else(|| {
+                        Self::malformed(at, name, "frame length does not fit in memory")
+                    })?;
             }
-            _ => return Err(ScanError::UnknownOpcode { offset: at, byte: op }),
+            _ => {
+                return Err(ScanError::UnknownOpcode {
+                    offset: at,
+                    byte: op,
+                })
+            }
         }
         Ok(None)
     }
@@ -690,11 +908,19 @@ impl Scanner {
 /// Value tracking, only as deep as joblib's arrays need: where each array's raw bytes end.
 impl Scanner {
     fn push_int(&mut self, value: i64) {
-        self.stack.push(if self.joblib { Item::Int(value) } else { Item::Other });
+        self.stack.push(if self.joblib {
+            Item::Int(value)
+        } else {
+            Item::Other
+        });
     }
 
     fn push_tuple(&mut self, items: Vec<Item>) {
-        self.stack.push(if self.joblib { Item::Tuple(items) } else { Item::Other });
+        self.stack.push(if self.joblib {
+            Item::Tuple(items)
+        } else {
+            Item::Other
+        });
     }
 
     fn class_item(&self, module: &str, name: &str) -> Item {
@@ -709,9 +935,16 @@ impl Scanner {
     /// `numpy.dtype(code, ...)`: its size is known once its BUILD state is seen (or, for codes
     /// with a fixed size, without it).
     fn reduced(callable: &Item, args: &Item) -> Item {
-        let (Item::DtypeClass, Item::Tuple(args)) = (callable, args) else { return Item::Other };
-        let Some(Item::Str(code)) = args.first() else { return Item::Other };
-        Item::Dtype(Arc::new(Mutex::new(Dtype { code: code.clone(), ..Default::default() })))
+        let (Item::DtypeClass, Item::Tuple(args)) = (callable, args) else {
+            return Item::Other;
+        };
+        let Some(Item::Str(code)) = args.first() else {
+            return Item::Other;
+        };
+        Item::Dtype(Arc::new(Mutex::new(Dtype {
+            code: code.clone(),
+            ..Default::default()
+        })))
     }
 
     /// SETITEM(S) and DICT: pairs go into a tracked dict (the last value of a key wins).
@@ -728,23 +961,43 @@ impl Scanner {
     /// At a BUILD of a NumpyArrayWrapper, steps over what joblib reads next: an alignment pad and
     /// the array's bytes, or a nested pickle for an object array. Anything it cannot size exactly
     /// is an error, so a scan never resynchronises somewhere joblib would not.
-    fn skip_joblib_array(&mut self, cur: &mut Cursor<'_>, at: usize, name: &'static str) -> Result<Option<Need>, ScanError> {
+    fn skip_joblib_array(
+        &mut self,
+        cur: &mut Cursor<'_>,
+        at: usize,
+        name: &'static str,
+    ) -> Result<Option<Need>, ScanError> {
         let floor = self.marks.last().copied().unwrap_or(0);
-        let Some(wrapper_at) = self.stack.len().checked_sub(2).filter(|&i| i >= floor) else { return Ok(None) };
-        let Item::Wrapper(id) = self.stack[wrapper_at] else { return Ok(None) };
-        let bad = |problem: &str| Self::malformed(at, name, format!("joblib NumpyArrayWrapper: {problem}"));
+        let Some(wrapper_at) = self.stack.len().checked_sub(2).filter(|&i| i >= floor) else {
+            return Ok(None);
+        };
+        let Item::Wrapper(id) = self.stack[wrapper_at] else {
+            return Ok(None);
+        };
+        let bad = |problem: &str| {
+            Self::malformed(at, name, format!("joblib NumpyArrayWrapper: {problem}"))
+        };
         if self.wrappers_built.contains(&id) {
             return Err(bad("built twice"));
         }
         if cur.at < self.frame_end {
             // joblib reads the array from the file, after the frame the unpickler has buffered.
-            return Err(bad("BUILD inside a frame: the array bytes would not follow it"));
+            return Err(bad(
+                "BUILD inside a frame: the array bytes would not follow it",
+            ));
         }
-        let Item::Dict(state) = &self.stack[wrapper_at + 1] else { return Err(bad("state is not a dict")) };
-        let state = state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let Item::Dict(state) = &self.stack[wrapper_at + 1] else {
+            return Err(bad("state is not a dict"));
+        };
+        let state = state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
         let mut fields: HashMap<&str, &Item> = HashMap::new();
         for (key, value) in &state {
-            let Item::Str(key) = key else { return Err(bad("state has a key that is not a plain string")) };
+            let Item::Str(key) = key else {
+                return Err(bad("state has a key that is not a plain string"));
+            };
             fields.insert(key.as_str(), value);
         }
         let count = match fields.get("shape") {
@@ -756,8 +1009,16 @@ impl Scanner {
         }
         .ok_or_else(|| bad("shape is not a tuple of sizes"))?;
         let element = match fields.get("dtype") {
-            Some(Item::Dtype(dtype)) => dtype.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).element().map_err(|p| bad(&p))?,
-            _ => return Err(bad("dtype is not a numpy.dtype made by numpy.dtype(code, align, copy)")),
+            Some(Item::Dtype(dtype)) => dtype
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .element()
+                .map_err(|p| bad(&p))?,
+            _ => {
+                return Err(bad(
+                    "dtype is not a numpy.dtype made by numpy.dtype(code, align, copy)",
+                ))
+            }
         };
         match element {
             Element::Object => {
@@ -771,11 +1032,18 @@ impl Scanner {
                         self.merge(report);
                     }
                     Ok(Progress::NeedMore(need)) => return Ok(Some(need)),
-                    Err(e) => return Err(bad(&format!("object array pickle at offset {}: {e}", cur.at))),
+                    Err(e) => {
+                        return Err(bad(&format!(
+                            "object array pickle at offset {}: {e}",
+                            cur.at
+                        )))
+                    }
                 }
             }
             Element::Bytes(size) => {
-                let aligned = fields.get("numpy_array_alignment_bytes").is_some_and(|v| !matches!(v, Item::None));
+                let aligned = fields
+                    .get("numpy_array_alignment_bytes")
+                    .is_some_and(|v| !matches!(v, Item::None));
                 if aligned {
                     let pad = le_uint(match cur.take(1) {
                         Arg::Bytes(b) => b,
@@ -785,7 +1053,10 @@ impl Scanner {
                         return Ok(Some(need));
                     }
                 }
-                let bytes = count.checked_mul(size).and_then(|n| usize::try_from(n).ok()).ok_or_else(|| bad("array size overflows"))?;
+                let bytes = count
+                    .checked_mul(size)
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| bad("array size overflows"))?;
                 let start = cur.at;
                 if let Arg::Missing(need) = cur.take(bytes) {
                     self.pending_array = Some(start..start.saturating_add(bytes));
@@ -832,7 +1103,10 @@ mod tests {
     fn stack_global_with_memoized_names() {
         let r = scan(ODICT_P4).unwrap();
         assert_eq!(r.protocol, 4);
-        assert_eq!(r.globals, vec![("collections".to_string(), "OrderedDict".to_string())]);
+        assert_eq!(
+            r.globals,
+            vec![("collections".to_string(), "OrderedDict".to_string())]
+        );
         assert_eq!(r.risky_opcodes.get("REDUCE"), Some(&1));
     }
 
@@ -869,7 +1143,10 @@ mod tests {
         // PUT then MEMOIZE cannot be numbered without the earlier keys
         let mixed = b"\x80\x04\x8c\x01xq\x00\x8c\x01y\x94.";
         assert!(scan(mixed).is_ok());
-        assert!(scan_after(mixed, 3).unwrap_err().to_string().contains("PUT and MEMOIZE mixed"));
+        assert!(scan_after(mixed, 3)
+            .unwrap_err()
+            .to_string()
+            .contains("PUT and MEMOIZE mixed"));
         // protocol 2 (explicit BINPUT keys) stays exact
         let put = b"\x80\x02X\x01\x00\x00\x00xq\x05h\x05\x86.";
         assert!(scan_after(put, 7).is_ok());
@@ -883,7 +1160,10 @@ mod tests {
         assert!(scan(ext).unwrap().unresolved[0].contains("EXT1 extension code 1"));
         // A trust rule may not take them on faith: a cached EXT code resolves with no audit event.
         let err = scan(ext).unwrap().nameable_globals().unwrap_err();
-        assert!(err.contains("EXT1 extension code 1") && err.contains("cannot be checked"), "{err}");
+        assert!(
+            err.contains("EXT1 extension code 1") && err.contains("cannot be checked"),
+            "{err}"
+        );
         assert!(scan(computed).unwrap().nameable_globals().is_err());
         assert_eq!(scan(ODICT_P4).unwrap().nameable_globals().unwrap().len(), 1);
     }
@@ -902,7 +1182,9 @@ mod tests {
         for input in [DICT_P2, ODICT_P4, SYSTEM_P0] {
             for cut in 0..input.len() {
                 match scan(&input[..cut]) {
-                    Err(ScanError::Truncated { offset, needed, .. }) => assert!(offset <= cut && needed >= 1),
+                    Err(ScanError::Truncated { offset, needed, .. }) => {
+                        assert!(offset <= cut && needed >= 1)
+                    }
                     other => panic!("prefix of {cut} bytes: {other:?}"),
                 }
             }
@@ -911,7 +1193,13 @@ mod tests {
 
     #[test]
     fn garbage_is_named() {
-        assert_eq!(scan(b"\xff\x00"), Err(ScanError::UnknownOpcode { offset: 0, byte: 0xff }));
+        assert_eq!(
+            scan(b"\xff\x00"),
+            Err(ScanError::UnknownOpcode {
+                offset: 0,
+                byte: 0xff
+            })
+        );
         let err = scan(b"\x80\x02h\x05.").unwrap_err();
         assert!(err.to_string().contains("BINGET at offset 2"), "{err}");
         let err = scan(b"t.").unwrap_err();
@@ -923,12 +1211,21 @@ mod tests {
     #[test]
     fn streaming_asks_for_exactly_what_is_missing() {
         let mut scanner = Scanner::default();
-        assert_eq!(scanner.feed(&ODICT_P4[..3]).unwrap(), Progress::NeedMore(Need::Bytes(8)));
+        assert_eq!(
+            scanner.feed(&ODICT_P4[..3]).unwrap(),
+            Progress::NeedMore(Need::Bytes(8))
+        );
         // After the FRAME header the scanner asks for the whole frame.
-        assert_eq!(scanner.feed(&ODICT_P4[..11]).unwrap(), Progress::NeedMore(Need::Bytes(34)));
+        assert_eq!(
+            scanner.feed(&ODICT_P4[..11]).unwrap(),
+            Progress::NeedMore(Need::Bytes(34))
+        );
         assert!(matches!(scanner.feed(ODICT_P4).unwrap(), Progress::Done(_)));
         let mut text = Scanner::default();
-        assert_eq!(text.feed(b"cposix\nsys").unwrap(), Progress::NeedMore(Need::Line));
+        assert_eq!(
+            text.feed(b"cposix\nsys").unwrap(),
+            Progress::NeedMore(Need::Line)
+        );
     }
 
     #[test]
@@ -942,11 +1239,28 @@ mod tests {
         for (data, protocol) in vectors {
             let report = scan(data).unwrap();
             assert_eq!(report.protocol, protocol);
-            let names: Vec<String> = report.globals.iter().map(|(m, n)| format!("{m}.{n}")).collect();
-            assert_eq!(names[..2], ["collections.OrderedDict".to_string(), "fractions.Fraction".to_string()]);
-            assert_eq!(names.iter().any(|n| n.ends_with(".set")), protocol < 4, "{names:?}");
+            let names: Vec<String> = report
+                .globals
+                .iter()
+                .map(|(m, n)| format!("{m}.{n}"))
+                .collect();
+            assert_eq!(
+                names[..2],
+                [
+                    "collections.OrderedDict".to_string(),
+                    "fractions.Fraction".to_string()
+                ]
+            );
+            assert_eq!(
+                names.iter().any(|n| n.ends_with(".set")),
+                protocol < 4,
+                "{names:?}"
+            );
             for cut in 0..data.len() {
-                assert!(matches!(scan(&data[..cut]), Err(ScanError::Truncated { .. })), "protocol {protocol}, prefix {cut}");
+                assert!(
+                    matches!(scan(&data[..cut]), Err(ScanError::Truncated { .. })),
+                    "protocol {protocol}, prefix {cut}"
+                );
             }
         }
     }
@@ -956,7 +1270,11 @@ mod tests {
     const JOBLIB_ARRAYS: &[u8] = b"\x80\x04\x95\xd8\x00\x00\x00\x00\x00\x00\x00}\x94(\x8c\x01w\x94\x8c\x13joblib.numpy_pickle\x94\x8c\x11NumpyArrayWrapper\x94\x93\x94)\x81\x94}\x94(\x8c\x08subclass\x94\x8c\x05numpy\x94\x8c\x07ndarray\x94\x93\x94\x8c\x05shape\x94K\x03\x85\x94\x8c\x05order\x94\x8c\x01C\x94\x8c\x05dtype\x94h\x08\x8c\x05dtype\x94\x93\x94\x8c\x02f8\x94\x89\x88\x87\x94R\x94(K\x03\x8c\x01<\x94NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t\x94b\x8c\x0aallow_mmap\x94\x88\x8c\x1bnumpy_array_alignment_bytes\x94K\x10ub\x0c\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\xf0?\x00\x00\x00\x00\x00\x00\x00@\x95K\x00\x00\x00\x00\x00\x00\x00\x8c\x01o\x94h\x04)\x81\x94}\x94(h\x07h\x0ah\x0bK\x01\x85\x94h\x0dh\x0eh\x0fh\x11\x8c\x02O8\x94\x89\x88\x87\x94R\x94(K\x03\x8c\x01|\x94NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?t\x94bh\x17\x89h\x18K\x10ub\x80\x05\x95\xaa\x00\x00\x00\x00\x00\x00\x00\x8c\x16numpy._core.multiarray\x94\x8c\x0c_reconstruct\x94\x93\x94\x8c\x05numpy\x94\x8c\x07ndarray\x94\x93\x94K\x00\x85\x94C\x01b\x94\x87\x94R\x94(K\x01K\x01\x85\x94h\x03\x8c\x05dtype\x94\x93\x94\x8c\x02O8\x94\x89\x88\x87\x94R\x94(K\x03\x8c\x01|\x94NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?t\x94b\x89]\x94\x8c\x09fractions\x94\x8c\x08Fraction\x94\x93\x94K\x01K\x03\x86\x94R\x94at\x94b.\x95+\x00\x00\x00\x00\x00\x00\x00\x8c\x05after\x94\x8c\x0bcollections\x94\x8c\x0bOrderedDict\x94\x93\x94)R\x94u.";
 
     fn names(report: &Report) -> Vec<String> {
-        report.globals.iter().map(|(m, n)| format!("{m}.{n}")).collect()
+        report
+            .globals
+            .iter()
+            .map(|(m, n)| format!("{m}.{n}"))
+            .collect()
     }
 
     fn scan_joblib(data: &[u8]) -> Result<Report, ScanError> {
@@ -972,11 +1290,22 @@ mod tests {
         let report = scan_joblib(JOBLIB_ARRAYS).unwrap();
         assert_eq!((report.end, report.trailing), (JOBLIB_ARRAYS.len(), 0));
         let found = names(&report);
-        for expected in ["joblib.numpy_pickle.NumpyArrayWrapper", "numpy.dtype", "fractions.Fraction", "collections.OrderedDict"] {
-            assert!(found.contains(&expected.to_string()), "{expected} missing from {found:?}");
+        for expected in [
+            "joblib.numpy_pickle.NumpyArrayWrapper",
+            "numpy.dtype",
+            "fractions.Fraction",
+            "collections.OrderedDict",
+        ] {
+            assert!(
+                found.contains(&expected.to_string()),
+                "{expected} missing from {found:?}"
+            );
         }
         // Read as a plain pickle, the raw array bytes are not opcodes.
-        assert!(matches!(scan(JOBLIB_ARRAYS), Err(ScanError::UnknownOpcode { .. })));
+        assert!(matches!(
+            scan(JOBLIB_ARRAYS),
+            Err(ScanError::UnknownOpcode { .. })
+        ));
         for cut in 0..JOBLIB_ARRAYS.len() {
             assert!(scan_joblib(&JOBLIB_ARRAYS[..cut]).is_err(), "prefix {cut}");
         }
@@ -984,12 +1313,19 @@ mod tests {
 
     #[test]
     fn a_joblib_scan_waiting_for_raw_array_bytes_says_where_they_lie() {
-        let build = JOBLIB_ARRAYS.windows(3).position(|w| w == b"ub\x0c").unwrap();
+        let build = JOBLIB_ARRAYS
+            .windows(3)
+            .position(|w| w == b"ub\x0c")
+            .unwrap();
         let array = build + 3 + 12..build + 3 + 12 + 24; // pad length byte, 12 pad bytes, 3 float64
         for cut in 0..JOBLIB_ARRAYS.len() {
             let mut scanner = Scanner::for_joblib();
-            let waiting = matches!(scanner.feed(&JOBLIB_ARRAYS[..cut]), Ok(Progress::NeedMore(_)));
-            let expected = (waiting && cut >= array.start && cut < array.end).then(|| array.clone());
+            let waiting = matches!(
+                scanner.feed(&JOBLIB_ARRAYS[..cut]),
+                Ok(Progress::NeedMore(_))
+            );
+            let expected =
+                (waiting && cut >= array.start && cut < array.end).then(|| array.clone());
             assert_eq!(scanner.pending_array(), expected, "prefix {cut}");
         }
     }
@@ -1003,10 +1339,20 @@ mod tests {
     #[test]
     fn joblib_dtypes_are_sized_by_their_pickled_state() {
         let report = scan_joblib(JOBLIB_SIZED_BY_STATE).unwrap();
-        assert_eq!((report.end, report.trailing), (JOBLIB_SIZED_BY_STATE.len(), 0));
-        assert!(names(&report).contains(&"collections.OrderedDict".to_string()), "{:?}", names(&report));
+        assert_eq!(
+            (report.end, report.trailing),
+            (JOBLIB_SIZED_BY_STATE.len(), 0)
+        );
+        assert!(
+            names(&report).contains(&"collections.OrderedDict".to_string()),
+            "{:?}",
+            names(&report)
+        );
         for cut in 0..JOBLIB_SIZED_BY_STATE.len() {
-            assert!(scan_joblib(&JOBLIB_SIZED_BY_STATE[..cut]).is_err(), "prefix {cut}");
+            assert!(
+                scan_joblib(&JOBLIB_SIZED_BY_STATE[..cut]).is_err(),
+                "prefix {cut}"
+            );
         }
     }
 
@@ -1026,7 +1372,14 @@ mod tests {
 
     #[test]
     fn dtype_state_decides_size_and_objects_as_numpy_does() {
-        let dtype = |code: &str, state: Option<(i64, i64)>| Dtype { code: code.into(), state, bad_state: None }.element();
+        let dtype = |code: &str, state: Option<(i64, i64)>| {
+            Dtype {
+                code: code.into(),
+                state,
+                bad_state: None,
+            }
+            .element()
+        };
         assert_eq!(dtype("U3", Some((12, 8))), Ok(Element::Bytes(12)));
         assert_eq!(dtype("V56", Some((56, 0))), Ok(Element::Bytes(56)));
         // numpy ignores the state's elsize for fixed-size codes, and takes hasobject from its flags
@@ -1036,9 +1389,16 @@ mod tests {
         assert_eq!(dtype("O8", Some((-1, 0))), Ok(Element::Bytes(8)));
         assert_eq!(dtype("O8", None), Ok(Element::Object));
         assert!(dtype("U3", None).unwrap_err().contains("no pickled state"));
-        assert!(dtype("float64", Some((8, 0))).unwrap_err().contains("not one numpy pickles"));
-        assert!(dtype("V4", Some((-5, 0))).unwrap_err().contains("negative itemsize"));
-        let mut odd = Dtype { code: "U3".into(), ..Default::default() };
+        assert!(dtype("float64", Some((8, 0)))
+            .unwrap_err()
+            .contains("not one numpy pickles"));
+        assert!(dtype("V4", Some((-5, 0)))
+            .unwrap_err()
+            .contains("negative itemsize"));
+        let mut odd = Dtype {
+            code: "U3".into(),
+            ..Default::default()
+        };
         odd.set_state(&Item::Tuple(vec![Item::Int(2), Item::Other]));
         assert!(odd.element().unwrap_err().contains("version 2"));
     }
@@ -1063,6 +1423,9 @@ mod tests {
         assert!(err.to_string().contains("inside a frame"), "{err}");
         // built twice through the memo
         let twice = [class.as_slice(), b")\x81\x94}(\x8c\x05shape)\x8c\x05dtype\x8c\x05numpy\x8c\x05dtype\x93\x8c\x02f8\x89\x88\x87Rub\x00\x00\x00\x00\x00\x00\x00\x000h\x00}b."].concat();
-        assert!(scan_joblib(&twice).unwrap_err().to_string().contains("built twice"));
+        assert!(scan_joblib(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("built twice"));
     }
 }

@@ -6,7 +6,9 @@ use libfuzzer_sys::fuzz_target;
 use picklegate_core::manifest::{Manifest, ManifestError};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     match Manifest::parse(text, "fuzz.toml") {
         Ok(manifest) => {
             for entry in &manifest.allow {
@@ -14,7 +16,10 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Err(ManifestError::Invalid { line, column, .. }) => {
-            assert!(line >= 1 && column >= 1 && line <= text.lines().count().max(1) + 1, "bad position {line}:{column}");
+            assert!(
+                line >= 1 && column >= 1 && line <= text.lines().count().max(1) + 1,
+                "bad position {line}:{column}"
+            );
         }
         Err(error) => panic!("parsing text cannot fail to read: {error}"),
     }

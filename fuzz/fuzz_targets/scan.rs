@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
                 }
                 let more = match need {
                     Need::Bytes(n) => n,
-                    Need::Line => data[seen..].iter().position(|&b| b == b'\n').map_or(data.len() - seen, |i| i + 1),
+                    Need::Line => data[seen..]
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map_or(data.len() - seen, |i| i + 1),
                 };
                 assert!(more >= 1, "the scanner asked for nothing");
                 seen = seen.saturating_add(more).min(data.len());
@@ -30,7 +33,10 @@ fuzz_target!(|data: &[u8]| {
         }
     };
     match (&whole, &streamed) {
-        (Ok(a), Ok(b)) => assert_eq!((&a.globals, &a.unresolved, a.end), (&b.globals, &b.unresolved, b.end)),
+        (Ok(a), Ok(b)) => assert_eq!(
+            (&a.globals, &a.unresolved, a.end),
+            (&b.globals, &b.unresolved, b.end)
+        ),
         (Err(_), Err(_)) => {}
         _ => panic!("whole scan {whole:?} and streamed scan {streamed:?} disagree"),
     }

@@ -68,8 +68,13 @@ extern "C" fn constructor() {
     let Some(package) = own_directory() else {
         return stop("cannot find the directory of its own library (dladdr failed)");
     };
-    let bootstrap = CString::new(bootstrap_statement(&package, host)).expect("hex digits contain no NUL");
-    let _ = INTERPRETER.set(Interpreter { is_initialized, run_string, bootstrap });
+    let bootstrap =
+        CString::new(bootstrap_statement(&package, host)).expect("hex digits contain no NUL");
+    let _ = INTERPRETER.set(Interpreter {
+        is_initialized,
+        run_string,
+        bootstrap,
+    });
     if unsafe { add_audit_hook(hook, std::ptr::null_mut()) } != 0 {
         stop("PySys_AddAuditHook refused its hook");
     }
@@ -77,7 +82,9 @@ extern "C" fn constructor() {
 
 /// True when the operator asked for picklegate; empty values count as unset, as for `PYTHON*`.
 fn configured() -> bool {
-    ["PICKLEGATE_POLICY", "PICKLEGATE_MODE"].iter().any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
+    ["PICKLEGATE_POLICY", "PICKLEGATE_MODE"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
 }
 
 /// The host policy file and its directory: not symlinks, owned by root, writable by no one else.
@@ -85,17 +92,38 @@ fn host_policy_is_root_owned() -> Result<(), String> {
     let file = Path::new(HOST_POLICY);
     let directory = file.parent().expect("the host policy has a directory");
     for (path, want_dir) in [(directory, true), (file, false)] {
-        let meta = path.symlink_metadata().map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let kind_ok = if want_dir { meta.is_dir() } else { meta.is_file() };
+        let meta = path
+            .symlink_metadata()
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let kind_ok = if want_dir {
+            meta.is_dir()
+        } else {
+            meta.is_file()
+        };
         if !kind_ok {
-            let kind = if want_dir { "a directory" } else { "a regular file" };
-            return Err(format!("{} is not {kind} (symlinks are refused)", path.display()));
+            let kind = if want_dir {
+                "a directory"
+            } else {
+                "a regular file"
+            };
+            return Err(format!(
+                "{} is not {kind} (symlinks are refused)",
+                path.display()
+            ));
         }
         if meta.uid() != 0 {
-            return Err(format!("{} is owned by uid {}, not by root", path.display(), meta.uid()));
+            return Err(format!(
+                "{} is owned by uid {}, not by root",
+                path.display(),
+                meta.uid()
+            ));
         }
         if meta.mode() & 0o022 != 0 {
-            return Err(format!("{} is writable by others than root (mode {:o})", path.display(), meta.mode() & 0o7777));
+            return Err(format!(
+                "{} is writable by others than root (mode {:o})",
+                path.display(),
+                meta.mode() & 0o7777
+            ));
         }
     }
     Ok(())
@@ -108,7 +136,10 @@ fn lenient() -> bool {
         return false;
     }
     let mode = std::env::var("PICKLEGATE_MODE").unwrap_or_default();
-    matches!(mode.trim().to_ascii_lowercase().as_str(), "warn" | "record" | "off")
+    matches!(
+        mode.trim().to_ascii_lowercase().as_str(),
+        "warn" | "record" | "off"
+    )
 }
 
 /// Reports a failure to set picklegate up; in `enforce` the process stops rather than run unguarded.
@@ -136,7 +167,10 @@ fn own_directory() -> Option<PathBuf> {
     }
     let file = OsStr::from_bytes(unsafe { CStr::from_ptr(info.dli_fname) }.to_bytes());
     // Resolve a relative LD_PRELOAD path now, before the program can change directory.
-    std::fs::canonicalize(file).ok()?.parent().map(PathBuf::from)
+    std::fs::canonicalize(file)
+        .ok()?
+        .parent()
+        .map(PathBuf::from)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -145,7 +179,11 @@ fn hex(bytes: &[u8]) -> String {
 
 /// One expression statement, so nothing is bound in `__main__`; hex keeps any path byte intact.
 fn bootstrap_statement(package: &Path, host: bool) -> String {
-    let host_policy = if host { format!("'{HOST_POLICY}'") } else { "None".to_string() };
+    let host_policy = if host {
+        format!("'{HOST_POLICY}'")
+    } else {
+        "None".to_string()
+    };
     format!(
         "exec(bytes.fromhex('{}').decode(), {{'__name__': 'picklegate-preload', 'LOCATION': __import__('os').fsdecode(bytes.fromhex('{}')), 'HOST_POLICY': {host_policy}}})",
         hex(include_str!("bootstrap.py").as_bytes()),
@@ -156,10 +194,15 @@ fn bootstrap_statement(package: &Path, host: bool) -> String {
 /// The program is about to run (`cpython.run_*`), or an embedding application imports a module
 /// after `Py_Initialize` finished: from here on, Python code may run.
 fn started(event: &[u8], interpreter: &Interpreter) -> bool {
-    event.starts_with(b"cpython.run_") || (event == b"import" && unsafe { (interpreter.is_initialized)() } != 0)
+    event.starts_with(b"cpython.run_")
+        || (event == b"import" && unsafe { (interpreter.is_initialized)() } != 0)
 }
 
-unsafe extern "C" fn hook(event: *const c_char, _args: *mut c_void, _user_data: *mut c_void) -> c_int {
+unsafe extern "C" fn hook(
+    event: *const c_char,
+    _args: *mut c_void,
+    _user_data: *mut c_void,
+) -> c_int {
     let event = CStr::from_ptr(event).to_bytes();
     if event == SELF_CHECK {
         SELF_CHECK_SEEN.store(true, Ordering::SeqCst);
@@ -168,8 +211,14 @@ unsafe extern "C" fn hook(event: *const c_char, _args: *mut c_void, _user_data: 
     if STATE.load(Ordering::Acquire) != PENDING {
         return 0;
     }
-    let Some(interpreter) = INTERPRETER.get() else { return 0 };
-    if !started(event, interpreter) || STATE.compare_exchange(PENDING, RUNNING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+    let Some(interpreter) = INTERPRETER.get() else {
+        return 0;
+    };
+    if !started(event, interpreter)
+        || STATE
+            .compare_exchange(PENDING, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+    {
         return 0;
     }
     let status = (interpreter.run_string)(interpreter.bootstrap.as_ptr(), std::ptr::null_mut());
