@@ -14,7 +14,7 @@ use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::capi::PySys_AddAuditHook;
+use crate::ffi::PySys_AddAuditHook;
 
 const FIND_CLASS: &[u8] = b"pickle.find_class";
 const SELF_CHECK: &str = "picklegate.audit-hook-check";
@@ -22,8 +22,11 @@ const SELF_CHECK: &str = "picklegate.audit-hook-check";
 static REGISTERED: AtomicBool = AtomicBool::new(false);
 static SELF_CHECK_SEEN: AtomicBool = AtomicBool::new(false);
 
+/// # Safety
+/// Called by CPython only, as a PEP 578 hook: GIL held, `event` a C string, `args` a tuple.
 unsafe extern "C" fn hook(event: *const c_char, args: *mut ffi::PyObject, _: *mut c_void) -> c_int {
-    let name = CStr::from_ptr(event).to_bytes();
+    // SAFETY: CPython passes the event name as a NUL-terminated string that outlives the call.
+    let name = unsafe { CStr::from_ptr(event) }.to_bytes();
     if name == SELF_CHECK.as_bytes() {
         SELF_CHECK_SEEN.store(true, Ordering::SeqCst);
         return 0;
@@ -31,9 +34,11 @@ unsafe extern "C" fn hook(event: *const c_char, args: *mut ffi::PyObject, _: *mu
     if name != FIND_CLASS {
         return 0;
     }
-    let py = Python::assume_attached();
+    // SAFETY: CPython runs audit hooks with the GIL held (`PySys_Audit` requires it).
+    let py = unsafe { Python::assume_attached() };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let args = Bound::from_borrowed_ptr(py, args);
+        // SAFETY: `args` is the event's argument tuple, alive for the duration of the hook.
+        let args = unsafe { Bound::from_borrowed_ptr(py, args) };
         judge(py, &args)
     }));
     match outcome {

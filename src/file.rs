@@ -27,8 +27,11 @@ struct Region {
     cap: usize,
 }
 
-// The mapping is owned by one `Region`: reads go through `&self`, writes need `&mut self`.
+// SAFETY: the mapping belongs to this `Region` alone (nothing else holds `ptr`), like a `Box<[u8]>`:
+// moving it to another thread moves the ownership, and `munmap` in `Drop` runs once, wherever.
 unsafe impl Send for Region {}
+// SAFETY: shared access only reads (`slice` takes `&self`); every write (`slice_mut`, `release`)
+// takes `&mut self`, so the borrow checker rules out a write racing a read, as for `[u8]`.
 unsafe impl Sync for Region {}
 
 impl Region {
@@ -38,6 +41,8 @@ impl Region {
         let cap = cap.max(1);
         let flags =
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if populate { libc::MAP_POPULATE } else { 0 };
+        // SAFETY: an anonymous private mapping at an address of the kernel's choice: no file, no
+        // existing memory is touched; failure is MAP_FAILED, checked below.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -56,6 +61,8 @@ impl Region {
         // them: a 2 MiB page around a few pinned bytes would stay resident.)
         #[cfg(target_os = "linux")]
         if populate {
+            // SAFETY: `ptr..ptr + cap` is the mapping just made; MADV_HUGEPAGE is only a hint and
+            // does not change its contents (a failure is harmless and ignored).
             unsafe { libc::madvise(ptr, cap, libc::MADV_HUGEPAGE) };
         }
         Ok(Region {
@@ -66,11 +73,15 @@ impl Region {
 
     fn slice(&self, range: std::ops::Range<usize>) -> &[u8] {
         assert!(range.start <= range.end && range.end <= self.cap);
+        // SAFETY: the range is inside the mapping (asserted), which lives as long as `self`, is
+        // readable and zero-filled where never written; `&self` rules out a concurrent write.
         unsafe { std::slice::from_raw_parts(self.ptr.add(range.start), range.end - range.start) }
     }
 
     fn slice_mut(&mut self, range: std::ops::Range<usize>) -> &mut [u8] {
         assert!(range.start <= range.end && range.end <= self.cap);
+        // SAFETY: the range is inside the mapping (asserted), which is writable and lives as long
+        // as `self`; `&mut self` makes this the only slice of it.
         unsafe {
             std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.end - range.start)
         }
@@ -79,6 +90,9 @@ impl Region {
     /// Gives the pages of `range` (page-aligned) back; they read as zeros afterwards.
     fn release(&mut self, range: std::ops::Range<usize>) {
         if range.end > range.start {
+            // SAFETY: the caller passes a page-aligned range inside the mapping (`&mut self`: no
+            // slice of it is borrowed); MADV_DONTNEED on a private anonymous mapping only turns
+            // those pages back into zero pages, which `slice` may still read.
             unsafe {
                 libc::madvise(
                     self.ptr.add(range.start) as *mut libc::c_void,
@@ -92,11 +106,14 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
+        // SAFETY: `ptr`/`cap` are exactly the mapping made in `new`, unmapped once, here; no slice
+        // of it can outlive `self`.
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.cap) };
     }
 }
 
 fn page_size() -> usize {
+    // SAFETY: `sysconf` only reads a system constant.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize
 }
 
@@ -192,6 +209,8 @@ impl HashedFile {
     #[new]
     fn new(py: Python<'_>, fd: i32, offset: u64) -> PyResult<Self> {
         // Borrow the descriptor: its owner (a Python file object) closes it, not us.
+        // SAFETY: `ManuallyDrop` never closes `fd`, so the `File` only borrows it, for this call,
+        // while the Python caller keeps its file object (and so the descriptor) open.
         let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
         let (region, len, sha) = py
             .detach(|| read_hashed(&file, offset))
@@ -694,6 +713,8 @@ impl PinnedFile {
                 )))
             }
         };
+        // SAFETY: `ManuallyDrop` never closes `fd`, so the `File` only borrows it, for this call,
+        // while the Python caller keeps its file object (and so the descriptor) open.
         let borrowed = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
         let file = borrowed
             .try_clone()

@@ -1,11 +1,13 @@
 //! `picklegate._core`: the thin pyo3 layer over `picklegate-core`. It converts types, keeps the
 //! process-wide state, registers the audit hook, and raises one Python exception per core error.
 
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
 mod audit;
 mod buffer;
 mod callsite;
-mod capi;
 mod errors;
+mod ffi;
 mod file;
 mod interpose;
 mod inventory;
@@ -87,7 +89,7 @@ impl StreamScanner {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    capi::load()?;
+    ffi::load()?;
     m.add_function(wrap_pyfunction!(sha256, m)?)?;
     m.add_function(wrap_pyfunction!(sha256_file, m)?)?;
     m.add_function(wrap_pyfunction!(state::configure, m)?)?;

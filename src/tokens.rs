@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 static SCOPE_VAR: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
-use crate::capi::PyContextVar_Get;
+use crate::ffi::PyContextVar_Get;
 
 /// Remembers the context variable that holds the scope (`picklegate._scope.SCOPE`), once.
 pub fn register_scope_var(py: Python<'_>, var: Py<PyAny>) {
@@ -27,12 +27,15 @@ pub fn current_scope(py: Python<'_>) -> PyResult<Bound<'_, ScopeObj>> {
         return Bound::new(py, ScopeObj::new());
     };
     let mut value: *mut ffi::PyObject = std::ptr::null_mut();
+    // SAFETY: the GIL is held (`py`); `var` is the `ContextVar` `picklegate._scope` registered,
+    // alive in `SCOPE_VAR`; a null default is allowed; `value` is writable.
     if unsafe { PyContextVar_Get(var.as_ptr(), std::ptr::null_mut(), &mut value) } != 0 {
         return Err(PyErr::fetch(py));
     }
     if value.is_null() {
         return Bound::new(py, ScopeObj::new());
     }
+    // SAFETY: on success `PyContextVar_Get` stores a new reference (checked non-null above).
     let value = unsafe { Bound::from_owned_ptr(py, value) };
     value.cast_into::<ScopeObj>().map_err(PyErr::from)
 }
