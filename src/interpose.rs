@@ -6,7 +6,7 @@
 //! write; where one is not recognised, `enforce` refuses to run unless the operator opted in to
 //! the audit-hook backstop alone (`PICKLEGATE_BACKSTOP_ONLY=1`, `install(backstop_only=True)`).
 
-use crate::errors;
+use crate::errors::Error;
 use crate::ffi::{
     CFunctionHead, DefiningClassFastCall, FastCallKeywords, MethodDef, MethodDescrHead, NoArgs,
     METH_FASTCALL, METH_KEYWORDS, METH_METHOD, METH_NOARGS,
@@ -517,11 +517,18 @@ fn missing_redirects(py: Python<'_>) -> Vec<String> {
 }
 
 /// Reads `PICKLEGATE_BACKSTOP_ONLY`: `1` accepts backstop-only enforcement; empty or `0` does not.
-fn backstop_only_from_environment(py: Python<'_>) -> PyResult<bool> {
-    match std::env::var("PICKLEGATE_BACKSTOP_ONLY").as_deref() {
-        Err(_) | Ok("") | Ok("0") => Ok(false),
-        Ok("1") => Ok(true),
-        Ok(other) => Err(errors::policy_error(py, format!("PICKLEGATE_BACKSTOP_ONLY={other:?}: expected 1 (accept backstop-only enforcement) or 0"))),
+fn backstop_only_from_environment() -> Result<bool, Error> {
+    backstop_only(std::env::var("PICKLEGATE_BACKSTOP_ONLY").ok().as_deref())
+}
+
+/// The value of `PICKLEGATE_BACKSTOP_ONLY` (`None`: unset) as a choice, or why it is none.
+fn backstop_only(setting: Option<&str>) -> Result<bool, Error> {
+    match setting {
+        None | Some("") | Some("0") => Ok(false),
+        Some("1") => Ok(true),
+        Some(other) => Err(Error::Policy(format!(
+            "PICKLEGATE_BACKSTOP_ONLY={other:?}: expected 1 (accept backstop-only enforcement) or 0"
+        ))),
     }
 }
 
@@ -536,7 +543,7 @@ pub fn accept_backstop_only() {
 /// unless the operator accepted backstop-only enforcement, which is then said on stderr once.
 /// Called after every activation; other modes run with what is redirected.
 #[pyfunction]
-pub fn require_full_interposition(py: Python<'_>) -> PyResult<()> {
+pub fn require_full_interposition(py: Python<'_>) -> Result<(), Error> {
     if state::current().is_none_or(|gate| gate.policy.mode != Mode::Enforce) {
         return Ok(());
     }
@@ -545,7 +552,7 @@ pub fn require_full_interposition(py: Python<'_>) -> PyResult<()> {
         return Ok(());
     }
     let what = missing.join("; ");
-    if BACKSTOP_ONLY.load(Ordering::SeqCst) || backstop_only_from_environment(py)? {
+    if BACKSTOP_ONLY.load(Ordering::SeqCst) || backstop_only_from_environment()? {
         if !BACKSTOP_ONLY_SAID.swap(true, Ordering::SeqCst) {
             let message = format!(
                 "picklegate: WARNING: enforce runs BACKSTOP-ONLY, as the operator chose (PICKLEGATE_BACKSTOP_ONLY / \
@@ -558,13 +565,52 @@ pub fn require_full_interposition(py: Python<'_>) -> PyResult<()> {
         }
         return Ok(());
     }
-    Err(errors::policy_error(
-        py,
-        format!(
+    Err(Error::Policy(format!(
             "enforce cannot give its full guarantee on this Python (CPython {}): not redirected: {what}. \
              Refusing to run weaker. To run with the audit-hook backstop alone, set PICKLEGATE_BACKSTOP_ONLY=1 \
              (or install(..., backstop_only=True))",
             running_version(py)
-        ),
-    ))
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_known_cpython_has_the_unpickler_load_of_its_source() {
+        for minor in 9..=11 {
+            assert_eq!(known_layout((3, minor)), Some(UnpicklerLoadLayout::NoArgs));
+        }
+        for minor in 12..=14 {
+            assert_eq!(
+                known_layout((3, minor)),
+                Some(UnpicklerLoadLayout::DefiningClass)
+            );
+        }
+        for unknown in [(3, 8), (3, 15), (4, 0), (2, 7)] {
+            assert_eq!(known_layout(unknown), None, "{unknown:?}");
+        }
+        assert_eq!(UnpicklerLoadLayout::NoArgs.flags(), 0x0004);
+        assert_eq!(UnpicklerLoadLayout::DefiningClass.flags(), 0x0282);
+    }
+
+    #[test]
+    fn backstop_only_is_opted_into_by_1_alone() {
+        assert!(!backstop_only(None).unwrap());
+        assert!(!backstop_only(Some("")).unwrap());
+        assert!(!backstop_only(Some("0")).unwrap());
+        assert!(backstop_only(Some("1")).unwrap());
+        for wrong in ["yes", "true", " 1", "2"] {
+            let error = backstop_only(Some(wrong)).unwrap_err();
+            assert!(matches!(error, Error::Policy(_)));
+            assert!(
+                error
+                    .message()
+                    .starts_with(&format!("PICKLEGATE_BACKSTOP_ONLY={wrong:?}: expected 1")),
+                "{}",
+                error.message()
+            );
+        }
+    }
 }

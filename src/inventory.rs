@@ -1,7 +1,7 @@
 //! The CLI's inventory commands over the core: `scan` (pickles inside any supported file),
 //! `freeze` (record files to a manifest) and `verify` (which files a manifest lists).
 
-use crate::errors;
+use crate::errors::Result;
 use parking_lot::Mutex;
 use picklegate_core::callsite::global_matches;
 use picklegate_core::container::{scan_path, Scanned};
@@ -162,26 +162,19 @@ pub fn scan_files(py: Python<'_>, paths: Vec<PathBuf>, allow: Vec<String>) -> St
 /// The manifest text for the record files at `records`, merged into `merge` when given.
 #[pyfunction]
 #[pyo3(signature = (records, merge=None))]
-pub fn freeze_records(
-    py: Python<'_>,
-    records: Vec<PathBuf>,
-    merge: Option<PathBuf>,
-) -> PyResult<String> {
-    let existing = merge
-        .map(|p| Manifest::load(&p))
-        .transpose()
-        .map_err(|e| errors::manifest_error(py, &e))?;
+pub fn freeze_records(records: Vec<PathBuf>, merge: Option<PathBuf>) -> Result<String> {
+    let existing = merge.map(|p| Manifest::load(&p)).transpose()?;
     let mut all = Vec::new();
     for path in &records {
-        all.extend(read_records(path).map_err(|e| errors::policy_error(py, e.to_string()))?);
+        all.extend(read_records(path)?);
     }
     Ok(freeze(&all, existing.as_ref()))
 }
 
 /// The `(sha256, callsite)` of every `[[allow]]` entry; a malformed manifest is a `PolicyError`.
 #[pyfunction]
-pub fn manifest_entries(py: Python<'_>, path: PathBuf) -> PyResult<Vec<(String, String)>> {
-    let manifest = Manifest::load(&path).map_err(|e| errors::manifest_error(py, &e))?;
+pub fn manifest_entries(path: PathBuf) -> Result<Vec<(String, String)>> {
+    let manifest = Manifest::load(&path)?;
     Ok(manifest
         .allow
         .iter()

@@ -1,10 +1,9 @@
 //! The token API's objects: `Token`, which Python code cannot construct, and `Scope`, the
 //! immutable narrowing stack that `picklegate._scope` keeps in a context variable.
 
-use crate::errors;
+use crate::errors::Error;
 use picklegate_core::hash::Digest;
 use picklegate_core::policy::{Origin, Scope, TokenFacts};
-use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -106,20 +105,16 @@ impl ScopeObj {
     #[pyo3(signature = (token, thread, task, only_objects=None))]
     fn allow(
         &self,
-        py: Python<'_>,
         token: &Bound<'_, PyAny>,
         thread: u64,
         task: u64,
         only_objects: Option<Vec<String>>,
-    ) -> PyResult<ScopeObj> {
+    ) -> Result<ScopeObj, Error> {
         let Ok(token) = token.cast::<Token>() else {
-            return Err(errors::bad_token_message(
-                py,
-                format!(
-                    "allow_pickles() refused the token: {} is not a token made by picklegate.no_pickles()",
-                    token.repr().map(|r| r.to_string()).unwrap_or_else(|_| "the object".into())
-                ),
-            ));
+            let repr = token.repr().map(|r| r.to_string());
+            return Err(Error::NotAToken {
+                repr: repr.unwrap_or_else(|_| "the object".into()),
+            });
         };
         let token = token.get();
         let only = only_objects
@@ -127,11 +122,12 @@ impl ScopeObj {
                 names
                     .iter()
                     .map(|name| {
-                        Digest::parse(name).map_err(|e| {
-                            PyValueError::new_err(format!("only_objects entry {name:?}: {e}; write \"sha256:<64 hex digits>\""))
+                        Digest::parse(name).map_err(|error| Error::OnlyObjects {
+                            entry: name.clone(),
+                            error,
                         })
                     })
-                    .collect::<PyResult<HashSet<Digest>>>()
+                    .collect::<Result<HashSet<Digest>, Error>>()
             })
             .transpose()?;
         let facts = TokenFacts {
@@ -139,9 +135,7 @@ impl ScopeObj {
             origin: token.origin,
             open: token.open.load(Ordering::Acquire),
         };
-        self.inner
-            .allow(facts, Origin { thread, task }, only)
-            .map(|inner| ScopeObj { inner })
-            .map_err(|e| errors::bad_token(py, &e))
+        let inner = self.inner.allow(facts, Origin { thread, task }, only)?;
+        Ok(ScopeObj { inner })
     }
 }

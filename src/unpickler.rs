@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 use std::sync::OnceLock;
 
 /// Byte offsets of the fields in CPython's `UnpicklerObject`, learnt once by `learn_unpickler_layout`.
+#[derive(Debug)]
 struct Layout {
     /// `read`, `readinto`, `readline`, `peek`.
     methods: [usize; 4],
@@ -243,5 +244,89 @@ impl Drop for Swapped<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const METHODS: [usize; 4] = [0xa1, 0xa2, 0xa3, 0xa4];
+
+    /// Two probes as `learn_unpickler_layout` sees them: fields before `read` at word 8, the
+    /// counters (`input_len`, `next_read_idx`, `prefetched_idx`) just before it, or before the
+    /// two FRAME words where `frame` is set.
+    fn probes(frame: bool, served: usize, consumed: usize) -> (Vec<usize>, Vec<usize>) {
+        let mut fresh = vec![0x11; 16];
+        let mut loaded = vec![0x22; 16];
+        for (i, method) in METHODS.iter().enumerate() {
+            fresh[8 + i] = *method;
+        }
+        let counters = if frame { 3 } else { 5 };
+        loaded[counters..counters + 3].copy_from_slice(&[served, consumed, served]);
+        if frame {
+            loaded[6..8].copy_from_slice(&FRAME_AT_REST);
+        }
+        // The loaded probe's file has `read` and `readline` only.
+        loaded[8..12].copy_from_slice(&[0xb1, 0, 0xb3, 0]);
+        (fresh, loaded)
+    }
+
+    #[test]
+    fn finds_the_fields_before_the_frame_fix() {
+        let (fresh, loaded) = probes(false, 100, 40);
+        let layout = find_layout(&fresh, METHODS, &loaded, 100, 40).unwrap();
+        assert_eq!(layout.methods, [8, 9, 10, 11].map(|i| i * WORD));
+        assert_eq!(layout.counters, [5, 6, 7].map(|i| i * WORD));
+        assert_eq!(layout.frame, None);
+    }
+
+    #[test]
+    fn finds_the_frame_fields_of_3_13_15_and_3_14_7() {
+        let (fresh, loaded) = probes(true, 100, 40);
+        let layout = find_layout(&fresh, METHODS, &loaded, 100, 40).unwrap();
+        assert_eq!(layout.counters, [3, 4, 5].map(|i| i * WORD));
+        assert_eq!(layout.frame, Some([6 * WORD, 7 * WORD]));
+    }
+
+    #[test]
+    fn refuses_a_method_found_twice_or_not_at_all() {
+        let (mut fresh, loaded) = probes(false, 100, 40);
+        fresh[2] = METHODS[1];
+        let why = find_layout(&fresh, METHODS, &loaded, 100, 40).unwrap_err();
+        assert_eq!(why, "a file method was found in 2 places");
+        fresh[2] = 0;
+        fresh[9] = 0;
+        let why = find_layout(&fresh, METHODS, &loaded, 100, 40).unwrap_err();
+        assert_eq!(why, "a file method was found in 0 places");
+    }
+
+    #[test]
+    fn refuses_counters_that_do_not_show_the_load() {
+        let (fresh, loaded) = probes(false, 100, 40);
+        let why = find_layout(&fresh, METHODS, &loaded, 100, 41).unwrap_err();
+        assert_eq!(
+            why,
+            "input counters read [100, 40, 100], expected [100, 41, 100]"
+        );
+    }
+
+    #[test]
+    fn refuses_file_methods_that_moved_in_the_loaded_probe() {
+        let (fresh, mut loaded) = probes(false, 100, 40);
+        loaded[9] = 0xb2; // a `readinto` the loaded probe's file does not have
+        let why = find_layout(&fresh, METHODS, &loaded, 100, 40).unwrap_err();
+        assert_eq!(
+            why,
+            "the probe's file methods are not where they were found"
+        );
+    }
+
+    #[test]
+    fn refuses_read_without_room_for_the_counters() {
+        let (mut fresh, loaded) = probes(false, 100, 40);
+        fresh.rotate_left(7); // `read` now at word 1
+        let why = find_layout(&fresh, METHODS, &loaded, 100, 40).unwrap_err();
+        assert_eq!(why, "no room for the input counters before read");
     }
 }

@@ -31,7 +31,19 @@ class BadTokenError(Exception):
 
 
 class PolicyError(Exception):
-    """The policy cannot be used: malformed manifest (with file:line:col), unknown mode, ..."""
+    """The policy cannot be used: malformed manifest (with file:line:col), unknown mode, ...
+
+    ``file``, ``line`` and ``column`` locate the mistake in a manifest or record file (``None``
+    when not known or not about a file)."""
+
+    def __init__(self, message, file=None, line=None, column=None):
+        super().__init__(message)
+        self.file = file
+        self.line = line
+        self.column = column
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.file, self.line, self.column))
 
 
 class ScanError(pickle.UnpicklingError):
