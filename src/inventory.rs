@@ -4,11 +4,12 @@
 use crate::errors::Result;
 use parking_lot::Mutex;
 use picklegate_core::callsite::global_matches;
-use picklegate_core::container::{scan_path, Scanned};
+use picklegate_core::container::{scan_path, ContainerError, Scanned};
 use picklegate_core::freeze::freeze;
 use picklegate_core::manifest::Manifest;
 use picklegate_core::record::read_records;
 use picklegate_core::risk::{classify, Risk, UNRESOLVED};
+use picklegate_core::scan::ScanError;
 use pyo3::prelude::*;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -32,6 +33,23 @@ fn global_entry(
     allowed: bool,
 ) -> serde_json::Value {
     json!({"name": name, "class": risk.as_str(), "why": why, "parts": parts, "allowed": allowed})
+}
+
+/// Where a container's error is, kept apart from its message: the part (archive member, `pickle
+/// at offset N`, or empty for the file itself), the offset in that pickle (null for a broken
+/// container), and what is wrong there.
+fn error_at(error: &ContainerError) -> serde_json::Value {
+    match error {
+        ContainerError::Pickle { part, error } => {
+            let (ScanError::Truncated { offset, .. }
+            | ScanError::UnknownOpcode { offset, .. }
+            | ScanError::Malformed { offset, .. }) = error;
+            json!({"part": part, "offset": offset, "problem": error.to_string()})
+        }
+        ContainerError::Format { part, problem } => {
+            json!({"part": part, "offset": null, "problem": problem})
+        }
+    }
 }
 
 /// One file's review: its parts, every global with its class (worst first), and the verdict:
@@ -124,6 +142,7 @@ fn scan_summary(path: &Path, allow: &[String]) -> serde_json::Value {
         "sha256": sha256.to_hex(),
         "verdict": verdict,
         "complete": error.is_none(),
+        "error_at": error.as_ref().map(error_at),
         "error": error.map(|e| format!("{file}: {e}")),
         "globals": globals,
         "parts": parts,
