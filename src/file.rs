@@ -5,6 +5,7 @@
 //! object grows, so a guarded file load peaks near the memory of an unguarded one.
 
 use crate::buffer::BytesMut;
+use crate::errors::Error;
 use picklegate_core::hash::{Digest, Hasher};
 use picklegate_core::scan::{Progress, Scanner};
 use pyo3::exceptions::PyOSError;
@@ -207,14 +208,12 @@ impl HashedFile {
 impl HashedFile {
     /// Reads the file descriptor `fd` from `offset` to the end (without moving its position).
     #[new]
-    fn new(py: Python<'_>, fd: i32, offset: u64) -> PyResult<Self> {
+    fn new(py: Python<'_>, fd: i32, offset: u64) -> Result<Self, Error> {
         // Borrow the descriptor: its owner (a Python file object) closes it, not us.
         // SAFETY: `ManuallyDrop` never closes `fd`, so the `File` only borrows it, for this call,
         // while the Python caller keeps its file object (and so the descriptor) open.
         let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-        let (region, len, sha) = py
-            .detach(|| read_hashed(&file, offset))
-            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let (region, len, sha) = py.detach(|| read_hashed(&file, offset))?;
         Ok(HashedFile {
             region: Some(region),
             len,
@@ -678,7 +677,7 @@ impl PinnedFile {
         Ok(())
     }
 
-    fn take(&mut self, py: Python<'_>, n: Option<isize>) -> PyResult<Vec<u8>> {
+    fn take(&mut self, py: Python<'_>, n: Option<isize>) -> Result<Vec<u8>, Error> {
         self.check_open()?;
         let left = self.pinned.len.saturating_sub(self.pos);
         let n = match n {
@@ -688,9 +687,7 @@ impl PinnedFile {
         let mut out = vec![0u8; n];
         let pinned = self.pinned.clone();
         let pos = self.pos;
-        let got = py
-            .detach(|| pinned.read_at(pos, &mut out))
-            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let got = py.detach(|| pinned.read_at(pos, &mut out))?;
         out.truncate(got);
         Ok(out)
     }
@@ -702,7 +699,7 @@ impl PinnedFile {
     /// hashes it. `layout` is `"whole"` or `"torch-zip"`.
     #[new]
     #[pyo3(signature = (fd, layout, name=None))]
-    fn new(py: Python<'_>, fd: i32, layout: &str, name: Option<Py<PyAny>>) -> PyResult<Self> {
+    fn new(py: Python<'_>, fd: i32, layout: &str, name: Option<Py<PyAny>>) -> Result<Self, Error> {
         let layout = match layout {
             "whole" => Layout::Whole,
             "torch-zip" => Layout::TorchZip,
@@ -710,18 +707,15 @@ impl PinnedFile {
             other => {
                 return Err(pyo3::exceptions::PyValueError::new_err(format!(
                     "unknown layout {other:?}"
-                )))
+                ))
+                .into())
             }
         };
         // SAFETY: `ManuallyDrop` never closes `fd`, so the `File` only borrows it, for this call,
         // while the Python caller keeps its file object (and so the descriptor) open.
         let borrowed = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-        let file = borrowed
-            .try_clone()
-            .map_err(|e| PyOSError::new_err(e.to_string()))?;
-        let pinned = py
-            .detach(|| Pinned::read(file, layout))
-            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let file = borrowed.try_clone()?;
+        let pinned = py.detach(|| Pinned::read(file, layout))?;
         Ok(PinnedFile {
             pinned: std::sync::Arc::new(pinned),
             pos: 0,
@@ -804,9 +798,7 @@ impl PinnedFile {
         let (pinned, pos) = (self.pinned.clone(), self.pos);
         // Straight into the bytes object: no intermediate buffer.
         let out = PyBytes::new_with(py, n, |buffer| {
-            let got = pinned
-                .read_at(pos, buffer)
-                .map_err(|e| PyOSError::new_err(e.to_string()))?;
+            let got = pinned.read_at(pos, buffer).map_err(Error::Io)?;
             if got != n {
                 return Err(PyOSError::new_err("the file was truncated after its check"));
             }
@@ -828,15 +820,13 @@ impl PinnedFile {
         Ok(PyBytes::new(py, &out))
     }
 
-    fn readinto(&mut self, py: Python<'_>, buffer: &Bound<'_, PyAny>) -> PyResult<usize> {
+    fn readinto(&mut self, py: Python<'_>, buffer: &Bound<'_, PyAny>) -> Result<usize, Error> {
         self.check_open()?;
         let mut target = BytesMut::borrow(buffer)?;
         let target = target.as_mut_slice();
         let pinned = self.pinned.clone();
         let pos = self.pos;
-        let got = py
-            .detach(|| pinned.read_at(pos, target))
-            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let got = py.detach(|| pinned.read_at(pos, target))?;
         self.pos += got;
         Ok(got)
     }
@@ -846,7 +836,7 @@ impl PinnedFile {
         &mut self,
         py: Python<'py>,
         size: Option<isize>,
-    ) -> PyResult<Bound<'py, PyBytes>> {
+    ) -> Result<Bound<'py, PyBytes>, Error> {
         self.check_open()?;
         let mut line = Vec::new();
         let limit = match size {
@@ -860,10 +850,7 @@ impl PinnedFile {
                     .min(8192)
                     .min(self.pinned.len - self.pos)
             ];
-            let got = self
-                .pinned
-                .read_at(self.pos, &mut chunk)
-                .map_err(|e| PyOSError::new_err(e.to_string()))?;
+            let got = self.pinned.read_at(self.pos, &mut chunk)?;
             let used = chunk[..got]
                 .iter()
                 .position(|&b| b == b'\n')
