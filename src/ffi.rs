@@ -1,5 +1,5 @@
-//! Everything the binding declares by hand about CPython: four C functions beyond the 3.9 stable
-//! ABI, looked up at run time, and the private layouts it reads or writes, each with the versions it was checked on.
+//! Everything the binding declares by hand about CPython, each with the versions it was checked on:
+//! four C functions beyond the 3.9 stable ABI (looked up at run time) and private object layouts.
 //!
 //! The look-ups keep the abi3 wheel linked to stable-ABI symbols only (abi3audit). Each function is
 //! public C API, exported under this name and signature by every CPython from 3.8 on (the buffer
@@ -20,17 +20,19 @@ use std::sync::OnceLock;
 /// A PEP 578 audit hook, as `PySys_AddAuditHook` takes it (`Py_AuditHookFunction`, 3.8 to 3.14).
 pub type AuditHook = unsafe extern "C" fn(*const c_char, *mut ffi::PyObject, *mut c_void) -> c_int;
 
-/// The signatures, from `Include/cpython/sysmodule.h`, `Include/cpython/context.h` (3.9 to 3.14;
-/// `Include/context.h` before 3.13) and `Include/cpython/abstract.h` / `Include/pybuffer.h`.
+// The signatures, from `Include/cpython/sysmodule.h`, `Include/cpython/context.h` (`Include/context.h`
+// before 3.13), `Include/cpython/abstract.h` and `Include/pybuffer.h`: the same from 3.8 to 3.14.
+type AddAuditHookFn = unsafe extern "C" fn(AuditHook, *mut c_void) -> c_int;
+type ContextVarGetFn =
+    unsafe extern "C" fn(*mut ffi::PyObject, *mut ffi::PyObject, *mut *mut ffi::PyObject) -> c_int;
+type GetBufferFn = unsafe extern "C" fn(*mut ffi::PyObject, *mut Py_buffer, c_int) -> c_int;
+type BufferReleaseFn = unsafe extern "C" fn(*mut Py_buffer);
+
 struct Api {
-    add_audit_hook: unsafe extern "C" fn(AuditHook, *mut c_void) -> c_int,
-    context_var_get: unsafe extern "C" fn(
-        *mut ffi::PyObject,
-        *mut ffi::PyObject,
-        *mut *mut ffi::PyObject,
-    ) -> c_int,
-    get_buffer: unsafe extern "C" fn(*mut ffi::PyObject, *mut Py_buffer, c_int) -> c_int,
-    buffer_release: unsafe extern "C" fn(*mut Py_buffer),
+    add_audit_hook: AddAuditHookFn,
+    context_var_get: ContextVarGetFn,
+    get_buffer: GetBufferFn,
+    buffer_release: BufferReleaseFn,
 }
 
 static API: OnceLock<Api> = OnceLock::new();
@@ -98,25 +100,10 @@ pub fn load() -> PyResult<()> {
     // `Py_buffer *` it takes).
     let api = unsafe {
         Api {
-            add_audit_hook: std::mem::transmute::<
-                *mut c_void,
-                unsafe extern "C" fn(AuditHook, *mut c_void) -> c_int,
-            >(found[0]),
-            context_var_get: std::mem::transmute::<
-                *mut c_void,
-                unsafe extern "C" fn(
-                    *mut ffi::PyObject,
-                    *mut ffi::PyObject,
-                    *mut *mut ffi::PyObject,
-                ) -> c_int,
-            >(found[1]),
-            get_buffer: std::mem::transmute::<
-                *mut c_void,
-                unsafe extern "C" fn(*mut ffi::PyObject, *mut Py_buffer, c_int) -> c_int,
-            >(found[2]),
-            buffer_release: std::mem::transmute::<*mut c_void, unsafe extern "C" fn(*mut Py_buffer)>(
-                found[3],
-            ),
+            add_audit_hook: std::mem::transmute::<*mut c_void, AddAuditHookFn>(found[0]),
+            context_var_get: std::mem::transmute::<*mut c_void, ContextVarGetFn>(found[1]),
+            get_buffer: std::mem::transmute::<*mut c_void, GetBufferFn>(found[2]),
+            buffer_release: std::mem::transmute::<*mut c_void, BufferReleaseFn>(found[3]),
         }
     };
     let _ = API.set(api);
