@@ -68,8 +68,8 @@ impl Drop for Bytes {
     fn drop(&mut self) {
         // SAFETY: `view` was filled by a successful `PyObject_GetBuffer` (a `Bytes` exists only
         // then) and is released here once. Releasing touches the exporter's refcount, so it needs
-        // the GIL: `Bytes` is not `Send`, so it is dropped on the thread that made it, and every
-        // user holds the GIL again by then (`py.detach` only borrows the slice).
+        // the GIL: a `Bytes` is made from a `Bound` (GIL held) and, not being `Send`, cannot be
+        // moved into a `py.detach` closure (which must be), so it is dropped with the GIL held.
         unsafe { PyBuffer_Release(&mut *self.view) }
     }
 }
