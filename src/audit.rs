@@ -218,10 +218,12 @@ fn is_defined_in(
 
 /// `sys.modules` of the running interpreter, without going through the import machinery.
 fn sys_modules(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
-    let modules = unsafe { ffi::PySys_GetObject(b"modules\0".as_ptr().cast()) };
+    // SAFETY: the GIL is held (`py`); the name is a C string; the result is borrowed from `sys`.
+    let modules = unsafe { ffi::PySys_GetObject(c"modules".as_ptr()) };
     if modules.is_null() {
         return Err(errors::policy_error(py, "sys.modules is missing".into()));
     }
+    // SAFETY: non-null (checked), and `sys` holds it while this borrow (tied to `py`) is used.
     Ok(unsafe { Bound::from_borrowed_ptr(py, modules) })
 }
 
@@ -231,6 +233,8 @@ fn sys_modules(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
 pub fn install_backstop(py: Python<'_>, scope_var: Py<PyAny>) -> PyResult<()> {
     register_scope_var(py, scope_var);
     let first = !REGISTERED.swap(true, Ordering::SeqCst);
+    // SAFETY: the GIL is held (`py`); `hook` is a `Py_AuditHookFunction` that needs no user data
+    // and stays valid for the life of the process (this library is never unloaded by CPython).
     if first && unsafe { PySys_AddAuditHook(hook, std::ptr::null_mut()) } != 0 {
         return Err(PyErr::take(py)
             .unwrap_or_else(|| errors::policy_error(py, "PySys_AddAuditHook failed".into())));

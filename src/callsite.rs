@@ -52,10 +52,12 @@ fn classify(py: Python<'_>, code: &Bound<'_, PyAny>, globals: &Bound<'_, PyAny>)
 
 /// The callsite of the code running now.
 pub fn current(py: Python<'_>) -> PyResult<Arc<str>> {
+    // SAFETY: the GIL is held (`py`); the result is a borrowed frame, or null outside any frame.
     let raw = unsafe { ffi::PyEval_GetFrame() };
     if raw.is_null() {
         return Ok("?:?".into());
     }
+    // SAFETY: non-null (checked): the running frame, alive while the code that called us runs.
     let mut frame = unsafe { Bound::from_borrowed_ptr(py, raw as *mut ffi::PyObject) };
     loop {
         let code = frame.getattr(intern!(py, "f_code"))?;

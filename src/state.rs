@@ -262,6 +262,7 @@ impl log::Log for EventLogger {
         };
         // Every event is logged by code that holds the GIL (a decision, the audit hook, install),
         // so no PyGILState_Ensure here: inside a subinterpreter it waits for itself forever.
+        // SAFETY: as just said, every caller of the logger holds the GIL.
         let py = unsafe { Python::assume_attached() };
         {
             let forwarded = PY_LOGGER
@@ -292,6 +293,7 @@ impl log::Log for EventLogger {
 
 /// True when the thread (which holds the GIL) runs in the main interpreter.
 fn in_main_interpreter() -> bool {
+    // SAFETY: called with the GIL held (see `log`), so the thread has a current interpreter.
     unsafe { pyo3::ffi::PyInterpreterState_GetID(pyo3::ffi::PyInterpreterState_Get()) == 0 }
 }
 
