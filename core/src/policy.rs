@@ -137,8 +137,7 @@ pub struct Load<'a> {
     pub callsite: &'a str,
 }
 
-/// A global as scanned from the bytes or resolved by the unpickler: `(module, name)`.
-pub type Global = (String, String);
+pub use crate::scan::Global;
 
 /// The operator's layer: a mode and, optionally, a manifest.
 #[derive(Debug, Clone)]
