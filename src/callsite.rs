@@ -23,11 +23,37 @@ struct Cached {
 }
 
 const CACHE_LIMIT: usize = 16_384;
-static CACHE: Mutex<Option<HashMap<(usize, usize), Cached>>> = Mutex::new(None);
 
-/// Forgets every cached answer (the manifest's `loaders` may have changed).
-pub fn forget() {
-    *CACHE.lock() = None;
+/// The answers for one gate (`state::generation`): a new install may change the `loaders` list.
+struct Cache {
+    generation: u64,
+    seen: HashMap<(usize, usize), Cached>,
+}
+
+static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+
+/// The cache for the gate in force, emptied if the gate changed since it was filled.
+fn cache_for(slot: &mut Option<Cache>) -> &mut HashMap<(usize, usize), Cached> {
+    let generation = state::generation();
+    let cache = slot.get_or_insert_with(|| Cache {
+        generation,
+        seen: HashMap::new(),
+    });
+    if cache.generation != generation {
+        *cache = Cache {
+            generation,
+            seen: HashMap::new(),
+        };
+    }
+    &mut cache.seen
+}
+
+/// True when frames of `module` are skipped when naming the callsite.
+fn is_loader_module(module: &str) -> bool {
+    let extra = state::current()
+        .and_then(|g| g.manifest().map(|m| m.loaders.clone()))
+        .unwrap_or_default();
+    picklegate_core::callsite::is_loader_module(module, &extra)
 }
 
 fn classify(py: Python<'_>, code: &Bound<'_, PyAny>, globals: &Bound<'_, PyAny>) -> PyResult<Seen> {
@@ -35,7 +61,7 @@ fn classify(py: Python<'_>, code: &Bound<'_, PyAny>, globals: &Bound<'_, PyAny>)
         Ok(name) => name.extract().unwrap_or_else(|_| "?".into()),
         Err(_) => "?".into(),
     };
-    if state::is_loader_module(&module) {
+    if is_loader_module(&module) {
         return Ok(Seen::Loader);
     }
     let qualname = match code.getattr(intern!(py, "co_qualname")) {
@@ -61,12 +87,13 @@ pub fn current(py: Python<'_>) -> PyResult<Arc<str>> {
         let code = frame.getattr(intern!(py, "f_code"))?;
         let globals = frame.getattr(intern!(py, "f_globals"))?;
         let key = (code.as_ptr() as usize, globals.as_ptr() as usize);
-        let known: Option<Option<Arc<str>>> = CACHE.lock().as_ref().and_then(|c| {
-            c.get(&key).map(|entry| match &entry.seen {
-                Seen::Loader => None,
-                Seen::Site(site) => Some(site.clone()),
-            })
-        });
+        let known: Option<Option<Arc<str>>> =
+            cache_for(&mut CACHE.lock())
+                .get(&key)
+                .map(|entry| match &entry.seen {
+                    Seen::Loader => None,
+                    Seen::Site(site) => Some(site.clone()),
+                });
         let site = match known {
             Some(site) => site,
             None => {
@@ -75,8 +102,8 @@ pub fn current(py: Python<'_>) -> PyResult<Arc<str>> {
                     Seen::Loader => None,
                     Seen::Site(site) => Some(site.clone()),
                 };
-                let mut cache = CACHE.lock();
-                let cache = cache.get_or_insert_with(HashMap::new);
+                let mut slot = CACHE.lock();
+                let cache = cache_for(&mut slot);
                 if cache.len() >= CACHE_LIMIT {
                     cache.clear();
                 }
