@@ -14,8 +14,12 @@ use picklegate_core::hash::Digest;
 use picklegate_core::policy::{Approval, Mode, Scope, ScopeRefusal};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
+use pyo3::types::PyBytes;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+
+/// The gate in force when a load started (`state::current`), read once per load.
+type Gate = Option<std::sync::Arc<state::Gate>>;
 
 /// Hashing this much or more releases the GIL (only for immutable buffers).
 const DETACH_THRESHOLD: usize = 1 << 20;
@@ -145,12 +149,11 @@ fn memo_len(unpickler: &Bound<'_, PyAny>) -> Result<u64, String> {
 
 /// Decides one load (`decision::decide_load`) against the policy and `scope`, and carries the
 /// decision out: raises the refusal, or returns the approval the load runs under.
-fn decide(py: Python<'_>, scope: &Scope, facts: &Facts<'_>) -> PyResult<Approval> {
-    let gate = state::current();
+fn decide(py: Python<'_>, gate: &Gate, scope: &Scope, facts: &Facts<'_>) -> PyResult<Approval> {
     let live = LIVE_UNPICKLER.with(|u| u.borrow_mut().take());
     let decision = decide_load(
         &LoadFacts {
-            policy: state::policy_of(&gate),
+            policy: state::policy_of(gate),
             scope,
             sha256: facts.sha,
             size: facts.size,
@@ -164,16 +167,12 @@ fn decide(py: Python<'_>, scope: &Scope, facts: &Facts<'_>) -> PyResult<Approval
             None => Ok(0),
         },
     );
-    carry_out(py, &gate, decision)
+    carry_out(py, gate, decision)
 }
 
 /// Does what a decision says: logs its event, shows it to the observer, writes the record line,
 /// raises its refusal; returns the approval a load runs under.
-pub fn carry_out(
-    py: Python<'_>,
-    gate: &Option<std::sync::Arc<state::Gate>>,
-    decision: Decision,
-) -> PyResult<Approval> {
+pub fn carry_out(py: Python<'_>, gate: &Gate, decision: Decision) -> PyResult<Approval> {
     if decision.logged() {
         if let Some(event) = &decision.event {
             emit(event);
@@ -251,15 +250,19 @@ fn settle(py: Python<'_>, container: &Container) -> PyResult<Approval> {
         callsite: &container.callsite,
         source: container.source.as_deref(),
     };
-    let approval = decide(py, &container.scope.get().inner, &facts)?;
+    let approval = decide(py, &state::current(), &container.scope.get().inner, &facts)?;
     container.settled.set(Some(approval));
     Ok(approval)
 }
 
 /// A load that needs no hash of its own: `Some(None)` when nothing is guarded, `Some(Some(_))`
 /// inside a container (the file's verdict covers it), `None` when it must be judged.
-fn decided_without_hash(py: Python<'_>, scope: &ScopeObj) -> PyResult<Option<Option<Approval>>> {
-    if passthrough(scope) {
+fn decided_without_hash(
+    py: Python<'_>,
+    gate: &Gate,
+    scope: &ScopeObj,
+) -> PyResult<Option<Option<Approval>>> {
+    if passthrough(gate, scope) {
         return Ok(Some(None));
     }
     match innermost() {
@@ -278,9 +281,8 @@ fn run_covered(
     run()
 }
 
-fn passthrough(scope: &ScopeObj) -> bool {
-    let gate = state::current();
-    state::policy_of(&gate).mode == Mode::Off && scope.inner.is_open()
+fn passthrough(gate: &Gate, scope: &ScopeObj) -> bool {
+    state::policy_of(gate).mode == Mode::Off && scope.inner.is_open()
 }
 
 /// The bytes of one load: a bytes-like object, or a file `HashedFile` read and hashed.
@@ -294,31 +296,36 @@ enum Pickle<'a, 'py> {
 /// unpickles exactly those bytes. Inside a container, the container's verdict stands for it.
 fn guard(
     py: Python<'_>,
+    gate: &Gate,
     scope: &ScopeObj,
     pickle: Pickle<'_, '_>,
     source: Option<&str>,
     run: impl FnOnce() -> PyResult<Py<PyAny>>,
 ) -> PyResult<Py<PyAny>> {
-    if let Some(covered) = decided_without_hash(py, scope)? {
+    if let Some(covered) = decided_without_hash(py, gate, scope)? {
         return run_covered(covered, run);
     }
     // A buffer stays borrowed while it runs; a hashed file only while it is judged (the
     // unpickler then reads it).
     let buffer = match pickle {
-        Pickle::Buffer(data) => Some(Bytes::borrow(data)?),
-        Pickle::File(_) => None,
+        Pickle::Buffer(data) if !data.is_instance_of::<PyBytes>() => Some(Bytes::borrow(data)?),
+        _ => None,
     };
     let approval = {
         let hashed = match pickle {
             Pickle::File(file) => Some(file.borrow()),
             Pickle::Buffer(_) => None,
         };
-        let (slice, sha) = match (&buffer, &hashed, pickle) {
-            (Some(bytes), _, Pickle::Buffer(data)) => {
+        let (slice, sha) = match (pickle, &buffer, &hashed) {
+            (Pickle::Buffer(data), Some(bytes), _) => {
                 (bytes.as_slice(), hash(py, data, bytes.as_slice()))
             }
-            (_, Some(file), _) => (file.bytes(), file.sha),
-            _ => unreachable!("the buffer or the file is borrowed above"),
+            (Pickle::Buffer(data), None, _) => {
+                let bytes = data.cast::<PyBytes>()?.as_bytes(); // immutable: no export to hold
+                (bytes, hash(py, data, bytes))
+            }
+            (Pickle::File(_), _, Some(file)) => (file.bytes(), file.sha),
+            (Pickle::File(_), _, None) => unreachable!("the file is borrowed above"),
         };
         if slice.is_empty() {
             None // nothing to decide: the unpickler raises its own EOFError, as callers expect
@@ -331,7 +338,7 @@ fn guard(
                 callsite: &callsite,
                 source,
             };
-            Some(decide(py, &scope.inner, &facts)?)
+            Some(decide(py, gate, &scope.inner, &facts)?)
         }
     };
     let Some(approval) = approval else {
@@ -354,12 +361,13 @@ pub fn guarded_load(
     unpickler: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let scope = current_scope(py)?;
+    let gate = state::current();
     let _live = unpickler.map(LiveUnpickler::enter);
     let pickle = match data.cast::<HashedFile>() {
         Ok(file) => Pickle::File(file),
         Err(_) => Pickle::Buffer(data),
     };
-    guard(py, scope.get(), pickle, source.as_deref(), || {
+    guard(py, &gate, scope.get(), pickle, source.as_deref(), || {
         run.call0().map(Bound::unbind)
     })
 }
@@ -374,7 +382,8 @@ pub fn guarded_c_loads(
     call_original: impl FnOnce(Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let scope = current_scope(py)?;
-    let copy = if data.is_instance_of::<pyo3::types::PyBytes>() || passthrough(scope.get()) {
+    let gate = state::current();
+    let copy = if data.is_instance_of::<PyBytes>() || passthrough(&gate, scope.get()) {
         None
     } else {
         // a buffer that cannot be borrowed is guarded as it is: the unpickler raises as before
@@ -383,10 +392,10 @@ pub fn guarded_c_loads(
             .map(|bytes| pyo3::types::PyBytes::new(py, bytes.as_slice()).into_any())
     };
     match &copy {
-        None => guard(py, scope.get(), Pickle::Buffer(data), None, || {
+        None => guard(py, &gate, scope.get(), Pickle::Buffer(data), None, || {
             call_original(None)
         }),
-        Some(copy) => guard(py, scope.get(), Pickle::Buffer(copy), None, || {
+        Some(copy) => guard(py, &gate, scope.get(), Pickle::Buffer(copy), None, || {
             call_original(Some(copy))
         }),
     }
@@ -477,7 +486,8 @@ pub fn guarded_c_unpickler(
     run: impl FnOnce() -> PyResult<Py<PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let scope = current_scope(py)?;
-    if let Some(covered) = decided_without_hash(py, scope.get())? {
+    let gate = state::current();
+    if let Some(covered) = decided_without_hash(py, &gate, scope.get())? {
         return run_covered(covered, run);
     }
     // Redirected only once the layout is known and the helper set (see redirect_unpickler_load).
@@ -509,7 +519,7 @@ pub fn guarded_c_unpickler(
         Pickle::File(file) => after_load(py, file.borrow().bytes())?,
         Pickle::Buffer(data) => after_load(py, Bytes::borrow(data)?.as_slice())?,
     };
-    let result = guard(py, scope.get(), pickle, source.as_deref(), run);
+    let result = guard(py, &gate, scope.get(), pickle, source.as_deref(), run);
     if result.is_ok() && after_load.is_some() {
         AFTER_LOAD.with(|a| *a.borrow_mut() = after_load);
     }
@@ -566,10 +576,10 @@ pub fn refuse_unread(
 ) -> PyResult<()> {
     let scope = current_scope(py)?;
     let scope = scope.get();
-    if passthrough(scope) || matches!(innermost(), Some(Frame::Container(_))) {
+    let gate = state::current();
+    if passthrough(&gate, scope) || matches!(innermost(), Some(Frame::Container(_))) {
         return Ok(());
     }
-    let gate = state::current();
     let policy = state::policy_of(&gate);
     let closed = scope.inner.permits(None) == Err(ScopeRefusal::NoPickles);
     if !closed && policy.mode != Mode::Enforce {
@@ -602,7 +612,7 @@ pub fn refuse_unread(
         callsite: &callsite,
         source: source.as_deref(),
     };
-    decide(py, &scope.inner, &facts).map(drop)
+    decide(py, &gate, &scope.inner, &facts).map(drop)
 }
 
 struct CountingReader<R> {
@@ -634,7 +644,9 @@ pub fn guarded_container(
     callsite: Option<String>,
 ) -> PyResult<Py<PyAny>> {
     let scope = current_scope(py)?;
-    if passthrough(scope.get()) || matches!(innermost(), Some(Frame::Container(_))) {
+    if passthrough(&state::current(), scope.get())
+        || matches!(innermost(), Some(Frame::Container(_)))
+    {
         return run.call0().map(Bound::unbind);
     }
     let (content, sha) = match data.cast::<crate::file::PinnedFile>() {

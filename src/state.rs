@@ -13,7 +13,7 @@ use picklegate_core::record::RecordFile;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Who configured the gate. The environment is the operator: code may only make it stricter.
@@ -271,18 +271,23 @@ fn in_main_interpreter() -> bool {
 }
 
 static OBSERVER: Mutex<Option<Py<PyAny>>> = Mutex::new(None);
+/// Whether `OBSERVER` is set, read on every load without taking its lock.
+static OBSERVED: AtomicBool = AtomicBool::new(false);
 
 /// Sets (or clears, with `None`) the callable that sees every load decision as a dict, before
 /// an allowed load runs. If it raises, that load does not run: an observer can only refuse more.
 #[pyfunction]
 pub fn set_observer(observer: Option<Py<PyAny>>) {
-    let previous = std::mem::replace(&mut *OBSERVER.lock(), observer);
+    let mut slot = OBSERVER.lock();
+    OBSERVED.store(observer.is_some(), Ordering::Release);
+    let previous = std::mem::replace(&mut *slot, observer);
+    drop(slot);
     drop(previous); // outside the lock: dropping may run Python code
 }
 
 /// True when someone watches decisions (the pytest plugin): allowed loads then build events too.
 pub fn has_observer() -> bool {
-    OBSERVER.lock().is_some()
+    OBSERVED.load(Ordering::Acquire)
 }
 
 /// Shows `event` to the observer, if one is set; its exception is the caller's to raise.
