@@ -1,10 +1,11 @@
 //! Everything the binding declares by hand about CPython, each with the versions it was checked on:
-//! four C functions beyond the 3.9 stable ABI (looked up at run time) and private object layouts.
+//! five C functions beyond the 3.9 stable ABI (looked up at run time) and private object layouts.
 //!
 //! The look-ups keep the abi3 wheel linked to stable-ABI symbols only (abi3audit). Each function is
-//! public C API, exported under this name and signature by every CPython from 3.8 on (the buffer
-//! pair joined the limited API in 3.11, the other two are in none). A missing one fails the import
-//! of `_core` with its name, never a load. Checked on CPython 3.9, 3.10, 3.11, 3.12, 3.13, 3.14.
+//! public C API, exported under this name and signature by every CPython from 3.9 on (the buffer
+//! pair joined the limited API in 3.11, `PyFrame_GetCode` in 3.10, the other two are in none). A
+//! missing one fails the import of `_core` with its name, never a load. Checked on CPython 3.9,
+//! 3.10, 3.11, 3.12, 3.13, 3.14.
 
 #![allow(non_snake_case)]
 
@@ -15,33 +16,37 @@ use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
 use std::sync::OnceLock;
 
-// ---- The four functions looked up at run time -------------------------------------------------
+// ---- The five functions looked up at run time -------------------------------------------------
 
 /// A PEP 578 audit hook, as `PySys_AddAuditHook` takes it (`Py_AuditHookFunction`, 3.8 to 3.14).
 pub type AuditHook = unsafe extern "C" fn(*const c_char, *mut ffi::PyObject, *mut c_void) -> c_int;
 
 // The signatures, from `Include/cpython/sysmodule.h`, `Include/cpython/context.h` (`Include/context.h`
-// before 3.13), `Include/cpython/abstract.h` and `Include/pybuffer.h`: the same from 3.8 to 3.14.
+// before 3.13), `Include/cpython/abstract.h`, `Include/pybuffer.h` and `Include/pyframe.h`: the same
+// from 3.9 (where `PyFrame_GetCode` appeared) to 3.14.
 type AddAuditHookFn = unsafe extern "C" fn(AuditHook, *mut c_void) -> c_int;
 type ContextVarGetFn =
     unsafe extern "C" fn(*mut ffi::PyObject, *mut ffi::PyObject, *mut *mut ffi::PyObject) -> c_int;
 type GetBufferFn = unsafe extern "C" fn(*mut ffi::PyObject, *mut Py_buffer, c_int) -> c_int;
 type BufferReleaseFn = unsafe extern "C" fn(*mut Py_buffer);
+type FrameGetCodeFn = unsafe extern "C" fn(*mut ffi::PyObject) -> *mut ffi::PyObject;
 
 struct Api {
     add_audit_hook: AddAuditHookFn,
     context_var_get: ContextVarGetFn,
     get_buffer: GetBufferFn,
     buffer_release: BufferReleaseFn,
+    frame_get_code: FrameGetCodeFn,
 }
 
 static API: OnceLock<Api> = OnceLock::new();
 
-const NAMES: [&CStr; 4] = [
+const NAMES: [&CStr; 5] = [
     c"PySys_AddAuditHook",
     c"PyContextVar_Get",
     c"PyObject_GetBuffer",
     c"PyBuffer_Release",
+    c"PyFrame_GetCode",
 ];
 
 /// The address of `name` in the interpreter: the global scope first (a shared libpython, or an
@@ -76,12 +81,12 @@ fn lookup(name: &CStr) -> Option<*mut c_void> {
     (!found.is_null()).then_some(found)
 }
 
-/// Finds the four functions; called first thing when `_core` is imported.
+/// Finds the five functions; called first thing when `_core` is imported.
 pub fn load() -> PyResult<()> {
     if API.get().is_some() {
         return Ok(());
     }
-    let mut found = [std::ptr::null_mut(); 4];
+    let mut found = [std::ptr::null_mut(); NAMES.len()];
     let mut missing = Vec::new();
     for (slot, name) in found.iter_mut().zip(NAMES) {
         match lookup(name) {
@@ -96,14 +101,15 @@ pub fn load() -> PyResult<()> {
         )));
     }
     // SAFETY: each address is the exported C function named in `NAMES` at that index, non-null,
-    // whose signature CPython has kept since 3.8 as declared in `Api` (a `*mut Py_buffer` is the
-    // `Py_buffer *` it takes).
+    // whose signature CPython has kept since 3.9 as declared above (a `*mut Py_buffer` is the
+    // `Py_buffer *` it takes, a `*mut PyObject` the `PyFrameObject *`).
     let api = unsafe {
         Api {
             add_audit_hook: std::mem::transmute::<*mut c_void, AddAuditHookFn>(found[0]),
             context_var_get: std::mem::transmute::<*mut c_void, ContextVarGetFn>(found[1]),
             get_buffer: std::mem::transmute::<*mut c_void, GetBufferFn>(found[2]),
             buffer_release: std::mem::transmute::<*mut c_void, BufferReleaseFn>(found[3]),
+            frame_get_code: std::mem::transmute::<*mut c_void, FrameGetCodeFn>(found[4]),
         }
     };
     let _ = API.set(api);
@@ -159,6 +165,16 @@ pub unsafe fn PyObject_GetBuffer(
 pub unsafe fn PyBuffer_Release(view: *mut Py_buffer) {
     // SAFETY: the function was looked up by this name at import; the caller upholds its contract.
     unsafe { (api().buffer_release)(view) }
+}
+
+/// `PyFrame_GetCode`: a frame's code, as a new reference (never null), without the
+/// `object.__getattr__` audit event that reading `frame.f_code` raises.
+///
+/// # Safety
+/// The caller holds the GIL and `frame` is a live frame object.
+pub unsafe fn PyFrame_GetCode(frame: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    // SAFETY: the function was looked up by this name at import; the caller upholds its contract.
+    unsafe { (api().frame_get_code)(frame) }
 }
 
 // ---- Py_buffer ---------------------------------------------------------------------------------
