@@ -1,7 +1,7 @@
 //! The backstop: a PEP 578 audit hook, registered from Rust so it cannot be removed, that judges
 //! every `pickle.find_class` event, catching unpicklers the interposer never saw.
 
-use crate::errors;
+use crate::errors::Error;
 use crate::load::{active_approval, carry_out};
 use crate::state;
 use crate::tokens::current_scope;
@@ -47,10 +47,9 @@ unsafe extern "C" fn hook(event: *const c_char, args: *mut ffi::PyObject, _: *mu
             -1
         }
         Err(_) => {
-            errors::policy_error(
-                py,
+            PyErr::from(Error::Policy(
                 "picklegate's backstop failed; refusing the global".into(),
-            )
+            ))
             .restore(py);
             -1
         }
@@ -89,7 +88,8 @@ fn judge(py: Python<'_>, args: &Bound<'_, PyAny>) -> PyResult<()> {
         || defined_there(py, &module, &name),
         || crate::load::resolved_after_approved_load(py, &module, &name),
     )?;
-    carry_out(py, &gate, decision).map(drop)
+    carry_out(py, &gate, decision)?;
+    Ok(())
 }
 
 /// Whether `module`.`name` resolves, as `find_class` is about to resolve it, to a class or a
@@ -167,7 +167,7 @@ fn sys_modules(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
     // SAFETY: the GIL is held (`py`); the name is a C string; the result is borrowed from `sys`.
     let modules = unsafe { ffi::PySys_GetObject(c"modules".as_ptr()) };
     if modules.is_null() {
-        return Err(errors::policy_error(py, "sys.modules is missing".into()));
+        return Err(Error::Policy("sys.modules is missing".into()).into());
     }
     // SAFETY: non-null (checked), and `sys` holds it while this borrow (tied to `py`) is used.
     Ok(unsafe { Bound::from_borrowed_ptr(py, modules) })
@@ -175,18 +175,19 @@ fn sys_modules(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
 
 /// Registers the hook once and proves it runs (another hook may veto `sys.addaudithook`).
 #[pyfunction]
-pub fn install_backstop(py: Python<'_>) -> PyResult<()> {
+pub fn install_backstop(py: Python<'_>) -> Result<(), Error> {
     let first = !REGISTERED.swap(true, Ordering::SeqCst);
     // SAFETY: the GIL is held (`py`); `hook` is a `Py_AuditHookFunction` that needs no user data
     // and stays valid for the life of the process (this library is never unloaded by CPython).
     if first && unsafe { PySys_AddAuditHook(hook, std::ptr::null_mut()) } != 0 {
-        return Err(PyErr::take(py)
-            .unwrap_or_else(|| errors::policy_error(py, "PySys_AddAuditHook failed".into())));
+        return Err(PyErr::take(py).map_or_else(
+            || Error::Policy("PySys_AddAuditHook failed".into()),
+            Error::Python,
+        ));
     }
     py.import("sys")?.call_method1("audit", (SELF_CHECK,))?;
     if !SELF_CHECK_SEEN.load(Ordering::SeqCst) {
-        return Err(errors::policy_error(
-            py,
+        return Err(Error::Policy(
             "picklegate could not register its audit hook (another audit hook vetoed sys.addaudithook); refusing to run unguarded".into(),
         ));
     }

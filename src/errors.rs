@@ -2,6 +2,7 @@
 //! and the one conversion to the Python exception users see (classes of `picklegate._errors`).
 //! The classes live in Python because the load refusals must subclass `pickle.UnpicklingError`.
 
+use picklegate_core::decision::{Denial, ErrorKind};
 use picklegate_core::hash::DigestError;
 use picklegate_core::manifest::ManifestError;
 use picklegate_core::policy::BadToken;
@@ -19,14 +20,6 @@ mod python {
     pyo3::import_exception!(picklegate._errors, ScanError);
 }
 
-/// The facts every refusal carries, as exception attributes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RefusalFacts {
-    pub callsite: String,
-    pub sha256: Option<String>,
-    pub size: Option<u64>,
-}
-
 /// Everything the binding raises; each variant is one Python exception class.
 #[derive(Debug)]
 pub enum Error {
@@ -42,10 +35,9 @@ pub enum Error {
     NotAToken { repr: String },
     /// An `only_objects` entry that is not a sha256: `ValueError`.
     OnlyObjects { entry: String, error: DigestError },
-    /// The operator's policy refused a load: `PickleDeniedError`.
-    Denied(String, RefusalFacts),
-    /// The code's own `no_pickles()` refused a load: `NoPickleError`.
-    NoPickle(String, RefusalFacts),
+    /// A load or global refused as the core decided: `PickleDeniedError` (the operator's policy)
+    /// or `NoPickleError` (the code's own `no_pickles()`), with its callsite, sha256 and size.
+    Refused(Denial),
     /// The bytes are not a well-formed pickle: `ScanError`.
     Scan(ScanError),
     /// Reading a file failed: `OSError` with the system's message.
@@ -65,9 +57,8 @@ impl Error {
     /// The message the exception carries: what users read.
     pub fn message(&self) -> String {
         match self {
-            Error::Policy(message) | Error::Denied(message, _) | Error::NoPickle(message, _) => {
-                message.clone()
-            }
+            Error::Policy(message) => message.clone(),
+            Error::Refused(denial) => denial.message.clone(),
             Error::Manifest(e) => e.to_string(),
             Error::Record(e) => e.to_string(),
             Error::BadToken(e) => format!("allow_pickles() refused the token: {e}"),
@@ -113,14 +104,12 @@ impl From<Error> for PyErr {
                 python::PolicyError::new_err((message, file, line, column))
             }
             Error::BadToken(_) | Error::NotAToken { .. } => python::BadTokenError::new_err(message),
-            Error::Denied(_, facts) => python::PickleDeniedError::new_err((
-                message,
-                facts.callsite,
-                facts.sha256,
-                facts.size,
-            )),
-            Error::NoPickle(_, facts) => {
-                python::NoPickleError::new_err((message, facts.callsite, facts.sha256, facts.size))
+            Error::Refused(denial) => {
+                let facts = (message, denial.callsite, denial.sha256, denial.size);
+                match denial.kind {
+                    ErrorKind::PickleDenied => python::PickleDeniedError::new_err(facts),
+                    ErrorKind::NoPickle => python::NoPickleError::new_err(facts),
+                }
             }
             Error::OnlyObjects { .. } => PyValueError::new_err(message),
             Error::Scan(_) => python::ScanError::new_err(message),
@@ -133,6 +122,12 @@ impl From<Error> for PyErr {
 impl From<PyErr> for Error {
     fn from(err: PyErr) -> Self {
         Error::Python(err)
+    }
+}
+
+impl From<Denial> for Error {
+    fn from(denial: Denial) -> Self {
+        Error::Refused(denial)
     }
 }
 
@@ -164,23 +159,6 @@ impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
         Error::Io(e)
     }
-}
-
-// The constructors load.rs, audit.rs and state.rs call until they return `Error` themselves.
-pub fn policy_error(_py: pyo3::Python<'_>, message: String) -> PyErr {
-    Error::Policy(message).into()
-}
-
-pub fn manifest_error(_py: pyo3::Python<'_>, err: &ManifestError) -> PyErr {
-    Error::Manifest(err.clone()).into()
-}
-
-pub fn pickle_denied(_py: pyo3::Python<'_>, message: String, facts: &RefusalFacts) -> PyErr {
-    Error::Denied(message, facts.clone()).into()
-}
-
-pub fn no_pickle(_py: pyo3::Python<'_>, message: String, facts: &RefusalFacts) -> PyErr {
-    Error::NoPickle(message, facts.clone()).into()
 }
 
 #[cfg(test)]
