@@ -183,8 +183,21 @@ pub fn freeze_records(
 pub fn manifest_entries(py: Python<'_>, path: PathBuf) -> PyResult<Vec<(String, String)>> {
     let manifest = Manifest::load(&path).map_err(|e| errors::manifest_error(py, &e))?;
     Ok(manifest
-        .allow
-        .iter()
+        .allow_entries()
         .map(|e| (e.sha256.to_hex(), e.callsite.clone()))
         .collect())
+}
+
+/// `picklegate compile`: writes the compiled index of the TOML manifest at `manifest` to
+/// `output`; returns (entries, bytes written, the TOML's sha256). Errors are `PolicyError`s.
+#[pyfunction]
+pub fn compile_manifest(
+    py: Python<'_>,
+    manifest: PathBuf,
+    output: PathBuf,
+) -> PyResult<(usize, usize, String)> {
+    let summary = py
+        .detach(|| picklegate_core::compiled::compile_file(&manifest, &output))
+        .map_err(|e| errors::manifest_error(py, &e))?;
+    Ok((summary.entries, summary.bytes, summary.toml_sha256.to_hex()))
 }
