@@ -161,7 +161,10 @@ impl CompiledAllow {
                 high = middle;
             }
         }
-        let end = low + (low..bucket.end).take_while(|&p| sha_of(p) == &sha256.0[..]).count();
+        let end = low
+            + (low..bucket.end)
+                .take_while(|&p| sha_of(p) == &sha256.0[..])
+                .count();
         low..end
     }
 
@@ -213,9 +216,7 @@ impl CompiledAllow {
         let hash = callsite_hash(callsite);
         self.dir_range(self.callsite_dir_at, self.callsite_bits, hash)
             .map(|p| self.callsite_at + p * CALLSITE_RECORD)
-            .any(|at| {
-                u64_at(&self.tables, at) == hash && self.str_at(at + 8) == Some(callsite)
-            })
+            .any(|at| u64_at(&self.tables, at) == hash && self.str_at(at + 8) == Some(callsite))
     }
 }
 
@@ -406,7 +407,9 @@ pub fn compile_file(toml: &Path, out: &Path) -> Result<CompileSummary, ManifestE
     let written = compile(&manifest, &toml_sha256, &toml_reference(toml, out)?)
         .map_err(|reason| invalid(out, reason))?;
     let out_error = |e: std::io::Error| invalid(out, format!("cannot write the index: {e}"));
-    let name = out.file_name().ok_or_else(|| invalid(out, "not a file name"))?;
+    let name = out
+        .file_name()
+        .ok_or_else(|| invalid(out, "not a file name"))?;
     let temporary = out.with_file_name(format!(
         ".{}.{}.tmp",
         name.to_string_lossy(),
@@ -617,7 +620,11 @@ impl CompiledAllow {
             }) && u32_at(&self.tables, at + 4 * (1usize << bits)) as usize == count
         };
         if !dir_ok(self.allow_dir_at, self.allow_bits, self.allow_count)
-            || !dir_ok(self.callsite_dir_at, self.callsite_bits, self.callsite_count)
+            || !dir_ok(
+                self.callsite_dir_at,
+                self.callsite_bits,
+                self.callsite_count,
+            )
         {
             return Err("directory");
         }
@@ -637,8 +644,8 @@ impl CompiledAllow {
                 return Err("allow record");
             }
         }
-        let callsites_ok = (0..self.callsite_count)
-            .all(|c| string_ok(self.callsite_at + c * CALLSITE_RECORD + 8));
+        let callsites_ok =
+            (0..self.callsite_count).all(|c| string_ok(self.callsite_at + c * CALLSITE_RECORD + 8));
         let globals_ok = (0..self.globals_count).all(|g| {
             let at = self.globals_at + g * GLOBAL_REF;
             string_ok(at) && u32_at(&self.tables, at + 4) != ABSENT
@@ -656,10 +663,8 @@ mod tests {
 
     /// A directory of its own for each test (tests run on several threads).
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "picklegate-compiled-{name}-{}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("picklegate-compiled-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -722,12 +727,18 @@ mod tests {
             assert_eq!(compiled.source, toml.display().to_string());
             assert!(compiled.allow_entries().eq(parsed.allow_entries()));
             assert_eq!(
-                (&compiled.trust, &compiled.loaders, compiled.callsite_patterns()),
+                (
+                    &compiled.trust,
+                    &compiled.loaders,
+                    compiled.callsite_patterns()
+                ),
                 (&parsed.trust, &parsed.loaders, parsed.callsite_patterns())
             );
             for i in 0..n + 5 {
                 let found = |m: &Manifest| -> Vec<(usize, AllowEntry)> {
-                    m.entries_for(&sha(i)).map(|(i, e)| (i, e.into_owned())).collect()
+                    m.entries_for(&sha(i))
+                        .map(|(i, e)| (i, e.into_owned()))
+                        .collect()
                 };
                 assert_eq!(found(&compiled), found(&parsed), "sha {i}");
                 for callsite in [
@@ -754,7 +765,10 @@ mod tests {
         let (toml, idx) = compiled_pair("stale", 40);
         std::fs::write(&toml, manifest_text(40).replace("entry 4 ", "entry four ")).unwrap();
         let message = refusal(&idx);
-        assert!(message.contains("has changed since it was compiled"), "{message}");
+        assert!(
+            message.contains("has changed since it was compiled"),
+            "{message}"
+        );
         assert!(message.contains("picklegate compile"), "{message}");
         std::fs::remove_file(&toml).unwrap();
         let message = refusal(&idx);
@@ -766,7 +780,12 @@ mod tests {
     fn damaged_indexes_are_refused() {
         let (_, idx) = compiled_pair("damaged", 40);
         let good = std::fs::read(&idx).unwrap();
-        for cut in [10, HEADER_LEN + 3, HEADER_LEN + COUNTS_LEN + 5, good.len() - 1] {
+        for cut in [
+            10,
+            HEADER_LEN + 3,
+            HEADER_LEN + COUNTS_LEN + 5,
+            good.len() - 1,
+        ] {
             std::fs::write(&idx, &good[..cut]).unwrap();
             let message = refusal(&idx);
             assert!(message.contains("truncated"), "cut at {cut}: {message}");
@@ -797,22 +816,28 @@ mod tests {
         let idx = other.join("m.idx");
         compile_file(&toml, &idx).unwrap();
         let m = Manifest::load(&idx).unwrap();
-        assert_eq!(
-            Path::new(&m.source),
-            std::fs::canonicalize(&toml).unwrap()
-        );
+        assert_eq!(Path::new(&m.source), std::fs::canonicalize(&toml).unwrap());
         let err = compile_file(&idx, &other.join("again.idx")).unwrap_err();
-        assert!(err.to_string().contains("compiled manifest already"), "{err}");
+        assert!(
+            err.to_string().contains("compiled manifest already"),
+            "{err}"
+        );
     }
 
     #[test]
     fn directories_have_about_one_key_per_slot() {
-        assert_eq!((bits_for(0), bits_for(1), bits_for(2), bits_for(3)), (0, 0, 1, 2));
+        assert_eq!(
+            (bits_for(0), bits_for(1), bits_for(2), bits_for(3)),
+            (0, 0, 1, 2)
+        );
         assert_eq!(bits_for(1_000_000), 20);
         assert_eq!(bits_for(usize::MAX), MAX_BITS);
         let mut dir = Vec::new();
         directory([0u64, 1 << 63, u64::MAX].into_iter(), 3, 2, &mut dir);
-        let slots: Vec<u32> = dir.chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+        let slots: Vec<u32> = dir
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         assert_eq!(slots, vec![0, 1, 1, 2, 3]);
     }
 }

@@ -271,8 +271,10 @@ mod tests {
         payload.classes = vec!["code".into(), "code".into()];
         let text = freeze(&[complete_empty, incomplete, payload], None);
         let manifest = Manifest::parse(&text, "f.toml").unwrap();
-        let globals: Vec<Option<Vec<String>>> =
-            manifest.allow_entries().map(|e| e.globals.clone()).collect();
+        let globals: Vec<Option<Vec<String>>> = manifest
+            .allow_entries()
+            .map(|e| e.globals.clone())
+            .collect();
         assert_eq!(
             globals,
             vec![
@@ -288,15 +290,23 @@ mod tests {
         assert!(text.contains("# globals not pinned"), "{text}");
         assert!(text.contains("# review: needs a human (2 code)"), "{text}");
         // `globals = []` admits nothing; no key admits anything
-        assert!(!manifest.allow_entry(0).unwrap().permits_global("collections", "OrderedDict"));
-        assert!(manifest.allow_entry(1).unwrap().permits_global("posix", "system"));
+        assert!(!manifest
+            .allow_entry(0)
+            .unwrap()
+            .permits_global("collections", "OrderedDict"));
+        assert!(manifest
+            .allow_entry(1)
+            .unwrap()
+            .permits_global("posix", "system"));
     }
 
     #[test]
     fn strings_are_escaped() {
         let record = sample("app:load", b"q", Some("/tmp/we\"ird\npath.pkl"));
         let manifest = Manifest::parse(&freeze(&[record], None), "f.toml").unwrap();
-        assert!(manifest.allow_entry(0).unwrap()
+        assert!(manifest
+            .allow_entry(0)
+            .unwrap()
             .note
             .as_deref()
             .unwrap()

@@ -580,7 +580,9 @@ impl Manifest {
     /// The `[[allow]]` entries for these bytes, in manifest order, with their index.
     pub fn entries_for(&self, sha256: &Digest) -> EntriesFor<'_> {
         let next = match &self.allow {
-            AllowTable::Parsed(p) => Next::Parsed(p.by_sha256.get(sha256).copied().unwrap_or(NO_ENTRY)),
+            AllowTable::Parsed(p) => {
+                Next::Parsed(p.by_sha256.get(sha256).copied().unwrap_or(NO_ENTRY))
+            }
             AllowTable::Compiled(c) => Next::Compiled(c.positions_of(sha256)),
         };
         EntriesFor {
