@@ -4,6 +4,7 @@
 pub mod callsite;
 pub mod compiled;
 pub mod container;
+pub mod decision;
 pub mod event;
 pub mod freeze;
 pub mod hash;
