@@ -172,3 +172,27 @@ def test_compile_reports_a_bad_toml_by_line_and_writes_nothing(tmp_path):
     assert proc.stderr.startswith(f"picklegate compile: {manifest}:3:10:"), proc.stderr
     assert not (tmp_path / "bad.toml.idx").exists()
     assert list(tmp_path.iterdir()) == [manifest], "no temporary file is left behind"
+
+
+def test_verify_audits_an_index_against_its_toml(deployment, tmp_path):
+    """An install checks that the index is intact and its TOML unchanged; `picklegate verify` also
+    checks that the index holds that TOML's rules (an index with the right TOML sha256 written over
+    other rules passes an install: the index must be protected like the TOML)."""
+    manifest, _, _ = deployment
+    index = tmp_path / "pickles.toml.idx"
+    assert picklegate_cli("compile", str(manifest), cwd=tmp_path).returncode == 0
+    model = tmp_path / "model.pkl"
+    proc = picklegate_cli("verify", str(index), str(model), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{index}: valid, 3002 [[allow]] entries")
+    assert "listed   " in proc.stdout and "__main__:load_model" in proc.stdout
+
+    # The TOML loses the model's entry; the index keeps it but is given the new TOML's sha256.
+    text = manifest.read_text().replace('callsite = "__main__:load_model"', 'callsite = "__main__:retired"')
+    manifest.write_text(text)
+    data = bytearray(index.read_bytes())
+    data[16:48] = hashlib.sha256(text.encode()).digest()
+    index.write_bytes(bytes(data))
+    proc = picklegate_cli("verify", str(index), str(model), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"picklegate verify: {index}: refused the compiled manifest: its rules are not those of {manifest}"), proc.stderr

@@ -178,10 +178,12 @@ pub fn freeze_records(
     Ok(freeze(&all, existing.as_ref()))
 }
 
-/// The `(sha256, callsite)` of every `[[allow]]` entry; a malformed manifest is a `PolicyError`.
+/// The `(sha256, callsite)` of every `[[allow]]` entry; a malformed manifest is a `PolicyError`,
+/// and so is a compiled index whose rules are not those of the TOML it names.
 #[pyfunction]
 pub fn manifest_entries(py: Python<'_>, path: PathBuf) -> PyResult<Vec<(String, String)>> {
-    let manifest = Manifest::load(&path).map_err(|e| errors::manifest_error(py, &e))?;
+    let manifest = picklegate_core::compiled::load_and_audit(&path)
+        .map_err(|e| errors::manifest_error(py, &e))?;
     Ok(manifest
         .allow_entries()
         .map(|e| (e.sha256.to_hex(), e.callsite.clone()))

@@ -451,6 +451,29 @@ fn toml_reference(toml: &Path, out: &Path) -> Result<String, ManifestError> {
         .ok_or_else(|| invalid(toml, "the path is not UTF-8"))
 }
 
+/// Reads the manifest at `path` as an install does and, when it is a compiled index, also parses
+/// the TOML it was compiled from and checks that the index holds exactly its rules: an install
+/// checks that the index is intact and its TOML unchanged, not that its entries are that TOML's
+/// (that would be the parse the index saves). `picklegate verify` runs this.
+pub fn load_and_audit(path: &Path) -> Result<Manifest, ManifestError> {
+    let manifest = Manifest::load(path)?;
+    if !manifest.is_compiled() {
+        return Ok(manifest);
+    }
+    let toml = Manifest::load(Path::new(&manifest.source))?;
+    let same = manifest.allow_entries().eq(toml.allow_entries())
+        && manifest.trust == toml.trust
+        && manifest.loaders == toml.loaders
+        && manifest.callsite_patterns() == toml.callsite_patterns();
+    if !same {
+        return Err(invalid(path, format!(
+            "its rules are not those of {}, although it names that file and its sha256: it was not written by `picklegate compile`; compile again and protect the index as you protect the TOML",
+            manifest.source
+        )));
+    }
+    Ok(manifest)
+}
+
 /// The parts of a manifest a compiled index holds.
 pub struct Opened {
     pub toml: PathBuf,
@@ -807,6 +830,24 @@ mod tests {
         assert!(refusal(&idx).contains("format 2; this picklegate reads format 1"));
         std::fs::write(&idx, &good).unwrap();
         assert!(Manifest::load(&idx).is_ok());
+    }
+
+    #[test]
+    fn audit_finds_an_index_whose_rules_are_not_its_tomls() {
+        let (toml, idx) = compiled_pair("audit", 40);
+        assert!(load_and_audit(&idx).is_ok());
+        assert!(load_and_audit(&toml).is_ok());
+        // An index written from other rules, then given the real TOML's sha256 and name: every
+        // install check passes (it is intact, its TOML unchanged); only the audit sees it.
+        let text = manifest_text(40).replace("app.m3:load_3\"", "app.m3:*\"");
+        let other = Manifest::parse(&text, "other.toml").unwrap();
+        let toml_sha = Digest::of(&std::fs::read(&toml).unwrap());
+        std::fs::write(&idx, compile(&other, &toml_sha, "pickles.toml").unwrap()).unwrap();
+        assert!(Manifest::load(&idx)
+            .unwrap()
+            .admits_anything_at("app.m3:anything"));
+        let err = load_and_audit(&idx).unwrap_err().to_string();
+        assert!(err.contains("its rules are not those of"), "{err}");
     }
 
     #[test]

@@ -613,6 +613,11 @@ impl Manifest {
         }
     }
 
+    /// True when this manifest was read from a compiled index.
+    pub fn is_compiled(&self) -> bool {
+        matches!(self.allow, AllowTable::Compiled(_))
+    }
+
     /// The distinct `[[allow]]` callsites that contain a `*`.
     pub fn callsite_patterns(&self) -> &[String] {
         &self.callsite_patterns
