@@ -190,13 +190,25 @@ pub fn freeze_records(records: Vec<PathBuf>, merge: Option<PathBuf>) -> Result<S
     Ok(freeze(&all, existing.as_ref()))
 }
 
-/// The `(sha256, callsite)` of every `[[allow]]` entry; a malformed manifest is a `PolicyError`.
+/// The `(sha256, callsite)` of every `[[allow]]` entry; a malformed manifest is a `PolicyError`,
+/// and so is a compiled index whose rules are not those of the TOML it names.
 #[pyfunction]
 pub fn manifest_entries(path: PathBuf) -> Result<Vec<(String, String)>> {
-    let manifest = Manifest::load(&path)?;
+    let manifest = picklegate_core::compiled::load_and_audit(&path)?;
     Ok(manifest
-        .allow
-        .iter()
+        .allow_entries()
         .map(|e| (e.sha256.to_hex(), e.callsite.clone()))
         .collect())
+}
+
+/// `picklegate compile`: writes the compiled index of the TOML manifest at `manifest` to
+/// `output`; returns (entries, bytes written, the TOML's sha256). Errors are `PolicyError`s.
+#[pyfunction]
+pub fn compile_manifest(
+    py: Python<'_>,
+    manifest: PathBuf,
+    output: PathBuf,
+) -> Result<(usize, usize, String)> {
+    let summary = py.detach(|| picklegate_core::compiled::compile_file(&manifest, &output))?;
+    Ok((summary.entries, summary.bytes, summary.toml_sha256.to_hex()))
 }
