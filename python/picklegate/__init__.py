@@ -26,7 +26,7 @@ __all__ = [
     "state",
 ]
 
-__version__ = "0.1.0"
+__version__: str = _core.__version__  # Cargo.toml's, compiled into _core
 
 
 def install(policy=None, mode=None, record=None, backstop_only=False):
