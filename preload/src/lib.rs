@@ -179,7 +179,10 @@ const fn python_int(source: &[u8], prefix: &[u8]) -> c_int {
         value = value * 10 + (source[i] - b'0') as c_int;
         i += 1;
     }
-    assert!(i > at + prefix.len(), "the constant in _startup.py is not a number");
+    assert!(
+        i > at + prefix.len(),
+        "the constant in _startup.py is not a number"
+    );
     value
 }
 
