@@ -36,7 +36,12 @@ const SELF_CHECK: &[u8] = b"picklegate.preload-check";
 const STARTUP: &str = include_str!("../../python/picklegate/_startup.py");
 /// Exit status when picklegate cannot be set up in `enforce`: `_startup.py`'s `EX_CONFIG`.
 const EX_CONFIG: c_int = python_int(STARTUP.as_bytes(), b"\nEX_CONFIG = ");
-const _: () = assert!(find(STARTUP.as_bytes(), LENIENT_LINE, 0).is_some());
+/// The line of `_startup.py` that lists the modes that go on (see `lenient_modes`).
+const LENIENT_LINE: &[u8] = b"\nLENIENT = (";
+const _: () = assert!(
+    find(STARTUP.as_bytes(), LENIENT_LINE, 0).is_some(),
+    "_startup.py does not define LENIENT"
+);
 /// The host-wide policy: enforced in every CPython this library is preloaded into, whatever its
 /// environment says. It (and its directory) must be owned by root and writable by no one else.
 const HOST_POLICY: &str = "/etc/picklegate/policy.toml";
@@ -142,8 +147,6 @@ fn lenient() -> bool {
     let mode = std::env::var("PICKLEGATE_MODE").unwrap_or_default();
     lenient_modes().any(|lenient| lenient == mode.trim().to_ascii_lowercase())
 }
-
-const LENIENT_LINE: &[u8] = b"\nLENIENT = (";
 
 /// The strings of the `LENIENT = ("warn", ...)` line of `_startup.py`.
 fn lenient_modes() -> impl Iterator<Item = &'static str> {
