@@ -1,12 +1,11 @@
 //! The backstop: a PEP 578 audit hook, registered from Rust so it cannot be removed, that judges
 //! every `pickle.find_class` event, catching unpicklers the interposer never saw.
 
-use crate::errors::{self, RefusalFacts};
-use crate::load::{active_approval, now};
-use crate::state::{self, emit};
-use crate::tokens::{current_scope, register_scope_var};
-use picklegate_core::event::Event;
-use picklegate_core::policy::{Action, Mode};
+use crate::errors;
+use crate::load::{active_approval, carry_out};
+use crate::state;
+use crate::tokens::current_scope;
+use picklegate_core::decision::{decide_global, GlobalFacts};
 use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -62,83 +61,30 @@ fn text(obj: PyResult<Bound<'_, PyAny>>) -> String {
     }
 }
 
+/// Decides a global `find_class` is about to resolve (`decision::decide_global`) and carries
+/// the decision out.
 fn judge(py: Python<'_>, args: &Bound<'_, PyAny>) -> PyResult<()> {
     let (module, name) = (text(args.get_item(0)), text(args.get_item(1)));
     let gate = state::current();
-    let policy = state::policy_of(&gate);
-    let active = active_approval(py)?;
-    let callsite = || {
-        crate::callsite::current(py)
-            .map(|s| s.to_string())
-            .unwrap_or_else(|_| "?:?".into())
+    let scope = current_scope(py)?;
+    let facts = GlobalFacts {
+        policy: state::policy_of(&gate),
+        scope: &scope.get().inner,
+        active: active_approval(py)?,
+        module: &module,
+        name: &name,
     };
-    if active.is_none() {
-        let scope = current_scope(py)?;
-        if scope.get().inner.permits(None).is_err() {
-            let site = callsite();
-            let message = format!(
-                "picklegate refused global {module}.{name} at {site}: an unpickler that bypassed picklegate ran inside a no_pickles() block"
-            );
-            return Err(errors::no_pickle(
-                py,
-                message,
-                &RefusalFacts {
-                    callsite: site,
-                    sha256: None,
-                    size: None,
-                },
-            ));
-        }
-    }
-    if policy.mode == Mode::Off
-        || (active.is_none() && crate::load::resolved_after_approved_load(py, &module, &name)?)
-    {
-        return Ok(());
-    }
-    let mut site: Option<String> = None;
-    let judgement = policy.judge_global(
-        active,
-        &module,
-        &name,
-        || site.get_or_insert_with(callsite).clone(),
-        || defined_there(py, &module, &name),
-    );
-    if judgement.action == Action::Run {
-        return Ok(());
-    }
-    let Err(refusal) = &judgement.verdict else {
-        return Ok(());
-    };
-    let site = site.unwrap_or_else(callsite);
-    let reason = refusal.describe(policy.manifest.as_deref());
-    let refused = judgement.action == Action::Refuse;
-    emit(&Event {
-        time: now(),
-        pid: std::process::id(),
-        mode: policy.mode.as_str(),
-        decision: if refused { "deny" } else { "warn" },
-        callsite: site.clone(),
-        sha256: None,
-        size: None,
-        globals: vec![format!("{module}.{name}")],
-        source: None,
-        reason: Some(reason.clone()),
-    });
-    if !refused {
-        return Ok(());
-    }
-    let message = format!(
-        "picklegate refused global {module}.{name} at {site}: {reason}. If this unpickler is a trusted transport, add a [[trust]] rule with callsite = \"{site}\" and globals = [\"{module}.{name}\"]."
-    );
-    Err(errors::pickle_denied(
-        py,
-        message,
-        &RefusalFacts {
-            callsite: site,
-            sha256: None,
-            size: None,
+    let decision = decide_global(
+        &facts,
+        || {
+            crate::callsite::current(py)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|_| "?:?".into())
         },
-    ))
+        || defined_there(py, &module, &name),
+        || crate::load::resolved_after_approved_load(py, &module, &name),
+    )?;
+    carry_out(py, &gate, decision).map(drop)
 }
 
 /// Whether `module`.`name` resolves, as `find_class` is about to resolve it, to a class or a
@@ -221,10 +167,8 @@ fn sys_modules(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
 }
 
 /// Registers the hook once and proves it runs (another hook may veto `sys.addaudithook`).
-/// `scope_var` is the context variable holding the code's scope.
 #[pyfunction]
-pub fn install_backstop(py: Python<'_>, scope_var: Py<PyAny>) -> PyResult<()> {
-    register_scope_var(py, scope_var);
+pub fn install_backstop(py: Python<'_>) -> PyResult<()> {
     let first = !REGISTERED.swap(true, Ordering::SeqCst);
     if first && unsafe { PySys_AddAuditHook(hook, std::ptr::null_mut()) } != 0 {
         return Err(PyErr::take(py)

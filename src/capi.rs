@@ -1,4 +1,4 @@
-//! The four CPython functions picklegate needs beyond the 3.9 stable ABI, looked up in the running
+//! The five CPython functions picklegate needs beyond the 3.9 stable ABI, looked up in the running
 //! interpreter when `_core` loads: the abi3 wheel then links stable-ABI symbols only (abi3audit).
 //!
 //! Each is public C API, exported under this name and signature by every CPython from 3.8 on
@@ -26,6 +26,7 @@ struct Api {
     ) -> c_int,
     get_buffer: unsafe extern "C" fn(*mut ffi::PyObject, *mut c_void, c_int) -> c_int,
     buffer_release: unsafe extern "C" fn(*mut c_void),
+    frame_get_code: unsafe extern "C" fn(*mut ffi::PyObject) -> *mut ffi::PyObject,
 }
 
 static API: OnceLock<Api> = OnceLock::new();
@@ -54,18 +55,19 @@ fn lookup(name: &CStr) -> Option<*mut c_void> {
     }
 }
 
-/// Finds the four functions; called first thing when `_core` is imported.
+/// Finds the five functions; called first thing when `_core` is imported.
 pub fn load() -> PyResult<()> {
     if API.get().is_some() {
         return Ok(());
     }
-    const NAMES: [&[u8]; 4] = [
+    const NAMES: [&[u8]; 5] = [
         b"PySys_AddAuditHook\0",
         b"PyContextVar_Get\0",
         b"PyObject_GetBuffer\0",
         b"PyBuffer_Release\0",
+        b"PyFrame_GetCode\0",
     ];
-    let mut found = [std::ptr::null_mut(); 4];
+    let mut found = [std::ptr::null_mut(); 5];
     let mut missing = Vec::new();
     for (slot, name) in found.iter_mut().zip(NAMES) {
         let name = CStr::from_bytes_with_nul(name).expect("names end with NUL");
@@ -87,6 +89,7 @@ pub fn load() -> PyResult<()> {
             context_var_get: std::mem::transmute::<*mut c_void, _>(found[1]),
             get_buffer: std::mem::transmute::<*mut c_void, _>(found[2]),
             buffer_release: std::mem::transmute::<*mut c_void, _>(found[3]),
+            frame_get_code: std::mem::transmute::<*mut c_void, _>(found[4]),
         }
     };
     let _ = API.set(api);
@@ -123,4 +126,10 @@ pub unsafe fn PyObject_GetBuffer<View>(
 /// `PyBuffer_Release`.
 pub unsafe fn PyBuffer_Release<View>(view: *mut View) {
     (api().buffer_release)(view.cast())
+}
+
+/// `PyFrame_GetCode` (CPython 3.9+; in the limited API only from 3.10): a frame's code, as a new
+/// reference, without the `object.__getattr__` audit event that reading `frame.f_code` raises.
+pub unsafe fn PyFrame_GetCode(frame: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    (api().frame_get_code)(frame)
 }

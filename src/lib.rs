@@ -96,7 +96,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load::guarded_load, m)?)?;
     m.add_function(wrap_pyfunction!(load::guarded_container, m)?)?;
     m.add_function(wrap_pyfunction!(load::refuse_unread, m)?)?;
-    m.add_function(wrap_pyfunction!(load::guarded_file_load, m)?)?;
+    m.add_function(wrap_pyfunction!(load::allow_suggestion, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::redirect_loads, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::redirect_load, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::redirect_unpickler_load, m)?)?;
@@ -107,6 +107,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(callsite::current_callsite, m)?)?;
     m.add_function(wrap_pyfunction!(audit::install_backstop, m)?)?;
     m.add_function(wrap_pyfunction!(tokens::new_token, m)?)?;
+    m.add_function(wrap_pyfunction!(tokens::scope_var, m)?)?;
     m.add_function(wrap_pyfunction!(state::set_observer, m)?)?;
     m.add_function(wrap_pyfunction!(inventory::scan_files, m)?)?;
     m.add_function(wrap_pyfunction!(inventory::freeze_records, m)?)?;

@@ -8,19 +8,18 @@ use crate::file::HashedFile;
 use crate::state::{self, emit};
 use crate::tokens::{current_scope, ScopeObj};
 use crate::unpickler;
-use picklegate_core::container::scan_all;
+use picklegate_core::decision::{decide_load, Decision, Denial, ErrorKind, LoadFacts};
 use picklegate_core::event::Event;
 use picklegate_core::hash::Digest;
-use picklegate_core::manifest::Manifest;
-use picklegate_core::policy::{Action, Approval, Judgement, Load, Mode, Refusal, ScopeRefusal};
-use picklegate_core::record::Record;
-use picklegate_core::risk::classify;
-use picklegate_core::scan::{self, Report, ScanError};
+use picklegate_core::policy::{Approval, Mode, Scope, ScopeRefusal};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
+use pyo3::types::PyBytes;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The gate in force when a load started (`state::current`), read once per load.
+type Gate = Option<std::sync::Arc<state::Gate>>;
 
 /// Hashing this much or more releases the GIL (only for immutable buffers).
 const DETACH_THRESHOLD: usize = 1 << 20;
@@ -82,107 +81,6 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         ACTIVE.with(|a| a.borrow_mut().pop());
-    }
-}
-
-pub fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-/// What the scan of the bytes of a load found, whatever carries the pickles (a torch zip, a
-/// joblib file, an .npz): every global with its class, and whether the scan read it all.
-struct Found {
-    globals: Vec<String>,
-    classes: Vec<String>,
-    complete: bool,
-}
-
-fn found_in(bytes: &[u8]) -> Found {
-    let scanned = scan_all(bytes);
-    let mut seen: Vec<&(String, String)> = Vec::new();
-    for global in scanned
-        .contents
-        .parts
-        .iter()
-        .flat_map(|p| &p.report.globals)
-    {
-        if !seen.contains(&global) {
-            seen.push(global);
-        }
-    }
-    Found {
-        globals: seen.iter().map(|(m, n)| format!("{m}.{n}")).collect(),
-        classes: seen
-            .iter()
-            .map(|(m, n)| classify(m, n).0.as_str().to_string())
-            .collect(),
-        complete: scanned.error.is_none()
-            && scanned
-                .contents
-                .parts
-                .iter()
-                .all(|p| p.report.unresolved.is_empty()),
-    }
-}
-
-fn toml_string(text: &str) -> String {
-    serde_json::to_string(text).expect("strings always serialize")
-}
-
-/// What a refusal message tells the user to add.
-/// `globals` is `None` when the scan did not read the whole pickle: the entry then has no
-/// `globals` key (which admits any), never `globals = []` (which admits none).
-fn suggestion(
-    refusal: &Refusal,
-    manifest: Option<&Manifest>,
-    sha: &Digest,
-    callsite: &str,
-    globals: Option<&[String]>,
-) -> String {
-    let target = manifest.map_or("a manifest (PICKLEGATE_POLICY)".to_string(), |m| {
-        m.source.clone()
-    });
-    match refusal {
-        Refusal::UntrustedGlobal { global, .. } => format!(
-            "If {global} is safe for this transport, add it to that rule's globals in {target}."
-        ),
-        Refusal::Unscannable { .. } => {
-            "A trusted transport's pickle must be scannable; list it by sha256 instead.".into()
-        }
-        _ => {
-            let globals = globals.map_or(String::new(), |globals| {
-                format!(
-                    "globals = [{}]\n",
-                    globals
-                        .iter()
-                        .map(|g| toml_string(g))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            });
-            format!(
-                "To allow it after review, add to {target}:\n\n[[allow]]\nsha256 = \"{sha}\"\ncallsite = {}\nnote = \"reviewed by ...\"\n{globals}",
-                toml_string(callsite)
-            )
-        }
-    }
-}
-
-/// The record-file line of a load that `record` mode lets run.
-fn record_of(event: &Event, found: Found) -> Record {
-    Record {
-        time: event.time,
-        pid: event.pid,
-        callsite: event.callsite.clone(),
-        sha256: event.sha256.clone().unwrap_or_default(),
-        size: event.size.unwrap_or_default(),
-        globals: found.globals,
-        classes: found.classes,
-        globals_complete: found.complete,
-        source: event.source.clone(),
     }
 }
 
@@ -249,115 +147,81 @@ fn memo_len(unpickler: &Bound<'_, PyAny>) -> Result<u64, String> {
         .map_err(|e| format!("the unpickler's memo could not be measured: {e}"))
 }
 
-/// Judges one load against the operator's policy, then the code's scope; logs; raises the
-/// refusal, or returns the approval the load runs under.
-fn decide(py: Python<'_>, scope: &ScopeObj, facts: &Facts<'_>) -> PyResult<Approval> {
-    let gate = state::current();
-    let policy = state::policy_of(&gate);
-    let Facts {
-        bytes,
-        size,
-        sha,
-        callsite,
-        source,
-    } = *facts;
+/// Decides one load (`decision::decide_load`) against the policy and `scope`, and carries the
+/// decision out: raises the refusal, or returns the approval the load runs under.
+fn decide(py: Python<'_>, gate: &Gate, scope: &Scope, facts: &Facts<'_>) -> PyResult<Approval> {
     let live = LIVE_UNPICKLER.with(|u| u.borrow_mut().take());
-    let mut report: Option<Result<Report, ScanError>> = None;
-    let judgement: Judgement = policy.judge_load(
-        Load {
-            sha256: &sha,
-            callsite,
+    let decision = decide_load(
+        &LoadFacts {
+            policy: state::policy_of(gate),
+            scope,
+            sha256: facts.sha,
+            size: facts.size,
+            bytes: facts.bytes,
+            callsite: facts.callsite,
+            source: facts.source,
+            watched: state::has_observer(),
         },
-        || {
-            let memo_before = match &live {
-                Some(unpickler) => memo_len(unpickler.bind(py))?,
-                None => 0,
-            };
-            let scanned = report.get_or_insert_with(|| scan::scan_after(bytes, memo_before));
-            scanned
-                .as_ref()
-                .map_err(|e| e.to_string())
-                .and_then(Report::nameable_globals)
+        || match &live {
+            Some(unpickler) => memo_len(unpickler.bind(py)),
+            None => Ok(0),
         },
     );
-    let scope_verdict = scope.inner.permits(Some(&sha));
-    let refused = judgement.action == Action::Refuse || scope_verdict.is_err();
-    if !refused && judgement.action == Action::Run && !state::has_observer() {
-        return Ok(policy.approval_while_running(&judgement)); // the common case: nothing to log
-    }
-    let found = found_in(bytes);
-    let globals = found.globals.clone();
-    let refusal_facts = RefusalFacts {
-        callsite: callsite.to_string(),
-        sha256: Some(sha.to_hex()),
-        size: Some(size),
-    };
-    let event = |decision: &'static str, reason: Option<String>| Event {
-        time: now(),
-        pid: std::process::id(),
-        mode: policy.mode.as_str(),
-        decision,
-        callsite: callsite.to_string(),
-        sha256: Some(sha.to_hex()),
-        size: Some(size),
-        globals: globals.clone(),
-        source: source.map(str::to_string),
-        reason,
-    };
-    let manifest = policy.manifest.as_deref();
+    carry_out(py, gate, decision)
+}
 
-    if let (Action::Refuse, Err(refusal)) = (judgement.action, &judgement.verdict) {
-        let reason = refusal.describe(manifest);
-        let denial = event("deny", Some(reason.clone()));
-        emit(&denial);
-        observe_refusal(py, &denial);
-        let message = format!(
-            "picklegate refused to unpickle {size} bytes (sha256 {sha}) at {callsite}{}: {reason}.\n{}",
-            source.map(|s| format!(" from {s}")).unwrap_or_default(),
-            suggestion(refusal, manifest, &sha, callsite, found.complete.then_some(&globals[..]))
-        );
-        return Err(errors::pickle_denied(py, message, &refusal_facts));
-    }
-    if let Err(scope_refusal) = scope_verdict {
-        let (reason, remedy) = match scope_refusal {
-            ScopeRefusal::NoPickles => (
-                "inside a no_pickles() block",
-                format!("wrap the load in `with picklegate.allow_pickles(token):` or `allow_pickles(token, only_objects=[\"sha256:{sha}\"])`"),
-            ),
-            ScopeRefusal::NotInOnlyObjects => (
-                "its sha256 is not in allow_pickles(only_objects=[...])",
-                format!("add \"sha256:{sha}\" to only_objects after review"),
-            ),
-        };
-        let denial = event("deny", Some(reason.to_string()));
-        emit(&denial);
-        observe_refusal(py, &denial);
-        let message = format!(
-            "picklegate refused to unpickle {size} bytes (sha256 {sha}) at {callsite}: {reason}. To permit it, {remedy}."
-        );
-        return Err(errors::no_pickle(py, message, &refusal_facts));
-    }
-    let decision = match (&judgement.verdict, policy.mode) {
-        (_, Mode::Record) => event("record", None),
-        (Err(refusal), _) if judgement.action == Action::RunAndReport => {
-            event("warn", Some(refusal.describe(manifest)))
+/// Does what a decision says: logs its event, shows it to the observer, writes the record line,
+/// raises its refusal; returns the approval a load runs under.
+pub fn carry_out(py: Python<'_>, gate: &Gate, decision: Decision) -> PyResult<Approval> {
+    if decision.logged() {
+        if let Some(event) = &decision.event {
+            emit(event);
         }
-        _ => event("allow", None),
-    };
-    if decision.decision != "allow" {
-        emit(&decision);
     }
-    if let Some(record_file) = gate
-        .as_ref()
-        .and_then(|g| g.record.as_ref())
-        .filter(|_| policy.mode == Mode::Record)
-    {
-        record_file
-            .append(&record_of(&decision, found))
+    let observed = decision.event.as_ref().filter(|_| decision.observed);
+    if let Some(denial) = decision.denial {
+        if let Some(event) = observed {
+            observe_refusal(py, event);
+        }
+        return Err(raise(py, denial));
+    }
+    if let (Some(record), Some(file)) = (
+        &decision.record,
+        gate.as_ref().and_then(|g| g.record.as_ref()),
+    ) {
+        file.append(record)
             .map_err(|e| errors::policy_error(py, e.to_string()))?;
     }
-    state::observe(py, &decision)?;
-    Ok(policy.approval_while_running(&judgement))
+    if let Some(event) = observed {
+        state::observe(py, event)?;
+    }
+    Ok(decision.approval)
+}
+
+/// The `[[allow]]` entry that would list a load, as text telling the user to add it to `target`
+/// (`decision::allow_suggestion`; the pytest plugin's refusals suggest it too).
+#[pyfunction]
+#[pyo3(signature = (target, sha256, callsite, globals=None))]
+pub fn allow_suggestion(
+    target: &str,
+    sha256: &str,
+    callsite: &str,
+    globals: Option<Vec<String>>,
+) -> String {
+    picklegate_core::decision::allow_suggestion(target, sha256, callsite, globals.as_deref())
+}
+
+/// The exception a refusal raises.
+fn raise(py: Python<'_>, denial: Denial) -> PyErr {
+    let facts = RefusalFacts {
+        callsite: denial.callsite,
+        sha256: denial.sha256,
+        size: denial.size,
+    };
+    match denial.kind {
+        ErrorKind::PickleDenied => errors::pickle_denied(py, denial.message, &facts),
+        ErrorKind::NoPickle => errors::no_pickle(py, denial.message, &facts),
+    }
 }
 
 /// Judges a container on its whole file, once.
@@ -386,15 +250,19 @@ fn settle(py: Python<'_>, container: &Container) -> PyResult<Approval> {
         callsite: &container.callsite,
         source: container.source.as_deref(),
     };
-    let approval = decide(py, &container.scope.borrow(py), &facts)?;
+    let approval = decide(py, &state::current(), &container.scope.get().inner, &facts)?;
     container.settled.set(Some(approval));
     Ok(approval)
 }
 
 /// A load that needs no hash of its own: `Some(None)` when nothing is guarded, `Some(Some(_))`
 /// inside a container (the file's verdict covers it), `None` when it must be judged.
-fn decided_without_hash(py: Python<'_>, scope: &ScopeObj) -> PyResult<Option<Option<Approval>>> {
-    if passthrough(scope) {
+fn decided_without_hash(
+    py: Python<'_>,
+    gate: &Gate,
+    scope: &ScopeObj,
+) -> PyResult<Option<Option<Approval>>> {
+    if passthrough(gate, scope) {
         return Ok(Some(None));
     }
     match innermost() {
@@ -403,122 +271,105 @@ fn decided_without_hash(py: Python<'_>, scope: &ScopeObj) -> PyResult<Option<Opt
     }
 }
 
-fn passthrough(scope: &ScopeObj) -> bool {
-    let gate = state::current();
-    state::policy_of(&gate).mode == Mode::Off && scope.inner.is_open()
-}
-
-/// Judges the load of the pickle `data` and, if it may run, calls `run`, which unpickles exactly
-/// `data`. Inside a container, the container's verdict stands for it.
-fn guard(
-    py: Python<'_>,
-    data: &Bound<'_, PyAny>,
-    scope: &ScopeObj,
-    source: Option<&str>,
+/// Runs a load that `decided_without_hash` covers, under the approval that covers it.
+fn run_covered(
+    covered: Option<Approval>,
     run: impl FnOnce() -> PyResult<Py<PyAny>>,
-    callsite: impl FnOnce() -> PyResult<String>,
 ) -> PyResult<Py<PyAny>> {
-    if let Some(covered) = decided_without_hash(py, scope)? {
-        let _running = covered.map(|approval| Running::enter(Frame::Load(approval)));
-        LiveUnpickler::forget(); // no scan: a load nested in this one must not take it
-        return run();
-    }
-    let bytes = Bytes::borrow(data)?;
-    let slice = bytes.as_slice();
-    if slice.is_empty() {
-        // Nothing to decide: the unpickler raises its own EOFError, as callers expect.
-        LiveUnpickler::forget();
-        return run();
-    }
-    let callsite = callsite()?;
-    let facts = Facts {
-        bytes: slice,
-        size: slice.len() as u64,
-        sha: hash(py, data, slice),
-        callsite: &callsite,
-        source,
-    };
-    let _running = Running::enter(Frame::Load(decide(py, scope, &facts)?));
+    let _running = covered.map(|approval| Running::enter(Frame::Load(approval)));
+    LiveUnpickler::forget(); // no scan: a load nested in this one must not take it
     run()
 }
 
-/// The Python-level entry: `run()` unpickles `data` (read from a file or stream by the caller).
+fn passthrough(gate: &Gate, scope: &ScopeObj) -> bool {
+    state::policy_of(gate).mode == Mode::Off && scope.inner.is_open()
+}
+
+/// The bytes of one load: a bytes-like object, or a file `HashedFile` read and hashed.
+#[derive(Clone, Copy)]
+enum Pickle<'a, 'py> {
+    Buffer(&'a Bound<'py, PyAny>),
+    File(&'a Bound<'py, HashedFile>),
+}
+
+/// Judges the load of `pickle` at the callsite running now and, if it may run, calls `run`, which
+/// unpickles exactly those bytes. Inside a container, the container's verdict stands for it.
+fn guard(
+    py: Python<'_>,
+    gate: &Gate,
+    scope: &ScopeObj,
+    pickle: Pickle<'_, '_>,
+    source: Option<&str>,
+    run: impl FnOnce() -> PyResult<Py<PyAny>>,
+) -> PyResult<Py<PyAny>> {
+    if let Some(covered) = decided_without_hash(py, gate, scope)? {
+        return run_covered(covered, run);
+    }
+    // A buffer stays borrowed while it runs; a hashed file only while it is judged (the
+    // unpickler then reads it).
+    let buffer = match pickle {
+        Pickle::Buffer(data) if !data.is_instance_of::<PyBytes>() => Some(Bytes::borrow(data)?),
+        _ => None,
+    };
+    let approval = {
+        let hashed = match pickle {
+            Pickle::File(file) => Some(file.borrow()),
+            Pickle::Buffer(_) => None,
+        };
+        let (slice, sha) = match (pickle, &buffer, &hashed) {
+            (Pickle::Buffer(data), Some(bytes), _) => {
+                (bytes.as_slice(), hash(py, data, bytes.as_slice()))
+            }
+            (Pickle::Buffer(data), None, _) => {
+                let bytes = data.cast::<PyBytes>()?.as_bytes(); // immutable: no export to hold
+                (bytes, hash(py, data, bytes))
+            }
+            (Pickle::File(_), _, Some(file)) => (file.bytes(), file.sha),
+            (Pickle::File(_), _, None) => unreachable!("the file is borrowed above"),
+        };
+        if slice.is_empty() {
+            None // nothing to decide: the unpickler raises its own EOFError, as callers expect
+        } else {
+            let callsite = callsite::current(py)?;
+            let facts = Facts {
+                bytes: slice,
+                size: slice.len() as u64,
+                sha,
+                callsite: &callsite,
+                source,
+            };
+            Some(decide(py, gate, &scope.inner, &facts)?)
+        }
+    };
+    let Some(approval) = approval else {
+        LiveUnpickler::forget();
+        return run();
+    };
+    let _running = Running::enter(Frame::Load(approval));
+    run()
+}
+
+/// The Python-level entry: `run()` unpickles `data`, read by the caller from a file or a stream
+/// (bytes, or a `HashedFile` it reads from), with the live `unpickler` whose load it is, if any.
 #[pyfunction]
-#[pyo3(signature = (data, scope, source, run, callsite, unpickler=None))]
+#[pyo3(signature = (data, source, run, unpickler=None))]
 pub fn guarded_load(
     py: Python<'_>,
     data: &Bound<'_, PyAny>,
-    scope: PyRef<'_, ScopeObj>,
     source: Option<String>,
     run: &Bound<'_, PyAny>,
-    callsite: &Bound<'_, PyAny>,
     unpickler: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Py<PyAny>> {
+    let scope = current_scope(py)?;
+    let gate = state::current();
     let _live = unpickler.map(LiveUnpickler::enter);
-    guard(
-        py,
-        data,
-        &scope,
-        source.as_deref(),
-        || run.call0().map(Bound::unbind),
-        || callsite.call0()?.extract(),
-    )
-}
-
-/// A load from a plain file read by `HashedFile`: judged on the hash taken while reading, then
-/// `run()` unpickles from that same `file` object.
-#[pyfunction]
-#[pyo3(signature = (file, scope, source, run, callsite))]
-pub fn guarded_file_load(
-    py: Python<'_>,
-    file: &Bound<'_, HashedFile>,
-    scope: PyRef<'_, ScopeObj>,
-    source: Option<String>,
-    run: &Bound<'_, PyAny>,
-    callsite: &Bound<'_, PyAny>,
-) -> PyResult<Py<PyAny>> {
-    guard_file(
-        py,
-        file,
-        &scope,
-        source.as_deref(),
-        || run.call0().map(Bound::unbind),
-        || callsite.call0()?.extract(),
-    )
-}
-
-fn guard_file(
-    py: Python<'_>,
-    file: &Bound<'_, HashedFile>,
-    scope: &ScopeObj,
-    source: Option<&str>,
-    run: impl FnOnce() -> PyResult<Py<PyAny>>,
-    callsite: impl FnOnce() -> PyResult<String>,
-) -> PyResult<Py<PyAny>> {
-    if let Some(covered) = decided_without_hash(py, scope)? {
-        let _running = covered.map(|approval| Running::enter(Frame::Load(approval)));
-        LiveUnpickler::forget(); // no scan: a load nested in this one must not take it
-        return run();
-    }
-    let approval = {
-        let hashed = file.borrow();
-        if hashed.is_empty() {
-            drop(hashed);
-            LiveUnpickler::forget();
-            return run(); // the unpickler raises its own EOFError
-        }
-        let callsite = callsite()?;
-        let facts = Facts {
-            bytes: hashed.bytes(),
-            size: hashed.bytes().len() as u64,
-            sha: hashed.sha,
-            callsite: &callsite,
-            source,
-        };
-        decide(py, scope, &facts)?
-    }; // the borrow ends here: the unpickler reads `file`
-    let _running = Running::enter(Frame::Load(approval));
-    run()
+    let pickle = match data.cast::<HashedFile>() {
+        Ok(file) => Pickle::File(file),
+        Err(_) => Pickle::Buffer(data),
+    };
+    guard(py, &gate, scope.get(), pickle, source.as_deref(), || {
+        run.call0().map(Bound::unbind)
+    })
 }
 
 /// The C-level entry: `_pickle.loads` redirected here, `call_original(None)` runs the real
@@ -531,37 +382,23 @@ pub fn guarded_c_loads(
     call_original: impl FnOnce(Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let scope = current_scope(py)?;
-    let callsite = || Ok(callsite::current(py)?.to_string());
-    if data.is_instance_of::<pyo3::types::PyBytes>() || passthrough(scope.get()) {
-        return guard(
-            py,
-            data,
-            scope.get(),
-            None,
-            || call_original(None),
-            callsite,
-        );
-    }
-    let Ok(copy) = Bytes::borrow(data).map(|bytes| pyo3::types::PyBytes::new(py, bytes.as_slice()))
-    else {
-        return guard(
-            py,
-            data,
-            scope.get(),
-            None,
-            || call_original(None),
-            callsite,
-        ); // raises as before
+    let gate = state::current();
+    let copy = if data.is_instance_of::<PyBytes>() || passthrough(&gate, scope.get()) {
+        None
+    } else {
+        // a buffer that cannot be borrowed is guarded as it is: the unpickler raises as before
+        Bytes::borrow(data)
+            .ok()
+            .map(|bytes| pyo3::types::PyBytes::new(py, bytes.as_slice()).into_any())
     };
-    let copy = copy.into_any();
-    guard(
-        py,
-        &copy,
-        scope.get(),
-        None,
-        || call_original(Some(&copy)),
-        callsite,
-    )
+    match &copy {
+        None => guard(py, &gate, scope.get(), Pickle::Buffer(data), None, || {
+            call_original(None)
+        }),
+        Some(copy) => guard(py, &gate, scope.get(), Pickle::Buffer(copy), None, || {
+            call_original(Some(copy))
+        }),
+    }
 }
 
 /// The Python helper that reads what a live unpickler's next load consumes:
@@ -649,9 +486,9 @@ pub fn guarded_c_unpickler(
     run: impl FnOnce() -> PyResult<Py<PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let scope = current_scope(py)?;
-    if let Some(covered) = decided_without_hash(py, scope.get())? {
-        let _running = covered.map(|approval| Running::enter(Frame::Load(approval)));
-        return run();
+    let gate = state::current();
+    if let Some(covered) = decided_without_hash(py, &gate, scope.get())? {
+        return run_covered(covered, run);
     }
     // Redirected only once the layout is known and the helper set (see redirect_unpickler_load).
     let take = UNPICKLER_TAKE.get(py).filter(|_| unpickler::layout_known());
@@ -673,24 +510,16 @@ pub fn guarded_c_unpickler(
         let _swapped = unpickler::swap(unpickler, &stream)?;
         run()
     };
-    let callsite = || Ok(callsite::current(py)?.to_string());
     let _live = LiveUnpickler::enter(unpickler);
-    let (result, after_load) = match data.cast::<HashedFile>() {
-        Ok(file) => {
-            let after_load = after_load(py, file.borrow().bytes())?;
-            (
-                guard_file(py, file, scope.get(), source.as_deref(), run, callsite),
-                after_load,
-            )
-        }
-        Err(_) => {
-            let after_load = after_load(py, Bytes::borrow(&data)?.as_slice())?;
-            (
-                guard(py, &data, scope.get(), source.as_deref(), run, callsite),
-                after_load,
-            )
-        }
+    let pickle = match data.cast::<HashedFile>() {
+        Ok(file) => Pickle::File(file),
+        Err(_) => Pickle::Buffer(&data),
     };
+    let after_load = match pickle {
+        Pickle::File(file) => after_load(py, file.borrow().bytes())?,
+        Pickle::Buffer(data) => after_load(py, Bytes::borrow(data)?.as_slice())?,
+    };
+    let result = guard(py, &gate, scope.get(), pickle, source.as_deref(), run);
     if result.is_ok() && after_load.is_some() {
         AFTER_LOAD.with(|a| *a.borrow_mut() = after_load);
     }
@@ -739,20 +568,25 @@ impl std::io::Read for PyFileReader<'_> {
 /// every load here whatever its bytes, hash the rest of the file in chunks (for the message, so a
 /// huge file costs no memory), leave the position where it was, and raise that refusal.
 #[pyfunction]
-#[pyo3(signature = (file, scope, source))]
+#[pyo3(signature = (file, source))]
 pub fn refuse_unread(
     py: Python<'_>,
     file: &Bound<'_, PyAny>,
-    scope: PyRef<'_, ScopeObj>,
     source: Option<String>,
 ) -> PyResult<()> {
-    if passthrough(&scope) || matches!(innermost(), Some(Frame::Container(_))) {
+    let scope = current_scope(py)?;
+    let scope = scope.get();
+    let gate = state::current();
+    if passthrough(&gate, scope) || matches!(innermost(), Some(Frame::Container(_))) {
         return Ok(());
     }
-    let callsite = callsite::current(py)?;
-    let gate = state::current();
+    let policy = state::policy_of(&gate);
     let closed = scope.inner.permits(None) == Err(ScopeRefusal::NoPickles);
-    if !closed && !state::policy_of(&gate).refuses_any_bytes_at(&callsite) {
+    if !closed && policy.mode != Mode::Enforce {
+        return Ok(()); // only enforce refuses by the callsite alone: no need to name it
+    }
+    let callsite = callsite::current(py)?;
+    if !closed && !policy.refuses_any_bytes_at(&callsite) {
         return Ok(());
     }
     let start = file.call_method0("tell")?;
@@ -778,7 +612,7 @@ pub fn refuse_unread(
         callsite: &callsite,
         source: source.as_deref(),
     };
-    decide(py, &scope, &facts).map(drop)
+    decide(py, &gate, &scope.inner, &facts).map(drop)
 }
 
 struct CountingReader<R> {
@@ -797,18 +631,22 @@ impl<R: std::io::Read> std::io::Read for CountingReader<R> {
 /// Runs a loader library's call on a whole file, `data`, already read into memory (bytes, or a
 /// `PinnedFile` that read and hashed it): `run()` must read only `data`. The file is judged by its own hash, at once when `eager`, else at its first
 /// pickle load (a numeric `.npy` never unpickles, so it is never judged).
+/// `callsite` is given when the load runs later than the call that opened the file (an `.npz`
+/// member, a torch.package pickle); else it is the callsite running now.
 #[pyfunction]
-#[pyo3(signature = (data, scope, source, run, callsite, eager))]
+#[pyo3(signature = (data, source, run, eager, callsite=None))]
 pub fn guarded_container(
     py: Python<'_>,
     data: &Bound<'_, PyAny>,
-    scope: Bound<'_, ScopeObj>,
     source: Option<String>,
     run: &Bound<'_, PyAny>,
-    callsite: &Bound<'_, PyAny>,
     eager: bool,
+    callsite: Option<String>,
 ) -> PyResult<Py<PyAny>> {
-    if passthrough(scope.get()) || matches!(innermost(), Some(Frame::Container(_))) {
+    let scope = current_scope(py)?;
+    if passthrough(&state::current(), scope.get())
+        || matches!(innermost(), Some(Frame::Container(_)))
+    {
         return run.call0().map(Bound::unbind);
     }
     let (content, sha) = match data.cast::<crate::file::PinnedFile>() {
@@ -833,7 +671,10 @@ pub fn guarded_container(
     let container = Rc::new(Container {
         data: content,
         sha,
-        callsite: callsite.call0()?.extract()?,
+        callsite: match callsite {
+            Some(callsite) => callsite,
+            None => callsite::current(py)?.to_string(),
+        },
         source,
         scope: scope.unbind(),
         settled: Cell::new(None),

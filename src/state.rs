@@ -6,11 +6,14 @@ use crate::errors;
 use parking_lot::{Mutex, RwLock};
 use picklegate_core::event::{Event, Sink};
 use picklegate_core::manifest::Manifest;
-use picklegate_core::policy::{settle, Mode, Policy, Request, Settlement};
+use picklegate_core::policy::{
+    install_conflict, install_ignored, settle_install, Mode, Policy, Request, Settlement,
+};
 use picklegate_core::record::RecordFile;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Who configured the gate. The environment is the operator: code may only make it stricter.
@@ -73,6 +76,13 @@ impl Gate {
 }
 
 static GATE: RwLock<Option<Arc<Gate>>> = RwLock::new(None);
+/// Counts installs: what was derived from an earlier gate (named callsites) is stale once it moves.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// How many times the gate was configured; changes whenever its manifest may have.
+pub fn generation() -> u64 {
+    GENERATION.load(Ordering::Acquire)
+}
 
 /// The gate now in force; `None` until something installs picklegate.
 pub fn current() -> Option<Arc<Gate>> {
@@ -120,55 +130,28 @@ pub fn configure(
     }
     ensure_logger();
 
-    crate::callsite::forget();
+    GENERATION.fetch_add(1, Ordering::Release);
     let mut slot = GATE.write();
     let wanted = Gate {
         policy: Policy { mode, manifest },
         origin,
         record,
     };
-    let settlement = match slot.as_ref() {
-        Some(held) if held.origin != Origin::Implicit => settle(held.request(), wanted.request()),
-        _ => Settlement::Replace,
-    };
-    match (settlement, slot.as_ref()) {
+    let held = slot.as_ref().filter(|held| held.origin != Origin::Implicit);
+    let settlement = settle_install(held.map(|h| h.request()), wanted.request());
+    match (settlement, held) {
         (Settlement::Replace, _) | (_, None) => *slot = Some(Arc::new(wanted)),
         (Settlement::Unchanged, _) => {}
-        (Settlement::Conflict, Some(held)) if same_file(held.source(), wanted.source()) => {}
         (Settlement::Conflict, Some(held)) => {
-            return Err(errors::policy_error(
-                py,
-                format!(
-                    "picklegate: install(mode=\"enforce\", policy={:?}) refused: the {} already enforces the manifest {:?}; \
-                     two different manifests cannot both be in force, and keeping either would drop the other's limits. \
-                     Merge them into one manifest and install that",
-                    wanted.source().unwrap_or_default(),
-                    held.origin.as_str(),
-                    held.source().unwrap_or_default(),
-                ),
-            ));
+            let message = install_conflict(held.request(), held.origin.as_str(), wanted.request());
+            return Err(errors::policy_error(py, message));
         }
         (Settlement::Ignored, Some(held)) => {
-            let message = format!(
-                "picklegate: install(mode={:?}, policy={:?}) ignored: already installed by the {} with mode {:?} and policy {:?}, which is as strict or stricter; a later install can only make it stricter",
-                wanted.policy.mode.as_str(),
-                wanted.source(),
-                held.origin.as_str(),
-                held.policy.mode.as_str(),
-                held.source(),
-            );
+            let message = install_ignored(held.request(), held.origin.as_str(), wanted.request());
             log::warn!(target: "picklegate", "{}", serde_json::json!({"event": "install-ignored", "message": message}));
         }
     }
     Ok(describe(slot.as_ref()))
-}
-
-/// Whether two manifest paths name the same file (spelled differently: relative, through a link).
-fn same_file(a: Option<&str>, b: Option<&str>) -> bool {
-    match (a.map(std::fs::canonicalize), b.map(std::fs::canonicalize)) {
-        (Some(Ok(a)), Some(Ok(b))) => a == b,
-        _ => false,
-    }
 }
 
 /// The record file `record` mode needs (and only it): without one, its loads would go unrecorded.
@@ -205,14 +188,6 @@ pub fn current_state() -> Option<(String, Option<String>, String)> {
             g.origin.as_str().to_string(),
         )
     })
-}
-
-/// True when frames of `module` are skipped when naming the callsite.
-pub fn is_loader_module(module: &str) -> bool {
-    let extra = current()
-        .and_then(|g| g.manifest().map(|m| m.loaders.clone()))
-        .unwrap_or_default();
-    picklegate_core::callsite::is_loader_module(module, &extra)
 }
 
 struct EventLogger {
@@ -296,18 +271,23 @@ fn in_main_interpreter() -> bool {
 }
 
 static OBSERVER: Mutex<Option<Py<PyAny>>> = Mutex::new(None);
+/// Whether `OBSERVER` is set, read on every load without taking its lock.
+static OBSERVED: AtomicBool = AtomicBool::new(false);
 
 /// Sets (or clears, with `None`) the callable that sees every load decision as a dict, before
 /// an allowed load runs. If it raises, that load does not run: an observer can only refuse more.
 #[pyfunction]
 pub fn set_observer(observer: Option<Py<PyAny>>) {
-    let previous = std::mem::replace(&mut *OBSERVER.lock(), observer);
+    let mut slot = OBSERVER.lock();
+    OBSERVED.store(observer.is_some(), Ordering::Release);
+    let previous = std::mem::replace(&mut *slot, observer);
+    drop(slot);
     drop(previous); // outside the lock: dropping may run Python code
 }
 
 /// True when someone watches decisions (the pytest plugin): allowed loads then build events too.
 pub fn has_observer() -> bool {
-    OBSERVER.lock().is_some()
+    OBSERVED.load(Ordering::Acquire)
 }
 
 /// Shows `event` to the observer, if one is set; its exception is the caller's to raise.

@@ -16,9 +16,21 @@ static SCOPE_VAR: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 use crate::capi::PyContextVar_Get;
 
-/// Remembers the context variable that holds the scope (`picklegate._scope.SCOPE`), once.
-pub fn register_scope_var(py: Python<'_>, var: Py<PyAny>) {
-    SCOPE_VAR.get_or_init(py, || var);
+/// The context variable that holds the scope (`picklegate._scope.SCOPE`), made once: the binding
+/// reads it on every load, so the Python layer never passes the scope down.
+#[pyfunction]
+pub fn scope_var(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    SCOPE_VAR
+        .get_or_try_init(py, || {
+            let open = Bound::new(py, ScopeObj::new())?;
+            let kwargs = pyo3::types::PyDict::new(py);
+            kwargs.set_item("default", open)?;
+            py.import("contextvars")?
+                .getattr("ContextVar")?
+                .call(("picklegate_scope",), Some(&kwargs))
+                .map(Bound::unbind)
+        })
+        .map(|var| var.clone_ref(py))
 }
 
 /// The scope of the running context; the open scope before anything was registered.

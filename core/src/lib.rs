@@ -3,6 +3,7 @@
 
 pub mod callsite;
 pub mod container;
+pub mod decision;
 pub mod event;
 pub mod freeze;
 pub mod hash;

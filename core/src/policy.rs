@@ -4,6 +4,7 @@
 use crate::callsite::{callsite_matches, global_matches, is_exact_global};
 use crate::hash::Digest;
 use crate::manifest::{Manifest, TrustRule};
+pub use crate::scan::Global;
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
@@ -136,9 +137,6 @@ pub struct Load<'a> {
     pub sha256: &'a Digest,
     pub callsite: &'a str,
 }
-
-/// A global as scanned from the bytes or resolved by the unpickler: `(module, name)`.
-pub type Global = (String, String);
 
 /// The operator's layer: a mode and, optionally, a manifest.
 #[derive(Debug, Clone)]
@@ -390,6 +388,49 @@ pub fn settle(held: Request<'_>, wanted: Request<'_>) -> Settlement {
         }
         _ => Settlement::Ignored,
     }
+}
+
+/// Settles an install against the gate in force: `held` is `None` when nothing is installed, or
+/// only `no_pickles()` switched the interposer on (any install replaces that). Two spellings of
+/// one manifest file (relative, through a link) are one manifest, not a conflict.
+pub fn settle_install(held: Option<Request<'_>>, wanted: Request<'_>) -> Settlement {
+    let Some(held) = held else {
+        return Settlement::Replace;
+    };
+    match settle(held, wanted) {
+        Settlement::Conflict if same_file(held.manifest, wanted.manifest) => Settlement::Unchanged,
+        settlement => settlement,
+    }
+}
+
+fn same_file(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a.map(std::fs::canonicalize), b.map(std::fs::canonicalize)) {
+        (Some(Ok(a)), Some(Ok(b))) => a == b,
+        _ => false,
+    }
+}
+
+/// The error of an install that `settle_install` found in `Conflict` with the one in force (set
+/// by `held_by`: the code, the environment, the host).
+pub fn install_conflict(held: Request<'_>, held_by: &str, wanted: Request<'_>) -> String {
+    format!(
+        "picklegate: install(mode=\"enforce\", policy={:?}) refused: the {held_by} already enforces the manifest {:?}; \
+         two different manifests cannot both be in force, and keeping either would drop the other's limits. \
+         Merge them into one manifest and install that",
+        wanted.manifest.unwrap_or_default(),
+        held.manifest.unwrap_or_default(),
+    )
+}
+
+/// The warning of an install that `settle_install` `Ignored`.
+pub fn install_ignored(held: Request<'_>, held_by: &str, wanted: Request<'_>) -> String {
+    format!(
+        "picklegate: install(mode={:?}, policy={:?}) ignored: already installed by the {held_by} with mode {:?} and policy {:?}, which is as strict or stricter; a later install can only make it stricter",
+        wanted.mode.as_str(),
+        wanted.manifest,
+        held.mode.as_str(),
+        held.manifest,
+    )
 }
 
 impl Refusal {
@@ -1256,6 +1297,62 @@ mod tests {
         assert_eq!(settle(host, deny_all), Settlement::Replace);
         assert_eq!(settle(deny_all, host), Settlement::Ignored);
         assert_eq!(settle(host, host), Settlement::Unchanged);
+    }
+
+    #[test]
+    fn an_install_over_nothing_or_an_implicit_gate_replaces_it() {
+        let request = |mode| Request {
+            mode,
+            manifest: None,
+            host: false,
+        };
+        for mode in [Mode::Off, Mode::Record, Mode::Warn, Mode::Enforce] {
+            assert_eq!(settle_install(None, request(mode)), Settlement::Replace);
+        }
+        // install(mode="off") then install(mode="record", record=R): record wins, with its file
+        assert_eq!(
+            settle_install(Some(request(Mode::Off)), request(Mode::Record)),
+            Settlement::Replace
+        );
+        assert_eq!(
+            settle_install(Some(request(Mode::Record)), request(Mode::Off)),
+            Settlement::Ignored
+        );
+    }
+
+    #[test]
+    fn one_manifest_spelled_twice_is_no_conflict() {
+        let dir = std::env::temp_dir().join(format!("picklegate-settle-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.toml"), "version = 1\n").unwrap();
+        std::fs::write(dir.join("b.toml"), "version = 1\n").unwrap();
+        let a = dir.join("a.toml").display().to_string();
+        let a_again = dir.join(".").join("a.toml").display().to_string();
+        let b = dir.join("b.toml").display().to_string();
+        fn enforce(manifest: &str) -> Request<'_> {
+            Request {
+                mode: Mode::Enforce,
+                manifest: Some(manifest),
+                host: false,
+            }
+        }
+        let held = Some(enforce(&a));
+        assert_eq!(
+            settle_install(held, enforce(&a_again)),
+            Settlement::Unchanged
+        );
+        assert_eq!(settle_install(held, enforce(&b)), Settlement::Conflict);
+        let message = install_conflict(enforce(&a), "environment", enforce(&b));
+        assert!(message.contains("the environment already enforces the manifest"));
+        assert!(message.contains(&format!("policy={b:?}")));
+        let off = Request {
+            mode: Mode::Off,
+            manifest: None,
+            host: false,
+        };
+        let warning = install_ignored(enforce(&a), "code", off);
+        assert!(warning.starts_with("picklegate: install(mode=\"off\", policy=None) ignored: already installed by the code with mode \"enforce\""));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Static pickle opcode scanning, protocols 0-5, with no code executed: protocol, the globals a
 //! pickle would import, risky opcodes, where it ends, and precise errors for broken input.
 
-use crate::policy::Global;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
+
+/// A global as scanned from the bytes or resolved by the unpickler: `(module, name)`.
+pub type Global = (String, String);
 
 /// Strings longer than this are not kept: no module or attribute name is that long.
 const MAX_TRACKED_STRING: usize = 4096;

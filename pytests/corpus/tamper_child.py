@@ -109,7 +109,7 @@ def picklegates_own_saved_original(data):
 @attempt
 def replace_the_decision_function(data):
     saved = _core.guarded_load
-    _core.guarded_load = lambda data, scope, source, run, callsite: run()
+    _core.guarded_load = lambda data, source, run, unpickler=None: run()
     try:
         return pickle.loads(data)
     finally:

@@ -7,7 +7,7 @@ import io
 import pickle
 import threading
 
-from . import _core, _files, _loaders, _scope
+from . import _core, _files, _loaders
 
 
 def _unwrapped(obj):
@@ -56,7 +56,7 @@ def _take(file):
     if type(file) is _core.HashedFile:
         return file, source, lambda used: None  # read and hashed already by a loader library's guard
     if _files.seekable(file):
-        _core.refuse_unread(file, _scope.SCOPE.get(), source)
+        _core.refuse_unread(file, source)
         start = file.tell()
         if type(file) in (io.BufferedReader, io.FileIO):
             data = _core.HashedFile(file.fileno(), start)
@@ -80,12 +80,6 @@ def _finished(data, stream, finish, file, failed):
         data.close()
 
 
-def _guarded(data, source, run):
-    if isinstance(data, _core.HashedFile):
-        return _core.guarded_file_load(data, _scope.SCOPE.get(), source, run, _core.current_callsite)
-    return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _core.current_callsite)
-
-
 def _options(fix_imports, encoding, errors, buffers):
     return {"fix_imports": fix_imports, "encoding": encoding, "errors": errors, "buffers": buffers}
 
@@ -93,7 +87,7 @@ def _options(fix_imports, encoding, errors, buffers):
 def loads(data, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=()):
     """The fallback for a CPython whose ``_pickle.loads`` cannot be redirected."""
     run = functools.partial(_ORIGINAL_LOADS, data, **_options(fix_imports, encoding, errors, buffers))
-    return _core.guarded_load(data, _scope.SCOPE.get(), None, run, _core.current_callsite)
+    return _core.guarded_load(data, None, run)
 
 
 def load(file, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=()):
@@ -102,7 +96,7 @@ def load(file, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffer
     failed = True
     try:
         run = functools.partial(_ORIGINAL_LOAD, stream, **_options(fix_imports, encoding, errors, buffers))
-        result = _guarded(data, source, run)
+        result = _core.guarded_load(data, source, run)
         failed = False
         return result
     finally:
@@ -195,9 +189,9 @@ def _guarded_py_load(self):
     if type(file) is _core.PinnedFile:
         # A file a loader library's guard read and hashed whole: judged as that file, read in place.
         run = functools.partial(_original_py_load, self)
-        return _core.guarded_container(file, _scope.SCOPE.get(), source, run, _core.current_callsite, True)
+        return _core.guarded_container(file, source, run, True)
     if file is not None and _files.seekable(file):
-        _core.refuse_unread(file, _scope.SCOPE.get(), source)
+        _core.refuse_unread(file, source)
         start = file.tell()
         data = file.read()
         file.seek(start)  # the file's position is the truth the replay follows
@@ -221,7 +215,7 @@ def _guarded_py_load(self):
             if inline:
                 self.file_handle = file
 
-    return _core.guarded_load(data, _scope.SCOPE.get(), source, run, _core.current_callsite, self)
+    return _core.guarded_load(data, source, run, self)
 
 
 class _Builtinlike:
@@ -282,7 +276,7 @@ def activate():
     """Patches the entry points and registers the backstop; safe to call any number of times."""
     global _patched
     with _lock:
-        _core.install_backstop(_scope.SCOPE)
+        _core.install_backstop()
         if not _patched:
             _redirect_c_functions()
         _patch_modules()

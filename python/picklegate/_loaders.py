@@ -11,7 +11,7 @@ import stat
 import sys
 import threading
 
-from . import _core, _files, _scope
+from . import _core, _files
 
 _lock = threading.Lock()
 _patched_modules = set()
@@ -23,11 +23,6 @@ def _local_path(f):
         if "://" not in path:
             return os.path.abspath(path)
     return None
-
-
-def _container(data, source, run, eager, callsite=None):
-    where = _core.current_callsite() if callsite is None else callsite
-    return _core.guarded_container(data, _scope.SCOPE.get(), source, run, lambda: where, eager)
 
 
 # The files a guarded library call on this thread may open, by absolute path: the library's own
@@ -87,7 +82,7 @@ def _open_checked(path, make, eager=True):
             return None
         if eager:
             with os.fdopen(os.dup(fd), "rb") as handle:
-                _core.refuse_unread(handle, _scope.SCOPE.get(), path)
+                _core.refuse_unread(handle, path)
         return make(fd)
     finally:
         os.close(fd)
@@ -117,7 +112,7 @@ def _guard_opened_path(original, layout="whole", eager=True, skip=None):
         if checked is None:
             return original(f, *args, **kwargs)
         with _serve(path, checked):
-            return _container(checked, path, lambda: original(f, *args, **kwargs), eager)
+            return _core.guarded_container(checked, path, lambda: original(f, *args, **kwargs), eager)
 
     guarded.__picklegate_original__ = original
     return guarded
@@ -144,7 +139,7 @@ def _guard_file_object(original, layout="whole", eager=True):
             finally:
                 f.seek(view.tell())
 
-        return _container(view, _files.source_name(f), run, eager)
+        return _core.guarded_container(view, _files.source_name(f), run, eager)
 
     guarded.__picklegate_original__ = original
     return guarded
@@ -166,7 +161,7 @@ def _guard_file_loader(original, eager=True, adapt=None):
         elif hasattr(f, "read") and _files.seekable(f):
             path = _files.source_name(f)
             if eager:
-                _core.refuse_unread(f, _scope.SCOPE.get(), path)
+                _core.refuse_unread(f, path)
             start = f.tell()
             data = f.read()
             target = io.BytesIO(data)
@@ -182,7 +177,7 @@ def _guard_file_loader(original, eager=True, adapt=None):
                 if start is not None:
                     f.seek(start + target.tell())
 
-        return _container(data, path, run, eager)
+        return _core.guarded_container(data, path, run, eager)
 
     guarded.__picklegate_original__ = original
     return guarded
@@ -193,7 +188,7 @@ def _guard_bytes_loader(original):
 
     @functools.wraps(original)
     def guarded(data, *args, **kwargs):
-        return _container(data, None, lambda: original(data, *args, **kwargs), True)
+        return _core.guarded_container(data, None, lambda: original(data, *args, **kwargs), True)
 
     guarded.__picklegate_original__ = original
     return guarded
@@ -227,7 +222,7 @@ def _read_pickle(original):
         if checked is None:
             return original(f, *args, **kwargs)
         kwargs = dict(kwargs, compression=compression)
-        return _container(checked, path, lambda: original(checked, **kwargs), True)
+        return _core.guarded_container(checked, path, lambda: original(checked, **kwargs), True)
 
     read_pickle.__picklegate_original__ = original
     return read_pickle
@@ -277,7 +272,7 @@ def _judge_members_later(npz, path):
 
     class GuardedNpzFile(base):
         def __getitem__(self, key):
-            return _container(data, path, lambda: base.__getitem__(self, key), False, callsite)
+            return _core.guarded_container(data, path, lambda: base.__getitem__(self, key), False, callsite)
 
     GuardedNpzFile.__name__ = base.__name__
     GuardedNpzFile.__qualname__ = base.__qualname__
@@ -341,7 +336,7 @@ def _patch_torch_package(package_importer):
         else:
             return original_init(self, file_or_buffer, *args, **kwargs)
         callsite = _core.current_callsite()
-        _container(checked, source, lambda: original_init(self, reader, *args, **kwargs), True, callsite)
+        _core.guarded_container(checked, source, lambda: original_init(self, reader, *args, **kwargs), True, callsite)
         if path is not None:
             self.filename = os.fspath(file_or_buffer)
         self._picklegate_archive = (checked, source, callsite)
@@ -352,7 +347,7 @@ def _patch_torch_package(package_importer):
         if archive is None:
             return original_load_pickle(self, *args, **kwargs)
         checked, source, callsite = archive
-        return _container(checked, source, lambda: original_load_pickle(self, *args, **kwargs), True, callsite)
+        return _core.guarded_container(checked, source, lambda: original_load_pickle(self, *args, **kwargs), True, callsite)
 
     __init__.__picklegate_original__ = original_init
     load_pickle.__picklegate_original__ = original_load_pickle

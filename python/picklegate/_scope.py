@@ -2,13 +2,13 @@
 ``allow_pickles(token)`` lifts exactly that block's narrowing. Scope is per context."""
 
 import contextlib
-import contextvars
 import sys
 import threading
 
-from . import _core
+from . import _core, _interpose
 
-SCOPE = contextvars.ContextVar("picklegate_scope", default=_core.Scope())
+# Made by _core, which reads it on every load: no Python layer passes the scope down.
+SCOPE = _core.scope_var()
 
 
 def _here():
@@ -25,8 +25,6 @@ def _here():
 @contextlib.contextmanager
 def no_pickles():
     """Refuse every pickle load in this block (``NoPickleError``) unless the token lifts it."""
-    from . import _interpose
-
     _interpose.activate_implicitly()
     token = _core.new_token(*_here())
     reset = SCOPE.set(SCOPE.get().no_pickles(token))

@@ -1,7 +1,6 @@
 """picklegate's pytest plugin: ``--picklegate=enforce|warn|record|report`` decides or records
 every pickle load a test suite makes and attributes each load to the test that made it."""
 
-import json
 import os
 import shutil
 import tempfile
@@ -33,23 +32,17 @@ def pytest_configure(config):
         config.pluginmanager.register(Gate(config, mode), "picklegate-gate")
 
 
-def _toml(text):
-    return json.dumps(text)
-
-
 def _digest(text):
     return text.strip().lower().removeprefix("sha256:")
 
 
 def denial_message(event, policy):
     """What a test sees when it loaded a pickle the policy does not list."""
-    globals_list = ", ".join(_toml(g) for g in event["globals"])
+    suggestion = _core.allow_suggestion(
+        policy or "a manifest (--picklegate-policy)", event["sha256"], event["callsite"], event["globals"])
     return (
         f"picklegate refused to unpickle {event['size']} bytes (sha256 {event['sha256']}) at "
-        f"{event['callsite']}: {event['reason']}.\n"
-        f"To allow it after review, add to {policy or 'a manifest (--picklegate-policy)'}:\n\n"
-        f"[[allow]]\nsha256 = \"{event['sha256']}\"\ncallsite = {_toml(event['callsite'])}\n"
-        f"note = \"reviewed by ...\"\nglobals = [{globals_list}]\n\n"
+        f"{event['callsite']}: {event['reason']}.\n{suggestion}\n"
         f"or in this test only: @pytest.mark.picklegate(allow=[\"sha256:{event['sha256']}\"])"
     )
 
