@@ -2,6 +2,7 @@
 # CI checks this file against the built module (python -m mypy.stubtest picklegate._core).
 
 import os
+from contextvars import ContextVar
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Optional, TypeVar, Union, final
 
@@ -22,13 +23,13 @@ __version__: str
 __all__ = [
     "__version__",
     "accept_backstop_only",
+    "allow_suggestion",
     "close_token",
     "configure",
     "current_callsite",
     "current_state",
     "freeze_records",
     "guarded_container",
-    "guarded_file_load",
     "guarded_load",
     "HashedFile",
     "install_backstop",
@@ -42,6 +43,7 @@ __all__ = [
     "refuse_unread",
     "require_full_interposition",
     "scan_files",
+    "scope_var",
     "Scope",
     "set_observer",
     "set_unpickler_take",
@@ -66,31 +68,23 @@ def current_state() -> Optional[tuple[_Mode, Optional[str], _Origin]]: ...
 def set_observer(observer: Optional[Callable[[dict[str, Any]], object]]) -> None: ...
 def current_callsite() -> str: ...
 
-# The decision points: each hashes the bytes, decides, then runs `run` on exactly those bytes.
+# The decision points: each hashes the bytes, decides (reading the scope and naming the callsite
+# itself), then runs `run`, which reads exactly those bytes.
 def guarded_load(
-    data: Buffer,
-    scope: Scope,
+    data: Union[Buffer, HashedFile],
     source: Optional[str],
     run: Callable[[], _T],
-    callsite: Callable[[], str],
     unpickler: Optional[object] = None,
-) -> _T: ...
-def guarded_file_load(
-    file: HashedFile,
-    scope: Scope,
-    source: Optional[str],
-    run: Callable[[], _T],
-    callsite: Callable[[], str],
 ) -> _T: ...
 def guarded_container(
     data: Union[Buffer, PinnedFile, HashedFile],
-    scope: Scope,
     source: Optional[str],
     run: Callable[[], _T],
-    callsite: Callable[[], str],
     eager: bool,
+    callsite: Optional[str] = None,
 ) -> _T: ...
-def refuse_unread(file: object, scope: Scope, source: Optional[str]) -> None: ...
+def refuse_unread(file: object, source: Optional[str]) -> None: ...
+def allow_suggestion(target: str, sha256: str, callsite: str, globals: Optional[Sequence[str]] = None) -> str: ...
 
 # Interposition on `_pickle` and the audit-hook backstop
 def redirect_loads(original: Callable[..., Any]) -> None: ...
@@ -102,15 +96,16 @@ def learn_unpickler_layout(
 def set_unpickler_take(
     take: Callable[
         [Callable[[int], bytes], Callable[[], bytes]],
-        tuple[Buffer, Optional[str], object, Callable[[bool], None]],
+        tuple[Union[Buffer, HashedFile], Optional[str], object, Callable[[bool], None]],
     ],
     spelled: Callable[[Buffer], set[str]],
 ) -> None: ...
 def accept_backstop_only() -> None: ...
 def require_full_interposition() -> None: ...
-def install_backstop(scope_var: object) -> None: ...
+def install_backstop() -> None: ...
 
 # Tokens and scopes (the no_pickles()/allow_pickles() API)
+def scope_var() -> ContextVar[Scope]: ...
 def new_token(thread: int, task: int) -> Token: ...
 def close_token(token: Token) -> None: ...
 @final
