@@ -1,6 +1,8 @@
 """picklegate's pytest plugin: ``--picklegate=enforce|warn|record|report`` decides or records
 every pickle load a test suite makes and attributes each load to the test that made it."""
 
+from __future__ import annotations
+
 import os
 import shutil
 import tempfile
