@@ -25,6 +25,7 @@ __all__ = [
     "accept_backstop_only",
     "allow_suggestion",
     "close_token",
+    "compile_manifest",
     "configure",
     "current_callsite",
     "current_state",
@@ -119,10 +120,11 @@ class Scope:
     def no_pickles(self, token: Token) -> Scope: ...
     def allow(self, token: object, thread: int, task: int, only_objects: Optional[list[str]] = None) -> Scope: ...
 
-# Inventory: the CLI's scan, freeze and verify
+# Inventory: the CLI's scan, freeze, verify and compile
 def scan_files(paths: Sequence[_Path], allow: Sequence[str]) -> str: ...
 def freeze_records(records: Sequence[_Path], merge: Optional[_Path] = None) -> str: ...
 def manifest_entries(path: _Path) -> list[tuple[str, str]]: ...
+def compile_manifest(manifest: _Path, output: _Path) -> tuple[int, int, str]: ...
 
 # Reading one pickle from a stream, and files whose bytes are hashed before they are served
 @final
