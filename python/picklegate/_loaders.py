@@ -160,14 +160,32 @@ def _guard_file_object(original: _Loader, layout: "_core._Layout" = "whole", eag
     return guarded
 
 
+def _frozen(data: Any) -> Any:
+    """``data`` as ``bytes``: any other buffer (shared memory, a bytearray another thread or process
+    can write) is copied, and the copy is what is hashed and loaded, so the bytes that run are the
+    bytes that were hashed. What is not a contiguous buffer is returned as it is (refused later)."""
+    if type(data) is bytes:
+        return data
+    try:
+        view = memoryview(data)
+    except TypeError:
+        return data
+    with view:
+        return view.tobytes() if view.contiguous else data
+
+
 def _guard_file_loader(
     original: _Loader,
     eager: bool = True,
     adapt: Optional[Callable[[Optional[str], Any, Any], tuple[Any, Any]]] = None,
+    own_unpickler: bool = False,
 ) -> _Loader:
     """Wraps ``original(f, ...)`` for a file object (or a path the library does not open through
     a module picklegate can see): read from its position to its end, judged, and given to the
-    library from memory."""
+    library from memory. A stream that cannot seek is given as it is, its pickle loads judged one
+    by one, unless the library has its ``own_unpickler`` (TorchScript's C++ one, which Python's
+    pickle never sees): then it is read whole and judged first, and so is a path that is not a
+    regular file (a FIFO, a device)."""
 
     @functools.wraps(original)
     def guarded(f: Any, *args: Any, **kwargs: Any) -> Any:
@@ -176,15 +194,24 @@ def _guard_file_loader(
         path = _local_path(f)
         if path is not None:
             checked = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(f)), eager)
-            if checked is None:
-                return original(f, *args, **kwargs)
-            data, start, target = checked, None, checked
+            if checked is not None:
+                data, start, target = checked, None, checked
+            elif own_unpickler and os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+                with builtins.open(path, "rb") as stream:
+                    data, start = stream.read(), None
+                target = io.BytesIO(data)
+            else:
+                return original(f, *args, **kwargs)  # the library raises its own error
         elif hasattr(f, "read") and _files.seekable(f):
             path = _files.source_name(f)
             if eager:
                 _core.refuse_unread(f, path)
             start = f.tell()
-            data = f.read()
+            data = _frozen(f.read())
+            target = io.BytesIO(data)
+        elif hasattr(f, "read") and own_unpickler:
+            path = _files.source_name(f)
+            data, start = _frozen(f.read()), None
             target = io.BytesIO(data)
         else:
             return original(f, *args, **kwargs)  # a stream: its pickle loads are judged one by one
@@ -205,10 +232,12 @@ def _guard_file_loader(
 
 
 def _guard_bytes_loader(original: _Loader) -> _Loader:
-    """Wraps ``original(data, ...)`` (dill.loads): the bytes are the container."""
+    """Wraps ``original(data, ...)`` (dill.loads): the bytes are the container, copied first
+    when they are not ``bytes``, and the library loads the copy that was hashed."""
 
     @functools.wraps(original)
     def guarded(data: Any, *args: Any, **kwargs: Any) -> Any:
+        data = _frozen(data)
         return _core.guarded_container(data, None, lambda: original(data, *args, **kwargs), True)
 
     guarded.__picklegate_original__ = original  # type: ignore[attr-defined]
@@ -329,8 +358,16 @@ def _patch_torch_jit(torch: Any) -> None:
     jit_serialization = sys.modules.get("torch.jit._serialization")
     if jit_serialization is None:
         return
-    _replace(jit_serialization, "load", _guard_file_loader)
+    own_unpickler = functools.partial(_guard_file_loader, own_unpickler=True)
+    _replace(jit_serialization, "load", own_unpickler)
+    _replace(jit_serialization, "jit_module_from_flatbuffer", own_unpickler)
     torch.jit.load = jit_serialization.load
+
+
+def _patch_torch_mobile(mobile: ModuleType) -> None:
+    """The lite interpreter (``.ptl``) runs its archive's pickles and bytecode in C++, like
+    TorchScript: the whole file (or stream) is judged by its sha256 before torch gets the bytes."""
+    _replace(mobile, "_load_for_lite_interpreter", functools.partial(_guard_file_loader, own_unpickler=True))
 
 
 def _patch_torch_package(package_importer: ModuleType) -> None:
@@ -416,7 +453,7 @@ def _patch_dill(dill: ModuleType) -> None:
             _replace(module, "loads", _guard_bytes_loader)
 
 
-PATCHES: dict[str, Callable[[Any], None]] = {"torch": _patch_torch, "torch.package.package_importer": _patch_torch_package, "joblib": _patch_joblib, "numpy": _patch_numpy, "pandas": _patch_pandas, "dill": _patch_dill}
+PATCHES: dict[str, Callable[[Any], None]] = {"torch": _patch_torch, "torch.package.package_importer": _patch_torch_package, "torch.jit.mobile": _patch_torch_mobile, "joblib": _patch_joblib, "numpy": _patch_numpy, "pandas": _patch_pandas, "dill": _patch_dill}
 
 
 class _PatchAfterExec(importlib.abc.Loader):

@@ -1,0 +1,56 @@
+"""Red-team pass 2, A08 (FAILS on main at the time of writing: edited module source runs under enforce).
+
+`torch.package.PackageImporter` also opens a package unzipped into a directory (DirectoryReader).
+picklegate judges an archive *file* on its whole sha256 (issue 11 finding 5), but its wrapper skips a
+directory (`_loaders._patch_torch_package`: `not os.path.isdir(path)`): only the pickle record is
+judged on its own bytes, and the module source it imports from the directory is never hashed. The
+operator lists the reviewed `model.pkl`; an attacker who can write the directory edits `mymodel.py`.
+"""
+
+import hashlib
+import zipfile
+
+from conftest import write_manifest
+
+MAKE = """
+import sys, torch.package
+with torch.package.PackageExporter(sys.argv[1]) as exporter:
+    exporter.save_source_string("mymodel", "class Net:\\n    size = 3\\n")
+    exporter.save_pickle("model", "model.pkl", __import__("importlib").import_module("mymodel").Net())
+"""
+
+LOAD = """
+import sys, picklegate, torch.package
+picklegate.install(mode="enforce", policy="pickles.toml")
+try:
+    print("loaded", torch.package.PackageImporter(sys.argv[1]).load_pickle("model", "model.pkl").size)
+except picklegate.PickleDeniedError as error:
+    print("denied", error.callsite, error.sha256)
+"""
+
+EDITED = """
+for c in ().__class__.__base__.__subclasses__():
+    if c.__name__ == "_wrap_close":
+        c.__init__.__globals__["system"]("touch {canary}")
+        break
+class Net:
+    size = 3
+"""
+
+
+def test_a_package_directory_s_module_source_is_judged(run_python, tmp_path, canary):
+    path, _ = canary
+    (tmp_path / "mymodel.py").write_text("class Net:\n    size = 3\n")  # for the exporter's import
+    run_python(MAKE, args=[str(tmp_path / "pkg.zip")], check=True)
+    with zipfile.ZipFile(tmp_path / "pkg.zip") as archive:
+        archive.extractall(tmp_path / "unzipped")
+    root = next((tmp_path / "unzipped").iterdir())
+    write_manifest(tmp_path / "pickles.toml")
+    probe = run_python(LOAD, args=[str(root)], check=True)
+    _, callsite, sha = probe.stdout.split()
+    assert sha == hashlib.sha256((root / "model" / "model.pkl").read_bytes()).hexdigest()
+    write_manifest(tmp_path / "pickles.toml", (sha, callsite))   # the reviewed pickle, listed
+    assert run_python(LOAD, args=[str(root)], check=True).stdout.split() == ["loaded", "3"]
+    (root / "mymodel.py").write_text(EDITED.format(canary=path))  # the attacker edits the source
+    proc = run_python(LOAD, args=[str(root)], check=True)
+    assert not path.exists(), f"edited module source in a package directory ran under enforce: {proc.stdout}"
