@@ -4,7 +4,9 @@
 picklegate judges an archive *file* on its whole sha256 (issue 11 finding 5), but its wrapper skips a
 directory (`_loaders._patch_torch_package`: `not os.path.isdir(path)`): only the pickle record is
 judged on its own bytes, and the module source it imports from the directory is never hashed. The
-operator lists the reviewed `model.pkl`; an attacker who can write the directory edits `mymodel.py`.
+operator lists the reviewed package; an attacker who can write the directory edits `mymodel.py`.
+Fixed: a directory is read whole into an archive and judged on that archive's sha256 (every file,
+source included), and the importer reads only those bytes.
 """
 
 import hashlib
@@ -47,10 +49,12 @@ def test_a_package_directory_s_module_source_is_judged(run_python, tmp_path, can
     root = next((tmp_path / "unzipped").iterdir())
     write_manifest(tmp_path / "pickles.toml")
     probe = run_python(LOAD, args=[str(root)], check=True)
-    _, callsite, sha = probe.stdout.split()
-    assert sha == hashlib.sha256((root / "model" / "model.pkl").read_bytes()).hexdigest()
-    write_manifest(tmp_path / "pickles.toml", (sha, callsite))   # the reviewed pickle, listed
+    denied, callsite, sha = probe.stdout.split()
+    assert denied == "denied" and callsite == "__main__:<module>", probe.stdout
+    assert sha != hashlib.sha256((root / "model" / "model.pkl").read_bytes()).hexdigest()
+    write_manifest(tmp_path / "pickles.toml", (sha, callsite))   # the reviewed package, listed
     assert run_python(LOAD, args=[str(root)], check=True).stdout.split() == ["loaded", "3"]
     (root / "mymodel.py").write_text(EDITED.format(canary=path))  # the attacker edits the source
     proc = run_python(LOAD, args=[str(root)], check=True)
     assert not path.exists(), f"edited module source in a package directory ran under enforce: {proc.stdout}"
+    assert proc.stdout.split()[0] == "denied", proc.stdout + proc.stderr

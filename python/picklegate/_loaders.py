@@ -10,6 +10,7 @@ import os
 import stat
 import sys
 import threading
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
@@ -370,10 +371,28 @@ def _patch_torch_mobile(mobile: ModuleType) -> None:
     _replace(mobile, "_load_for_lite_interpreter", functools.partial(_guard_file_loader, own_unpickler=True))
 
 
+def _directory_archive(root: str) -> bytes:
+    """A torch.package unzipped into ``root``, zipped back in memory: every file under it (symlinked
+    directories not followed), in sorted order, stored at a fixed time, so the same files always
+    give the same bytes, and so the same sha256."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for directory, subdirectories, files in os.walk(root):
+            subdirectories.sort()
+            for name in sorted(files):
+                path = os.path.join(directory, name)
+                record = "package/" + os.path.relpath(path, root).replace(os.sep, "/")
+                with builtins.open(path, "rb") as f:
+                    archive.writestr(zipfile.ZipInfo(record, date_time=(1980, 1, 1, 0, 0, 0)), f.read())
+    return buffer.getvalue()
+
+
 def _patch_torch_package(package_importer: ModuleType) -> None:
     """A torch.package archive carries module source that its pickles import: the whole archive is
     judged on its file's sha256 when it is opened (like a checkpoint), the importer reads only the
-    checked bytes, and its pickles load under that verdict."""
+    checked bytes, and its pickles load under that verdict. A package unzipped into a directory is
+    read whole into an archive (``_directory_archive``), judged on that archive's sha256, and the
+    importer reads that archive, never the directory again."""
     importer = getattr(package_importer, "PackageImporter", None)
     if importer is None or hasattr(importer.__init__, "__picklegate_original__"):
         return
@@ -383,7 +402,11 @@ def _patch_torch_package(package_importer: ModuleType) -> None:
     def __init__(self: Any, file_or_buffer: Any, *args: Any, **kwargs: Any) -> None:
         source: Optional[str]
         path = _local_path(file_or_buffer) if isinstance(file_or_buffer, (str, os.PathLike)) else None
-        if path is not None and not os.path.isdir(path):
+        if path is not None and os.path.isdir(path):
+            source = path
+            checked = _directory_archive(path)
+            reader = io.BytesIO(checked)
+        elif path is not None:
             checked: Any = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(file_or_buffer)))
             if checked is None:
                 return original_init(self, file_or_buffer, *args, **kwargs)  # type: ignore[no-any-return]
