@@ -58,3 +58,36 @@ def test_a_package_directory_s_module_source_is_judged(run_python, tmp_path, can
     proc = run_python(LOAD, args=[str(root)], check=True)
     assert not path.exists(), f"edited module source in a package directory ran under enforce: {proc.stdout}"
     assert proc.stdout.split()[0] == "denied", proc.stdout + proc.stderr
+
+
+READER_LOAD = """
+import sys, picklegate, torch, torch.package
+picklegate.install(mode="enforce", policy="pickles.toml")
+try:
+    reader = torch._C.PyTorchFileReader(sys.argv[1])
+    print("loaded", torch.package.PackageImporter(reader).load_pickle("model", "model.pkl").size)
+except picklegate.PickleDeniedError as error:
+    print("denied", error.callsite, error.sha256)
+"""
+
+
+def test_a_package_given_as_a_file_reader_is_judged_whole(run_python, tmp_path, canary):
+    """Red-team pass 2, A08b: PackageImporter(torch._C.PyTorchFileReader(path)) skipped the
+    archive's hash as the directory did; its records are now judged as one archive."""
+    path, _ = canary
+    (tmp_path / "mymodel.py").write_text("class Net:\n    size = 3\n")
+    run_python(MAKE, args=[str(tmp_path / "pkg.zip")], check=True)
+    write_manifest(tmp_path / "pickles.toml")
+    denied, callsite, sha = run_python(READER_LOAD, args=["pkg.zip"], check=True).stdout.split()
+    assert denied == "denied" and callsite == "__main__:<module>"
+    write_manifest(tmp_path / "pickles.toml", (sha, callsite))   # the reviewed package, listed
+    assert run_python(READER_LOAD, args=["pkg.zip"], check=True).stdout.split() == ["loaded", "3"]
+    with zipfile.ZipFile(tmp_path / "pkg.zip") as original, zipfile.ZipFile(tmp_path / "edited.zip", "w") as edited:
+        for info in original.infolist():
+            data = original.read(info)
+            if info.filename.endswith("/mymodel.py"):
+                data = EDITED.format(canary=path).encode()
+            edited.writestr(info, data)
+    proc = run_python(READER_LOAD, args=["edited.zip"], check=True)
+    assert not path.exists(), f"edited module source behind a PyTorchFileReader ran under enforce: {proc.stdout}"
+    assert proc.stdout.split()[0] == "denied", proc.stdout + proc.stderr

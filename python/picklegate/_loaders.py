@@ -11,7 +11,7 @@ import stat
 import sys
 import threading
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 from typing import Any, Optional, Union
@@ -371,28 +371,40 @@ def _patch_torch_mobile(mobile: ModuleType) -> None:
     _replace(mobile, "_load_for_lite_interpreter", functools.partial(_guard_file_loader, own_unpickler=True))
 
 
-def _directory_archive(root: str) -> bytes:
-    """A torch.package unzipped into ``root``, zipped back in memory: every file under it (symlinked
-    directories not followed), in sorted order, stored at a fixed time, so the same files always
-    give the same bytes, and so the same sha256."""
+def _canonical_archive(records: Iterable[tuple[str, bytes]]) -> bytes:
+    """A torch.package's records (name, content) zipped in memory in the order given, stored at a
+    fixed time: the same records always give the same bytes, and so the same sha256."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        for directory, subdirectories, files in os.walk(root):
-            subdirectories.sort()
-            for name in sorted(files):
-                path = os.path.join(directory, name)
-                record = "package/" + os.path.relpath(path, root).replace(os.sep, "/")
-                with builtins.open(path, "rb") as f:
-                    archive.writestr(zipfile.ZipInfo(record, date_time=(1980, 1, 1, 0, 0, 0)), f.read())
+        for name, content in records:
+            archive.writestr(zipfile.ZipInfo("package/" + name, date_time=(1980, 1, 1, 0, 0, 0)), content)
     return buffer.getvalue()
+
+
+def _directory_records(root: str) -> Iterator[tuple[str, bytes]]:
+    """Every file of a torch.package unzipped into ``root``, in sorted order (symlinked
+    directories not followed)."""
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories.sort()
+        for name in sorted(files):
+            path = os.path.join(directory, name)
+            with builtins.open(path, "rb") as f:
+                yield os.path.relpath(path, root).replace(os.sep, "/"), f.read()
+
+
+def _reader_records(reader: Any) -> Iterator[tuple[str, bytes]]:
+    """Every record of a ``torch._C.PyTorchFileReader``, in sorted order."""
+    for name in sorted(reader.get_all_records()):
+        yield name, reader.get_record(name)
 
 
 def _patch_torch_package(package_importer: ModuleType) -> None:
     """A torch.package archive carries module source that its pickles import: the whole archive is
     judged on its file's sha256 when it is opened (like a checkpoint), the importer reads only the
-    checked bytes, and its pickles load under that verdict. A package unzipped into a directory is
-    read whole into an archive (``_directory_archive``), judged on that archive's sha256, and the
-    importer reads that archive, never the directory again."""
+    checked bytes, and its pickles load under that verdict. A package unzipped into a directory, or
+    given as a ``torch._C.PyTorchFileReader``, is read whole into an archive
+    (``_canonical_archive``), judged on that archive's sha256, and the importer reads that archive,
+    never the directory or the reader again."""
     importer = getattr(package_importer, "PackageImporter", None)
     if importer is None or hasattr(importer.__init__, "__picklegate_original__"):
         return
@@ -402,9 +414,14 @@ def _patch_torch_package(package_importer: ModuleType) -> None:
     def __init__(self: Any, file_or_buffer: Any, *args: Any, **kwargs: Any) -> None:
         source: Optional[str]
         path = _local_path(file_or_buffer) if isinstance(file_or_buffer, (str, os.PathLike)) else None
+        file_reader = getattr(sys.modules.get("torch._C"), "PyTorchFileReader", None)
         if path is not None and os.path.isdir(path):
             source = path
-            checked = _directory_archive(path)
+            checked = _canonical_archive(_directory_records(path))
+            reader = io.BytesIO(checked)
+        elif file_reader is not None and isinstance(file_or_buffer, file_reader):
+            source = None
+            checked = _canonical_archive(_reader_records(file_or_buffer))
             reader = io.BytesIO(checked)
         elif path is not None:
             checked: Any = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(file_or_buffer)))
@@ -421,6 +438,8 @@ def _patch_torch_package(package_importer: ModuleType) -> None:
         _core.guarded_container(checked, source, lambda: original_init(self, reader, *args, **kwargs), True, callsite)
         if path is not None:
             self.filename = os.fspath(file_or_buffer)
+        elif source is None:
+            self.filename = "<pytorch_file_reader>"
         self._picklegate_archive = (checked, source, callsite)
 
     @functools.wraps(original_load_pickle)
