@@ -653,7 +653,10 @@ pub fn guarded_container(
             let bytes = data.cast::<PyBytes>().map_err(|_| {
                 pyo3::exceptions::PyTypeError::new_err(format!(
                     "a bytes-like object is required, not '{}'",
-                    data.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+                    data.get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default()
                 ))
             })?;
             (

@@ -7,6 +7,7 @@ import functools
 import importlib.abc
 import io
 import os
+import pickle
 import stat
 import sys
 import threading
@@ -16,7 +17,7 @@ from importlib.machinery import ModuleSpec
 from types import ModuleType
 from typing import Any, Optional, Union
 
-from . import _core, _files
+from . import _core, _errors, _files
 
 #: A library function picklegate wraps, and the wrapper (both take what the library takes).
 _Loader = Callable[..., Any]
@@ -191,6 +192,7 @@ def _guard_file_loader(
     @functools.wraps(original)
     def guarded(f: Any, *args: Any, **kwargs: Any) -> Any:
         target: Union[_Checked, io.BytesIO]
+        data: Any
         start: Optional[int]
         path = _local_path(f)
         if path is not None:
@@ -337,7 +339,15 @@ def _torch_load(original: _Loader) -> _Loader:
     def load(f: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".safetensors"):
             return original(f, *args, **kwargs)  # torch hands it to safetensors: no pickle
-        return opened(f, *args, **kwargs)
+        try:
+            return opened(f, *args, **kwargs)
+        except pickle.UnpicklingError as error:
+            # torch rewraps what its weights-only unpickler raised ("Weights only load failed"):
+            # picklegate's refusal is given back as it was raised.
+            refusal = error.__context__
+            if isinstance(refusal, _errors._Refusal) and not isinstance(error, _errors._Refusal):
+                raise refusal from None
+            raise
 
     load.__picklegate_original__ = original  # type: ignore[attr-defined]
     return load
@@ -351,6 +361,51 @@ def _patch_torch(torch: Any) -> None:
     _replace(serialization, "load", _torch_load)
     torch.load = serialization.load
     _patch_torch_jit(torch)
+    weights_only = sys.modules.get("torch._weights_only_unpickler")
+    if weights_only is not None:
+        _patch_torch_weights_only(weights_only)
+
+
+def _patch_torch_weights_only(weights_only: ModuleType) -> None:
+    """torch.load(..., weights_only=True) (torch's default) unpickles with torch's own pure-Python
+    unpickler, which Python's pickle never sees: its ``load`` is judged like
+    ``pickle._Unpickler.load``, on the pickle's own bytes (a file a guard already judged whole runs
+    under that verdict)."""
+    unpickler = getattr(weights_only, "Unpickler", None)
+    if unpickler is None or hasattr(unpickler.load, "__picklegate_original__"):
+        return
+    original = unpickler.load
+
+    @functools.wraps(original)
+    def load(self: Any) -> Any:
+        from . import _interpose
+
+        read, readline = self.read, self.readline
+        file = getattr(read, "__self__", None)
+        source = _files.source_name(file)
+        if type(file) is _core.PinnedFile:
+            return _core.guarded_container(file, source, lambda: original(self), True)
+        if file is not None and _files.seekable(file):
+            _core.refuse_unread(file, source)
+            start = file.tell()
+            data = _frozen(file.read())
+            file.seek(start)
+            replay = _interpose._Replay(data, file, start)
+        else:
+            data = _interpose._read_one_pickle(read, readline)
+            replay = _interpose._Replay(data, None, 0)
+
+        def run() -> Any:
+            self.read, self.readline = replay.read, replay.readline
+            try:
+                return original(self)
+            finally:
+                self.read, self.readline = read, readline
+
+        return _core.guarded_load(data, source, run)
+
+    load.__picklegate_original__ = original  # type: ignore[attr-defined]
+    unpickler.load = load
 
 
 def _patch_torch_jit(torch: Any) -> None:
@@ -413,33 +468,34 @@ def _patch_torch_package(package_importer: ModuleType) -> None:
     @functools.wraps(original_init)
     def __init__(self: Any, file_or_buffer: Any, *args: Any, **kwargs: Any) -> None:
         source: Optional[str]
+        checked: Any
+        reader: Any
+        filename: Optional[str] = None  # what torch names the importer's file, when not "<binary>"
         path = _local_path(file_or_buffer) if isinstance(file_or_buffer, (str, os.PathLike)) else None
         file_reader = getattr(sys.modules.get("torch._C"), "PyTorchFileReader", None)
         if path is not None and os.path.isdir(path):
-            source = path
+            source, filename = path, os.fspath(file_or_buffer)
             checked = _canonical_archive(_directory_records(path))
             reader = io.BytesIO(checked)
         elif file_reader is not None and isinstance(file_or_buffer, file_reader):
-            source = None
+            source, filename = None, "<pytorch_file_reader>"
             checked = _canonical_archive(_reader_records(file_or_buffer))
             reader = io.BytesIO(checked)
         elif path is not None:
-            checked: Any = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(file_or_buffer)))
+            checked = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(file_or_buffer)))
             if checked is None:
                 return original_init(self, file_or_buffer, *args, **kwargs)  # type: ignore[no-any-return]
-            source, reader = path, checked.reopen()
+            source, filename, reader = path, os.fspath(file_or_buffer), checked.reopen()
         elif hasattr(file_or_buffer, "read") and _files.seekable(file_or_buffer):
             source = _files.source_name(file_or_buffer)
-            checked = file_or_buffer.read()
+            checked = _frozen(file_or_buffer.read())
             reader = io.BytesIO(checked)
         else:
             return original_init(self, file_or_buffer, *args, **kwargs)  # type: ignore[no-any-return]
         callsite = _core.current_callsite()
         _core.guarded_container(checked, source, lambda: original_init(self, reader, *args, **kwargs), True, callsite)
-        if path is not None:
-            self.filename = os.fspath(file_or_buffer)
-        elif source is None:
-            self.filename = "<pytorch_file_reader>"
+        if filename is not None:
+            self.filename = filename
         self._picklegate_archive = (checked, source, callsite)
 
     @functools.wraps(original_load_pickle)
@@ -495,7 +551,7 @@ def _patch_dill(dill: ModuleType) -> None:
             _replace(module, "loads", _guard_bytes_loader)
 
 
-PATCHES: dict[str, Callable[[Any], None]] = {"torch": _patch_torch, "torch.package.package_importer": _patch_torch_package, "torch.jit.mobile": _patch_torch_mobile, "joblib": _patch_joblib, "numpy": _patch_numpy, "pandas": _patch_pandas, "dill": _patch_dill}
+PATCHES: dict[str, Callable[[Any], None]] = {"torch": _patch_torch, "torch.package.package_importer": _patch_torch_package, "torch.jit.mobile": _patch_torch_mobile, "torch._weights_only_unpickler": _patch_torch_weights_only, "joblib": _patch_joblib, "numpy": _patch_numpy, "pandas": _patch_pandas, "dill": _patch_dill}
 
 
 class _PatchAfterExec(importlib.abc.Loader):
