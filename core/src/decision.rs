@@ -13,6 +13,16 @@ use serde::Serialize;
 use std::cell::{Cell, OnceCell};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// The refusals that are not a judgement of bytes or of a global, but of picklegate's own state:
+/// each fails closed. A live unpickler whose input fields are unknown cannot be served the bytes
+/// that were judged, so its load is refused.
+pub const UNKNOWN_UNPICKLER_LAYOUT: &str =
+    "picklegate: the unpickler's input fields are not known; the load was refused";
+/// The backstop failed (a panic) while judging a global: the global is refused.
+pub const BACKSTOP_FAILED: &str = "picklegate's backstop failed; refusing the global";
+/// Another audit hook vetoed the backstop's registration: picklegate refuses to run unguarded.
+pub const BACKSTOP_NOT_REGISTERED: &str = "picklegate could not register its audit hook (another audit hook vetoed sys.addaudithook); refusing to run unguarded";
+
 /// What the binding does with the load or the global.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
