@@ -178,13 +178,28 @@ pub fn freeze_records(
     Ok(freeze(&all, existing.as_ref()))
 }
 
-/// The `(sha256, callsite)` of every `[[allow]]` entry; a malformed manifest is a `PolicyError`.
+/// The `(sha256, callsite)` of every `[[allow]]` entry; a malformed manifest is a `PolicyError`,
+/// and so is a compiled index whose rules are not those of the TOML it names.
 #[pyfunction]
 pub fn manifest_entries(py: Python<'_>, path: PathBuf) -> PyResult<Vec<(String, String)>> {
-    let manifest = Manifest::load(&path).map_err(|e| errors::manifest_error(py, &e))?;
+    let manifest = picklegate_core::compiled::load_and_audit(&path)
+        .map_err(|e| errors::manifest_error(py, &e))?;
     Ok(manifest
-        .allow
-        .iter()
+        .allow_entries()
         .map(|e| (e.sha256.to_hex(), e.callsite.clone()))
         .collect())
+}
+
+/// `picklegate compile`: writes the compiled index of the TOML manifest at `manifest` to
+/// `output`; returns (entries, bytes written, the TOML's sha256). Errors are `PolicyError`s.
+#[pyfunction]
+pub fn compile_manifest(
+    py: Python<'_>,
+    manifest: PathBuf,
+    output: PathBuf,
+) -> PyResult<(usize, usize, String)> {
+    let summary = py
+        .detach(|| picklegate_core::compiled::compile_file(&manifest, &output))
+        .map_err(|e| errors::manifest_error(py, &e))?;
+    Ok((summary.entries, summary.bytes, summary.toml_sha256.to_hex()))
 }

@@ -111,6 +111,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(inventory::scan_files, m)?)?;
     m.add_function(wrap_pyfunction!(inventory::freeze_records, m)?)?;
     m.add_function(wrap_pyfunction!(inventory::manifest_entries, m)?)?;
+    m.add_function(wrap_pyfunction!(inventory::compile_manifest, m)?)?;
     m.add_function(wrap_pyfunction!(tokens::close_token, m)?)?;
     m.add_class::<tokens::Token>()?;
     m.add_class::<tokens::ScopeObj>()?;

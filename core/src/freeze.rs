@@ -100,7 +100,7 @@ fn toml_list<'a>(items: impl IntoIterator<Item = &'a String>) -> String {
 /// and loaders are kept, and records it already allows are not added again.
 pub fn freeze(records: &[Record], existing: Option<&Manifest>) -> String {
     let mut entries: BTreeMap<(String, Digest), Entry> = BTreeMap::new();
-    for allow in existing.map_or(&[][..], |m| &m.allow) {
+    for allow in existing.into_iter().flat_map(Manifest::allow_entries) {
         let entry = entries
             .entry((allow.callsite.clone(), allow.sha256))
             .or_default();
@@ -188,8 +188,8 @@ mod tests {
         );
 
         let manifest = Manifest::parse(&text, "frozen.toml").unwrap();
-        assert_eq!(manifest.allow.len(), 2);
-        let first = &manifest.allow[0];
+        assert_eq!(manifest.allow_len(), 2);
+        let first = &manifest.allow_entry(0).unwrap();
         assert_eq!(
             (first.callsite.as_str(), first.sha256),
             ("app:load", Digest::of(b"model"))
@@ -207,7 +207,7 @@ mod tests {
             Some("recorded from /srv/a.pkl, /srv/b.pkl; review before enforcing")
         );
         assert_eq!(
-            manifest.allow[1].note.as_deref(),
+            manifest.allow_entry(1).unwrap().note.as_deref(),
             Some("recorded from bytes in memory; review before enforcing")
         );
     }
@@ -230,13 +230,15 @@ mod tests {
         ];
         let text = freeze(&records, Some(&existing));
         let merged = Manifest::parse(&text, "new.toml").unwrap();
-        let summary: Vec<(&str, Option<&str>)> = merged
-            .allow
-            .iter()
-            .map(|e| (e.callsite.as_str(), e.note.as_deref()))
+        let summary: Vec<(String, Option<String>)> = merged
+            .allow_entries()
+            .map(|e| (e.callsite.clone(), e.note.clone()))
             .collect();
         assert_eq!(
-            summary,
+            summary
+                .iter()
+                .map(|(c, n)| (c.as_str(), n.as_deref()))
+                .collect::<Vec<_>>(),
             vec![
                 ("app.*", None),
                 ("app:load", Some("reviewed by ana")),
@@ -269,8 +271,10 @@ mod tests {
         payload.classes = vec!["code".into(), "code".into()];
         let text = freeze(&[complete_empty, incomplete, payload], None);
         let manifest = Manifest::parse(&text, "f.toml").unwrap();
-        let globals: Vec<Option<Vec<String>>> =
-            manifest.allow.iter().map(|e| e.globals.clone()).collect();
+        let globals: Vec<Option<Vec<String>>> = manifest
+            .allow_entries()
+            .map(|e| e.globals.clone())
+            .collect();
         assert_eq!(
             globals,
             vec![
@@ -286,15 +290,23 @@ mod tests {
         assert!(text.contains("# globals not pinned"), "{text}");
         assert!(text.contains("# review: needs a human (2 code)"), "{text}");
         // `globals = []` admits nothing; no key admits anything
-        assert!(!manifest.allow[0].permits_global("collections", "OrderedDict"));
-        assert!(manifest.allow[1].permits_global("posix", "system"));
+        assert!(!manifest
+            .allow_entry(0)
+            .unwrap()
+            .permits_global("collections", "OrderedDict"));
+        assert!(manifest
+            .allow_entry(1)
+            .unwrap()
+            .permits_global("posix", "system"));
     }
 
     #[test]
     fn strings_are_escaped() {
         let record = sample("app:load", b"q", Some("/tmp/we\"ird\npath.pkl"));
         let manifest = Manifest::parse(&freeze(&[record], None), "f.toml").unwrap();
-        assert!(manifest.allow[0]
+        assert!(manifest
+            .allow_entry(0)
+            .unwrap()
             .note
             .as_deref()
             .unwrap()

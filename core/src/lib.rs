@@ -2,6 +2,7 @@
 //! The binding crate converts types and maps each error here to one Python exception.
 
 pub mod callsite;
+pub mod compiled;
 pub mod container;
 pub mod decision;
 pub mod event;

@@ -2,12 +2,16 @@
 //! it trusts by globals (`[[trust]]`), and extra loader modules, parsed from TOML version 1.
 
 use crate::callsite::{callsite_matches, global_matches};
+use crate::compiled::{self, CompiledAllow};
 use crate::hash::Digest;
 use serde::Deserialize;
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::io::Read;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 use toml::Spanned;
 
 pub const SUPPORTED_VERSION: i64 = 1;
@@ -54,17 +58,68 @@ impl TrustRule {
 
 #[derive(Debug, Clone, Default)]
 pub struct Manifest {
+    /// The TOML file the rules come from (also for a compiled manifest: the TOML it was
+    /// compiled from and verified against), named in messages with each rule's line.
     pub source: String,
-    pub allow: Vec<AllowEntry>,
     pub trust: Vec<TrustRule>,
     pub loaders: Vec<String>,
+    allow: AllowTable,
+    /// The distinct `[[allow]]` callsites with a `*`.
+    callsite_patterns: Vec<String>,
+}
+
+/// The `[[allow]]` entries: parsed from TOML, or a compiled index (`crate::compiled`), which is
+/// looked up where it lies instead of being turned into a million values at install.
+#[derive(Debug, Clone)]
+enum AllowTable {
+    Parsed(ParsedAllow),
+    Compiled(Arc<CompiledAllow>),
+}
+
+impl Default for AllowTable {
+    fn default() -> Self {
+        AllowTable::Parsed(ParsedAllow::default())
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct ParsedAllow {
+    entries: Vec<AllowEntry>,
     /// The first `[[allow]]` entry of each sha256; `next_same[i]` is the next entry with entry
     /// `i`'s sha256, or `NO_ENTRY`. No allocation per entry, so a million entries index fast.
     by_sha256: HashMap<Digest, usize, BuildDigestHasher>,
     next_same: Vec<usize>,
-    /// The `[[allow]]` callsites without a `*`, and the distinct ones with one.
+    /// The `[[allow]]` callsites without a `*`.
     exact_callsites: HashSet<String>,
-    callsite_patterns: Vec<String>,
+}
+
+/// The `[[allow]]` entries of one sha256, in manifest order, with their manifest-order index.
+pub struct EntriesFor<'a> {
+    manifest: &'a Manifest,
+    next: Next,
+}
+
+enum Next {
+    Parsed(usize),
+    Compiled(Range<usize>),
+}
+
+impl<'a> Iterator for EntriesFor<'a> {
+    type Item = (usize, Cow<'a, AllowEntry>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match (&mut self.next, &self.manifest.allow) {
+            (Next::Parsed(i), AllowTable::Parsed(p)) if *i != NO_ENTRY => {
+                let here = *i;
+                *i = p.next_same[here];
+                Some((here, Cow::Borrowed(&p.entries[here])))
+            }
+            (Next::Compiled(positions), AllowTable::Compiled(c)) => positions
+                .next()
+                .map(|at| (c.index_at(at), Cow::Owned(c.entry_at(at)))),
+            _ => None,
+        }
+    }
 }
 
 const NO_ENTRY: usize = usize::MAX;
@@ -111,6 +166,11 @@ pub enum ManifestError {
         column: usize,
         message: String,
     },
+    /// A compiled manifest that is stale, damaged, truncated or of another format version.
+    Compiled {
+        file: String,
+        reason: String,
+    },
 }
 
 impl fmt::Display for ManifestError {
@@ -126,6 +186,9 @@ impl fmt::Display for ManifestError {
                 message,
             } => {
                 write!(f, "{file}:{line}:{column}: {message}")
+            }
+            ManifestError::Compiled { file, reason } => {
+                write!(f, "{file}: refused the compiled manifest: {reason}")
             }
         }
     }
@@ -278,12 +341,36 @@ impl Located<'_> {
 }
 
 impl Manifest {
-    /// Reads and validates the manifest at `path`.
+    /// Reads and validates the manifest at `path`: TOML, or a compiled manifest (told by its
+    /// first bytes), which is used only while the TOML it was compiled from is unchanged.
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ManifestError::Unreadable {
+        let unreadable = |e: std::io::Error| ManifestError::Unreadable {
             file: file.clone(),
             reason: e.to_string(),
+        };
+        let mut reader = std::fs::File::open(path).map_err(unreadable)?;
+        let mut bytes = Vec::new();
+        (&mut reader)
+            .take(compiled::MAGIC.len() as u64)
+            .read_to_end(&mut bytes)
+            .map_err(unreadable)?;
+        if bytes == compiled::MAGIC {
+            let opened = compiled::open(path, reader)?;
+            return Ok(Manifest {
+                source: opened.toml.display().to_string(),
+                trust: opened.trust,
+                loaders: opened.loaders,
+                allow: AllowTable::Compiled(Arc::new(opened.allow)),
+                callsite_patterns: opened.callsite_patterns,
+            });
+        }
+        reader.read_to_end(&mut bytes).map_err(unreadable)?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            unreadable(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "stream did not contain valid UTF-8",
+            ))
         })?;
         Self::parse(&text, &file)
     }
@@ -329,7 +416,7 @@ impl Manifest {
             source: file.to_string(),
             ..Default::default()
         };
-        manifest.allow = raw
+        let allow = raw
             .allow
             .iter()
             .map(|entry| at.allow_entry(entry))
@@ -344,7 +431,7 @@ impl Manifest {
                 .loaders
                 .push(at.pattern(loader, "a loader module")?);
         }
-        manifest.index();
+        manifest.index(allow);
         Ok(manifest)
     }
 
@@ -389,8 +476,8 @@ impl Manifest {
             .map_or(1, |n| n.get())
             .clamp(1, MAX_THREADS);
         let run = pieces.len().div_ceil(workers);
-        let read_run = |run: &[&[(usize, usize)]]| -> Option<Manifest> {
-            let mut part = Manifest::default();
+        let read_run = |run: &[&[(usize, usize)]]| -> Option<Rules> {
+            let mut part = Rules::default();
             for piece in run {
                 let ((from, line), (to, _)) = (piece[0], piece[1]);
                 let lines = LineCursor {
@@ -406,7 +493,7 @@ impl Manifest {
             }
             Some(part)
         };
-        let parts: Vec<Option<Manifest>> = std::thread::scope(|scope| {
+        let parts: Vec<Option<Rules>> = std::thread::scope(|scope| {
             let handles: Vec<_> = pieces
                 .chunks(run)
                 .map(|r| scope.spawn(move || read_run(r)))
@@ -420,9 +507,10 @@ impl Manifest {
             source: file.to_string(),
             ..Default::default()
         };
+        let mut allow = Vec::new();
         for part in parts {
             let part = part?;
-            manifest.allow.extend(part.allow);
+            allow.extend(part.allow);
             manifest.trust.extend(part.trust);
         }
         let at = Located {
@@ -436,7 +524,7 @@ impl Manifest {
                 .loaders
                 .push(at.pattern(loader, "a loader module").ok()?);
         }
-        manifest.index();
+        manifest.index(allow);
         Some(manifest)
     }
 
@@ -448,32 +536,40 @@ impl Manifest {
         }
     }
 
-    fn index(&mut self) {
-        let n = self.allow.len();
-        self.by_sha256 = HashMap::with_capacity_and_hasher(n, Default::default());
-        self.next_same = vec![NO_ENTRY; n];
+    fn index(&mut self, entries: Vec<AllowEntry>) {
+        let n = entries.len();
+        let mut parsed = ParsedAllow {
+            by_sha256: HashMap::with_capacity_and_hasher(n, Default::default()),
+            next_same: vec![NO_ENTRY; n],
+            ..Default::default()
+        };
         for i in (0..n).rev() {
-            if let Some(later) = self.by_sha256.insert(self.allow[i].sha256, i) {
-                self.next_same[i] = later;
+            if let Some(later) = parsed.by_sha256.insert(entries[i].sha256, i) {
+                parsed.next_same[i] = later;
             }
         }
-        self.exact_callsites.clear();
         self.callsite_patterns.clear();
-        for entry in &self.allow {
+        for entry in &entries {
             if !entry.callsite.contains('*') {
-                if !self.exact_callsites.contains(&entry.callsite) {
-                    self.exact_callsites.insert(entry.callsite.clone());
+                if !parsed.exact_callsites.contains(&entry.callsite) {
+                    parsed.exact_callsites.insert(entry.callsite.clone());
                 }
             } else if !self.callsite_patterns.contains(&entry.callsite) {
                 self.callsite_patterns.push(entry.callsite.clone());
             }
         }
+        parsed.entries = entries;
+        self.allow = AllowTable::Parsed(parsed);
     }
 
     /// Whether any bytes at all could be allowed at `callsite`: an `[[allow]]` entry or a
     /// `[[trust]]` rule names it. When none does, a load there is refused without reading it.
     pub fn admits_anything_at(&self, callsite: &str) -> bool {
-        self.exact_callsites.contains(callsite)
+        let exact = match &self.allow {
+            AllowTable::Parsed(p) => p.exact_callsites.contains(callsite),
+            AllowTable::Compiled(c) => c.has_exact_callsite(callsite),
+        };
+        exact
             || self
                 .callsite_patterns
                 .iter()
@@ -481,13 +577,50 @@ impl Manifest {
             || self.trust_for(callsite).is_some()
     }
 
-    /// The `[[allow]]` entries for these bytes, in manifest order.
-    pub fn entries_for(&self, sha256: &Digest) -> impl Iterator<Item = (usize, &AllowEntry)> {
-        let first = self.by_sha256.get(sha256).copied();
-        std::iter::successors(first, move |&i| {
-            Some(self.next_same[i]).filter(|&next| next != NO_ENTRY)
-        })
-        .map(move |i| (i, &self.allow[i]))
+    /// The `[[allow]]` entries for these bytes, in manifest order, with their index.
+    pub fn entries_for(&self, sha256: &Digest) -> EntriesFor<'_> {
+        let next = match &self.allow {
+            AllowTable::Parsed(p) => {
+                Next::Parsed(p.by_sha256.get(sha256).copied().unwrap_or(NO_ENTRY))
+            }
+            AllowTable::Compiled(c) => Next::Compiled(c.positions_of(sha256)),
+        };
+        EntriesFor {
+            manifest: self,
+            next,
+        }
+    }
+
+    /// The `[[allow]]` entry with this manifest-order index.
+    pub fn allow_entry(&self, index: usize) -> Option<Cow<'_, AllowEntry>> {
+        match &self.allow {
+            AllowTable::Parsed(p) => p.entries.get(index).map(Cow::Borrowed),
+            AllowTable::Compiled(c) => c
+                .position_of_index(index)
+                .map(|at| Cow::Owned(c.entry_at(at))),
+        }
+    }
+
+    /// Every `[[allow]]` entry, in manifest order.
+    pub fn allow_entries(&self) -> impl Iterator<Item = Cow<'_, AllowEntry>> {
+        (0..self.allow_len()).filter_map(move |i| self.allow_entry(i))
+    }
+
+    pub fn allow_len(&self) -> usize {
+        match &self.allow {
+            AllowTable::Parsed(p) => p.entries.len(),
+            AllowTable::Compiled(c) => c.len(),
+        }
+    }
+
+    /// True when this manifest was read from a compiled index.
+    pub fn is_compiled(&self) -> bool {
+        matches!(self.allow, AllowTable::Compiled(_))
+    }
+
+    /// The distinct `[[allow]]` callsites that contain a `*`.
+    pub fn callsite_patterns(&self) -> &[String] {
+        &self.callsite_patterns
     }
 
     /// The first `[[trust]]` rule whose callsite pattern matches.
@@ -497,6 +630,13 @@ impl Manifest {
             .enumerate()
             .find(|(_, r)| callsite_matches(&r.callsite, callsite))
     }
+}
+
+/// The rules of some pieces of a big manifest, appended to the whole in order.
+#[derive(Default)]
+struct Rules {
+    allow: Vec<AllowEntry>,
+    trust: Vec<TrustRule>,
 }
 
 /// Reads one piece of a big manifest (`Manifest::parse_in_pieces`) from toml_parser's events:
@@ -541,7 +681,7 @@ use toml_parser::parser::{EventReceiver, ValidateWhitespace};
 use toml_parser::{ErrorSink, ParseError, Raw, Source, Span};
 
 impl<'a> PieceReader<'a> {
-    fn read(text: &'a str, at: &Located<'_>, manifest: &mut Manifest) -> Option<()> {
+    fn read(text: &'a str, at: &Located<'_>, manifest: &mut Rules) -> Option<()> {
         let source = Source::new(text);
         let tokens = source.lex().into_vec();
         let mut reader = PieceReader {
@@ -751,9 +891,10 @@ mod tests {
         // `loaders` after a table header belongs to that table: the spec places it at the top.
         let text = text.replace("\nloaders = []\n", "\n");
         let m = Manifest::parse(&format!("loaders = [\"myorg.io\"]\n{text}"), "m.toml").unwrap();
-        assert_eq!(m.allow.len(), 1);
-        assert_eq!(m.allow[0].line, 4);
-        assert_eq!(m.allow[0].note.as_deref(), Some("resnet"));
+        assert_eq!(m.allow_len(), 1);
+        let entry = m.allow_entry(0).unwrap();
+        assert_eq!(entry.line, 4);
+        assert_eq!(entry.note.as_deref(), Some("resnet"));
         assert_eq!(m.trust[0].line, 10);
         assert_eq!(m.loaders, vec!["myorg.io".to_string()]);
         let digest = Digest::parse(SHA).unwrap();
@@ -879,10 +1020,11 @@ mod tests {
         let pieces = Manifest::parse_in_pieces(&text, "big.toml", &LineCursor::default())
             .expect("parsed in pieces");
         let whole = Manifest::parse_whole(&text, "big.toml", &LineCursor::default()).unwrap();
-        assert_eq!((pieces.allow.len(), pieces.trust.len()), (12_000, 1));
+        assert_eq!((pieces.allow_len(), pieces.trust.len()), (12_000, 1));
+        assert!(pieces.allow_entries().eq(whole.allow_entries()));
         assert_eq!(
-            (&pieces.allow, &pieces.trust, &pieces.loaders),
-            (&whole.allow, &whole.trust, &whole.loaders)
+            (&pieces.trust, &pieces.loaders),
+            (&whole.trust, &whole.loaders)
         );
         let twice: Vec<usize> = pieces
             .entries_for(&Digest::of(&5u32.to_le_bytes()))

@@ -255,7 +255,9 @@ impl Policy {
         let (verdict, how) = match (active, &self.manifest) {
             (Some(Approval::Unchecked), _) => (Ok(Approval::Unchecked), None),
             (Some(Approval::Entry(i)), Some(m)) => {
-                let entry = &m.allow[i];
+                let entry = m
+                    .allow_entry(i)
+                    .expect("an approval names an entry of its own manifest");
                 // no `globals` key: the reviewed bytes may resolve anything; `globals = []`: nothing
                 let how = match &entry.globals {
                     None => Some(Admission::Named),
@@ -445,11 +447,11 @@ impl Refusal {
             ),
             Refusal::UntrustedGlobal { rule, global } => format!(
                 "global {global} is not allowed by the [[trust]] rule{}",
-                rule_location(manifest, |m| m.trust.get(*rule).map(|r| (r.line, r.callsite.as_str())))
+                rule_location(manifest, |m| m.trust.get(*rule).map(|r| (r.line, r.callsite.clone())))
             ),
             Refusal::Unscannable { rule, reason } => format!(
                 "the pickle could not be scanned for the [[trust]] rule{}: {reason}",
-                rule_location(manifest, |m| m.trust.get(*rule).map(|r| (r.line, r.callsite.as_str())))
+                rule_location(manifest, |m| m.trust.get(*rule).map(|r| (r.line, r.callsite.clone())))
             ),
             Refusal::OutsideApprovedLoad { global } => format!(
                 "global {global} was resolved by an unpickler outside any approved load (backstop)"
@@ -459,8 +461,8 @@ impl Refusal {
             ),
             Refusal::GlobalNotInEntry { entry, global } => format!(
                 "global {global} is not in the globals list of the [[allow]] entry{}{}",
-                rule_location(manifest, |m| m.allow.get(*entry).map(|e| (e.line, e.callsite.as_str()))),
-                if manifest.and_then(|m| m.allow.get(*entry)).is_some_and(|e| e.globals.as_ref().is_some_and(Vec::is_empty)) {
+                rule_location(manifest, |m| m.allow_entry(*entry).map(|e| (e.line, e.callsite.clone()))),
+                if manifest.and_then(|m| m.allow_entry(*entry)).is_some_and(|e| e.globals.as_ref().is_some_and(Vec::is_empty)) {
                     " (`globals = []` admits no global; older freezes wrote it for files they could not scan: drop the key, or record and freeze again)"
                 } else {
                     ""
@@ -472,7 +474,7 @@ impl Refusal {
 
 fn rule_location(
     manifest: Option<&Manifest>,
-    find: impl Fn(&Manifest) -> Option<(usize, &str)>,
+    find: impl Fn(&Manifest) -> Option<(usize, String)>,
 ) -> String {
     manifest
         .and_then(|m| {

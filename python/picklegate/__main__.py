@@ -276,6 +276,17 @@ def _verify(args):
     return int(missing > 0)
 
 
+def _compile(args):
+    output = args.output or args.manifest + ".idx"
+    try:
+        entries, size, sha = _core.compile_manifest(args.manifest, output)
+    except PolicyError as error:
+        print(f"picklegate compile: {error}", file=sys.stderr)
+        return 1
+    print(f"{output}: {entries} [[allow]] entries, {_size(size)}, compiled from {args.manifest} (sha256 {sha})")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="picklegate", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="subcommand", required=True)
@@ -322,6 +333,14 @@ def main(argv=None):
     verify.add_argument("manifest", metavar="MANIFEST")
     verify.add_argument("files", nargs="*", metavar="FILE")
     verify.set_defaults(run=_verify)
+
+    compile_command = commands.add_parser(
+        "compile", help="write a binary index of a manifest that installs in milliseconds",
+        description="Writes MANIFEST.idx (or -o): point PICKLEGATE_POLICY or install(policy=) at it. "
+                    "It is used only while MANIFEST is unchanged: edit the TOML, then compile again.")
+    compile_command.add_argument("manifest", metavar="MANIFEST")
+    compile_command.add_argument("-o", "--output", metavar="INDEX", help="where to write (default: MANIFEST.idx)")
+    compile_command.set_defaults(run=_compile)
 
     args = parser.parse_args(argv)
     return args.run(args)
