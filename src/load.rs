@@ -185,7 +185,7 @@ pub fn carry_out(py: Python<'_>, gate: &Gate, decision: Decision) -> PyResult<Ap
         if let Some(event) = observed {
             observe_refusal(py, event);
         }
-        return Err(raise(py, denial));
+        return Err(raise(py, *denial));
     }
     if let (Some(record), Some(file)) = (
         &decision.record,
