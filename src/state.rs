@@ -7,7 +7,8 @@ use parking_lot::{Mutex, RwLock};
 use picklegate_core::event::{Event, Sink};
 use picklegate_core::manifest::Manifest;
 use picklegate_core::policy::{
-    install_conflict, install_ignored, settle_install, Mode, Policy, Request, Settlement,
+    install_conflict, install_ignored, record_file_for, settle_install, Mode, Policy, Request,
+    Settlement,
 };
 use picklegate_core::record::RecordFile;
 use pyo3::prelude::*;
@@ -156,12 +157,11 @@ pub fn configure(
 
 /// The record file `record` mode needs (and only it): without one, its loads would go unrecorded.
 fn open_record_file(mode: Mode, path: Option<&str>) -> Result<Option<Arc<RecordFile>>, String> {
-    match (mode, path.filter(|p| !p.trim().is_empty())) {
-        (Mode::Record, Some(path)) => RecordFile::open(Path::new(path)).map(|f| Some(Arc::new(f))).map_err(|e| e.to_string()),
-        (Mode::Record, None) => Err(
-            "picklegate record mode needs a record file: set PICKLEGATE_RECORD=PATH or call install(mode=\"record\", record=PATH)".into(),
-        ),
-        _ => Ok(None),
+    match record_file_for(mode, path)? {
+        Some(path) => RecordFile::open(Path::new(path))
+            .map(|f| Some(Arc::new(f)))
+            .map_err(|e| e.to_string()),
+        None => Ok(None),
     }
 }
 
