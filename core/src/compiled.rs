@@ -428,22 +428,26 @@ pub fn compile_file(toml: &Path, out: &Path) -> Result<CompileSummary, ManifestE
 }
 
 /// How the index at `out` names the TOML at `toml`: its file name when both are in one
-/// directory (the pair can be moved together), else its absolute path.
+/// directory (the pair can be moved together), else its absolute path. The file's own name is
+/// kept, not what a symlink resolves to: the index follows the name the operator edits.
 fn toml_reference(toml: &Path, out: &Path) -> Result<String, ManifestError> {
-    let absolute = std::fs::canonicalize(toml).map_err(|e| ManifestError::Unreadable {
+    let unreadable = |e: std::io::Error| ManifestError::Unreadable {
         file: toml.display().to_string(),
         reason: e.to_string(),
-    })?;
-    let out_dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+    };
+    let dir_of = |p: &Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let same_dir = std::fs::canonicalize(&out_dir)
-        .ok()
-        .is_some_and(|d| absolute.parent() == Some(d.as_path()));
-    let reference = match (same_dir, absolute.file_name()) {
-        (true, Some(name)) => PathBuf::from(name),
-        _ => absolute,
+    let toml_dir = std::fs::canonicalize(dir_of(toml)).map_err(unreadable)?;
+    let name = toml
+        .file_name()
+        .ok_or_else(|| invalid(toml, "not a file name"))?;
+    let same_dir = std::fs::canonicalize(dir_of(out)).is_ok_and(|d| d == toml_dir);
+    let reference = if same_dir {
+        PathBuf::from(name)
+    } else {
+        toml_dir.join(name)
     };
     reference
         .to_str()
@@ -858,6 +862,18 @@ mod tests {
         compile_file(&toml, &idx).unwrap();
         let m = Manifest::load(&idx).unwrap();
         assert_eq!(Path::new(&m.source), std::fs::canonicalize(&toml).unwrap());
+        // Through a symlink, the index follows the link's name (what the operator edits and
+        // repoints), not the file it points to today.
+        let link = other.join("current.toml");
+        std::os::unix::fs::symlink(&toml, &link).unwrap();
+        compile_file(&link, &idx).unwrap();
+        let source = Manifest::load(&idx).unwrap().source;
+        assert_eq!(Path::new(&source), idx.with_file_name("current.toml"));
+        let replacement = other.join("next.toml");
+        std::fs::write(&replacement, manifest_text(12)).unwrap();
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(&replacement, &link).unwrap();
+        assert!(refusal(&idx).contains("has changed since it was compiled"));
         let err = compile_file(&idx, &other.join("again.idx")).unwrap_err();
         assert!(
             err.to_string().contains("compiled manifest already"),
