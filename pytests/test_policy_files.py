@@ -36,6 +36,7 @@ def test_malformed_manifest_names_file_line_and_column(kind, run_python, tmp_pat
             picklegate.install(policy=sys.argv[1])
         except picklegate.PolicyError as error:
             print(error)
+            print(f"at {error.file}:{error.line}:{error.column}")
             sys.exit(2)
         """,
         args=[str(manifest)],
@@ -43,6 +44,8 @@ def test_malformed_manifest_names_file_line_and_column(kind, run_python, tmp_pat
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout.startswith(f"{manifest}:{location}"), proc.stdout
     assert expected.lower() in proc.stdout.lower(), proc.stdout
+    # the location also as attributes, for a tool that points at the line
+    assert proc.stdout.splitlines()[-1] == f"at {manifest}:{location}", proc.stdout
 
 
 def test_missing_manifest_is_a_policy_error(run_python, tmp_path):
@@ -53,10 +56,12 @@ def test_missing_manifest_is_a_policy_error(run_python, tmp_path):
             picklegate.install(policy="does-not-exist.toml")
         except picklegate.PolicyError as error:
             print(error)
+            print(error.file, error.line, error.column)
         """,
         check=True,
     )
     assert proc.stdout.startswith("does-not-exist.toml: cannot read the pickle manifest")
+    assert proc.stdout.splitlines()[-1] == "does-not-exist.toml None None"
 
 
 def test_deny_all_example_refuses_everything(run_python):

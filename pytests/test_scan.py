@@ -194,11 +194,16 @@ def test_truncated_and_garbage_input_are_errors(tmp_path):
     assert errors[1] == f"{garbage}: not a pickle: unknown opcode 0xff at offset 0"
     assert errors[2].startswith(f"{empty}: truncated pickle")
     assert "missing.pkl: No such file" in errors[3]
+    # where each error is, kept apart from the message (a file that cannot be opened has no parts)
+    assert summaries[1]["error_at"] == {"part": "", "offset": 0, "problem": "not a pickle: unknown opcode 0xff at offset 0"}
+    assert summaries[0]["error_at"]["part"] == "" and summaries[0]["error_at"]["offset"] >= 2
+    assert "error_at" not in summaries[3]
     # a file read only in part is never clean: what came before the break is still shown
     after = tmp_path / "after.pkl"
     after.write_bytes(pickle.dumps(collections.OrderedDict(), protocol=2) + b"\x00junk")
     status, [summary] = scan_json(after)
     assert status == 1 and summary["verdict"] == "error" and "pickle at offset" in summary["error"]
+    assert summary["error_at"]["part"].startswith("pickle at offset ") and summary["error_at"]["offset"] == 0
     assert [g["name"] for g in summary["globals"]] == ["collections.OrderedDict"]
     assert "verdict: ERROR" in scan(after).stdout
 

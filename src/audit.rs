@@ -1,7 +1,7 @@
 //! The backstop: a PEP 578 audit hook, registered from Rust so it cannot be removed, that judges
 //! every `pickle.find_class` event, catching unpicklers the interposer never saw.
 
-use crate::errors;
+use crate::errors::Error;
 use crate::load::{active_approval, carry_out};
 use crate::state;
 use crate::tokens::current_scope;
@@ -13,7 +13,7 @@ use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::capi::PySys_AddAuditHook;
+use crate::ffi::PySys_AddAuditHook;
 
 const FIND_CLASS: &[u8] = b"pickle.find_class";
 const SELF_CHECK: &str = "picklegate.audit-hook-check";
@@ -21,8 +21,11 @@ const SELF_CHECK: &str = "picklegate.audit-hook-check";
 static REGISTERED: AtomicBool = AtomicBool::new(false);
 static SELF_CHECK_SEEN: AtomicBool = AtomicBool::new(false);
 
+/// # Safety
+/// Called by CPython only, as a PEP 578 hook: GIL held, `event` a C string, `args` a tuple.
 unsafe extern "C" fn hook(event: *const c_char, args: *mut ffi::PyObject, _: *mut c_void) -> c_int {
-    let name = CStr::from_ptr(event).to_bytes();
+    // SAFETY: CPython passes the event name as a NUL-terminated string that outlives the call.
+    let name = unsafe { CStr::from_ptr(event) }.to_bytes();
     if name == SELF_CHECK.as_bytes() {
         SELF_CHECK_SEEN.store(true, Ordering::SeqCst);
         return 0;
@@ -30,9 +33,11 @@ unsafe extern "C" fn hook(event: *const c_char, args: *mut ffi::PyObject, _: *mu
     if name != FIND_CLASS {
         return 0;
     }
-    let py = Python::assume_attached();
+    // SAFETY: CPython runs audit hooks with the GIL held (`PySys_Audit` requires it).
+    let py = unsafe { Python::assume_attached() };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let args = Bound::from_borrowed_ptr(py, args);
+        // SAFETY: `args` is the event's argument tuple, alive for the duration of the hook.
+        let args = unsafe { Bound::from_borrowed_ptr(py, args) };
         judge(py, &args)
     }));
     match outcome {
@@ -42,10 +47,9 @@ unsafe extern "C" fn hook(event: *const c_char, args: *mut ffi::PyObject, _: *mu
             -1
         }
         Err(_) => {
-            errors::policy_error(
-                py,
+            PyErr::from(Error::Policy(
                 "picklegate's backstop failed; refusing the global".into(),
-            )
+            ))
             .restore(py);
             -1
         }
@@ -84,7 +88,8 @@ fn judge(py: Python<'_>, args: &Bound<'_, PyAny>) -> PyResult<()> {
         || defined_there(py, &module, &name),
         || crate::load::resolved_after_approved_load(py, &module, &name),
     )?;
-    carry_out(py, &gate, decision).map(drop)
+    carry_out(py, &gate, decision)?;
+    Ok(())
 }
 
 /// Whether `module`.`name` resolves, as `find_class` is about to resolve it, to a class or a
@@ -159,25 +164,30 @@ fn is_defined_in(
 
 /// `sys.modules` of the running interpreter, without going through the import machinery.
 fn sys_modules(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
-    let modules = unsafe { ffi::PySys_GetObject(b"modules\0".as_ptr().cast()) };
+    // SAFETY: the GIL is held (`py`); the name is a C string; the result is borrowed from `sys`.
+    let modules = unsafe { ffi::PySys_GetObject(c"modules".as_ptr()) };
     if modules.is_null() {
-        return Err(errors::policy_error(py, "sys.modules is missing".into()));
+        return Err(Error::Policy("sys.modules is missing".into()).into());
     }
+    // SAFETY: non-null (checked), and `sys` holds it while this borrow (tied to `py`) is used.
     Ok(unsafe { Bound::from_borrowed_ptr(py, modules) })
 }
 
 /// Registers the hook once and proves it runs (another hook may veto `sys.addaudithook`).
 #[pyfunction]
-pub fn install_backstop(py: Python<'_>) -> PyResult<()> {
+pub fn install_backstop(py: Python<'_>) -> Result<(), Error> {
     let first = !REGISTERED.swap(true, Ordering::SeqCst);
+    // SAFETY: the GIL is held (`py`); `hook` is a `Py_AuditHookFunction` that needs no user data
+    // and stays valid for the life of the process (this library is never unloaded by CPython).
     if first && unsafe { PySys_AddAuditHook(hook, std::ptr::null_mut()) } != 0 {
-        return Err(PyErr::take(py)
-            .unwrap_or_else(|| errors::policy_error(py, "PySys_AddAuditHook failed".into())));
+        return Err(PyErr::take(py).map_or_else(
+            || Error::Policy("PySys_AddAuditHook failed".into()),
+            Error::Python,
+        ));
     }
     py.import("sys")?.call_method1("audit", (SELF_CHECK,))?;
     if !SELF_CHECK_SEEN.load(Ordering::SeqCst) {
-        return Err(errors::policy_error(
-            py,
+        return Err(Error::Policy(
             "picklegate could not register its audit hook (another audit hook vetoed sys.addaudithook); refusing to run unguarded".into(),
         ));
     }

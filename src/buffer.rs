@@ -1,34 +1,14 @@
 //! Borrowing the bytes of any bytes-like object without a copy. The stable ABI only exposes the
 //! buffer protocol from 3.11, but the two functions have been exported by every CPython 3.x.
 
+use crate::ffi::{PyBuffer_Release, PyObject_GetBuffer, Py_buffer, PYBUF_SIMPLE, PYBUF_WRITABLE};
 use pyo3::exceptions::PyTypeError;
-use pyo3::ffi;
 use pyo3::prelude::*;
-use std::os::raw::{c_char, c_int, c_void};
-
-#[repr(C)]
-struct RawBuffer {
-    buf: *mut c_void,
-    obj: *mut ffi::PyObject,
-    len: ffi::Py_ssize_t,
-    itemsize: ffi::Py_ssize_t,
-    readonly: c_int,
-    ndim: c_int,
-    format: *mut c_char,
-    shape: *mut ffi::Py_ssize_t,
-    strides: *mut ffi::Py_ssize_t,
-    suboffsets: *mut ffi::Py_ssize_t,
-    internal: *mut c_void,
-}
-
-use crate::capi::{PyBuffer_Release, PyObject_GetBuffer};
-
-const PYBUF_SIMPLE: c_int = 0;
-const PYBUF_WRITABLE: c_int = 0x0001;
+use std::os::raw::c_int;
 
 /// A held export of a contiguous buffer: while it lives, the exporter cannot resize or free it.
 pub struct Bytes {
-    view: Box<RawBuffer>,
+    view: Box<Py_buffer>,
 }
 
 /// A held export of a writable contiguous buffer (what `readinto` fills).
@@ -44,13 +24,11 @@ impl BytesMut {
         if view.len <= 0 || view.buf.is_null() {
             return &mut [];
         }
-        unsafe { std::slice::from_raw_parts_mut(view.buf as *mut u8, view.len as usize) }
+        // SAFETY: the export (held as long as `self`) pins `len` writable bytes at `buf`, checked
+        // non-null and positive above; `&mut self` makes this the only slice of them in Rust.
+        unsafe { std::slice::from_raw_parts_mut(view.buf.cast::<u8>(), view.len as usize) }
     }
 }
-
-// The export pins the memory, so the slice may be read with the GIL released.
-unsafe impl Send for Bytes {}
-unsafe impl Sync for Bytes {}
 
 impl Bytes {
     pub fn borrow(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
@@ -58,7 +36,10 @@ impl Bytes {
     }
 
     fn export(obj: &Bound<'_, PyAny>, flags: c_int, what: &str) -> PyResult<Self> {
-        let mut view = Box::new(unsafe { std::mem::zeroed::<RawBuffer>() });
+        // SAFETY: `Py_buffer` is pointers and integers, for which all-zero is a valid value.
+        let mut view = Box::new(unsafe { std::mem::zeroed::<Py_buffer>() });
+        // SAFETY: `obj` is a live object and the GIL is held (`Bound`); `view` is a writable
+        // `Py_buffer`, released once by `Drop` only if this export succeeds (`Bytes` owns it).
         if unsafe { PyObject_GetBuffer(obj.as_ptr(), &mut *view, flags) } != 0 {
             let err = PyErr::take(obj.py());
             return Err(PyTypeError::new_err(format!(
@@ -77,14 +58,18 @@ impl Bytes {
         if self.view.len <= 0 || self.view.buf.is_null() {
             return &[];
         }
-        unsafe { std::slice::from_raw_parts(self.view.buf as *const u8, self.view.len as usize) }
+        // SAFETY: the export (held as long as `self`) pins `len` readable bytes at `buf`, checked
+        // non-null and positive above; the slice borrows `self`, so it cannot outlive the export.
+        unsafe { std::slice::from_raw_parts(self.view.buf.cast::<u8>(), self.view.len as usize) }
     }
 }
 
 impl Drop for Bytes {
     fn drop(&mut self) {
-        // Releasing touches the exporter's refcount: it needs the GIL, which every caller holds
-        // again by the time a `Bytes` goes out of scope.
+        // SAFETY: `view` was filled by a successful `PyObject_GetBuffer` (a `Bytes` exists only
+        // then) and is released here once. Releasing touches the exporter's refcount, so it needs
+        // the GIL: a `Bytes` is made from a `Bound` (GIL held) and, not being `Send`, cannot be
+        // moved into a `py.detach` closure (which must be), so it is dropped with the GIL held.
         unsafe { PyBuffer_Release(&mut *self.view) }
     }
 }

@@ -1,7 +1,7 @@
 //! Names the callsite from the interpreter's frames, in Rust: the nearest frame whose module
 //! is not a loader, as `module:qualname`, cached per (code, globals) pair.
 
-use crate::capi::PyFrame_GetCode;
+use crate::ffi::PyFrame_GetCode;
 use crate::state;
 use parking_lot::Mutex;
 use pyo3::ffi;
@@ -126,10 +126,12 @@ fn remember_last_site(key: (usize, usize), (generation, epoch): (u64, u64), site
 
 /// The callsite of the code running now.
 pub fn current(py: Python<'_>) -> PyResult<Arc<str>> {
+    // SAFETY: the GIL is held (`py`); the result is a borrowed frame, or null outside any frame.
     let raw = unsafe { ffi::PyEval_GetFrame() };
     if raw.is_null() {
         return Ok("?:?".into());
     }
+    // SAFETY: non-null (checked): the running frame, alive while the code that called us runs.
     let mut frame = unsafe { Bound::from_borrowed_ptr(py, raw as *mut ffi::PyObject) };
     let mut innermost = true;
     loop {

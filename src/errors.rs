@@ -1,84 +1,244 @@
-//! Maps each core error to exactly one Python exception class from `picklegate._errors`.
-//! The classes live in Python because two of them must subclass `pickle.UnpicklingError`.
+//! The binding's one error type: every failure it raises on its own account, `From` each core error,
+//! and the one conversion to the Python exception users see (classes of `picklegate._errors`).
+//! The classes live in Python because the load refusals must subclass `pickle.UnpicklingError`.
 
+use picklegate_core::decision::{Denial, ErrorKind};
+use picklegate_core::hash::DigestError;
 use picklegate_core::manifest::ManifestError;
 use picklegate_core::policy::BadToken;
+use picklegate_core::record::RecordError;
 use picklegate_core::scan::ScanError;
-use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
-use pyo3::types::PyDict;
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::PyErr;
 
-static ERRORS: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+/// The exception classes of `picklegate._errors` (SPEC.md, "Errors"), imported on first use.
+mod python {
+    pyo3::import_exception!(picklegate._errors, PickleDeniedError);
+    pyo3::import_exception!(picklegate._errors, NoPickleError);
+    pyo3::import_exception!(picklegate._errors, BadTokenError);
+    pyo3::import_exception!(picklegate._errors, PolicyError);
+    pyo3::import_exception!(picklegate._errors, ScanError);
+}
 
-fn raise(
-    py: Python<'_>,
-    class: &str,
-    message: String,
-    details: &[(&str, Option<String>)],
-) -> PyErr {
-    let build = || -> PyResult<PyErr> {
-        let module =
-            ERRORS.get_or_try_init(py, || py.import("picklegate._errors").map(Bound::unbind))?;
-        let cls = module.bind(py).getattr(class)?;
-        let kwargs = PyDict::new(py);
-        for (key, value) in details {
-            kwargs.set_item(key, value)?;
+/// Everything the binding raises; each variant is one Python exception class.
+#[derive(Debug)]
+pub enum Error {
+    /// The policy or a setting cannot be used: `PolicyError`.
+    Policy(String),
+    /// A manifest that cannot be used: `PolicyError` with its `file`, `line` and `column`.
+    Manifest(ManifestError),
+    /// A record file that cannot be frozen: `PolicyError` with its `file` and `line`.
+    Record(RecordError),
+    /// `allow_pickles()` refused a token: `BadTokenError`.
+    BadToken(BadToken),
+    /// `allow_pickles()` was given an object no `no_pickles()` made: `BadTokenError`.
+    NotAToken { repr: String },
+    /// An `only_objects` entry that is not a sha256: `ValueError`.
+    OnlyObjects { entry: String, error: DigestError },
+    /// A load or global refused as the core decided: `PickleDeniedError` (the operator's policy)
+    /// or `NoPickleError` (the code's own `no_pickles()`), with its callsite, sha256 and size.
+    Refused(Denial),
+    /// The bytes are not a well-formed pickle: `ScanError`.
+    Scan(ScanError),
+    /// Reading a file failed: `OSError` with the system's message.
+    Io(std::io::Error),
+    /// Reading the file at `path` failed: `OSError` naming it.
+    File {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    /// An exception Python code raised, passed on as it is.
+    Python(PyErr),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The message the exception carries: what users read.
+    pub fn message(&self) -> String {
+        match self {
+            Error::Policy(message) => message.clone(),
+            Error::Refused(denial) => denial.message.clone(),
+            Error::Manifest(e) => e.to_string(),
+            Error::Record(e) => e.to_string(),
+            Error::BadToken(e) => format!("allow_pickles() refused the token: {e}"),
+            Error::NotAToken { repr } => format!(
+                "allow_pickles() refused the token: {repr} is not a token made by picklegate.no_pickles()"
+            ),
+            Error::OnlyObjects { entry, error } => format!(
+                "only_objects entry {entry:?}: {error}; write \"sha256:<64 hex digits>\""
+            ),
+            Error::Scan(e) => e.to_string(),
+            Error::Io(e) => e.to_string(),
+            Error::File { path, error } => format!("{}: {error}", path.display()),
+            Error::Python(e) => e.to_string(),
         }
-        Ok(PyErr::from_value(cls.call((message,), Some(&kwargs))?))
-    };
-    build().unwrap_or_else(|e| e)
-}
+    }
 
-pub fn policy_error(py: Python<'_>, message: String) -> PyErr {
-    raise(py, "PolicyError", message, &[])
-}
-
-pub fn manifest_error(py: Python<'_>, err: &ManifestError) -> PyErr {
-    policy_error(py, err.to_string())
-}
-
-pub fn bad_token(py: Python<'_>, err: &BadToken) -> PyErr {
-    raise(
-        py,
-        "BadTokenError",
-        format!("allow_pickles() refused the token: {err}"),
-        &[],
-    )
-}
-
-pub fn bad_token_message(py: Python<'_>, message: String) -> PyErr {
-    raise(py, "BadTokenError", message, &[])
-}
-
-/// The facts every refusal carries, as exception attributes.
-pub struct RefusalFacts {
-    pub callsite: String,
-    pub sha256: Option<String>,
-    pub size: Option<u64>,
-}
-
-impl RefusalFacts {
-    fn details(&self) -> [(&'static str, Option<String>); 3] {
-        [
-            ("callsite", Some(self.callsite.clone())),
-            ("sha256", self.sha256.clone()),
-            ("size", self.size.map(|s| s.to_string())),
-        ]
+    /// Where a `PolicyError` points: file, line and column, each when known.
+    fn location(&self) -> (Option<String>, Option<usize>, Option<usize>) {
+        match self {
+            Error::Manifest(ManifestError::Unreadable { file, .. }) => {
+                (Some(file.clone()), None, None)
+            }
+            Error::Manifest(ManifestError::Invalid {
+                file, line, column, ..
+            }) => (Some(file.clone()), Some(*line), Some(*column)),
+            Error::Record(RecordError { file, line, .. }) => {
+                (Some(file.clone()), (*line != 0).then_some(*line), None)
+            }
+            _ => (None, None, None),
+        }
     }
 }
 
-pub fn pickle_denied(py: Python<'_>, message: String, facts: &RefusalFacts) -> PyErr {
-    raise(py, "PickleDeniedError", message, &facts.details())
+impl From<Error> for PyErr {
+    fn from(error: Error) -> PyErr {
+        if let Error::Python(err) = error {
+            return err;
+        }
+        let message = error.message();
+        match error {
+            Error::Policy(_) | Error::Manifest(_) | Error::Record(_) => {
+                let (file, line, column) = error.location();
+                python::PolicyError::new_err((message, file, line, column))
+            }
+            Error::BadToken(_) | Error::NotAToken { .. } => python::BadTokenError::new_err(message),
+            Error::Refused(denial) => {
+                let facts = (message, denial.callsite, denial.sha256, denial.size);
+                match denial.kind {
+                    ErrorKind::PickleDenied => python::PickleDeniedError::new_err(facts),
+                    ErrorKind::NoPickle => python::NoPickleError::new_err(facts),
+                }
+            }
+            Error::OnlyObjects { .. } => PyValueError::new_err(message),
+            Error::Scan(_) => python::ScanError::new_err(message),
+            Error::Io(_) | Error::File { .. } => PyOSError::new_err(message),
+            Error::Python(err) => err, // returned above
+        }
+    }
 }
 
-pub fn no_pickle(py: Python<'_>, message: String, facts: &RefusalFacts) -> PyErr {
-    raise(py, "NoPickleError", message, &facts.details())
+impl From<PyErr> for Error {
+    fn from(err: PyErr) -> Self {
+        Error::Python(err)
+    }
 }
 
-pub fn scan_error(py: Python<'_>, err: &ScanError) -> PyErr {
-    scan_error_message(py, err.to_string())
+impl From<Denial> for Error {
+    fn from(denial: Denial) -> Self {
+        Error::Refused(denial)
+    }
 }
 
-pub fn scan_error_message(py: Python<'_>, message: String) -> PyErr {
-    raise(py, "ScanError", message, &[])
+impl From<ManifestError> for Error {
+    fn from(e: ManifestError) -> Self {
+        Error::Manifest(e)
+    }
+}
+
+impl From<RecordError> for Error {
+    fn from(e: RecordError) -> Self {
+        Error::Record(e)
+    }
+}
+
+impl From<BadToken> for Error {
+    fn from(e: BadToken) -> Self {
+        Error::BadToken(e)
+    }
+}
+
+impl From<ScanError> for Error {
+    fn from(e: ScanError) -> Self {
+        Error::Scan(e)
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_error_keeps_file_line_and_column() {
+        let error = Error::from(ManifestError::Invalid {
+            file: "policy.toml".into(),
+            line: 3,
+            column: 7,
+            message: "unknown key `sha`".into(),
+        });
+        assert_eq!(error.message(), "policy.toml:3:7: unknown key `sha`");
+        assert_eq!(
+            error.location(),
+            (Some("policy.toml".into()), Some(3), Some(7))
+        );
+        let unreadable = Error::from(ManifestError::Unreadable {
+            file: "gone.toml".into(),
+            reason: "No such file".into(),
+        });
+        assert_eq!(
+            unreadable.location(),
+            (Some("gone.toml".into()), None, None)
+        );
+    }
+
+    #[test]
+    fn a_record_error_keeps_file_and_line_but_not_line_zero() {
+        let at_line = Error::from(RecordError {
+            file: "r.jsonl".into(),
+            line: 2,
+            message: "not JSON".into(),
+        });
+        assert_eq!(at_line.message(), "r.jsonl:2: not JSON");
+        assert_eq!(at_line.location(), (Some("r.jsonl".into()), Some(2), None));
+        let whole_file = Error::from(RecordError {
+            file: "r.jsonl".into(),
+            line: 0,
+            message: "empty".into(),
+        });
+        assert_eq!(whole_file.message(), "r.jsonl: empty");
+        assert_eq!(whole_file.location(), (Some("r.jsonl".into()), None, None));
+    }
+
+    #[test]
+    fn token_refusals_say_allow_pickles_refused_the_token() {
+        assert_eq!(
+            Error::from(BadToken::OtherThread).message(),
+            "allow_pickles() refused the token: the token was made by no_pickles() in another thread"
+        );
+        assert_eq!(
+            Error::NotAToken { repr: "42".into() }.message(),
+            "allow_pickles() refused the token: 42 is not a token made by picklegate.no_pickles()"
+        );
+    }
+
+    #[test]
+    fn messages_name_the_file_or_entry_at_fault() {
+        let error = Error::File {
+            path: "/x/model.pkl".into(),
+            error: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert!(
+            error.message().starts_with("/x/model.pkl: "),
+            "{}",
+            error.message()
+        );
+        let entry = Error::OnlyObjects {
+            entry: "sha256:abc".into(),
+            error: DigestError::NotHex,
+        };
+        assert!(entry
+            .message()
+            .starts_with("only_objects entry \"sha256:abc\": "));
+        assert!(entry
+            .message()
+            .ends_with("; write \"sha256:<64 hex digits>\""));
+        assert_eq!(Error::Policy("p".into()).location(), (None, None, None));
+    }
 }

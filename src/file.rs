@@ -5,6 +5,7 @@
 //! object grows, so a guarded file load peaks near the memory of an unguarded one.
 
 use crate::buffer::BytesMut;
+use crate::errors::Error;
 use picklegate_core::hash::{Digest, Hasher};
 use picklegate_core::scan::{Progress, Scanner};
 use pyo3::exceptions::PyOSError;
@@ -27,8 +28,11 @@ struct Region {
     cap: usize,
 }
 
-// The mapping is owned by one `Region`: reads go through `&self`, writes need `&mut self`.
+// SAFETY: the mapping belongs to this `Region` alone (nothing else holds `ptr`), like a `Box<[u8]>`:
+// moving it to another thread moves the ownership, and `munmap` in `Drop` runs once, wherever.
 unsafe impl Send for Region {}
+// SAFETY: shared access only reads (`slice` takes `&self`); every write (`slice_mut`, `release`)
+// takes `&mut self`, so the borrow checker rules out a write racing a read, as for `[u8]`.
 unsafe impl Sync for Region {}
 
 impl Region {
@@ -38,6 +42,8 @@ impl Region {
         let cap = cap.max(1);
         let flags =
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if populate { libc::MAP_POPULATE } else { 0 };
+        // SAFETY: an anonymous private mapping at an address of the kernel's choice: no file, no
+        // existing memory is touched; failure is MAP_FAILED, checked below.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -56,6 +62,8 @@ impl Region {
         // them: a 2 MiB page around a few pinned bytes would stay resident.)
         #[cfg(target_os = "linux")]
         if populate {
+            // SAFETY: `ptr..ptr + cap` is the mapping just made; MADV_HUGEPAGE is only a hint and
+            // does not change its contents (a failure is harmless and ignored).
             unsafe { libc::madvise(ptr, cap, libc::MADV_HUGEPAGE) };
         }
         Ok(Region {
@@ -66,11 +74,15 @@ impl Region {
 
     fn slice(&self, range: std::ops::Range<usize>) -> &[u8] {
         assert!(range.start <= range.end && range.end <= self.cap);
+        // SAFETY: the range is inside the mapping (asserted), which lives as long as `self`, is
+        // readable and zero-filled where never written; `&self` rules out a concurrent write.
         unsafe { std::slice::from_raw_parts(self.ptr.add(range.start), range.end - range.start) }
     }
 
     fn slice_mut(&mut self, range: std::ops::Range<usize>) -> &mut [u8] {
         assert!(range.start <= range.end && range.end <= self.cap);
+        // SAFETY: the range is inside the mapping (asserted), which is writable and lives as long
+        // as `self`; `&mut self` makes this the only slice of it.
         unsafe {
             std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.end - range.start)
         }
@@ -79,6 +91,9 @@ impl Region {
     /// Gives the pages of `range` (page-aligned) back; they read as zeros afterwards.
     fn release(&mut self, range: std::ops::Range<usize>) {
         if range.end > range.start {
+            // SAFETY: the caller passes a page-aligned range inside the mapping (`&mut self`: no
+            // slice of it is borrowed); MADV_DONTNEED on a private anonymous mapping only turns
+            // those pages back into zero pages, which `slice` may still read.
             unsafe {
                 libc::madvise(
                     self.ptr.add(range.start) as *mut libc::c_void,
@@ -92,11 +107,14 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
+        // SAFETY: `ptr`/`cap` are exactly the mapping made in `new`, unmapped once, here; no slice
+        // of it can outlive `self`.
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.cap) };
     }
 }
 
 fn page_size() -> usize {
+    // SAFETY: `sysconf` only reads a system constant.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize
 }
 
@@ -190,12 +208,12 @@ impl HashedFile {
 impl HashedFile {
     /// Reads the file descriptor `fd` from `offset` to the end (without moving its position).
     #[new]
-    fn new(py: Python<'_>, fd: i32, offset: u64) -> PyResult<Self> {
+    fn new(py: Python<'_>, fd: i32, offset: u64) -> Result<Self, Error> {
         // Borrow the descriptor: its owner (a Python file object) closes it, not us.
+        // SAFETY: `ManuallyDrop` never closes `fd`, so the `File` only borrows it, for this call,
+        // while the Python caller keeps its file object (and so the descriptor) open.
         let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-        let (region, len, sha) = py
-            .detach(|| read_hashed(&file, offset))
-            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let (region, len, sha) = py.detach(|| read_hashed(&file, offset))?;
         Ok(HashedFile {
             region: Some(region),
             len,
@@ -659,7 +677,7 @@ impl PinnedFile {
         Ok(())
     }
 
-    fn take(&mut self, py: Python<'_>, n: Option<isize>) -> PyResult<Vec<u8>> {
+    fn take(&mut self, py: Python<'_>, n: Option<isize>) -> Result<Vec<u8>, Error> {
         self.check_open()?;
         let left = self.pinned.len.saturating_sub(self.pos);
         let n = match n {
@@ -669,9 +687,7 @@ impl PinnedFile {
         let mut out = vec![0u8; n];
         let pinned = self.pinned.clone();
         let pos = self.pos;
-        let got = py
-            .detach(|| pinned.read_at(pos, &mut out))
-            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let got = py.detach(|| pinned.read_at(pos, &mut out))?;
         out.truncate(got);
         Ok(out)
     }
@@ -683,7 +699,7 @@ impl PinnedFile {
     /// hashes it. `layout` is `"whole"` or `"torch-zip"`.
     #[new]
     #[pyo3(signature = (fd, layout, name=None))]
-    fn new(py: Python<'_>, fd: i32, layout: &str, name: Option<Py<PyAny>>) -> PyResult<Self> {
+    fn new(py: Python<'_>, fd: i32, layout: &str, name: Option<Py<PyAny>>) -> Result<Self, Error> {
         let layout = match layout {
             "whole" => Layout::Whole,
             "torch-zip" => Layout::TorchZip,
@@ -691,16 +707,15 @@ impl PinnedFile {
             other => {
                 return Err(pyo3::exceptions::PyValueError::new_err(format!(
                     "unknown layout {other:?}"
-                )))
+                ))
+                .into())
             }
         };
+        // SAFETY: `ManuallyDrop` never closes `fd`, so the `File` only borrows it, for this call,
+        // while the Python caller keeps its file object (and so the descriptor) open.
         let borrowed = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-        let file = borrowed
-            .try_clone()
-            .map_err(|e| PyOSError::new_err(e.to_string()))?;
-        let pinned = py
-            .detach(|| Pinned::read(file, layout))
-            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let file = borrowed.try_clone()?;
+        let pinned = py.detach(|| Pinned::read(file, layout))?;
         Ok(PinnedFile {
             pinned: std::sync::Arc::new(pinned),
             pos: 0,
@@ -783,9 +798,7 @@ impl PinnedFile {
         let (pinned, pos) = (self.pinned.clone(), self.pos);
         // Straight into the bytes object: no intermediate buffer.
         let out = PyBytes::new_with(py, n, |buffer| {
-            let got = pinned
-                .read_at(pos, buffer)
-                .map_err(|e| PyOSError::new_err(e.to_string()))?;
+            let got = pinned.read_at(pos, buffer).map_err(Error::Io)?;
             if got != n {
                 return Err(PyOSError::new_err("the file was truncated after its check"));
             }
@@ -807,15 +820,13 @@ impl PinnedFile {
         Ok(PyBytes::new(py, &out))
     }
 
-    fn readinto(&mut self, py: Python<'_>, buffer: &Bound<'_, PyAny>) -> PyResult<usize> {
+    fn readinto(&mut self, py: Python<'_>, buffer: &Bound<'_, PyAny>) -> Result<usize, Error> {
         self.check_open()?;
         let mut target = BytesMut::borrow(buffer)?;
         let target = target.as_mut_slice();
         let pinned = self.pinned.clone();
         let pos = self.pos;
-        let got = py
-            .detach(|| pinned.read_at(pos, target))
-            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let got = py.detach(|| pinned.read_at(pos, target))?;
         self.pos += got;
         Ok(got)
     }
@@ -825,7 +836,7 @@ impl PinnedFile {
         &mut self,
         py: Python<'py>,
         size: Option<isize>,
-    ) -> PyResult<Bound<'py, PyBytes>> {
+    ) -> Result<Bound<'py, PyBytes>, Error> {
         self.check_open()?;
         let mut line = Vec::new();
         let limit = match size {
@@ -839,10 +850,7 @@ impl PinnedFile {
                     .min(8192)
                     .min(self.pinned.len - self.pos)
             ];
-            let got = self
-                .pinned
-                .read_at(self.pos, &mut chunk)
-                .map_err(|e| PyOSError::new_err(e.to_string()))?;
+            let got = self.pinned.read_at(self.pos, &mut chunk)?;
             let used = chunk[..got]
                 .iter()
                 .position(|&b| b == b'\n')

@@ -6,7 +6,11 @@
 //! write; where one is not recognised, `enforce` refuses to run unless the operator opted in to
 //! the audit-hook backstop alone (`PICKLEGATE_BACKSTOP_ONLY=1`, `install(backstop_only=True)`).
 
-use crate::errors;
+use crate::errors::Error;
+use crate::ffi::{
+    CFunctionHead, DefiningClassFastCall, FastCallKeywords, MethodDef, MethodDescrHead, NoArgs,
+    METH_FASTCALL, METH_KEYWORDS, METH_METHOD, METH_NOARGS,
+};
 use crate::load::{guarded_c_loads, guarded_c_unpickler};
 use crate::state;
 use parking_lot::Mutex;
@@ -17,60 +21,9 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple};
 use std::ffi::CStr;
-use std::os::raw::{c_char, c_int, c_void};
+use std::os::raw::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
-
-#[repr(C)]
-struct MethodDef {
-    name: *const c_char,
-    meth: *mut c_void,
-    flags: c_int,
-    doc: *const c_char,
-}
-
-/// The head of CPython's `PyCFunctionObject`, unchanged from 3.9 to 3.14 (default builds).
-#[repr(C)]
-struct CFunctionHead {
-    ob_refcnt: ffi::Py_ssize_t,
-    ob_type: *mut ffi::PyTypeObject,
-    m_ml: *mut MethodDef,
-}
-
-/// The head of CPython's `PyMethodDescrObject` (`PyDescr_COMMON`, then the method), 3.9 to 3.14.
-#[repr(C)]
-struct MethodDescrHead {
-    ob_refcnt: ffi::Py_ssize_t,
-    ob_type: *mut ffi::PyTypeObject,
-    d_type: *mut ffi::PyTypeObject,
-    d_name: *mut ffi::PyObject,
-    d_qualname: *mut ffi::PyObject,
-    d_method: *mut MethodDef,
-}
-
-const METH_NOARGS: c_int = 0x0004;
-const METH_KEYWORDS: c_int = 0x0002;
-const METH_FASTCALL: c_int = 0x0080;
-const METH_METHOD: c_int = 0x0200;
-
-type NoArgs = unsafe extern "C" fn(*mut ffi::PyObject, *mut ffi::PyObject) -> *mut ffi::PyObject;
-
-type FastCallKeywords = unsafe extern "C" fn(
-    *mut ffi::PyObject,
-    *const *mut ffi::PyObject,
-    ffi::Py_ssize_t,
-    *mut ffi::PyObject,
-) -> *mut ffi::PyObject;
-
-/// `PyCMethod`: a method that is also given the class that defined it (Argument Clinic's
-/// `defining_class`), with METH_METHOD|METH_FASTCALL|METH_KEYWORDS.
-type DefiningClassFastCall = unsafe extern "C" fn(
-    *mut ffi::PyObject,
-    *mut ffi::PyTypeObject,
-    *const *mut ffi::PyObject,
-    ffi::Py_ssize_t,
-    *mut ffi::PyObject,
-) -> *mut ffi::PyObject;
 
 /// How `_pickle.Unpickler.load` is declared in `Modules/_pickle.c` of each CPython version.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -158,41 +111,66 @@ fn internal_error() -> PyErr {
     PyRuntimeError::new_err("picklegate: internal error; the load was refused")
 }
 
+/// The arguments of a METH_FASTCALL|METH_KEYWORDS call, positional then keyword values.
+///
+/// # Safety
+/// As CPython passes them: `args` holds `nargs` values, then one per name of `kwnames` (a tuple,
+/// or null), all alive for the call; the GIL is held.
+unsafe fn fastcall_args(
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> Vec<*mut ffi::PyObject> {
+    let keywords = if kwnames.is_null() {
+        0
+    } else {
+        // SAFETY: a non-null `kwnames` is the call's tuple of keyword names; the GIL is held.
+        unsafe { ffi::PyTuple_Size(kwnames) }
+    };
+    let total = (nargs + keywords) as usize;
+    // SAFETY: the caller's `args` holds exactly `nargs + len(kwnames)` pointers.
+    unsafe { std::slice::from_raw_parts(args, total) }.to_vec()
+}
+
 /// `_pickle.loads(data, ...)`: judged in Rust, then the original C function on the same args.
+///
+/// # Safety
+/// Called by CPython only, as the `ml_meth` of `_pickle.loads` (METH_FASTCALL|METH_KEYWORDS):
+/// GIL held, `args`/`nargs`/`kwnames` in the vectorcall convention.
 unsafe extern "C" fn loads_trampoline(
     module: *mut ffi::PyObject,
     args: *const *mut ffi::PyObject,
     nargs: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    let py = Python::assume_attached();
+    // SAFETY: CPython calls a C function with the GIL held (default builds, 3.9 to 3.14).
+    let py = unsafe { Python::assume_attached() };
     let original = *ORIGINAL_LOADS
         .get()
         .expect("redirected before the trampoline is installed");
     // `data`, when given, replaces the first argument (a private copy of a mutable buffer).
     let call_original = |data: Option<&Bound<'_, PyAny>>| {
         let result = match data {
-            None => original(module, args, nargs, kwnames),
+            // SAFETY: the original `_pickle.loads` on the very arguments CPython gave us.
+            None => unsafe { original(module, args, nargs, kwnames) },
             Some(data) => {
-                let total = nargs as usize
-                    + if kwnames.is_null() {
-                        0
-                    } else {
-                        ffi::PyTuple_Size(kwnames) as usize
-                    };
-                let mut replaced: Vec<*mut ffi::PyObject> =
-                    (0..total).map(|i| *args.add(i)).collect();
-                replaced[0] = data.as_ptr();
-                original(module, replaced.as_ptr(), nargs, kwnames)
+                // SAFETY: `args`, `nargs` and `kwnames` are CPython's, unchanged (see above).
+                let mut replaced = unsafe { fastcall_args(args, nargs, kwnames) };
+                replaced[0] = data.as_ptr(); // `data` is only passed when nargs >= 1
+                                             // SAFETY: the same arguments with the first replaced by `data`, which the
+                                             // closure's caller keeps alive (borrowed) for the call.
+                unsafe { original(module, replaced.as_ptr(), nargs, kwnames) }
             }
         };
-        Bound::from_owned_ptr_or_err(py, result).map(Bound::unbind)
+        // SAFETY: a C function returns a new reference, or null with an exception set.
+        unsafe { Bound::from_owned_ptr_or_err(py, result) }.map(Bound::unbind)
     };
     if nargs < 1 {
         return into_raw(py, call_original(None)); // the original raises its own TypeError
     }
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let data = Bound::from_borrowed_ptr(py, *args);
+        // SAFETY: nargs >= 1, so `args[0]` is the call's first argument, alive for the call.
+        let data = unsafe { Bound::from_borrowed_ptr(py, *args) };
         guarded_c_loads(py, &data, call_original)
     }));
     into_raw(py, outcome.unwrap_or_else(|_| Err(internal_error())))
@@ -200,6 +178,9 @@ unsafe extern "C" fn loads_trampoline(
 
 /// Calls `callable` with vectorcall-style arguments through the 3.9 stable ABI
 /// (`PyObject_Vectorcall` is in it only from 3.12).
+///
+/// # Safety
+/// `args`, `nargs` and `kwnames` are a METH_FASTCALL|METH_KEYWORDS call's, as CPython passed them.
 unsafe fn call_fastcall(
     py: Python<'_>,
     callable: &Bound<'_, PyAny>,
@@ -207,12 +188,16 @@ unsafe fn call_fastcall(
     nargs: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
 ) -> PyResult<Py<PyAny>> {
-    let arg = |i: usize| Bound::from_borrowed_ptr(py, *args.add(i));
+    // SAFETY: the caller passes CPython's call arguments unchanged.
+    let values = unsafe { fastcall_args(args, nargs, kwnames) };
+    // SAFETY: each value is a live object, borrowed from the call for its duration.
+    let arg = |i: usize| unsafe { Bound::from_borrowed_ptr(py, values[i]) };
     let positional = PyTuple::new(py, (0..nargs as usize).map(arg))?;
     let keywords = if kwnames.is_null() {
         None
     } else {
-        let names = Bound::from_borrowed_ptr(py, kwnames).cast_into::<PyTuple>()?;
+        // SAFETY: a non-null `kwnames` is the call's tuple of names, alive for the call.
+        let names = unsafe { Bound::from_borrowed_ptr(py, kwnames) }.cast_into::<PyTuple>()?;
         let dict = PyDict::new(py);
         for (i, name) in names.iter().enumerate() {
             dict.set_item(name, arg(nargs as usize + i))?;
@@ -225,15 +210,20 @@ unsafe fn call_fastcall(
 }
 
 /// `_pickle.load(file, ...)`: forwarded to the Python wrapper, which reads the file and decides.
+///
+/// # Safety
+/// Called by CPython only, as the `ml_meth` of `_pickle.load` (METH_FASTCALL|METH_KEYWORDS).
 unsafe extern "C" fn load_trampoline(
     _module: *mut ffi::PyObject,
     args: *const *mut ffi::PyObject,
     nargs: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    let py = Python::assume_attached();
+    // SAFETY: CPython calls a C function with the GIL held (default builds, 3.9 to 3.14).
+    let py = unsafe { Python::assume_attached() };
     let result = match LOAD_WRAPPER.get(py) {
-        Some(wrapper) => call_fastcall(py, wrapper.bind(py), args, nargs, kwnames),
+        // SAFETY: the arguments are CPython's for this METH_FASTCALL|METH_KEYWORDS call.
+        Some(wrapper) => unsafe { call_fastcall(py, wrapper.bind(py), args, nargs, kwnames) },
         None => Err(PyRuntimeError::new_err(
             "picklegate: _pickle.load has no wrapper",
         )),
@@ -243,25 +233,36 @@ unsafe extern "C" fn load_trampoline(
 
 /// `_pickle.Unpickler.load` of any unpickler, whatever its class or when it was made, on 3.9 to
 /// 3.11: its next pickle is judged, then the original runs on exactly those bytes.
+///
+/// # Safety
+/// Called by CPython only, as the METH_NOARGS `ml_meth` of `_pickle.Unpickler.load`.
 unsafe extern "C" fn unpickler_load_trampoline(
     slf: *mut ffi::PyObject,
     unused: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    let py = Python::assume_attached();
+    // SAFETY: CPython calls a C method with the GIL held (default builds, 3.9 to 3.14).
+    let py = unsafe { Python::assume_attached() };
     let Some(OriginalUnpicklerLoad::NoArgs(original)) = ORIGINAL_UNPICKLER_LOAD.get().copied()
     else {
         return into_raw(py, Err(internal_error()));
     };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let unpickler = Bound::from_borrowed_ptr(py, slf);
+        // SAFETY: `slf` is the unpickler the method was called on, alive for the call.
+        let unpickler = unsafe { Bound::from_borrowed_ptr(py, slf) };
         guarded_c_unpickler(py, &unpickler, || {
-            Bound::from_owned_ptr_or_err(py, original(slf, unused)).map(Bound::unbind)
+            // SAFETY: the original METH_NOARGS method on CPython's own `(self, NULL)`; it returns
+            // a new reference or null with an exception set.
+            unsafe { Bound::from_owned_ptr_or_err(py, original(slf, unused)) }.map(Bound::unbind)
         })
     }));
     into_raw(py, outcome.unwrap_or_else(|_| Err(internal_error())))
 }
 
 /// The same for 3.12 to 3.14, where the method also receives its defining class and arguments.
+///
+/// # Safety
+/// Called by CPython only, as the METH_METHOD|METH_FASTCALL|METH_KEYWORDS `ml_meth` of
+/// `_pickle.Unpickler.load`.
 unsafe extern "C" fn unpickler_load_method_trampoline(
     slf: *mut ffi::PyObject,
     defining_class: *mut ffi::PyTypeObject,
@@ -269,21 +270,28 @@ unsafe extern "C" fn unpickler_load_method_trampoline(
     nargs: ffi::Py_ssize_t,
     kwnames: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    let py = Python::assume_attached();
+    // SAFETY: CPython calls a C method with the GIL held (default builds, 3.9 to 3.14).
+    let py = unsafe { Python::assume_attached() };
     let Some(OriginalUnpicklerLoad::DefiningClass(original)) =
         ORIGINAL_UNPICKLER_LOAD.get().copied()
     else {
         return into_raw(py, Err(internal_error()));
     };
     let call_original = || {
-        Bound::from_owned_ptr_or_err(py, original(slf, defining_class, args, nargs, kwnames))
-            .map(Bound::unbind)
+        // SAFETY: the original `PyCMethod` on the arguments CPython gave us, unchanged; it
+        // returns a new reference or null with an exception set.
+        unsafe {
+            Bound::from_owned_ptr_or_err(py, original(slf, defining_class, args, nargs, kwnames))
+        }
+        .map(Bound::unbind)
     };
-    if nargs != 0 || (!kwnames.is_null() && ffi::PyTuple_Size(kwnames) != 0) {
+    // SAFETY: a non-null `kwnames` is the call's tuple of keyword names.
+    if nargs != 0 || (!kwnames.is_null() && unsafe { ffi::PyTuple_Size(kwnames) } != 0) {
         return into_raw(py, call_original()); // "load() takes no arguments", from the original
     }
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let unpickler = Bound::from_borrowed_ptr(py, slf);
+        // SAFETY: `slf` is the unpickler the method was called on, alive for the call.
+        let unpickler = unsafe { Bound::from_borrowed_ptr(py, slf) };
         guarded_c_unpickler(py, &unpickler, call_original)
     }));
     into_raw(py, outcome.unwrap_or_else(|_| Err(internal_error())))
@@ -303,12 +311,21 @@ fn builtin_types(py: Python<'_>) -> PyResult<(Bound<'_, PyAny>, Bound<'_, PyAny>
     Ok((function, descriptor))
 }
 
+/// The name of a method definition; empty when there is none.
+///
+/// # Safety
+/// `def` is null or points to a live `PyMethodDef` whose name is null or a static C string
+/// (CPython's method tables are static for the life of the module).
 unsafe fn def_name(def: *const MethodDef) -> &'static str {
-    if def.is_null() || (*def).name.is_null() {
-        ""
-    } else {
-        CStr::from_ptr((*def).name).to_str().unwrap_or("")
+    // SAFETY: the caller guarantees `def` is null or a live `PyMethodDef`.
+    let Some(def) = (unsafe { def.as_ref() }) else {
+        return "";
+    };
+    if def.name.is_null() {
+        return "";
     }
+    // SAFETY: a non-null `ml_name` is a NUL-terminated static string (caller's guarantee).
+    unsafe { CStr::from_ptr(def.name) }.to_str().unwrap_or("")
 }
 
 /// Points the method `_pickle.Unpickler.load` at the trampoline for this CPython's layout.
@@ -331,53 +348,52 @@ fn redirect_unpickler_load_checked(py: Python<'_>, cls: &Bound<'_, PyAny>) -> Py
             descriptor.get_type()
         )));
     }
-    unsafe {
-        let head = descriptor.as_ptr() as *mut MethodDescrHead;
-        let def = (*head).d_method;
-        let name = def_name(def);
-        if name != "load"
-            || (*head).d_type as *mut ffi::PyObject != cls.as_ptr()
-            || (*def).flags != layout.flags()
-        {
-            return Err(PyTypeError::new_err(format!(
-                "_pickle.Unpickler.load does not have the layout of CPython's {layout:?} (name {name:?}, flags {:#x}, expected {:#x})",
-                if def.is_null() { 0 } else { (*def).flags },
-                layout.flags()
-            )));
-        }
-        let trampoline = match layout {
-            UnpicklerLoadLayout::NoArgs => unpickler_load_trampoline as *mut c_void,
-            UnpicklerLoadLayout::DefiningClass => unpickler_load_method_trampoline as *mut c_void,
-        };
-        if (*def).meth == trampoline {
-            return Ok(());
-        }
-        let original = match layout {
-            UnpicklerLoadLayout::NoArgs => OriginalUnpicklerLoad::NoArgs(std::mem::transmute::<
-                *mut c_void,
-                NoArgs,
-            >((*def).meth)),
-            UnpicklerLoadLayout::DefiningClass => {
-                OriginalUnpicklerLoad::DefiningClass(std::mem::transmute::<
-                    *mut c_void,
-                    DefiningClassFastCall,
-                >((*def).meth))
-            }
-        };
-        ORIGINAL_UNPICKLER_LOAD
-            .set(original)
-            .map_err(|_| PyRuntimeError::new_err("_pickle.Unpickler.load was redirected twice"))?;
-        (*def).meth = trampoline;
+    let head = descriptor.as_ptr().cast::<MethodDescrHead>();
+    // SAFETY: `descriptor`'s type is exactly `method_descriptor` (checked above), whose objects
+    // start with `MethodDescrHead` on every CPython `known_layout` accepts; `descriptor` is alive.
+    let (def, defining_type) = unsafe { ((*head).d_method, (*head).d_type) };
+    // SAFETY: a method descriptor's `d_method` points into its type's static method table.
+    let (name, flags) = unsafe { (def_name(def), def.as_ref().map_or(0, |d| d.flags)) };
+    if name != "load"
+        || defining_type.cast::<ffi::PyObject>() != cls.as_ptr()
+        || flags != layout.flags()
+    {
+        return Err(PyTypeError::new_err(format!(
+            "_pickle.Unpickler.load does not have the layout of CPython's {layout:?} (name {name:?}, flags {flags:#x}, expected {:#x})",
+            layout.flags()
+        )));
     }
+    let trampoline = match layout {
+        UnpicklerLoadLayout::NoArgs => unpickler_load_trampoline as *mut c_void,
+        UnpicklerLoadLayout::DefiningClass => unpickler_load_method_trampoline as *mut c_void,
+    };
+    // SAFETY: `def` is non-null (its name was read) and lives in `_pickle`'s static method table;
+    // the GIL serialises every reader and writer of `ml_meth`.
+    let meth = unsafe { (*def).meth };
+    if meth == trampoline {
+        return Ok(());
+    }
+    let original = match layout {
+        // SAFETY: the flags say METH_NOARGS, so `ml_meth` is a `PyCFunction` of that signature.
+        UnpicklerLoadLayout::NoArgs => OriginalUnpicklerLoad::NoArgs(unsafe {
+            std::mem::transmute::<*mut c_void, NoArgs>(meth)
+        }),
+        // SAFETY: the flags say METH_METHOD|METH_FASTCALL|METH_KEYWORDS: `ml_meth` is a `PyCMethod`.
+        UnpicklerLoadLayout::DefiningClass => OriginalUnpicklerLoad::DefiningClass(unsafe {
+            std::mem::transmute::<*mut c_void, DefiningClassFastCall>(meth)
+        }),
+    };
+    ORIGINAL_UNPICKLER_LOAD
+        .set(original)
+        .map_err(|_| PyRuntimeError::new_err("_pickle.Unpickler.load was redirected twice"))?;
+    // SAFETY: as above; the trampoline has the same signature as the original, which it calls.
+    unsafe { (*def).meth = trampoline };
     Ok(())
 }
 
-/// Checks that `function` is the C function `name` with the calling convention picklegate knows.
-unsafe fn method_def(
-    py: Python<'_>,
-    function: &Bound<'_, PyAny>,
-    name: &str,
-) -> PyResult<*mut MethodDef> {
+/// Checks that `function` is the C function `name` with the calling convention picklegate knows,
+/// and returns its method definition (non-null).
+fn method_def(py: Python<'_>, function: &Bound<'_, PyAny>, name: &str) -> PyResult<*mut MethodDef> {
     running_layout(py)?;
     if !function.get_type().is(&builtin_types(py)?.0) {
         return Err(PyTypeError::new_err(format!(
@@ -385,12 +401,14 @@ unsafe fn method_def(
             function.get_type()
         )));
     }
-    let def = (*(function.as_ptr() as *mut CFunctionHead)).m_ml;
-    let def_name = def_name(def);
-    if def_name != name || (*def).flags != METH_FASTCALL | METH_KEYWORDS {
+    // SAFETY: `function`'s type is exactly `builtin_function_or_method` (checked above), whose
+    // objects start with `CFunctionHead` on every CPython `known_layout` accepts.
+    let def = unsafe { (*function.as_ptr().cast::<CFunctionHead>()).m_ml };
+    // SAFETY: `m_ml` points into the defining module's static method table.
+    let (def_name, flags) = unsafe { (def_name(def), def.as_ref().map_or(0, |d| d.flags)) };
+    if def_name != name || flags != METH_FASTCALL | METH_KEYWORDS {
         return Err(PyTypeError::new_err(format!(
-            "_pickle.{name} does not have the layout picklegate knows (name {def_name:?}, flags {:#x})",
-            if def.is_null() { 0 } else { (*def).flags }
+            "_pickle.{name} does not have the layout picklegate knows (name {def_name:?}, flags {flags:#x})"
         )));
     }
     Ok(def)
@@ -400,19 +418,27 @@ unsafe fn method_def(
 /// reference to it, including ones captured before, now decides before it unpickles.
 #[pyfunction]
 pub fn redirect_loads(py: Python<'_>, original: &Bound<'_, PyAny>) -> PyResult<()> {
-    recorded(py, "_pickle.loads", unsafe {
+    recorded(
+        py,
+        "_pickle.loads",
         method_def(py, original, "loads").and_then(|def| {
-            if (*def).meth == loads_trampoline as *mut c_void {
+            // SAFETY: `def` is the non-null, static `PyMethodDef` of `_pickle.loads`; the GIL
+            // serialises every reader and writer of `ml_meth`.
+            let meth = unsafe { (*def).meth };
+            if meth == loads_trampoline as *mut c_void {
                 return Ok(());
             }
-            let current: FastCallKeywords = std::mem::transmute((*def).meth);
+            // SAFETY: its flags are METH_FASTCALL|METH_KEYWORDS (checked by `method_def`), so
+            // `ml_meth` has exactly that signature.
+            let current = unsafe { std::mem::transmute::<*mut c_void, FastCallKeywords>(meth) };
             ORIGINAL_LOADS
                 .set(current)
                 .map_err(|_| PyRuntimeError::new_err("_pickle.loads was redirected twice"))?;
-            (*def).meth = loads_trampoline as *mut c_void;
+            // SAFETY: as above; the trampoline has the same signature and calls `current`.
+            unsafe { (*def).meth = loads_trampoline as *mut c_void };
             Ok(())
-        })
-    })
+        }),
+    )
 }
 
 /// Points `_pickle.load` at `wrapper`, and returns a fresh function object that still runs the
@@ -423,32 +449,46 @@ pub fn redirect_load(
     original: &Bound<'_, PyAny>,
     wrapper: Py<PyAny>,
 ) -> PyResult<Py<PyAny>> {
-    recorded(py, "_pickle.load", unsafe {
+    recorded(
+        py,
+        "_pickle.load",
         method_def(py, original, "load").and_then(|def| {
-            if (*def).meth == load_trampoline as *mut c_void {
-                return Err(PyRuntimeError::new_err(
-                    "_pickle.load is already redirected",
-                ));
-            }
-            let copy = Box::into_raw(Box::new(MethodDef {
-                name: (*def).name,
-                meth: (*def).meth,
-                flags: (*def).flags,
-                doc: (*def).doc,
-            }));
-            let fresh = ffi::PyCFunction_NewEx(
-                copy as *mut ffi::PyMethodDef,
-                ffi::PyCFunction_GetSelf(original.as_ptr()),
-                std::ptr::null_mut(),
-            );
-            let fresh = Bound::from_owned_ptr_or_err(py, fresh)?;
+            // SAFETY: `def` is the non-null, static `PyMethodDef` of `_pickle.load`; the GIL
+            // serialises every reader and writer of it.
+            let copy = unsafe {
+                if (*def).meth == load_trampoline as *mut c_void {
+                    return Err(PyRuntimeError::new_err(
+                        "_pickle.load is already redirected",
+                    ));
+                }
+                MethodDef {
+                    name: (*def).name,
+                    meth: (*def).meth,
+                    flags: (*def).flags,
+                    doc: (*def).doc,
+                }
+            };
+            // Leaked on purpose: a function object keeps a borrowed pointer to its definition.
+            let copy = Box::into_raw(Box::new(copy));
+            // SAFETY: `copy` has `PyMethodDef`'s layout and lives forever; the self object is
+            // `_pickle.load`'s own module (a borrowed reference, which NewEx increfs).
+            let fresh = unsafe {
+                ffi::PyCFunction_NewEx(
+                    copy.cast::<ffi::PyMethodDef>(),
+                    ffi::PyCFunction_GetSelf(original.as_ptr()),
+                    std::ptr::null_mut(),
+                )
+            };
+            // SAFETY: `PyCFunction_NewEx` returns a new reference or null with an exception set.
+            let fresh = unsafe { Bound::from_owned_ptr_or_err(py, fresh) }?;
             LOAD_WRAPPER
                 .set(py, wrapper)
                 .map_err(|_| PyValueError::new_err("_pickle.load was redirected twice"))?;
-            (*def).meth = load_trampoline as *mut c_void;
+            // SAFETY: as above; `load_trampoline` has the METH_FASTCALL|METH_KEYWORDS signature.
+            unsafe { (*def).meth = load_trampoline as *mut c_void };
             Ok(fresh.unbind())
-        })
-    })
+        }),
+    )
 }
 
 /// What is not redirected: one line per entry point, with the reason its redirect failed.
@@ -477,11 +517,18 @@ fn missing_redirects(py: Python<'_>) -> Vec<String> {
 }
 
 /// Reads `PICKLEGATE_BACKSTOP_ONLY`: `1` accepts backstop-only enforcement; empty or `0` does not.
-fn backstop_only_from_environment(py: Python<'_>) -> PyResult<bool> {
-    match std::env::var("PICKLEGATE_BACKSTOP_ONLY").as_deref() {
-        Err(_) | Ok("") | Ok("0") => Ok(false),
-        Ok("1") => Ok(true),
-        Ok(other) => Err(errors::policy_error(py, format!("PICKLEGATE_BACKSTOP_ONLY={other:?}: expected 1 (accept backstop-only enforcement) or 0"))),
+fn backstop_only_from_environment() -> Result<bool, Error> {
+    backstop_only(std::env::var("PICKLEGATE_BACKSTOP_ONLY").ok().as_deref())
+}
+
+/// The value of `PICKLEGATE_BACKSTOP_ONLY` (`None`: unset) as a choice, or why it is none.
+fn backstop_only(setting: Option<&str>) -> Result<bool, Error> {
+    match setting {
+        None | Some("") | Some("0") => Ok(false),
+        Some("1") => Ok(true),
+        Some(other) => Err(Error::Policy(format!(
+            "PICKLEGATE_BACKSTOP_ONLY={other:?}: expected 1 (accept backstop-only enforcement) or 0"
+        ))),
     }
 }
 
@@ -496,8 +543,8 @@ pub fn accept_backstop_only() {
 /// unless the operator accepted backstop-only enforcement, which is then said on stderr once.
 /// Called after every activation; other modes run with what is redirected.
 #[pyfunction]
-pub fn require_full_interposition(py: Python<'_>) -> PyResult<()> {
-    if state::current().map_or(true, |gate| gate.policy.mode != Mode::Enforce) {
+pub fn require_full_interposition(py: Python<'_>) -> Result<(), Error> {
+    if state::current().is_none_or(|gate| gate.policy.mode != Mode::Enforce) {
         return Ok(());
     }
     let missing = missing_redirects(py);
@@ -505,7 +552,7 @@ pub fn require_full_interposition(py: Python<'_>) -> PyResult<()> {
         return Ok(());
     }
     let what = missing.join("; ");
-    if BACKSTOP_ONLY.load(Ordering::SeqCst) || backstop_only_from_environment(py)? {
+    if BACKSTOP_ONLY.load(Ordering::SeqCst) || backstop_only_from_environment()? {
         if !BACKSTOP_ONLY_SAID.swap(true, Ordering::SeqCst) {
             let message = format!(
                 "picklegate: WARNING: enforce runs BACKSTOP-ONLY, as the operator chose (PICKLEGATE_BACKSTOP_ONLY / \
@@ -518,13 +565,52 @@ pub fn require_full_interposition(py: Python<'_>) -> PyResult<()> {
         }
         return Ok(());
     }
-    Err(errors::policy_error(
-        py,
-        format!(
+    Err(Error::Policy(format!(
             "enforce cannot give its full guarantee on this Python (CPython {}): not redirected: {what}. \
              Refusing to run weaker. To run with the audit-hook backstop alone, set PICKLEGATE_BACKSTOP_ONLY=1 \
              (or install(..., backstop_only=True))",
             running_version(py)
-        ),
-    ))
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_known_cpython_has_the_unpickler_load_of_its_source() {
+        for minor in 9..=11 {
+            assert_eq!(known_layout((3, minor)), Some(UnpicklerLoadLayout::NoArgs));
+        }
+        for minor in 12..=14 {
+            assert_eq!(
+                known_layout((3, minor)),
+                Some(UnpicklerLoadLayout::DefiningClass)
+            );
+        }
+        for unknown in [(3, 8), (3, 15), (4, 0), (2, 7)] {
+            assert_eq!(known_layout(unknown), None, "{unknown:?}");
+        }
+        assert_eq!(UnpicklerLoadLayout::NoArgs.flags(), 0x0004);
+        assert_eq!(UnpicklerLoadLayout::DefiningClass.flags(), 0x0282);
+    }
+
+    #[test]
+    fn backstop_only_is_opted_into_by_1_alone() {
+        assert!(!backstop_only(None).unwrap());
+        assert!(!backstop_only(Some("")).unwrap());
+        assert!(!backstop_only(Some("0")).unwrap());
+        assert!(backstop_only(Some("1")).unwrap());
+        for wrong in ["yes", "true", " 1", "2"] {
+            let error = backstop_only(Some(wrong)).unwrap_err();
+            assert!(matches!(error, Error::Policy(_)));
+            assert!(
+                error
+                    .message()
+                    .starts_with(&format!("PICKLEGATE_BACKSTOP_ONLY={wrong:?}: expected 1")),
+                "{}",
+                error.message()
+            );
+        }
+    }
 }

@@ -1,14 +1,15 @@
 //! The CLI's inventory commands over the core: `scan` (pickles inside any supported file),
 //! `freeze` (record files to a manifest) and `verify` (which files a manifest lists).
 
-use crate::errors;
+use crate::errors::Result;
 use parking_lot::Mutex;
 use picklegate_core::callsite::global_matches;
-use picklegate_core::container::{scan_path, Scanned};
+use picklegate_core::container::{scan_path, ContainerError, Scanned};
 use picklegate_core::freeze::freeze;
 use picklegate_core::manifest::Manifest;
 use picklegate_core::record::read_records;
 use picklegate_core::risk::{classify, Risk, UNRESOLVED};
+use picklegate_core::scan::ScanError;
 use pyo3::prelude::*;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -32,6 +33,23 @@ fn global_entry(
     allowed: bool,
 ) -> serde_json::Value {
     json!({"name": name, "class": risk.as_str(), "why": why, "parts": parts, "allowed": allowed})
+}
+
+/// Where a container's error is, kept apart from its message: the part (archive member, `pickle
+/// at offset N`, or empty for the file itself), the offset in that pickle (null for a broken
+/// container), and what is wrong there.
+fn error_at(error: &ContainerError) -> serde_json::Value {
+    match error {
+        ContainerError::Pickle { part, error } => {
+            let (ScanError::Truncated { offset, .. }
+            | ScanError::UnknownOpcode { offset, .. }
+            | ScanError::Malformed { offset, .. }) = error;
+            json!({"part": part, "offset": offset, "problem": error.to_string()})
+        }
+        ContainerError::Format { part, problem } => {
+            json!({"part": part, "offset": null, "problem": problem})
+        }
+    }
 }
 
 /// One file's review: its parts, every global with its class (worst first), and the verdict:
@@ -124,6 +142,7 @@ fn scan_summary(path: &Path, allow: &[String]) -> serde_json::Value {
         "sha256": sha256.to_hex(),
         "verdict": verdict,
         "complete": error.is_none(),
+        "error_at": error.as_ref().map(error_at),
         "error": error.map(|e| format!("{file}: {e}")),
         "globals": globals,
         "parts": parts,
@@ -162,18 +181,11 @@ pub fn scan_files(py: Python<'_>, paths: Vec<PathBuf>, allow: Vec<String>) -> St
 /// The manifest text for the record files at `records`, merged into `merge` when given.
 #[pyfunction]
 #[pyo3(signature = (records, merge=None))]
-pub fn freeze_records(
-    py: Python<'_>,
-    records: Vec<PathBuf>,
-    merge: Option<PathBuf>,
-) -> PyResult<String> {
-    let existing = merge
-        .map(|p| Manifest::load(&p))
-        .transpose()
-        .map_err(|e| errors::manifest_error(py, &e))?;
+pub fn freeze_records(records: Vec<PathBuf>, merge: Option<PathBuf>) -> Result<String> {
+    let existing = merge.map(|p| Manifest::load(&p)).transpose()?;
     let mut all = Vec::new();
     for path in &records {
-        all.extend(read_records(path).map_err(|e| errors::policy_error(py, e.to_string()))?);
+        all.extend(read_records(path)?);
     }
     Ok(freeze(&all, existing.as_ref()))
 }
@@ -181,9 +193,8 @@ pub fn freeze_records(
 /// The `(sha256, callsite)` of every `[[allow]]` entry; a malformed manifest is a `PolicyError`,
 /// and so is a compiled index whose rules are not those of the TOML it names.
 #[pyfunction]
-pub fn manifest_entries(py: Python<'_>, path: PathBuf) -> PyResult<Vec<(String, String)>> {
-    let manifest = picklegate_core::compiled::load_and_audit(&path)
-        .map_err(|e| errors::manifest_error(py, &e))?;
+pub fn manifest_entries(path: PathBuf) -> Result<Vec<(String, String)>> {
+    let manifest = picklegate_core::compiled::load_and_audit(&path)?;
     Ok(manifest
         .allow_entries()
         .map(|e| (e.sha256.to_hex(), e.callsite.clone()))
@@ -197,9 +208,7 @@ pub fn compile_manifest(
     py: Python<'_>,
     manifest: PathBuf,
     output: PathBuf,
-) -> PyResult<(usize, usize, String)> {
-    let summary = py
-        .detach(|| picklegate_core::compiled::compile_file(&manifest, &output))
-        .map_err(|e| errors::manifest_error(py, &e))?;
+) -> Result<(usize, usize, String)> {
+    let summary = py.detach(|| picklegate_core::compiled::compile_file(&manifest, &output))?;
     Ok((summary.entries, summary.bytes, summary.toml_sha256.to_hex()))
 }

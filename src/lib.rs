@@ -1,11 +1,13 @@
 //! `picklegate._core`: the thin pyo3 layer over `picklegate-core`. It converts types, keeps the
 //! process-wide state, registers the audit hook, and raises one Python exception per core error.
 
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
 mod audit;
 mod buffer;
 mod callsite;
-mod capi;
 mod errors;
+mod ffi;
 mod file;
 mod interpose;
 mod inventory;
@@ -15,6 +17,7 @@ mod tokens;
 mod unpickler;
 
 use buffer::Bytes;
+use errors::Error;
 use picklegate_core::hash::Digest;
 use picklegate_core::scan::{Need, Progress, Scanner};
 use pyo3::prelude::*;
@@ -32,11 +35,11 @@ fn sha256(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<String> {
 
 /// The sha256 of a file's whole content (what `sha256sum` prints).
 #[pyfunction]
-fn sha256_file(py: Python<'_>, path: std::path::PathBuf) -> PyResult<String> {
-    let digest = py.detach(|| std::fs::File::open(&path).and_then(Digest::of_reader));
-    digest
-        .map(|d| d.to_hex())
-        .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("{}: {e}", path.display())))
+fn sha256_file(py: Python<'_>, path: std::path::PathBuf) -> Result<String, Error> {
+    match py.detach(|| std::fs::File::open(&path).and_then(Digest::of_reader)) {
+        Ok(digest) => Ok(digest.to_hex()),
+        Err(error) => Err(Error::File { path, error }),
+    }
 }
 
 /// Reads a pickle from a stream without over-reading: it says how many bytes to read next.
@@ -62,32 +65,26 @@ impl StreamScanner {
 
     /// Given all bytes read so far: `None` when the pickle is complete, `-1` to read a line,
     /// or the number of bytes to read next.
-    fn feed(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<Option<i64>> {
+    fn feed(&mut self, data: &Bound<'_, PyAny>) -> Result<Option<i64>, Error> {
         let bytes = Bytes::borrow(data)?;
-        match self.scanner.feed(bytes.as_slice()) {
-            Ok(Progress::Done(_)) => Ok(None),
-            Ok(Progress::NeedMore(Need::Line)) => Ok(Some(-1)),
+        Ok(match self.scanner.feed(bytes.as_slice())? {
+            Progress::Done(_) => None,
+            Progress::NeedMore(Need::Line) => Some(-1),
             // A hostile length (BINUNICODE8 of 2**64-1) must not wrap to -1, "read a line".
-            Ok(Progress::NeedMore(Need::Bytes(n))) => {
-                Ok(Some(i64::try_from(n).unwrap_or(i64::MAX)))
-            }
-            Err(e) => Err(errors::scan_error(py, &e)),
-        }
+            Progress::NeedMore(Need::Bytes(n)) => Some(i64::try_from(n).unwrap_or(i64::MAX)),
+        })
     }
 
     /// The error for a stream that ended before STOP.
-    fn truncated(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<PyErr> {
+    fn truncated(&self, data: &Bound<'_, PyAny>) -> PyResult<PyErr> {
         let bytes = Bytes::borrow(data)?;
-        Ok(errors::scan_error(
-            py,
-            &self.scanner.truncation(bytes.as_slice()),
-        ))
+        Ok(Error::Scan(self.scanner.truncation(bytes.as_slice())).into())
     }
 }
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    capi::load()?;
+    ffi::load()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(sha256, m)?)?;
     m.add_function(wrap_pyfunction!(sha256_file, m)?)?;

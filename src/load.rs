@@ -3,12 +3,12 @@
 
 use crate::buffer::Bytes;
 use crate::callsite;
-use crate::errors::{self, RefusalFacts};
+use crate::errors::Error;
 use crate::file::HashedFile;
 use crate::state::{self, emit};
 use crate::tokens::{current_scope, ScopeObj};
 use crate::unpickler;
-use picklegate_core::decision::{decide_load, Decision, Denial, ErrorKind, LoadFacts};
+use picklegate_core::decision::{decide_load, Decision, LoadFacts};
 use picklegate_core::event::Event;
 use picklegate_core::hash::Digest;
 use picklegate_core::policy::{Approval, Mode, Scope, ScopeRefusal};
@@ -167,12 +167,12 @@ fn decide(py: Python<'_>, gate: &Gate, scope: &Scope, facts: &Facts<'_>) -> PyRe
             None => Ok(0),
         },
     );
-    carry_out(py, gate, decision)
+    Ok(carry_out(py, gate, decision)?)
 }
 
 /// Does what a decision says: logs its event, shows it to the observer, writes the record line,
 /// raises its refusal; returns the approval a load runs under.
-pub fn carry_out(py: Python<'_>, gate: &Gate, decision: Decision) -> PyResult<Approval> {
+pub fn carry_out(py: Python<'_>, gate: &Gate, decision: Decision) -> Result<Approval, Error> {
     if decision.logged() {
         if let Some(event) = &decision.event {
             emit(event);
@@ -183,14 +183,14 @@ pub fn carry_out(py: Python<'_>, gate: &Gate, decision: Decision) -> PyResult<Ap
         if let Some(event) = observed {
             observe_refusal(py, event);
         }
-        return Err(raise(py, denial));
+        return Err(Error::Refused(denial));
     }
     if let (Some(record), Some(file)) = (
         &decision.record,
         gate.as_ref().and_then(|g| g.record.as_ref()),
     ) {
         file.append(record)
-            .map_err(|e| errors::policy_error(py, e.to_string()))?;
+            .map_err(|e| Error::Policy(e.to_string()))?;
     }
     if let Some(event) = observed {
         state::observe(py, event)?;
@@ -209,19 +209,6 @@ pub fn allow_suggestion(
     globals: Option<Vec<String>>,
 ) -> String {
     picklegate_core::decision::allow_suggestion(target, sha256, callsite, globals.as_deref())
-}
-
-/// The exception a refusal raises.
-fn raise(py: Python<'_>, denial: Denial) -> PyErr {
-    let facts = RefusalFacts {
-        callsite: denial.callsite,
-        sha256: denial.sha256,
-        size: denial.size,
-    };
-    match denial.kind {
-        ErrorKind::PickleDenied => errors::pickle_denied(py, denial.message, &facts),
-        ErrorKind::NoPickle => errors::no_pickle(py, denial.message, &facts),
-    }
 }
 
 /// Judges a container on its whole file, once.

@@ -2,7 +2,7 @@
 //! `log` crate, which writes JSON lines to `PICKLEGATE_LOG` and forwards them to the Python logger
 //! `picklegate` (which reaches the application's root handlers only once the application configures it).
 
-use crate::errors;
+use crate::errors::Error;
 use parking_lot::{Mutex, RwLock};
 use picklegate_core::event::{Event, Sink};
 use picklegate_core::manifest::Manifest;
@@ -104,28 +104,24 @@ pub fn policy_of(gate: &Option<Arc<Gate>>) -> &Policy {
 #[pyfunction]
 #[pyo3(signature = (mode, policy, origin, log=None, record=None))]
 pub fn configure(
-    py: Python<'_>,
     mode: Option<&str>,
     policy: Option<&str>,
     origin: &str,
     log: Option<&str>,
     record: Option<&str>,
-) -> PyResult<String> {
+) -> Result<String, Error> {
     let origin = Origin::parse(origin)?;
     let mode = match mode.map(Mode::parse).transpose() {
         Ok(mode) => mode.unwrap_or(Mode::Enforce),
-        Err(message) => return Err(errors::policy_error(py, message)),
+        Err(message) => return Err(Error::Policy(message)),
     };
     let manifest = match policy {
-        Some(path) => Some(Arc::new(
-            Manifest::load(Path::new(path)).map_err(|e| errors::manifest_error(py, &e))?,
-        )),
+        Some(path) => Some(Arc::new(Manifest::load(Path::new(path))?)),
         None => None,
     };
-    let record =
-        open_record_file(mode, record).map_err(|message| errors::policy_error(py, message))?;
+    let record = open_record_file(mode, record)?;
     if let Some(setting) = log {
-        let sink = Sink::parse(setting).map_err(|e| errors::policy_error(py, e.to_string()))?;
+        let sink = Sink::parse(setting).map_err(|e| Error::Policy(e.to_string()))?;
         *LOGGER.sink.lock() = Some(sink);
     }
     ensure_logger();
@@ -144,7 +140,7 @@ pub fn configure(
         (Settlement::Unchanged, _) => {}
         (Settlement::Conflict, Some(held)) => {
             let message = install_conflict(held.request(), held.origin.as_str(), wanted.request());
-            return Err(errors::policy_error(py, message));
+            return Err(Error::Policy(message));
         }
         (Settlement::Ignored, Some(held)) => {
             let message = install_ignored(held.request(), held.origin.as_str(), wanted.request());
@@ -155,12 +151,15 @@ pub fn configure(
 }
 
 /// The record file `record` mode needs (and only it): without one, its loads would go unrecorded.
-fn open_record_file(mode: Mode, path: Option<&str>) -> Result<Option<Arc<RecordFile>>, String> {
+fn open_record_file(mode: Mode, path: Option<&str>) -> Result<Option<Arc<RecordFile>>, Error> {
     match (mode, path.filter(|p| !p.trim().is_empty())) {
-        (Mode::Record, Some(path)) => RecordFile::open(Path::new(path)).map(|f| Some(Arc::new(f))).map_err(|e| e.to_string()),
-        (Mode::Record, None) => Err(
+        (Mode::Record, Some(path)) => match RecordFile::open(Path::new(path)) {
+            Ok(file) => Ok(Some(Arc::new(file))),
+            Err(e) => Err(Error::Policy(e.to_string())),
+        },
+        (Mode::Record, None) => Err(Error::Policy(
             "picklegate record mode needs a record file: set PICKLEGATE_RECORD=PATH or call install(mode=\"record\", record=PATH)".into(),
-        ),
+        )),
         _ => Ok(None),
     }
 }
@@ -237,6 +236,7 @@ impl log::Log for EventLogger {
         };
         // Every event is logged by code that holds the GIL (a decision, the audit hook, install),
         // so no PyGILState_Ensure here: inside a subinterpreter it waits for itself forever.
+        // SAFETY: as just said, every caller of the logger holds the GIL.
         let py = unsafe { Python::assume_attached() };
         {
             let forwarded = PY_LOGGER
@@ -267,6 +267,7 @@ impl log::Log for EventLogger {
 
 /// True when the thread (which holds the GIL) runs in the main interpreter.
 fn in_main_interpreter() -> bool {
+    // SAFETY: called with the GIL held (see `log`), so the thread has a current interpreter.
     unsafe { pyo3::ffi::PyInterpreterState_GetID(pyo3::ffi::PyInterpreterState_Get()) == 0 }
 }
 

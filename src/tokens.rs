@@ -1,10 +1,9 @@
 //! The token API's objects: `Token`, which Python code cannot construct, and `Scope`, the
 //! immutable narrowing stack that `picklegate._scope` keeps in a context variable.
 
-use crate::errors;
+use crate::errors::Error;
 use picklegate_core::hash::Digest;
 use picklegate_core::policy::{Origin, Scope, TokenFacts};
-use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -14,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 static SCOPE_VAR: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
-use crate::capi::PyContextVar_Get;
+use crate::ffi::PyContextVar_Get;
 
 /// The context variable that holds the scope (`picklegate._scope.SCOPE`), made once: the binding
 /// reads it on every load, so the Python layer never passes the scope down.
@@ -39,12 +38,15 @@ pub fn current_scope(py: Python<'_>) -> PyResult<Bound<'_, ScopeObj>> {
         return Bound::new(py, ScopeObj::new());
     };
     let mut value: *mut ffi::PyObject = std::ptr::null_mut();
+    // SAFETY: the GIL is held (`py`); `var` is the `ContextVar` `picklegate._scope` registered,
+    // alive in `SCOPE_VAR`; a null default is allowed; `value` is writable.
     if unsafe { PyContextVar_Get(var.as_ptr(), std::ptr::null_mut(), &mut value) } != 0 {
         return Err(PyErr::fetch(py));
     }
     if value.is_null() {
         return Bound::new(py, ScopeObj::new());
     }
+    // SAFETY: on success `PyContextVar_Get` stores a new reference (checked non-null above).
     let value = unsafe { Bound::from_owned_ptr(py, value) };
     value.cast_into::<ScopeObj>().map_err(PyErr::from)
 }
@@ -115,20 +117,16 @@ impl ScopeObj {
     #[pyo3(signature = (token, thread, task, only_objects=None))]
     fn allow(
         &self,
-        py: Python<'_>,
         token: &Bound<'_, PyAny>,
         thread: u64,
         task: u64,
         only_objects: Option<Vec<String>>,
-    ) -> PyResult<ScopeObj> {
+    ) -> Result<ScopeObj, Error> {
         let Ok(token) = token.cast::<Token>() else {
-            return Err(errors::bad_token_message(
-                py,
-                format!(
-                    "allow_pickles() refused the token: {} is not a token made by picklegate.no_pickles()",
-                    token.repr().map(|r| r.to_string()).unwrap_or_else(|_| "the object".into())
-                ),
-            ));
+            let repr = token.repr().map(|r| r.to_string());
+            return Err(Error::NotAToken {
+                repr: repr.unwrap_or_else(|_| "the object".into()),
+            });
         };
         let token = token.get();
         let only = only_objects
@@ -136,11 +134,12 @@ impl ScopeObj {
                 names
                     .iter()
                     .map(|name| {
-                        Digest::parse(name).map_err(|e| {
-                            PyValueError::new_err(format!("only_objects entry {name:?}: {e}; write \"sha256:<64 hex digits>\""))
+                        Digest::parse(name).map_err(|error| Error::OnlyObjects {
+                            entry: name.clone(),
+                            error,
                         })
                     })
-                    .collect::<PyResult<HashSet<Digest>>>()
+                    .collect::<Result<HashSet<Digest>, Error>>()
             })
             .transpose()?;
         let facts = TokenFacts {
@@ -148,9 +147,7 @@ impl ScopeObj {
             origin: token.origin,
             open: token.open.load(Ordering::Acquire),
         };
-        self.inner
-            .allow(facts, Origin { thread, task }, only)
-            .map(|inner| ScopeObj { inner })
-            .map_err(|e| errors::bad_token(py, &e))
+        let inner = self.inner.allow(facts, Origin { thread, task }, only)?;
+        Ok(ScopeObj { inner })
     }
 }

@@ -1,12 +1,14 @@
 //! A live `_pickle.Unpickler` reads its file through four fields (read, readinto, readline, peek);
 //! for one load they are pointed at the judged bytes, so the object itself (memo, marks, reuse) runs them.
 
+use crate::ffi::word;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use std::sync::OnceLock;
 
 /// Byte offsets of the fields in CPython's `UnpicklerObject`, learnt once by `learn_unpickler_layout`.
+#[derive(Debug)]
 struct Layout {
     /// `read`, `readinto`, `readline`, `peek`.
     methods: [usize; 4],
@@ -27,8 +29,9 @@ static UNKNOWN: parking_lot::Mutex<Option<String>> = parking_lot::Mutex::new(Non
 
 const WORD: usize = std::mem::size_of::<usize>();
 
-unsafe fn word(obj: &Bound<'_, PyAny>, offset: usize) -> *mut usize {
-    (obj.as_ptr() as *mut u8).add(offset) as *mut usize
+/// Where the word at byte `offset` of an unpickler is (see `ffi::word` for what a read needs).
+fn field(unpickler: &Bound<'_, PyAny>, offset: usize) -> *mut usize {
+    word(unpickler.as_ptr(), offset)
 }
 
 /// Finds the fields by value, not by a table per CPython version. `fresh` was made over a file
@@ -53,33 +56,48 @@ pub fn learn_unpickler_layout(
     if !loaded.get_type().is(fresh.get_type()) {
         return Err(unknown("the probes are of different classes".into()));
     }
+    // Both probes are of the same class, so the first `__basicsize__` bytes of each are theirs.
+    let words = |obj: &Bound<'_, PyAny>| -> Vec<usize> {
+        (0..size / WORD)
+            // SAFETY: a word-aligned offset below `__basicsize__` of a live object (`Bound`),
+            // read with the GIL held; any bit pattern is a valid `usize`.
+            .map(|i| unsafe { *field(obj, i * WORD) })
+            .collect()
+    };
+    let wanted = [0, 1, 2, 3].map(|i| methods[i].as_ptr() as usize);
+    let layout =
+        find_layout(&words(fresh), wanted, &words(loaded), served, consumed).map_err(unknown)?;
+    let _ = LAYOUT.set(layout);
+    Ok(())
+}
+
+/// The layout read off the words of the two probes of `learn_unpickler_layout`, or why not.
+fn find_layout(
+    fresh: &[usize],
+    methods: [usize; 4],
+    loaded: &[usize],
+    served: usize,
+    consumed: usize,
+) -> Result<Layout, String> {
+    let at = |words: &[usize], off: usize| words[off / WORD];
     let mut offsets = [0usize; 4];
-    for (slot, method) in offsets.iter_mut().zip(methods.iter()) {
-        let wanted = method.as_ptr() as usize;
-        let found: Vec<usize> = (0..size / WORD)
+    for (slot, wanted) in offsets.iter_mut().zip(methods) {
+        let found: Vec<usize> = (0..fresh.len())
             .map(|i| i * WORD)
-            .filter(|&off| unsafe { *word(fresh, off) } == wanted)
+            .filter(|&off| at(fresh, off) == wanted)
             .collect();
         match found.as_slice() {
             [off] => *slot = *off,
-            _ => {
-                return Err(unknown(format!(
-                    "a file method was found in {} places",
-                    found.len()
-                )))
-            }
+            _ => return Err(format!("a file method was found in {} places", found.len())),
         }
     }
     let read = offsets[0];
     if read < 3 * WORD {
-        return Err(unknown("no room for the input counters before read".into()));
+        return Err("no room for the input counters before read".into());
     }
     let counters_before = |end: usize| [end - 3 * WORD, end - 2 * WORD, end - WORD];
-    let values = |offs: &[usize]| -> Vec<usize> {
-        offs.iter()
-            .map(|&off| unsafe { *word(loaded, off) })
-            .collect()
-    };
+    let values =
+        |offs: &[usize]| -> Vec<usize> { offs.iter().map(|&off| at(loaded, off)).collect() };
     let expected = [served, consumed, served];
     let (counters, frame) = if values(&counters_before(read)) == expected {
         (counters_before(read), None)
@@ -93,24 +111,21 @@ pub fn learn_unpickler_layout(
         )
     } else {
         let seen = values(&counters_before(read));
-        return Err(unknown(format!(
+        return Err(format!(
             "input counters read {seen:?}, expected [{served}, {consumed}, {served}]"
-        )));
+        ));
     };
     let absent = [offsets[1], offsets[3]]
         .iter()
-        .all(|&off| unsafe { *word(loaded, off) } == 0);
-    if !absent || unsafe { *word(loaded, read) } == 0 {
-        return Err(unknown(
-            "the probe's file methods are not where they were found".into(),
-        ));
+        .all(|&off| at(loaded, off) == 0);
+    if !absent || at(loaded, read) == 0 {
+        return Err("the probe's file methods are not where they were found".into());
     }
-    let _ = LAYOUT.set(Layout {
+    Ok(Layout {
         methods: offsets,
         counters,
         frame,
-    });
-    Ok(())
+    })
 }
 
 /// True once the layout is known: loads of live unpicklers can then be served the judged bytes.
@@ -135,11 +150,15 @@ pub fn reader<'py>(
     unpickler: &Bound<'py, PyAny>,
 ) -> Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let layout = LAYOUT.get()?;
-    let field = |off: usize| unsafe {
-        let ptr = *word(unpickler, off) as *mut ffi::PyObject;
-        Bound::from_borrowed_ptr_or_opt(unpickler.py(), ptr)
+    let method = |off: usize| {
+        // SAFETY: `off` is a `PyObject *` field of the unpickler (the layout says so), read with
+        // the GIL held; a non-null one is a reference the unpickler owns while it lives.
+        unsafe {
+            let ptr = *field(unpickler, off) as *mut ffi::PyObject;
+            Bound::from_borrowed_ptr_or_opt(unpickler.py(), ptr)
+        }
     };
-    Some((field(layout.methods[0])?, field(layout.methods[2])?))
+    Some((method(layout.methods[0])?, method(layout.methods[2])?))
 }
 
 /// The unpickler reading `stream` instead of its file, until dropped. The input buffer is emptied
@@ -152,14 +171,18 @@ pub struct Swapped<'py> {
     placed: [Option<Bound<'py, PyAny>>; 4],
 }
 
-unsafe fn clear_counters(unpickler: &Bound<'_, PyAny>, layout: &Layout) {
-    for &off in &layout.counters {
-        *word(unpickler, off) = 0;
-    }
-    if let Some(frame) = layout.frame {
-        for (off, value) in frame.into_iter().zip(FRAME_AT_REST) {
-            *word(unpickler, off) = value;
-        }
+/// Empties the unpickler's input buffer: its counters (and frame fields) as between two loads.
+fn clear_counters(unpickler: &Bound<'_, PyAny>, layout: &Layout) {
+    let rest = layout.counters.into_iter().map(|off| (off, 0)).chain(
+        layout
+            .frame
+            .into_iter()
+            .flat_map(|f| f.into_iter().zip(FRAME_AT_REST)),
+    );
+    for (off, value) in rest {
+        // SAFETY: `off` is one of the unpickler's `Py_ssize_t` counters found by the probe; the
+        // GIL is held (`Bound`), and the values written are what `_pickle.c` leaves between loads.
+        unsafe { *field(unpickler, off) = value };
     }
 }
 
@@ -178,12 +201,15 @@ pub fn swap<'py>(
         None,
     ];
     let mut saved = [std::ptr::null_mut(); 4];
-    unsafe {
-        clear_counters(unpickler, layout);
-        for ((slot, off), new) in saved.iter_mut().zip(layout.methods).zip(&placed) {
-            let field = word(unpickler, off) as *mut *mut ffi::PyObject;
-            *slot = *field; // the field's reference moves to `saved`
-            *field = new
+    clear_counters(unpickler, layout);
+    for ((slot, off), new) in saved.iter_mut().zip(layout.methods).zip(&placed) {
+        let method = field(unpickler, off).cast::<*mut ffi::PyObject>();
+        // SAFETY: `off` is one of the unpickler's four `PyObject *` file-method fields, owned
+        // references (or null); the GIL is held. Its reference moves to `saved` (given back by
+        // `Drop`) and the field takes a new reference of its own to the stream's method.
+        unsafe {
+            *slot = *method;
+            *method = new
                 .as_ref()
                 .map_or(std::ptr::null_mut(), |b| b.clone().into_ptr());
         }
@@ -198,15 +224,17 @@ pub fn swap<'py>(
 
 impl Drop for Swapped<'_> {
     fn drop(&mut self) {
-        unsafe {
-            clear_counters(&self.unpickler, self.layout);
-            for ((saved, off), placed) in
-                self.saved.iter().zip(self.layout.methods).zip(&self.placed)
-            {
-                let field = word(&self.unpickler, off) as *mut *mut ffi::PyObject;
-                let ours = placed.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr());
-                if *field == ours {
-                    let current = std::mem::replace(&mut *field, *saved);
+        clear_counters(&self.unpickler, self.layout);
+        for ((saved, off), placed) in self.saved.iter().zip(self.layout.methods).zip(&self.placed) {
+            let method = field(&self.unpickler, off).cast::<*mut ffi::PyObject>();
+            let ours = placed.as_ref().map_or(std::ptr::null_mut(), |b| b.as_ptr());
+            // SAFETY: the same `PyObject *` fields `swap` filled, with the GIL held (a `Bound`
+            // lives in `self`). While the field still holds the reference `swap` gave it, that
+            // reference is dropped and the saved one moves back; otherwise `__init__` ran again
+            // during the load and owns the field, so only the saved reference is dropped.
+            unsafe {
+                if *method == ours {
+                    let current = std::mem::replace(&mut *method, *saved);
                     if !current.is_null() {
                         ffi::Py_DecRef(current);
                     }
@@ -216,5 +244,89 @@ impl Drop for Swapped<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const METHODS: [usize; 4] = [0xa1, 0xa2, 0xa3, 0xa4];
+
+    /// Two probes as `learn_unpickler_layout` sees them: fields before `read` at word 8, the
+    /// counters (`input_len`, `next_read_idx`, `prefetched_idx`) just before it, or before the
+    /// two FRAME words where `frame` is set.
+    fn probes(frame: bool, served: usize, consumed: usize) -> (Vec<usize>, Vec<usize>) {
+        let mut fresh = vec![0x11; 16];
+        let mut loaded = vec![0x22; 16];
+        for (i, method) in METHODS.iter().enumerate() {
+            fresh[8 + i] = *method;
+        }
+        let counters = if frame { 3 } else { 5 };
+        loaded[counters..counters + 3].copy_from_slice(&[served, consumed, served]);
+        if frame {
+            loaded[6..8].copy_from_slice(&FRAME_AT_REST);
+        }
+        // The loaded probe's file has `read` and `readline` only.
+        loaded[8..12].copy_from_slice(&[0xb1, 0, 0xb3, 0]);
+        (fresh, loaded)
+    }
+
+    #[test]
+    fn finds_the_fields_before_the_frame_fix() {
+        let (fresh, loaded) = probes(false, 100, 40);
+        let layout = find_layout(&fresh, METHODS, &loaded, 100, 40).unwrap();
+        assert_eq!(layout.methods, [8, 9, 10, 11].map(|i| i * WORD));
+        assert_eq!(layout.counters, [5, 6, 7].map(|i| i * WORD));
+        assert_eq!(layout.frame, None);
+    }
+
+    #[test]
+    fn finds_the_frame_fields_of_3_13_15_and_3_14_7() {
+        let (fresh, loaded) = probes(true, 100, 40);
+        let layout = find_layout(&fresh, METHODS, &loaded, 100, 40).unwrap();
+        assert_eq!(layout.counters, [3, 4, 5].map(|i| i * WORD));
+        assert_eq!(layout.frame, Some([6 * WORD, 7 * WORD]));
+    }
+
+    #[test]
+    fn refuses_a_method_found_twice_or_not_at_all() {
+        let (mut fresh, loaded) = probes(false, 100, 40);
+        fresh[2] = METHODS[1];
+        let why = find_layout(&fresh, METHODS, &loaded, 100, 40).unwrap_err();
+        assert_eq!(why, "a file method was found in 2 places");
+        fresh[2] = 0;
+        fresh[9] = 0;
+        let why = find_layout(&fresh, METHODS, &loaded, 100, 40).unwrap_err();
+        assert_eq!(why, "a file method was found in 0 places");
+    }
+
+    #[test]
+    fn refuses_counters_that_do_not_show_the_load() {
+        let (fresh, loaded) = probes(false, 100, 40);
+        let why = find_layout(&fresh, METHODS, &loaded, 100, 41).unwrap_err();
+        assert_eq!(
+            why,
+            "input counters read [100, 40, 100], expected [100, 41, 100]"
+        );
+    }
+
+    #[test]
+    fn refuses_file_methods_that_moved_in_the_loaded_probe() {
+        let (fresh, mut loaded) = probes(false, 100, 40);
+        loaded[9] = 0xb2; // a `readinto` the loaded probe's file does not have
+        let why = find_layout(&fresh, METHODS, &loaded, 100, 40).unwrap_err();
+        assert_eq!(
+            why,
+            "the probe's file methods are not where they were found"
+        );
+    }
+
+    #[test]
+    fn refuses_read_without_room_for_the_counters() {
+        let (mut fresh, loaded) = probes(false, 100, 40);
+        fresh.rotate_left(7); // `read` now at word 1
+        let why = find_layout(&fresh, METHODS, &loaded, 100, 40).unwrap_err();
+        assert_eq!(why, "no room for the input counters before read");
     }
 }

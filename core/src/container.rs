@@ -83,7 +83,7 @@ fn format_error(part: &str, problem: impl Into<String>) -> ContainerError {
 /// The compression joblib used, told by the magic bytes its compressors write.
 fn joblib_codec(bytes: &[u8]) -> Option<&'static str> {
     match bytes {
-        [0x78, second, ..] if (0x78u16 * 256 + *second as u16) % 31 == 0 => Some("zlib"),
+        [0x78, second, ..] if (0x78u16 * 256 + *second as u16).is_multiple_of(31) => Some("zlib"),
         [0x1f, 0x8b, ..] => Some("gzip"),
         [b'B', b'Z', b'h', level, ..] if level.is_ascii_digit() => Some("bz2"),
         [0xfd, b'7', b'z', b'X', b'Z', 0x00, ..] => Some("xz"),

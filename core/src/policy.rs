@@ -217,7 +217,7 @@ impl Policy {
             && self
                 .manifest
                 .as_ref()
-                .map_or(true, |m| !m.admits_anything_at(callsite))
+                .is_none_or(|m| !m.admits_anything_at(callsite))
     }
 
     /// The approval a load that runs carries into the backstop: in `warn` and `record`, a refused

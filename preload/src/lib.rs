@@ -3,6 +3,8 @@
 //! Listed in /etc/ld.so.preload with a root-owned /etc/picklegate/policy.toml, it guards every CPython
 //! on the host whatever its flags and environment.
 
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
 use std::ffi::{c_char, c_int, c_void, CStr, CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -10,9 +12,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::OnceLock;
 
+// The CPython functions this library calls, found by name with dlsym: public C API with these
+// signatures in every CPython from 3.8 on, checked on 3.9 to 3.14. The `PyObject *` and
+// `PyCompilerFlags *` arguments are opaque here (`*mut c_void`): the library never looks inside.
+/// `Py_AuditHookFunction`.
 type AuditHook = unsafe extern "C" fn(*const c_char, *mut c_void, *mut c_void) -> c_int;
+/// `PySys_AddAuditHook`.
 type AddAuditHook = unsafe extern "C" fn(AuditHook, *mut c_void) -> c_int;
+/// `Py_IsInitialized` (and `Py_Initialize`, looked up only to tell CPython from other programs).
 type IsInitialized = unsafe extern "C" fn() -> c_int;
+/// `PyRun_SimpleStringFlags`.
 type RunString = unsafe extern "C" fn(*const c_char, *mut c_void) -> c_int;
 
 /// What the hook needs once CPython runs: two C API functions and the bootstrap statement.
@@ -57,13 +66,17 @@ extern "C" fn constructor() {
     if !host && !configured() {
         return;
     }
+    // SAFETY: `AddAuditHook` is the signature of `PySys_AddAuditHook` (see its declaration).
     let Some(add_audit_hook) = (unsafe { symbol::<AddAuditHook>(b"PySys_AddAuditHook\0") }) else {
+        // SAFETY: only compared with None, never called (`Py_Initialize` takes no argument either).
         if unsafe { symbol::<IsInitialized>(b"Py_Initialize\0") }.is_some() {
             stop("this CPython predates audit hooks (3.8); picklegate needs CPython 3.9 or later");
         }
         return; // not CPython: stay invisible
     };
+    // SAFETY: `IsInitialized` is the signature of `Py_IsInitialized`.
     let is_initialized = unsafe { symbol::<IsInitialized>(b"Py_IsInitialized\0") };
+    // SAFETY: `RunString` is the signature of `PyRun_SimpleStringFlags`.
     let run_string = unsafe { symbol::<RunString>(b"PyRun_SimpleStringFlags\0") };
     let (Some(is_initialized), Some(run_string)) = (is_initialized, run_string) else {
         return stop("this CPython lacks Py_IsInitialized or PyRun_SimpleStringFlags");
@@ -84,6 +97,9 @@ extern "C" fn constructor() {
         run_string,
         bootstrap,
     });
+    // SAFETY: PEP 578 allows adding a hook before `Py_Initialize` (here: a constructor, on the
+    // only thread); `hook` has the `Py_AuditHookFunction` signature, and what it reads
+    // (INTERPRETER) is set above.
     if unsafe { add_audit_hook(hook, std::ptr::null_mut()) } != 0 {
         stop("PySys_AddAuditHook refused its hook");
     }
@@ -195,23 +211,36 @@ fn stop(reason: &str) {
         eprintln!("picklegate preload: {reason}; WARNING: this process runs UNGUARDED");
     } else {
         eprintln!("picklegate preload: {reason}; stopping, rather than run unguarded");
+        // SAFETY: `_exit` ends the process at once; nothing here needs unwinding or flushing
+        // (eprintln! is unbuffered).
         unsafe { libc::_exit(EX_CONFIG) };
     }
 }
 
 /// A function of the running process by name (`name` ends with NUL), or `None`.
+///
+/// # Safety
+/// `F` is a function pointer type, the signature of the C function `name`.
 unsafe fn symbol<F>(name: &[u8]) -> Option<F> {
-    let address = libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr().cast());
-    (!address.is_null()).then(|| std::mem::transmute_copy::<*mut c_void, F>(&address))
+    let name = CStr::from_bytes_with_nul(name).ok()?;
+    // SAFETY: `name` is a C string; dlsym only reads the loaded objects' symbol tables.
+    let address = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    // SAFETY: a non-null address of the function `name`, and `F` its pointer type (the caller's
+    // guarantee), which has a data pointer's size on every platform this builds for.
+    (!address.is_null()).then(|| unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) })
 }
 
 /// The picklegate package directory: where this library is installed.
 fn own_directory() -> Option<PathBuf> {
+    // SAFETY: `Dl_info` is pointers and integers, for which all-zero is a valid value.
     let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: `constructor` is code of this library, so dladdr can describe it into `info`.
     let found = unsafe { libc::dladdr(constructor as *const c_void, &mut info) };
     if found == 0 || info.dli_fname.is_null() {
         return None;
     }
+    // SAFETY: a non-null `dli_fname` is the NUL-terminated path of this library, which stays
+    // loaded (it is running).
     let file = OsStr::from_bytes(unsafe { CStr::from_ptr(info.dli_fname) }.to_bytes());
     // Resolve a relative LD_PRELOAD path now, before the program can change directory.
     std::fs::canonicalize(file)
@@ -244,15 +273,21 @@ fn bootstrap_statement(package: &Path, host: bool) -> String {
 /// after `Py_Initialize` finished: from here on, Python code may run.
 fn started(event: &[u8], interpreter: &Interpreter) -> bool {
     event.starts_with(b"cpython.run_")
+        // SAFETY: `Py_IsInitialized` takes nothing and may be called at any time, even before
+        // `Py_Initialize`.
         || (event == b"import" && unsafe { (interpreter.is_initialized)() } != 0)
 }
 
+/// # Safety
+/// Called by CPython only, as a PEP 578 hook: `event` is a C string, the GIL (or the only thread
+/// of a starting runtime) is held.
 unsafe extern "C" fn hook(
     event: *const c_char,
     _args: *mut c_void,
     _user_data: *mut c_void,
 ) -> c_int {
-    let event = CStr::from_ptr(event).to_bytes();
+    // SAFETY: CPython passes the event name as a NUL-terminated string that outlives the call.
+    let event = unsafe { CStr::from_ptr(event) }.to_bytes();
     if event == SELF_CHECK {
         SELF_CHECK_SEEN.store(true, Ordering::SeqCst);
         return 0;
@@ -270,7 +305,11 @@ unsafe extern "C" fn hook(
     {
         return 0;
     }
-    let status = (interpreter.run_string)(interpreter.bootstrap.as_ptr(), std::ptr::null_mut());
+    // SAFETY: the runtime has started (`started`) and audit hooks run with the GIL held, as
+    // `PyRun_SimpleStringFlags` needs; `bootstrap` is a NUL-terminated C string; null flags are
+    // allowed. STATE (now RUNNING) keeps the events it raises from running it again.
+    let status =
+        unsafe { (interpreter.run_string)(interpreter.bootstrap.as_ptr(), std::ptr::null_mut()) };
     STATE.store(DONE, Ordering::Release);
     if status != 0 {
         stop("the bootstrap raised an exception (printed above)");

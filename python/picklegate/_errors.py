@@ -38,7 +38,26 @@ class BadTokenError(Exception):
 
 
 class PolicyError(Exception):
-    """The policy cannot be used: malformed manifest (with file:line:col), unknown mode, ..."""
+    """The policy cannot be used: malformed manifest (with file:line:col), unknown mode, ...
+
+    ``file``, ``line`` and ``column`` locate the mistake in a manifest or record file (``None``
+    when not known or not about a file)."""
+
+    def __init__(
+        self,
+        message: str,
+        file: "str | None" = None,
+        line: "int | None" = None,
+        column: "int | None" = None,
+    ) -> None:
+        super().__init__(message)
+        self.file = file
+        self.line = line
+        self.column = column
+
+    def __reduce__(self) -> "tuple[type, tuple[str, str | None, int | None, int | None]]":
+        # The message alone in `args`, as before; the location travels beside it.
+        return (type(self), (str(self), self.file, self.line, self.column))
 
 
 class ScanError(pickle.UnpicklingError):
