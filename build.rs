@@ -9,6 +9,7 @@ const LIBRARY: &str = "libpicklegate_preload.so";
 
 fn main() {
     println!("cargo:rerun-if-changed=preload/src");
+    println!("cargo:rerun-if-changed=python/picklegate/_startup.py"); // embedded in the preload
     println!("cargo:rerun-if-changed=preload/Cargo.toml");
     println!("cargo:rerun-if-changed=preload/Cargo.lock");
     if env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {

@@ -5,7 +5,6 @@ length: a payload padded after its STOP) at a deterministic moment: when pickleg
 decision observer), and whenever the process opens the file a second time or through
 `/proc/self/fd/N` (an audit hook). The canary file exists only if the new pickle ran."""
 
-import os
 import pickle
 import zlib
 import zipfile

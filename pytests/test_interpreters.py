@@ -178,9 +178,9 @@ def _broken_site(tmp_path):
     if shim is not None:
         shutil.copy(shim.origin, site)
     dist = importlib.metadata.distribution("picklegate")
-    info = site / "picklegate-0.1.0.dist-info"
+    info = site / f"picklegate-{dist.version}.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: picklegate\nVersion: 0.1.0\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: picklegate\nVersion: {dist.version}\n")
     (info / "entry_points.txt").write_text(dist.read_text("entry_points.txt"))
     return site
 

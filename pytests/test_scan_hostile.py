@@ -54,7 +54,7 @@ def carrier(loader, path, canary):
 def corpus_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("hostile")
     canary = out / "canary"
-    for index, (name, _family, loader, build) in enumerate(payloads.TECHNIQUES):
+    for index, (_name, _family, loader, build) in enumerate(payloads.TECHNIQUES):
         path = out / f"{index:02d}.bin"
         if build is None:
             if loader.startswith("torch") and not HAS_TORCH:

@@ -40,8 +40,17 @@ const DONE: u8 = 2;
 static STATE: AtomicU8 = AtomicU8::new(PENDING);
 static SELF_CHECK_SEEN: AtomicBool = AtomicBool::new(false);
 const SELF_CHECK: &[u8] = b"picklegate.preload-check";
-/// Exit status when picklegate cannot be set up in `enforce` (EX_CONFIG from sysexits.h).
-const EX_CONFIG: c_int = 78;
+/// The start-up script, shared with the `.pth` hook: it holds the rule for a process picklegate
+/// cannot guard, whose two constants this library reads from its text (`EX_CONFIG`, `LENIENT`).
+const STARTUP: &str = include_str!("../../python/picklegate/_startup.py");
+/// Exit status when picklegate cannot be set up in `enforce`: `_startup.py`'s `EX_CONFIG`.
+const EX_CONFIG: c_int = python_int(STARTUP.as_bytes(), b"\nEX_CONFIG = ");
+/// The line of `_startup.py` that lists the modes that go on (see `lenient_modes`).
+const LENIENT_LINE: &[u8] = b"\nLENIENT = (";
+const _: () = assert!(
+    find(STARTUP.as_bytes(), LENIENT_LINE, 0).is_some(),
+    "_startup.py does not define LENIENT"
+);
 /// The host-wide policy: enforced in every CPython this library is preloaded into, whatever its
 /// environment says. It (and its directory) must be owned by root and writable by no one else.
 const HOST_POLICY: &str = "/etc/picklegate/policy.toml";
@@ -145,17 +154,55 @@ fn host_policy_is_root_owned() -> Result<(), String> {
     Ok(())
 }
 
-/// `warn`, `record` and `off` carry on when picklegate cannot be set up; `enforce` stops, and so
-/// does every process under the host policy.
+/// The modes of `_startup.py`'s `LENIENT` carry on when picklegate cannot be set up; `enforce`
+/// stops, and so does every process under the host policy.
 fn lenient() -> bool {
     if HOST.load(Ordering::SeqCst) {
         return false;
     }
     let mode = std::env::var("PICKLEGATE_MODE").unwrap_or_default();
-    matches!(
-        mode.trim().to_ascii_lowercase().as_str(),
-        "warn" | "record" | "off"
-    )
+    lenient_modes().any(|lenient| lenient == mode.trim().to_ascii_lowercase())
+}
+
+/// The strings of the `LENIENT = ("warn", ...)` line of `_startup.py`.
+fn lenient_modes() -> impl Iterator<Item = &'static str> {
+    let start = find(STARTUP.as_bytes(), LENIENT_LINE, 0).map_or(STARTUP.len(), |at| at + 1);
+    let line = STARTUP[start..].lines().next().unwrap_or("");
+    line.split('"').skip(1).step_by(2)
+}
+
+/// Where `needle` first occurs in `haystack` at or after `from` (usable in constants).
+const fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    let mut at = from;
+    while at + needle.len() <= haystack.len() {
+        let mut i = 0;
+        while i < needle.len() && haystack[at + i] == needle[i] {
+            i += 1;
+        }
+        if i == needle.len() {
+            return Some(at);
+        }
+        at += 1;
+    }
+    None
+}
+
+/// The integer a Python source assigns on the line that starts with `prefix`: fails the build if none.
+const fn python_int(source: &[u8], prefix: &[u8]) -> c_int {
+    let Some(at) = find(source, prefix, 0) else {
+        panic!("_startup.py does not define the constant");
+    };
+    let mut i = at + prefix.len();
+    let mut value: c_int = 0;
+    while i < source.len() && source[i].is_ascii_digit() {
+        value = value * 10 + (source[i] - b'0') as c_int;
+        i += 1;
+    }
+    assert!(
+        i > at + prefix.len(),
+        "the constant in _startup.py is not a number"
+    );
+    value
 }
 
 /// Reports a failure to set picklegate up; in `enforce` the process stops rather than run unguarded.
@@ -206,7 +253,8 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// One expression statement, so nothing is bound in `__main__`; hex keeps any path byte intact.
+/// One expression statement, so nothing is bound in `__main__`: raises the self-check event, then
+/// runs `_startup.py` on the package beside this library; hex keeps any path byte intact.
 fn bootstrap_statement(package: &Path, host: bool) -> String {
     let host_policy = if host {
         format!("'{HOST_POLICY}'")
@@ -214,8 +262,9 @@ fn bootstrap_statement(package: &Path, host: bool) -> String {
         "None".to_string()
     };
     format!(
-        "exec(bytes.fromhex('{}').decode(), {{'__name__': 'picklegate-preload', 'LOCATION': __import__('os').fsdecode(bytes.fromhex('{}')), 'HOST_POLICY': {host_policy}}})",
-        hex(include_str!("bootstrap.py").as_bytes()),
+        "__import__('sys').audit('{}') or exec(bytes.fromhex('{}').decode(), {{'__name__': 'picklegate-start', 'LOCATION': __import__('os').fsdecode(bytes.fromhex('{}')), 'HOST_POLICY': {host_policy}}})",
+        std::str::from_utf8(SELF_CHECK).expect("ASCII"),
+        hex(STARTUP.as_bytes()),
         hex(package.as_os_str().as_bytes())
     )
 }
@@ -268,4 +317,32 @@ unsafe extern "C" fn hook(
         stop("its audit hook did not see its own check event");
     }
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What Python reads in `_startup.py` is what this library reads.
+    #[test]
+    fn reads_the_rule_python_runs() {
+        let python = std::process::Command::new("python3")
+            .args(["-c", "import sys; g = {}; exec(sys.stdin.read(), g); print(g['EX_CONFIG'], *g['LENIENT'])"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().expect("piped").write_all(STARTUP.as_bytes())?;
+                child.wait_with_output()
+            })
+            .expect("python3 runs");
+        let printed = String::from_utf8(python.stdout).expect("UTF-8");
+        let ours = std::iter::once(EX_CONFIG.to_string())
+            .chain(lenient_modes().map(str::to_string))
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert_eq!(printed.trim(), ours);
+        assert_eq!(ours, "78 warn record off");
+    }
 }

@@ -3,7 +3,6 @@ the manifest lists only benign pickles; it prints one JSON line: technique -> ou
 
 import copyreg
 import importlib
-import io
 import json
 import os
 import pickle
@@ -84,7 +83,7 @@ def library_missing(loader):
 
 benign = pickle.dumps(payloads.BENIGN, protocol=4)
 cases = []
-for name, family, loader, build in payloads.TECHNIQUES:
+for name, _family, loader, build in payloads.TECHNIQUES:
     if library_missing(loader):
         continue
     path = canary(name)

@@ -10,7 +10,6 @@ import decimal
 import fractions
 import importlib.util
 import json
-import os
 import pathlib
 import pickle
 import sys

@@ -8,14 +8,19 @@ import os
 import pathlib
 import shutil
 import sys
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Optional
 
 from . import _core
 from ._errors import PolicyError
 
+#: One file's entry of the picklegate-scan/1 JSON document (README: Scan output).
+Summary = dict[str, Any]
+
 PRELOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libpicklegate_preload.so")
 
 
-def _hash(args):
+def _hash(args: argparse.Namespace) -> int:
     status = 0
     for path in args.files:
         try:
@@ -26,21 +31,21 @@ def _hash(args):
     return status
 
 
-def _preload_missing(command):
+def _preload_missing(command: str) -> bool:
     if os.path.isfile(PRELOAD):
         return False
     print(f"picklegate {command}: {PRELOAD} is missing (this build has no preload library)", file=sys.stderr)
     return True
 
 
-def _preload_path(args):
+def _preload_path(args: argparse.Namespace) -> int:
     if _preload_missing("preload-path"):
         return 1
     print(PRELOAD)
     return 0
 
 
-def _run(args):
+def _run(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         print("picklegate run: no command given (picklegate run [options] -- CMD ARGS...)", file=sys.stderr)
@@ -86,7 +91,7 @@ SARIF_RULES = [
 ]
 
 
-def _walk(paths):
+def _walk(paths: Iterable[str]) -> Iterator[tuple[str, bool]]:
     """The files to scan: each path given, and every file under each directory (sorted, symlinks
     to directories not followed). Returns (path, walked) pairs."""
     for path in paths:
@@ -99,7 +104,7 @@ def _walk(paths):
             yield path, False
 
 
-def _not_a_pickle(summary):
+def _not_a_pickle(summary: Summary) -> bool:
     """A walked file read as a plain pickle that broke before naming any global: text, images,
     safetensors and the like. (Named on the command line, such a file is reported as an error.)"""
     return summary.get("format") == "pickle" and bool(summary.get("error")) and not summary.get("globals")
@@ -108,11 +113,11 @@ def _not_a_pickle(summary):
 class _Progress:
     """A one-line progress bar on stderr, only when stderr is a terminal."""
 
-    def __init__(self, total):
+    def __init__(self, total: int) -> None:
         self.total, self.done = total, 0
         self.on = total > 1 and sys.stderr.isatty()
 
-    def advance(self, count):
+    def advance(self, count: int) -> None:
         self.done += count
         if self.on:
             width = 30
@@ -120,16 +125,17 @@ class _Progress:
             sys.stderr.write(f"\rscanning [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} files")
             sys.stderr.flush()
 
-    def close(self):
+    def close(self) -> None:
         if self.on:
             sys.stderr.write("\r" + " " * 60 + "\r")
             sys.stderr.flush()
 
 
-def _scan_all(paths, allow):
+def _scan_all(paths: Iterable[str], allow: Sequence[str]) -> tuple[str, list[Summary], list[str]]:
     files = list(_walk(paths))
     progress = _Progress(len(files))
-    summaries, skipped = [], []
+    summaries: list[Summary] = []
+    skipped: list[str] = []
     for start in range(0, len(files), SCAN_BATCH):
         batch = files[start:start + SCAN_BATCH]
         document = json.loads(_core.scan_files([path for path, _ in batch], allow))
@@ -143,14 +149,15 @@ def _scan_all(paths, allow):
     return document["schema"], summaries, skipped
 
 
-def _size(n):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+    return f"{n:.1f} GiB"
 
 
-def _print_block(summary, width):
+def _print_block(summary: Summary, width: int) -> None:
     import textwrap
 
     print(summary["file"])
@@ -185,8 +192,8 @@ def _print_block(summary, width):
             print(textwrap.fill(names, width, initial_indent=label, subsequent_indent=" " * len(label), break_on_hyphens=False))
 
 
-def _sarif(summaries):
-    results = []
+def _sarif(summaries: Iterable[Summary]) -> dict[str, Any]:
+    results: list[dict[str, Any]] = []
     for summary in summaries:
         path = summary["file"]
         uri = pathlib.Path(path).resolve().as_uri() if os.path.isabs(path) else pathlib.PurePath(path).as_posix()
@@ -210,7 +217,7 @@ def _sarif(summaries):
     }
 
 
-def _scan(args):
+def _scan(args: argparse.Namespace) -> int:
     schema, summaries, skipped = _scan_all(args.paths, args.allow)
     failed = any(s["verdict"] in NEEDS_REVIEW for s in summaries)
     if args.json:
@@ -234,7 +241,7 @@ def _scan(args):
     return int(failed)
 
 
-def _freeze(args):
+def _freeze(args: argparse.Namespace) -> int:
     try:
         text = _core.freeze_records(args.records, args.merge)
     except PolicyError as error:
@@ -248,13 +255,13 @@ def _freeze(args):
     return 0
 
 
-def _verify(args):
+def _verify(args: argparse.Namespace) -> int:
     try:
         entries = _core.manifest_entries(args.manifest)
     except PolicyError as error:
         print(f"picklegate verify: {error}", file=sys.stderr)
         return 1
-    listed = {}
+    listed: dict[str, list[str]] = {}
     for sha, callsite in entries:
         listed.setdefault(sha, []).append(callsite)
     print(f"{args.manifest}: valid, {len(entries)} [[allow]] entries")
@@ -276,7 +283,7 @@ def _verify(args):
     return int(missing > 0)
 
 
-def _compile(args):
+def _compile(args: argparse.Namespace) -> int:
     output = args.output or args.manifest + ".idx"
     try:
         entries, size, sha = _core.compile_manifest(args.manifest, output)
@@ -287,7 +294,7 @@ def _compile(args):
     return 0
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="picklegate", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="subcommand", required=True)
     hash_command = commands.add_parser("hash", help="print the sha256 the manifest uses for each file")
@@ -343,7 +350,8 @@ def main(argv=None):
     compile_command.set_defaults(run=_compile)
 
     args = parser.parse_args(argv)
-    return args.run(args)
+    status: int = args.run(args)
+    return status
 
 
 if __name__ == "__main__":

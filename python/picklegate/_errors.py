@@ -3,16 +3,23 @@
 They live in Python because the load refusals must subclass ``pickle.UnpicklingError``."""
 
 import pickle
+from typing import Optional, SupportsInt
 
 
 class _Refusal:
-    def __init__(self, message, callsite=None, sha256=None, size=None):
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str,
+        callsite: Optional[str] = None,
+        sha256: Optional[str] = None,
+        size: Optional[SupportsInt] = None,
+    ) -> None:
+        super().__init__(message)  # type: ignore[call-arg]  # a mixin: an exception class follows
         self.callsite = callsite
         self.sha256 = sha256
         self.size = int(size) if size is not None else None
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[str, Optional[str], Optional[str], Optional[int]]]:
         # Plain data only, so a refusal in a worker reaches its parent under any [[trust]] rule
         # (picklegate admits exactly these classes there): no state dict, no other global.
         return (type(self), (str(self), self.callsite, self.sha256, self.size))

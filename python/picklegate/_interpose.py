@@ -6,18 +6,25 @@ import functools
 import io
 import pickle
 import threading
+from collections.abc import Callable
+from typing import Any, Optional, Union
 
 from . import _core, _files, _loaders
 
+#: What a load reads: a file read and hashed into memory, or the bytes of one pickle.
+_Data = Union[_core.HashedFile, bytes]
+#: Leaves the file just past the given number of bytes the unpickler used.
+_Finish = Callable[[int], object]
 
-def _unwrapped(obj):
+
+def _unwrapped(obj: Any) -> Any:
     return getattr(obj, "__picklegate_original__", obj)
 
 
 _ORIGINAL_LOADS = _unwrapped(_pickle.loads)
 _ORIGINAL_LOAD = _unwrapped(_pickle.load)
 _CUnpickler = _unwrapped(_pickle.Unpickler)
-_PyUnpickler = pickle._Unpickler
+_PyUnpickler: Any = pickle._Unpickler
 _original_py_load = _unwrapped(_PyUnpickler.load)
 
 _lock = threading.Lock()
@@ -27,7 +34,7 @@ _redirected_loads = False
 _redirected_load = False
 
 
-def _read_one_pickle(read, readline, joblib=False):
+def _read_one_pickle(read: Callable[[int], bytes], readline: Callable[[], bytes], joblib: bool = False) -> bytes:
     """Reads exactly one pickle from a stream that cannot seek, asking the scanner how much (with
     ``joblib``, as joblib reads it: the raw bytes of each array after its wrapper)."""
     scanner = _core.StreamScanner(joblib)
@@ -45,7 +52,7 @@ def _read_one_pickle(read, readline, joblib=False):
         data += chunk
 
 
-def _take(file):
+def _take(file: Any) -> tuple[_Data, Optional[str], _Finish]:
     """Reads what the next load consumes. Returns ``(data, source, finish)``; ``finish(n)``
     leaves the file just past the ``n`` bytes the unpickler used. ``data`` is a
     ``_core.HashedFile`` for a plain file opened for reading (read and hashed in one pass into
@@ -58,6 +65,7 @@ def _take(file):
     if _files.seekable(file):
         _core.refuse_unread(file, source)
         start = file.tell()
+        data: _Data
         if type(file) in (io.BufferedReader, io.FileIO):
             data = _core.HashedFile(file.fileno(), start)
         else:
@@ -66,12 +74,14 @@ def _take(file):
     return _read_one_pickle(file.read, file.readline), source, lambda used: None
 
 
-def _stream(data):
+def _stream(data: _Data) -> Union[_core.HashedFile, io.BytesIO]:
     """What the unpickler reads: the hashed file itself, or a stream over the bytes."""
     return data if isinstance(data, _core.HashedFile) else io.BytesIO(data)
 
 
-def _finished(data, stream, finish, file, failed):
+def _finished(
+    data: _Data, stream: Union[_core.HashedFile, io.BytesIO], finish: _Finish, file: Any, failed: bool
+) -> None:
     """Moves the file past what the unpickler used, and lets go of the memory read for it. After a
     failed load, a file with ``peek`` stays where it was: the C unpickler only peeks at such a file
     and consumes what it used when the load completes."""
@@ -80,17 +90,21 @@ def _finished(data, stream, finish, file, failed):
         data.close()
 
 
-def _options(fix_imports, encoding, errors, buffers):
+def _options(fix_imports: bool, encoding: str, errors: str, buffers: Any) -> dict[str, Any]:
     return {"fix_imports": fix_imports, "encoding": encoding, "errors": errors, "buffers": buffers}
 
 
-def loads(data, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=()):
+def loads(
+    data: Any, /, *, fix_imports: bool = True, encoding: str = "ASCII", errors: str = "strict", buffers: Any = ()
+) -> Any:
     """The fallback for a CPython whose ``_pickle.loads`` cannot be redirected."""
     run = functools.partial(_ORIGINAL_LOADS, data, **_options(fix_imports, encoding, errors, buffers))
     return _core.guarded_load(data, None, run)
 
 
-def load(file, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffers=()):
+def load(
+    file: Any, /, *, fix_imports: bool = True, encoding: str = "ASCII", errors: str = "strict", buffers: Any = ()
+) -> Any:
     data, source, finish = _take(file)
     stream = _stream(data)
     failed = True
@@ -103,7 +117,9 @@ def load(file, /, *, fix_imports=True, encoding="ASCII", errors="strict", buffer
         _finished(data, stream, finish, file, failed)
 
 
-def _take_for_unpickler(read, readline):
+def _take_for_unpickler(
+    read: Callable[[int], bytes], readline: Callable[[], bytes]
+) -> tuple[_Data, Optional[str], Union[_core.HashedFile, io.BytesIO], Callable[[bool], None]]:
     """What a live ``_pickle.Unpickler`` (given its file's ``read`` and ``readline``) consumes
     next: ``(data, source, stream, done)``. The unpickler reads ``stream`` instead of its file for
     that load; ``done(failed)`` then leaves the file just past what it used."""
@@ -116,11 +132,11 @@ def _take_for_unpickler(read, readline):
     return data, source, stream, lambda failed: _finished(data, stream, finish, file, failed)
 
 
-def _spelled_strings(data):
+def _spelled_strings(data: Any) -> set[str]:
     """The strings a pickle spells out (its text arguments), for names resolved after its load."""
     import pickletools  # only for the few loads that need it
 
-    strings = set()
+    strings: set[str] = set()
     try:
         for _, arg, _ in pickletools.genops(data):
             if isinstance(arg, str):
@@ -130,15 +146,18 @@ def _spelled_strings(data):
     return strings
 
 
-def _learn_unpickler_layout():
+def _learn_unpickler_layout() -> None:
     """Shows ``_core`` where a ``_pickle.Unpickler`` keeps its file methods and input counters, by
     making two unpicklers over probe files and finding the probes' own objects in them."""
 
     class Probe:
-        pass
+        read: Callable[..., bytes]
+        readinto: Callable[..., bytes]
+        readline: Callable[..., bytes]
+        peek: Callable[..., bytes]
 
     fresh = Probe()
-    methods = [lambda *args: b"" for _ in range(4)]
+    methods: list[Callable[..., bytes]] = [lambda *args: b"" for _ in range(4)]
     fresh.read, fresh.readinto, fresh.readline, fresh.peek = methods
     pickled = b"\x80\x02K\x07."  # protocol 2: the int 7
     served = [pickled + b"xyz"]  # the first read returns more than asked: it all lands in the buffer
@@ -157,12 +176,12 @@ class _Replay:
     """Serves a pure-Python unpickler the hashed bytes while keeping the real file's position in
     step, so subclasses that read the file themselves (joblib reads arrays) stay aligned."""
 
-    def __init__(self, data, file, start):
+    def __init__(self, data: bytes, file: Any, start: int) -> None:
         self._stream = io.BytesIO(data)
         self._file = file
         self._start = start
 
-    def _call(self, method, *args):
+    def _call(self, method: Callable[..., bytes], *args: int) -> bytes:
         if self._file is not None:
             self._stream.seek(self._file.tell() - self._start)
         result = method(*args)
@@ -170,14 +189,14 @@ class _Replay:
             self._file.seek(self._start + self._stream.tell())
         return result
 
-    def read(self, n=-1):
+    def read(self, n: int = -1) -> bytes:
         return self._call(self._stream.read, n)
 
-    def readline(self):
+    def readline(self) -> bytes:
         return self._call(self._stream.readline)
 
 
-def _guarded_py_load(self):
+def _guarded_py_load(self: Any) -> Any:
     """``pickle._Unpickler.load``, patched on the class so subclasses made before install
     (joblib's, dill's) are decided too."""
     read = getattr(self, "_file_read", None)
@@ -188,8 +207,7 @@ def _guarded_py_load(self):
     source = _files.source_name(file)
     if type(file) is _core.PinnedFile:
         # A file a loader library's guard read and hashed whole: judged as that file, read in place.
-        run = functools.partial(_original_py_load, self)
-        return _core.guarded_container(file, source, run, True)
+        return _core.guarded_container(file, source, functools.partial(_original_py_load, self), True)
     if file is not None and _files.seekable(file):
         _core.refuse_unread(file, source)
         start = file.tell()
@@ -204,7 +222,7 @@ def _guarded_py_load(self):
         data = _read_one_pickle(read, readline, joblib=inline)
         replay = _Replay(data, None, 0)
 
-    def run():
+    def run() -> Any:
         self._file_read, self._file_readline = replay.read, replay.readline
         if inline:
             self.file_handle = replay._stream
@@ -222,29 +240,29 @@ class _Builtinlike:
     """A wrapper that, like the builtin it stands for, does not bind as a method when a class
     stores it as an attribute (``load = pickle.load`` in a class body)."""
 
-    def __init__(self, function, original):
+    def __init__(self, function: Callable[..., Any], original: Callable[..., Any]) -> None:
         functools.update_wrapper(self, function)
         self.__picklegate_original__ = original
 
-    def __call__(self, *args, **kwargs):
-        return self.__wrapped__(*args, **kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__wrapped__(*args, **kwargs)  # type: ignore[attr-defined]  # set by update_wrapper
 
 
-_guarded_py_load.__picklegate_original__ = _original_py_load
+_guarded_py_load.__picklegate_original__ = _original_py_load  # type: ignore[attr-defined]
 
 
-def _patch_modules():
+def _patch_modules() -> None:
     """The module attributes stay the original builtins wherever the C functions are redirected;
     only where they could not be are the Python wrappers put in their place."""
     for module in (pickle, _pickle):
         if not _redirected_loads:
-            module.loads = _Builtinlike(loads, _ORIGINAL_LOADS)
+            module.loads = _Builtinlike(loads, _ORIGINAL_LOADS)  # type: ignore[attr-defined]
         if not _redirected_load:
-            module.load = _Builtinlike(load, _ORIGINAL_LOAD)
+            module.load = _Builtinlike(load, _ORIGINAL_LOAD)  # type: ignore[attr-defined]
     _PyUnpickler.load = _guarded_py_load
 
 
-def _redirect_c_functions():
+def _redirect_c_functions() -> None:
     """Reaches references to ``_pickle.loads``/``load`` captured before install (``loads`` is
     judged in Rust with no Python frame in between), and ``_pickle.Unpickler.load`` of classes
     made at any time: each load of a live unpickler is judged on the bytes it then runs. If this
@@ -272,7 +290,7 @@ def _redirect_c_functions():
             "%s", error)
 
 
-def activate():
+def activate() -> None:
     """Patches the entry points and registers the backstop; safe to call any number of times."""
     global _patched
     with _lock:
@@ -285,7 +303,7 @@ def activate():
     _core.require_full_interposition()  # enforce refuses to run weaker than it says
 
 
-def activate_implicitly():
+def activate_implicitly() -> None:
     """``no_pickles()`` with nothing installed switches the interposer on with mode ``off``."""
     if _core.current_state() is None:
         _core.configure("off", None, "implicit")

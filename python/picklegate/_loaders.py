@@ -10,14 +10,23 @@ import os
 import stat
 import sys
 import threading
+from collections.abc import Callable, Iterator, Sequence
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+from typing import Any, Optional, Union
 
 from . import _core, _files
 
+#: A library function picklegate wraps, and the wrapper (both take what the library takes).
+_Loader = Callable[..., Any]
+#: A file judged whole (read and hashed once), as a library call gets it back.
+_Checked = Union[_core.PinnedFile, _core.HashedFile]
+
 _lock = threading.Lock()
-_patched_modules = set()
+_patched_modules: set[str] = set()
 
 
-def _local_path(f):
+def _local_path(f: object) -> Optional[str]:
     if isinstance(f, (str, bytes, os.PathLike)):
         path = os.fsdecode(f)
         if "://" not in path:
@@ -31,8 +40,8 @@ _serving = threading.local()
 
 
 @contextlib.contextmanager
-def _serve(path, checked):
-    table = getattr(_serving, "files", None)
+def _serve(path: str, checked: object) -> Iterator[None]:
+    table: Optional[dict[str, object]] = getattr(_serving, "files", None)
     if table is None:
         table = _serving.files = {}
     previous = table.get(path)
@@ -46,11 +55,11 @@ def _serve(path, checked):
             table[path] = previous
 
 
-def _checked_open(real_open):
+def _checked_open(real_open: _Loader) -> _Loader:
     """``open`` for a library module: a path a guarded call on this thread checked, opened for
     reading bytes, is served from the checked file; anything else is the real ``open``."""
 
-    def open(file, mode="r", *args, **kwargs):
+    def open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         table = getattr(_serving, "files", None)
         if table and mode in ("rb", "br") and not args and not kwargs and isinstance(file, (str, os.PathLike)):
             checked = table.get(os.path.abspath(os.fspath(file)))
@@ -60,16 +69,17 @@ def _checked_open(real_open):
                 return view
         return real_open(file, mode, *args, **kwargs)
 
-    open.__picklegate_original__ = real_open
+    open.__picklegate_original__ = real_open  # type: ignore[attr-defined]
     return open
 
 
-def _shadow_open(module):
+def _shadow_open(module: Optional[ModuleType]) -> None:
     if module is not None and not hasattr(module.__dict__.get("open"), "__picklegate_original__"):
-        module.open = _checked_open(module.__dict__.get("open", builtins.open))
+        module.open = _checked_open(  # type: ignore[attr-defined]
+            module.__dict__.get("open", builtins.open))
 
 
-def _open_checked(path, make, eager=True):
+def _open_checked(path: str, make: Callable[[int], Optional[_Checked]], eager: bool = True) -> Optional[_Checked]:
     """Opens ``path`` once and returns ``make(fd)`` (the file read and hashed from that descriptor),
     or ``None`` when it is not a regular file the library could read (the library then raises its
     own error, or reads a pipe whose pickles are judged one by one)."""
@@ -88,7 +98,12 @@ def _open_checked(path, make, eager=True):
         os.close(fd)
 
 
-def _guard_opened_path(original, layout="whole", eager=True, skip=None):
+def _guard_opened_path(
+    original: _Loader,
+    layout: "_core._Layout" = "whole",
+    eager: bool = True,
+    skip: Optional[Callable[[int], bool]] = None,
+) -> _Loader:
     """Wraps a library call ``original(path, ...)`` that opens the path itself (``torch.load``,
     ``joblib.load``): the file is read and hashed once through one descriptor and judged; the
     library gets the real path, and its ``open`` of it returns the checked bytes (a
@@ -97,13 +112,13 @@ def _guard_opened_path(original, layout="whole", eager=True, skip=None):
     file_loader = _guard_file_object(original, layout)
 
     @functools.wraps(original)
-    def guarded(f, *args, **kwargs):
+    def guarded(f: Any, *args: Any, **kwargs: Any) -> Any:
         path = _local_path(f)
         if path is None:
             return file_loader(f, *args, **kwargs)
         name = os.fspath(f) if not isinstance(f, bytes) else f
 
-        def pin(fd):
+        def pin(fd: int) -> Optional[_core.PinnedFile]:
             if skip is not None and skip(fd):
                 return None
             return _core.PinnedFile(fd, layout, name)
@@ -114,11 +129,11 @@ def _guard_opened_path(original, layout="whole", eager=True, skip=None):
         with _serve(path, checked):
             return _core.guarded_container(checked, path, lambda: original(f, *args, **kwargs), eager)
 
-    guarded.__picklegate_original__ = original
+    guarded.__picklegate_original__ = original  # type: ignore[attr-defined]
     return guarded
 
 
-def _guard_file_object(original, layout="whole", eager=True):
+def _guard_file_object(original: _Loader, layout: "_core._Layout" = "whole", eager: bool = True) -> _Loader:
     """Wraps ``original(fileobj, ...)`` for a library that may seek anywhere in the file object it
     is given (joblib rewinds it itself). A real file is judged whole, from the same descriptor,
     and the library gets a ``PinnedFile`` over it at the same position (same name); the caller's
@@ -126,14 +141,14 @@ def _guard_file_object(original, layout="whole", eager=True):
     given to the library as it is: each pickle it loads is judged on the bytes it reads."""
 
     @functools.wraps(original)
-    def guarded(f, *args, **kwargs):
+    def guarded(f: Any, *args: Any, **kwargs: Any) -> Any:
         if type(f) not in (io.BufferedReader, io.FileIO) or not _files.seekable(f):
             return original(f, *args, **kwargs)
         start = f.tell()
         view = _core.PinnedFile(f.fileno(), layout, getattr(f, "name", None))
         view.seek(start)
 
-        def run():
+        def run() -> Any:
             try:
                 return original(view, *args, **kwargs)
             finally:
@@ -141,17 +156,23 @@ def _guard_file_object(original, layout="whole", eager=True):
 
         return _core.guarded_container(view, _files.source_name(f), run, eager)
 
-    guarded.__picklegate_original__ = original
+    guarded.__picklegate_original__ = original  # type: ignore[attr-defined]
     return guarded
 
 
-def _guard_file_loader(original, eager=True, adapt=None):
+def _guard_file_loader(
+    original: _Loader,
+    eager: bool = True,
+    adapt: Optional[Callable[[Optional[str], Any, Any], tuple[Any, Any]]] = None,
+) -> _Loader:
     """Wraps ``original(f, ...)`` for a file object (or a path the library does not open through
     a module picklegate can see): read from its position to its end, judged, and given to the
     library from memory."""
 
     @functools.wraps(original)
-    def guarded(f, *args, **kwargs):
+    def guarded(f: Any, *args: Any, **kwargs: Any) -> Any:
+        target: Union[_Checked, io.BytesIO]
+        start: Optional[int]
         path = _local_path(f)
         if path is not None:
             checked = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(f)), eager)
@@ -170,7 +191,7 @@ def _guard_file_loader(original, eager=True, adapt=None):
         if adapt is not None:
             args, kwargs = adapt(path, args, kwargs)
 
-        def run():
+        def run() -> Any:
             try:
                 return original(target, *args, **kwargs)
             finally:
@@ -179,36 +200,36 @@ def _guard_file_loader(original, eager=True, adapt=None):
 
         return _core.guarded_container(data, path, run, eager)
 
-    guarded.__picklegate_original__ = original
+    guarded.__picklegate_original__ = original  # type: ignore[attr-defined]
     return guarded
 
 
-def _guard_bytes_loader(original):
+def _guard_bytes_loader(original: _Loader) -> _Loader:
     """Wraps ``original(data, ...)`` (dill.loads): the bytes are the container."""
 
     @functools.wraps(original)
-    def guarded(data, *args, **kwargs):
+    def guarded(data: Any, *args: Any, **kwargs: Any) -> Any:
         return _core.guarded_container(data, None, lambda: original(data, *args, **kwargs), True)
 
-    guarded.__picklegate_original__ = original
+    guarded.__picklegate_original__ = original  # type: ignore[attr-defined]
     return guarded
 
 
-def _replace(module, name, make):
+def _replace(module: ModuleType, name: str, make: Callable[[_Loader], _Loader]) -> None:
     current = getattr(module, name, None)
     if current is None or hasattr(current, "__picklegate_original__"):
         return
     setattr(module, name, make(current))
 
 
-def _read_pickle(original):
+def _read_pickle(original: _Loader) -> _Loader:
     """pandas.read_pickle of a local path: an uncompressed file is read and hashed into memory that
     the unpickler gives back as it reads (``_core.HashedFile``); a compressed one is pinned whole.
     pandas infers compression from the file name, which a buffer does not have."""
     file_loader = _guard_file_loader(original)
 
     @functools.wraps(original)
-    def read_pickle(f, *args, **kwargs):
+    def read_pickle(f: Any, *args: Any, **kwargs: Any) -> Any:
         path = _local_path(f)
         if path is None or args or kwargs.get("storage_options") is not None:
             return file_loader(f, *args, **kwargs)
@@ -224,11 +245,11 @@ def _read_pickle(original):
         kwargs = dict(kwargs, compression=compression)
         return _core.guarded_container(checked, path, lambda: original(checked, **kwargs), True)
 
-    read_pickle.__picklegate_original__ = original
+    read_pickle.__picklegate_original__ = original  # type: ignore[attr-defined]
     return read_pickle
 
 
-def _numeric_npy(fd):
+def _numeric_npy(fd: int) -> bool:
     """Whether the file at ``fd`` is an .npy whose header declares no Python objects: numpy never
     unpickles it, and a pickle it would run after a swap is judged on its own bytes."""
     try:
@@ -236,18 +257,18 @@ def _numeric_npy(fd):
 
         head = io.BytesIO(os.pread(fd, 65536 + 16, 0))
         version = npy_format.read_magic(head)
-        shape, fortran, dtype = npy_format._read_array_header(head, version)
+        shape, fortran, dtype = npy_format._read_array_header(head, version)  # type: ignore[attr-defined]
         return not dtype.hasobject
     except Exception:
         return False
 
 
-def _numpy_load(original):
+def _numpy_load(original: _Loader) -> _Loader:
     opened = _guard_opened_path(original, eager=False, skip=_numeric_npy)
     file_loader = _guard_file_loader(original, eager=False)
 
     @functools.wraps(original)
-    def load(file, *args, **kwargs):
+    def load(file: Any, *args: Any, **kwargs: Any) -> Any:
         allow_pickle = kwargs.get("allow_pickle", args[1] if len(args) > 1 else False)
         if not allow_pickle:
             return original(file, *args, **kwargs)  # numpy itself refuses object arrays
@@ -258,11 +279,11 @@ def _numpy_load(original):
             _judge_members_later(result, path)
         return result
 
-    load.__picklegate_original__ = original
+    load.__picklegate_original__ = original  # type: ignore[attr-defined]
     return load
 
 
-def _judge_members_later(npz, path):
+def _judge_members_later(npz: Any, path: Optional[str]) -> None:
     """An .npz reads its members when indexed, from the checked bytes it was opened on: judge each
     object member as part of that file."""
     fp = npz.zip.fp
@@ -270,8 +291,8 @@ def _judge_members_later(npz, path):
     callsite = _core.current_callsite()
     base = type(npz)
 
-    class GuardedNpzFile(base):
-        def __getitem__(self, key):
+    class GuardedNpzFile(base):  # type: ignore[valid-type,misc]  # numpy's NpzFile, or its subclass
+        def __getitem__(self, key: str) -> Any:
             return _core.guarded_container(data, path, lambda: base.__getitem__(self, key), False, callsite)
 
     GuardedNpzFile.__name__ = base.__name__
@@ -279,20 +300,20 @@ def _judge_members_later(npz, path):
     npz.__class__ = GuardedNpzFile
 
 
-def _torch_load(original):
+def _torch_load(original: _Loader) -> _Loader:
     opened = _guard_opened_path(original, layout="torch-zip")
 
     @functools.wraps(original)
-    def load(f, *args, **kwargs):
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".safetensors"):
             return original(f, *args, **kwargs)  # torch hands it to safetensors: no pickle
         return opened(f, *args, **kwargs)
 
-    load.__picklegate_original__ = original
+    load.__picklegate_original__ = original  # type: ignore[attr-defined]
     return load
 
 
-def _patch_torch(torch):
+def _patch_torch(torch: Any) -> None:
     serialization = sys.modules.get("torch.serialization")
     if serialization is None:
         return
@@ -302,7 +323,7 @@ def _patch_torch(torch):
     _patch_torch_jit(torch)
 
 
-def _patch_torch_jit(torch):
+def _patch_torch_jit(torch: Any) -> None:
     """torch.jit.load: TorchScript's C++ unpickler runs the archive's pickles (and its code), never
     through Python's pickle, so the whole file is judged by its sha256 before it gets the bytes."""
     jit_serialization = sys.modules.get("torch.jit._serialization")
@@ -312,7 +333,7 @@ def _patch_torch_jit(torch):
     torch.jit.load = jit_serialization.load
 
 
-def _patch_torch_package(package_importer):
+def _patch_torch_package(package_importer: ModuleType) -> None:
     """A torch.package archive carries module source that its pickles import: the whole archive is
     judged on its file's sha256 when it is opened (like a checkpoint), the importer reads only the
     checked bytes, and its pickles load under that verdict."""
@@ -322,19 +343,20 @@ def _patch_torch_package(package_importer):
     original_init, original_load_pickle = importer.__init__, importer.load_pickle
 
     @functools.wraps(original_init)
-    def __init__(self, file_or_buffer, *args, **kwargs):
+    def __init__(self: Any, file_or_buffer: Any, *args: Any, **kwargs: Any) -> None:
+        source: Optional[str]
         path = _local_path(file_or_buffer) if isinstance(file_or_buffer, (str, os.PathLike)) else None
         if path is not None and not os.path.isdir(path):
-            checked = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(file_or_buffer)))
+            checked: Any = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(file_or_buffer)))
             if checked is None:
-                return original_init(self, file_or_buffer, *args, **kwargs)
+                return original_init(self, file_or_buffer, *args, **kwargs)  # type: ignore[no-any-return]
             source, reader = path, checked.reopen()
         elif hasattr(file_or_buffer, "read") and _files.seekable(file_or_buffer):
             source = _files.source_name(file_or_buffer)
             checked = file_or_buffer.read()
             reader = io.BytesIO(checked)
         else:
-            return original_init(self, file_or_buffer, *args, **kwargs)
+            return original_init(self, file_or_buffer, *args, **kwargs)  # type: ignore[no-any-return]
         callsite = _core.current_callsite()
         _core.guarded_container(checked, source, lambda: original_init(self, reader, *args, **kwargs), True, callsite)
         if path is not None:
@@ -342,19 +364,19 @@ def _patch_torch_package(package_importer):
         self._picklegate_archive = (checked, source, callsite)
 
     @functools.wraps(original_load_pickle)
-    def load_pickle(self, *args, **kwargs):
+    def load_pickle(self: Any, *args: Any, **kwargs: Any) -> Any:
         archive = getattr(self, "_picklegate_archive", None)
         if archive is None:
             return original_load_pickle(self, *args, **kwargs)
         checked, source, callsite = archive
         return _core.guarded_container(checked, source, lambda: original_load_pickle(self, *args, **kwargs), True, callsite)
 
-    __init__.__picklegate_original__ = original_init
-    load_pickle.__picklegate_original__ = original_load_pickle
+    __init__.__picklegate_original__ = original_init  # type: ignore[attr-defined]
+    load_pickle.__picklegate_original__ = original_load_pickle  # type: ignore[attr-defined]
     importer.__init__, importer.load_pickle = __init__, load_pickle
 
 
-def _patch_joblib(joblib):
+def _patch_joblib(joblib: Any) -> None:
     numpy_pickle = sys.modules.get("joblib.numpy_pickle")
     if numpy_pickle is None:
         return
@@ -364,21 +386,21 @@ def _patch_joblib(joblib):
     is_raw_file = getattr(utils, "_is_raw_file", None)
     if is_raw_file is not None and not hasattr(is_raw_file, "__picklegate_original__"):
         # joblib maps arrays only from a real file: the checked file stands for the one it opened.
-        def _is_raw_file(fileobj):
-            return type(fileobj) is _core.PinnedFile or is_raw_file(fileobj)
+        def _is_raw_file(fileobj: object) -> bool:
+            return type(fileobj) is _core.PinnedFile or bool(is_raw_file(fileobj))
 
-        _is_raw_file.__picklegate_original__ = is_raw_file
-        utils._is_raw_file = _is_raw_file
+        _is_raw_file.__picklegate_original__ = is_raw_file  # type: ignore[attr-defined]
+        utils._is_raw_file = _is_raw_file  # type: ignore[union-attr]
     _replace(numpy_pickle, "load", lambda f: _guard_opened_path(f, layout="joblib"))
     joblib.load = numpy_pickle.load
 
 
-def _patch_numpy(numpy):
+def _patch_numpy(numpy: ModuleType) -> None:
     _shadow_open(sys.modules.get("numpy.lib._npyio_impl"))
     _replace(numpy, "load", _numpy_load)
 
 
-def _patch_pandas(pandas):
+def _patch_pandas(pandas: Any) -> None:
     pickle_io = sys.modules.get("pandas.io.pickle")
     if pickle_io is None:
         return
@@ -386,7 +408,7 @@ def _patch_pandas(pandas):
     pandas.read_pickle = pickle_io.read_pickle
 
 
-def _patch_dill(dill):
+def _patch_dill(dill: ModuleType) -> None:
     implementation = sys.modules.get("dill._dill")
     for module in (implementation, dill):
         if module is not None:
@@ -394,29 +416,31 @@ def _patch_dill(dill):
             _replace(module, "loads", _guard_bytes_loader)
 
 
-PATCHES = {"torch": _patch_torch, "torch.package.package_importer": _patch_torch_package, "joblib": _patch_joblib, "numpy": _patch_numpy, "pandas": _patch_pandas, "dill": _patch_dill}
+PATCHES: dict[str, Callable[[Any], None]] = {"torch": _patch_torch, "torch.package.package_importer": _patch_torch_package, "joblib": _patch_joblib, "numpy": _patch_numpy, "pandas": _patch_pandas, "dill": _patch_dill}
 
 
 class _PatchAfterExec(importlib.abc.Loader):
     """Runs the real loader, then patches the module it made."""
 
-    def __init__(self, loader, patch):
+    def __init__(self, loader: importlib.abc.Loader, patch: Callable[[ModuleType], None]) -> None:
         self._loader = loader
         self._patch = patch
 
-    def create_module(self, spec):
+    def create_module(self, spec: ModuleSpec) -> Optional[ModuleType]:
         return self._loader.create_module(spec)
 
-    def exec_module(self, module):
+    def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
         self._patch(module)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._loader, name)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
+    def find_spec(
+        self, name: str, path: Optional[Sequence[str]], target: Optional[ModuleType] = None
+    ) -> Optional[ModuleSpec]:
         patch = PATCHES.get(name)
         if patch is None:
             return None
@@ -434,7 +458,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 _finder = _Finder()
 
 
-def activate():
+def activate() -> None:
     """Patches the loader libraries already imported, and the ones imported from now on."""
     with _lock:
         if _finder not in sys.meta_path:

@@ -5,7 +5,7 @@ import gc
 import types
 
 
-def of(code):
+def of(code: types.CodeType) -> str:
     """The compiler puts a function's qualified name right after its code in the constants of the
     code that defines it; a function made from the code carries the same name, unless
     ``functools.wraps`` copied another over it (it then has ``__wrapped__``). Else ``co_name``.

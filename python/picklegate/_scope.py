@@ -4,6 +4,8 @@
 import contextlib
 import sys
 import threading
+from collections.abc import Iterable, Iterator
+from typing import Optional
 
 from . import _core, _interpose
 
@@ -11,7 +13,7 @@ from . import _core, _interpose
 SCOPE = _core.scope_var()
 
 
-def _here():
+def _here() -> tuple[int, int]:
     # asyncio is not imported here: it costs tens of ms at start-up, and until the program
     # imports it there is no task to be in.
     asyncio = sys.modules.get("asyncio")
@@ -23,7 +25,7 @@ def _here():
 
 
 @contextlib.contextmanager
-def no_pickles():
+def no_pickles() -> Iterator[_core.Token]:
     """Refuse every pickle load in this block (``NoPickleError``) unless the token lifts it."""
     _interpose.activate_implicitly()
     token = _core.new_token(*_here())
@@ -36,7 +38,7 @@ def no_pickles():
 
 
 @contextlib.contextmanager
-def allow_pickles(token, only_objects=None):
+def allow_pickles(token: _core.Token, only_objects: Optional[Iterable[str]] = None) -> Iterator[None]:
     """Lift the narrowing of the ``no_pickles()`` block that made ``token``, back to what was
     allowed just outside it; with ``only_objects``, only for the listed ``sha256:...`` hashes."""
     if only_objects is not None:
