@@ -24,7 +24,7 @@ def load_model():
 try:
     print("loaded", load_model()(torch.zeros(2)).tolist())
 except picklegate.PickleDeniedError as error:
-    print("DENIED", error.callsite)
+    print("DENIED", error.callsite, error.sha256)
 """
 
 
@@ -41,3 +41,9 @@ def test_torch_jit_load_of_a_stream_is_judged(run_python, tmp_path, canary):
     proc = run_python(LOAD, env=env, check=True)
     assert not path.exists(), f"torch.jit.load ran an unlisted archive from a stream under enforce: {proc.stdout}"
     assert proc.stdout.startswith("DENIED"), proc.stdout + proc.stderr
+    _, callsite, sha = proc.stdout.split()
+    assert callsite == "__main__:load_model"
+    # the same archive, listed, loads from the stream as it does without picklegate
+    write_manifest(tmp_path / "listed.toml", (sha, callsite))
+    env["PICKLEGATE_POLICY"] = str(tmp_path / "listed.toml")
+    assert run_python(LOAD, env=env, check=True).stdout == control.stdout

@@ -6,6 +6,8 @@
 and `torch.package`, so the file is never judged, whatever the mode.
 """
 
+from conftest import write_manifest
+
 MAKE = """
 import sys, torch
 from typing import Tuple
@@ -50,7 +52,7 @@ except picklegate.PickleDeniedError:
 try:
     print("loaded", load_model()(torch.zeros(2)).tolist())
 except picklegate.PickleDeniedError as error:
-    print("DENIED", error.callsite)
+    print("DENIED", error.callsite, error.sha256)
 """
 
 
@@ -59,7 +61,7 @@ def test_the_lite_interpreter_loader_is_judged(run_python, tmp_path, canary):
     run_python(MAKE, args=[str(tmp_path / "model.ptl"), str(path)], check=True)
     if path.exists():
         path.unlink()
-    run_python(LOAD, check=True)
+    control = run_python(LOAD, check=True)
     assert path.exists(), "the control did not run the archive's __setstate__"
     path.unlink()
     env = {"PICKLEGATE_MODE": "enforce"}  # no manifest: every load is refused
@@ -67,3 +69,9 @@ def test_the_lite_interpreter_loader_is_judged(run_python, tmp_path, canary):
     assert "not enforcing" not in proc.stdout, proc.stdout
     assert not path.exists(), f"an unlisted .ptl archive ran under enforce: {proc.stdout}"
     assert proc.stdout.startswith("DENIED"), proc.stdout + proc.stderr
+    _, callsite, sha = proc.stdout.split()
+    assert callsite == "__main__:load_model"
+    # the same archive, listed, loads as it does without picklegate
+    write_manifest(tmp_path / "listed.toml", (sha, callsite))
+    env["PICKLEGATE_POLICY"] = str(tmp_path / "listed.toml")
+    assert run_python(LOAD, env=env, check=True).stdout.splitlines()[-1] == control.stdout.splitlines()[-1] == "loaded [1.0, 1.0]"
