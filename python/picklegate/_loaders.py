@@ -361,9 +361,66 @@ def _patch_torch(torch: Any) -> None:
     _replace(serialization, "load", _torch_load)
     torch.load = serialization.load
     _patch_torch_jit(torch)
+    _patch_torch_c(torch._C)
     weights_only = sys.modules.get("torch._weights_only_unpickler")
     if weights_only is not None:
         _patch_torch_weights_only(weights_only)
+
+
+#: torch's C entry points that read an archive and run its pickles and code: (the one taking a
+#: path, the one taking the archive's bytes, the position of that argument).
+_TORCH_C_LOADERS = (
+    ("_load_for_lite_interpreter", "_load_for_lite_interpreter_from_buffer", 0),
+    ("_load_mobile_module_from_file", "_load_mobile_module_from_bytes", 0),
+    ("_load_jit_module_from_file", "_load_jit_module_from_bytes", 0),
+    ("import_ir_module", "import_ir_module_from_buffer", 1),
+)
+
+
+def _patch_torch_c(c: Any) -> None:
+    """torch's C loaders, for code that calls them directly rather than through the Python
+    functions guarded above (inside those they run as they are): the archive is judged on its
+    sha256, and a path is read once and its bytes given to the variant that takes bytes."""
+    for by_path, by_bytes, at in _TORCH_C_LOADERS:
+        path_loader, bytes_loader = getattr(c, by_path, None), getattr(c, by_bytes, None)
+        if path_loader is None or bytes_loader is None or hasattr(path_loader, "__picklegate_original__"):
+            continue
+        setattr(c, by_bytes, _judged_bytes(bytes_loader, at))
+        setattr(c, by_path, _judged_path(path_loader, bytes_loader, at))
+
+
+def _judged_bytes(original: _Loader, at: int) -> _Loader:
+    @functools.wraps(original)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if len(args) <= at:
+            return original(*args, **kwargs)  # torch raises its own error
+        data = _frozen(args[at])
+        given = args[:at] + (data,) + args[at + 1 :]
+        return _core.guarded_container(data, None, lambda: original(*given, **kwargs), True)
+
+    guarded.__picklegate_original__ = original  # type: ignore[attr-defined]
+    return guarded
+
+
+def _judged_path(original: _Loader, bytes_loader: _Loader, at: int) -> _Loader:
+    @functools.wraps(original)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        path = _local_path(args[at]) if len(args) > at else None
+        if path is None or not os.path.exists(path) or os.path.isdir(path):
+            return original(*args, **kwargs)  # torch raises its own error
+        data: Any = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(args[at])))
+        if data is None:  # not a regular file (a FIFO): read it whole
+            with builtins.open(path, "rb") as stream:
+                data = stream.read()
+
+        def run() -> Any:
+            content = data if isinstance(data, bytes) else data.reopen().read()
+            return bytes_loader(*args[:at], content, *args[at + 1 :], **kwargs)
+
+        return _core.guarded_container(data, path, run, True)
+
+    guarded.__picklegate_original__ = original  # type: ignore[attr-defined]
+    return guarded
 
 
 def _patch_torch_weights_only(weights_only: ModuleType) -> None:
