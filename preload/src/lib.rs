@@ -1,7 +1,8 @@
 //! The LD_PRELOAD library (libc only; Python functions found with dlsym): in CPython it registers an
 //! audit hook before start-up, then at the first event after start-up loads picklegate from beside it.
 //! Listed in /etc/ld.so.preload with a root-owned /etc/picklegate/policy.toml, it guards every CPython
-//! on the host whatever its flags and environment.
+//! on the host whatever its flags and environment. It also watches `dlopen` (a libpython loaded
+//! later) and `Py_Initialize*` (a runtime started again after `Py_FinalizeEx`).
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
@@ -9,8 +10,8 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 // The CPython functions this library calls, found by name with dlsym: public C API with these
 // signatures in every CPython from 3.8 on, checked on 3.9 to 3.14. The `PyObject *` and
@@ -19,8 +20,25 @@ use std::sync::OnceLock;
 type AuditHook = unsafe extern "C" fn(*const c_char, *mut c_void, *mut c_void) -> c_int;
 /// `PySys_AddAuditHook`.
 type AddAuditHook = unsafe extern "C" fn(AuditHook, *mut c_void) -> c_int;
-/// `Py_IsInitialized` (and `Py_Initialize`, looked up only to tell CPython from other programs).
+/// `Py_IsInitialized`.
 type IsInitialized = unsafe extern "C" fn() -> c_int;
+/// `Py_Initialize`.
+type Initialize = unsafe extern "C" fn();
+/// `Py_InitializeEx`.
+type InitializeEx = unsafe extern "C" fn(c_int);
+/// `Py_InitializeFromConfig`: the `PyConfig *` is opaque; the status comes back by value.
+type InitializeFromConfig = unsafe extern "C" fn(*const c_void) -> PyStatus;
+/// `dlopen`.
+type Dlopen = unsafe extern "C" fn(*const c_char, c_int) -> *mut c_void;
+
+/// CPython's `PyStatus` (3.8 to 3.14: an enum, two C strings, an int), only passed through.
+#[repr(C)]
+pub struct PyStatus {
+    kind: c_int,
+    func: *const c_char,
+    err_msg: *const c_char,
+    exitcode: c_int,
+}
 /// `PyRun_SimpleStringFlags`.
 type RunString = unsafe extern "C" fn(*const c_char, *mut c_void) -> c_int;
 
@@ -66,29 +84,68 @@ extern "C" fn constructor() {
     if !host && !configured() {
         return;
     }
-    // SAFETY: `AddAuditHook` is the signature of `PySys_AddAuditHook` (see its declaration).
-    let Some(add_audit_hook) = (unsafe { symbol::<AddAuditHook>(b"PySys_AddAuditHook\0") }) else {
-        // SAFETY: only compared with None, never called (`Py_Initialize` takes no argument either).
-        if unsafe { symbol::<IsInitialized>(b"Py_Initialize\0") }.is_some() {
+    HOST.store(host, Ordering::SeqCst);
+    ACTIVE.store(true, Ordering::SeqCst);
+    // SAFETY: RTLD_DEFAULT is a valid scope for dlsym.
+    unsafe { arm(libc::RTLD_DEFAULT) };
+}
+
+/// Set by the constructor when picklegate is asked for (host policy or environment): only then do
+/// `dlopen` and `Py_Initialize*` look further than forwarding to the real functions.
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+/// Set once a CPython was found (armed, or stopped): later loads need no look.
+static FOUND: AtomicBool = AtomicBool::new(false);
+/// One thread at a time looks for CPython (two `dlopen`s at once must not register two hooks).
+static LOOKING: Mutex<()> = Mutex::new(());
+/// The `dlopen` handle libpython was found through (null: it was there at start-up).
+static LIBPYTHON: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+/// Set when a runtime this library guarded is finalized (`cpython._PySys_ClearAuditHooks`): its
+/// hooks are gone, so a runtime started again would run unguarded.
+static FINALIZED: AtomicBool = AtomicBool::new(false);
+const HOOKS_CLEARED: &[u8] = b"cpython._PySys_ClearAuditHooks";
+
+/// Looks for CPython in `scope` (RTLD_DEFAULT, or a handle `dlopen` returned) and, when it is
+/// there, registers the hook before the runtime starts. True when CPython was found.
+///
+/// # Safety
+/// `scope` is RTLD_DEFAULT or a handle returned by `dlopen` and not closed.
+unsafe fn arm(scope: *mut c_void) -> bool {
+    // SAFETY: `AddAuditHook` is the signature of `PySys_AddAuditHook` (see its declaration);
+    // `scope` is valid (the caller's guarantee).
+    let add_audit_hook = unsafe { symbol_in::<AddAuditHook>(scope, b"PySys_AddAuditHook\0") };
+    // SAFETY: `IsInitialized` is the signature of `Py_IsInitialized`.
+    let is_initialized = unsafe { symbol_in::<IsInitialized>(scope, b"Py_IsInitialized\0") };
+    let Some(add_audit_hook) = add_audit_hook else {
+        if is_initialized.is_some() {
+            FOUND.store(true, Ordering::SeqCst);
             stop("this CPython predates audit hooks (3.8); picklegate needs CPython 3.9 or later");
         }
-        return; // not CPython: stay invisible
+        return false; // not CPython: stay invisible
     };
-    // SAFETY: `IsInitialized` is the signature of `Py_IsInitialized`.
-    let is_initialized = unsafe { symbol::<IsInitialized>(b"Py_IsInitialized\0") };
+    FOUND.store(true, Ordering::SeqCst);
     // SAFETY: `RunString` is the signature of `PyRun_SimpleStringFlags`.
-    let run_string = unsafe { symbol::<RunString>(b"PyRun_SimpleStringFlags\0") };
+    let run_string = unsafe { symbol_in::<RunString>(scope, b"PyRun_SimpleStringFlags\0") };
     let (Some(is_initialized), Some(run_string)) = (is_initialized, run_string) else {
-        return stop("this CPython lacks Py_IsInitialized or PyRun_SimpleStringFlags");
+        stop("this CPython lacks Py_IsInitialized or PyRun_SimpleStringFlags");
+        return true;
     };
+    let host = HOST.load(Ordering::SeqCst);
     if host {
-        HOST.store(true, Ordering::SeqCst);
         if let Err(reason) = host_policy_is_root_owned() {
-            return stop(&reason);
+            stop(&reason);
+            return true;
         }
     }
+    // SAFETY: `Py_IsInitialized` takes nothing and may be called at any time.
+    if unsafe { is_initialized() } != 0 {
+        // A libpython a `dlopen` brought in that something already started (a constructor):
+        // its start-up ran without the hook.
+        stop("a CPython loaded with dlopen was already initialized when picklegate saw it, so it cannot be guarded from its start");
+        return true;
+    }
     let Some(package) = own_directory() else {
-        return stop("cannot find the directory of its own library (dladdr failed)");
+        stop("cannot find the directory of its own library (dladdr failed)");
+        return true;
     };
     let bootstrap =
         CString::new(bootstrap_statement(&package, host)).expect("hex digits contain no NUL");
@@ -97,12 +154,131 @@ extern "C" fn constructor() {
         run_string,
         bootstrap,
     });
-    // SAFETY: PEP 578 allows adding a hook before `Py_Initialize` (here: a constructor, on the
-    // only thread); `hook` has the `Py_AuditHookFunction` signature, and what it reads
-    // (INTERPRETER) is set above.
+    // SAFETY: PEP 578 allows adding a hook before `Py_Initialize` (checked just above: the
+    // runtime has not started, so no other thread runs Python); `hook` has the
+    // `Py_AuditHookFunction` signature, and what it reads (INTERPRETER) is set above.
     if unsafe { add_audit_hook(hook, std::ptr::null_mut()) } != 0 {
         stop("PySys_AddAuditHook refused its hook");
     }
+    true
+}
+
+/// The real `dlopen` (the next object's: libc's), found once.
+fn real_dlopen() -> Option<Dlopen> {
+    static REAL: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+    let mut address = REAL.load(Ordering::Acquire);
+    if address.is_null() {
+        // SAFETY: a NUL-terminated name; RTLD_NEXT asks for the definition after this library's.
+        address = unsafe { libc::dlsym(libc::RTLD_NEXT, b"dlopen\0".as_ptr().cast()) };
+        REAL.store(address, Ordering::Release);
+    }
+    // SAFETY: a non-null address of libc's `dlopen`, whose signature `Dlopen` is.
+    (!address.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, Dlopen>(address) })
+}
+
+/// `dlopen`, as libc's, and then: a libpython it brought in (uWSGI, mod_wsgi, PyInstaller, an
+/// embedding program) is armed like one there at start-up, before anything can initialize it.
+///
+/// # Safety
+/// As libc's `dlopen`: `filename` is null or a C string.
+#[no_mangle]
+pub unsafe extern "C" fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void {
+    let Some(real) = real_dlopen() else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: forwarded unchanged; the caller's guarantee is libc's.
+    let handle = unsafe { real(filename, flags) };
+    if handle.is_null() || !ACTIVE.load(Ordering::SeqCst) || FOUND.load(Ordering::SeqCst) {
+        return handle;
+    }
+    let _looking = LOOKING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !FOUND.load(Ordering::SeqCst) {
+        // SAFETY: `handle` was just returned by `dlopen`; RTLD_DEFAULT is always valid. The
+        // handle first: a library loaded RTLD_LOCAL is not in the default scope.
+        if unsafe { arm(handle) } {
+            LIBPYTHON.store(handle, Ordering::SeqCst);
+        } else {
+            // SAFETY: as above.
+            unsafe { arm(libc::RTLD_DEFAULT) };
+        }
+    }
+    // The look-ups that found nothing left a dlerror message the caller did not cause.
+    // SAFETY: dlerror only reads and clears this thread's message.
+    unsafe { libc::dlerror() };
+    handle
+}
+
+/// Before a `Py_Initialize*`: a runtime started again after `Py_FinalizeEx` in a guarded process.
+/// picklegate's state belongs to the first runtime and cannot be set up again in the second, so
+/// `enforce` stops the process rather than let it run unguarded.
+fn before_initialize() {
+    if ACTIVE.load(Ordering::SeqCst) && FINALIZED.swap(false, Ordering::SeqCst) {
+        stop("picklegate cannot guard a re-initialized interpreter (Py_Initialize after Py_FinalizeEx)");
+    }
+}
+
+/// The real `Py_Initialize*` `name` (ends with NUL): libpython's, from the handle it was found
+/// through or else the next object in the default scope. Stops the process if there is none.
+///
+/// # Safety
+/// `F` is a function pointer type, the signature of the C function `name`.
+unsafe fn real_initializer<F>(name: &[u8]) -> F {
+    let handle = LIBPYTHON.load(Ordering::SeqCst);
+    let scope = if handle.is_null() {
+        libc::RTLD_NEXT
+    } else {
+        handle
+    };
+    // SAFETY: `scope` is RTLD_NEXT or a handle `dlopen` returned (libpython is never closed:
+    // CPython cannot be unloaded); `F` is the signature of `name` (the caller's guarantee).
+    match unsafe { symbol_in::<F>(scope, name) } {
+        Some(function) => function,
+        None => {
+            let name = String::from_utf8_lossy(&name[..name.len() - 1]);
+            eprintln!("picklegate preload: cannot find the real {name}; stopping");
+            // SAFETY: as in `stop`.
+            unsafe { libc::_exit(EX_CONFIG) }
+        }
+    }
+}
+
+/// `Py_Initialize`, after `before_initialize`.
+///
+/// # Safety
+/// As CPython's.
+#[no_mangle]
+#[allow(non_snake_case)]
+pub unsafe extern "C" fn Py_Initialize() {
+    before_initialize();
+    // SAFETY: `Initialize` is the signature of `Py_Initialize`; called as the caller called us.
+    unsafe { real_initializer::<Initialize>(b"Py_Initialize\0")() }
+}
+
+/// `Py_InitializeEx`, after `before_initialize`.
+///
+/// # Safety
+/// As CPython's.
+#[no_mangle]
+#[allow(non_snake_case)]
+pub unsafe extern "C" fn Py_InitializeEx(install_signal_handlers: c_int) {
+    before_initialize();
+    // SAFETY: `InitializeEx` is the signature of `Py_InitializeEx`; the argument is the caller's.
+    unsafe { real_initializer::<InitializeEx>(b"Py_InitializeEx\0")(install_signal_handlers) }
+}
+
+/// `Py_InitializeFromConfig`, after `before_initialize`.
+///
+/// # Safety
+/// As CPython's: `config` points to a `PyConfig`.
+#[no_mangle]
+#[allow(non_snake_case)]
+pub unsafe extern "C" fn Py_InitializeFromConfig(config: *const c_void) -> PyStatus {
+    before_initialize();
+    // SAFETY: `InitializeFromConfig` is the signature of `Py_InitializeFromConfig` (`PyStatus`
+    // is CPython's layout); the argument is the caller's.
+    unsafe { real_initializer::<InitializeFromConfig>(b"Py_InitializeFromConfig\0")(config) }
 }
 
 /// True when the operator asked for picklegate; empty values count as unset, as for `PYTHON*`.
@@ -217,14 +393,16 @@ fn stop(reason: &str) {
     }
 }
 
-/// A function of the running process by name (`name` ends with NUL), or `None`.
+/// A function by name (`name` ends with NUL) in `scope`, or `None`.
 ///
 /// # Safety
-/// `F` is a function pointer type, the signature of the C function `name`.
-unsafe fn symbol<F>(name: &[u8]) -> Option<F> {
+/// `F` is a function pointer type, the signature of the C function `name`; `scope` is a valid
+/// dlsym handle (RTLD_DEFAULT, RTLD_NEXT, or a handle `dlopen` returned and not closed).
+unsafe fn symbol_in<F>(scope: *mut c_void, name: &[u8]) -> Option<F> {
     let name = CStr::from_bytes_with_nul(name).ok()?;
-    // SAFETY: `name` is a C string; dlsym only reads the loaded objects' symbol tables.
-    let address = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    // SAFETY: `name` is a C string, `scope` valid (the caller's guarantee); dlsym only reads the
+    // loaded objects' symbol tables.
+    let address = unsafe { libc::dlsym(scope, name.as_ptr()) };
     // SAFETY: a non-null address of the function `name`, and `F` its pointer type (the caller's
     // guarantee), which has a data pointer's size on every platform this builds for.
     (!address.is_null()).then(|| unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) })
@@ -288,6 +466,10 @@ unsafe extern "C" fn hook(
 ) -> c_int {
     // SAFETY: CPython passes the event name as a NUL-terminated string that outlives the call.
     let event = unsafe { CStr::from_ptr(event) }.to_bytes();
+    if event == HOOKS_CLEARED {
+        FINALIZED.store(true, Ordering::SeqCst);
+        return 0;
+    }
     if event == SELF_CHECK {
         SELF_CHECK_SEEN.store(true, Ordering::SeqCst);
         return 0;

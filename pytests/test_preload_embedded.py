@@ -1,0 +1,126 @@
+"""The preload library in programs that embed CPython (red-team S1, S5): a libpython loaded with
+dlopen after start-up is guarded like one linked in; a runtime started again after Py_FinalizeEx
+never runs unguarded (under enforce the process stops, exit 78). Real C hosts, built with gcc."""
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+from test_preload import preload_path, run
+
+HOST_SOURCE = os.path.join(os.path.dirname(__file__), "hosts", "embed.c")
+EX_CONFIG = 78
+
+
+class Touch:
+    """Unpickling it runs `touch PATH`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def shared_libpython():
+    """The shared libpython of the CPython running the tests (outside its venv), as test_preload finds it."""
+    python = os.path.realpath(sys._base_executable)
+    linked = subprocess.run(["ldd", python], capture_output=True, text=True, check=True).stdout
+    paths = [line.split("=>")[1].split()[0] for line in linked.splitlines() if "libpython" in line and "=>" in line]
+    assert paths, f"{python} does not use a shared libpython (Py_ENABLE_SHARED={sysconfig.get_config_var('Py_ENABLE_SHARED')})"
+    return os.path.realpath(paths[0])
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    """(linked, dlopen) host executables, compiled against this CPython."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is absent: the embedding hosts are C programs (scripts/test installs gcc)")
+    out = tmp_path_factory.mktemp("hosts")
+    libdir = sysconfig.get_config_var("LIBDIR")
+    version = sysconfig.get_config_var("LDVERSION")
+    include = sysconfig.get_config_var("INCLUDEPY")
+    linked, dl = str(out / "embed_linked"), str(out / "embed_dl")
+    for argv in (
+        [gcc, "-w", "-DLINKED", "-o", linked, HOST_SOURCE, f"-I{include}", f"-L{libdir}", f"-lpython{version}", f"-Wl,-rpath,{libdir}"],
+        [gcc, "-w", "-o", dl, HOST_SOURCE, "-ldl"],
+    ):
+        subprocess.run(argv, check=True, capture_output=True, text=True)
+    return linked, dl
+
+
+def runtime_code(canary):
+    """What each runtime runs: a payload that would create `canary`, through pickle.loads."""
+    payload = pickle.dumps(Touch(canary))
+    return f"import pickle; pickle.loads(bytes.fromhex('{payload.hex()}')); print('LOADED', flush=True)"
+
+
+def embed(argv, tmp_path, preload):
+    env = {"PYTHONHOME": sys.base_prefix}
+    if preload:
+        env.update({"LD_PRELOAD": preload_path(), "PICKLEGATE_MODE": "enforce"})
+    return run(argv, env, tmp_path)
+
+
+def test_preload_guards_a_libpython_loaded_with_dlopen(hosts, tmp_path):
+    _, dl = hosts
+    canary = tmp_path / "CANARY"
+    argv = [dl, shared_libpython(), "global", runtime_code(canary)]
+    control = embed(argv, tmp_path, preload=False)
+    assert control.returncode == 0 and canary.exists(), "control: without the preload the payload runs\n" + control.stderr
+    canary.unlink()
+
+    proc = embed(argv, tmp_path, preload=True)
+    assert "PickleDeniedError" in proc.stderr, proc.stdout + proc.stderr
+    assert "[embed] runtime 1 -> -1" in proc.stderr
+    assert "LOADED" not in proc.stdout
+    assert not canary.exists(), "the payload ran"
+
+
+def test_preload_fails_closed_in_a_libpython_loaded_with_dlopen_rtld_local(hosts, tmp_path):
+    """RTLD_LOCAL keeps libpython's symbols from every extension module (pickle's _struct as well
+    as picklegate's _core): the preload still finds the runtime, through the handle, and since
+    picklegate cannot load there, enforce stops the process at the first import."""
+    _, dl = hosts
+    argv = [dl, shared_libpython(), "local", "import os; print('user code ran', flush=True)"]
+    control = embed(argv, tmp_path, preload=False)
+    assert control.returncode == 0 and control.stdout == "user code ran\n", control.stderr
+    proc = embed(argv, tmp_path, preload=True)
+    assert proc.returncode == EX_CONFIG and proc.stdout == "", proc.stdout + proc.stderr
+    assert "cannot load picklegate" in proc.stderr and "stopping, rather than run unguarded" in proc.stderr
+
+
+@pytest.mark.parametrize("host", ["linked", "dlopen"])
+def test_a_reinitialized_interpreter_never_runs_unguarded(hosts, host, tmp_path):
+    linked, dl = hosts
+    first, second = tmp_path / "CANARY-1", tmp_path / "CANARY-2"
+    codes = [runtime_code(first), runtime_code(second)]
+    argv = [linked, *codes] if host == "linked" else [dl, shared_libpython(), "global", *codes]
+    control = embed(argv, tmp_path, preload=False)
+    assert control.returncode == 0 and first.exists() and second.exists(), "control: both runtimes run the payload\n" + control.stderr
+    first.unlink()
+    second.unlink()
+
+    proc = embed(argv, tmp_path, preload=True)
+    assert "PickleDeniedError" in proc.stderr and "[embed] runtime 1 -> -1" in proc.stderr, proc.stderr
+    # The second runtime cannot be guarded: enforce stops the process before it starts.
+    assert proc.returncode == EX_CONFIG, proc.stderr
+    assert "picklegate cannot guard a re-initialized interpreter" in proc.stderr
+    assert "[embed] runtime 2" not in proc.stderr and "LOADED" not in proc.stdout
+    assert not first.exists() and not second.exists(), "a payload ran"
+
+
+def test_a_reinitialized_interpreter_is_reported_loudly_in_warn_mode(hosts, tmp_path):
+    linked, _ = hosts
+    argv = [linked, "pass", "print('second runtime ran')"]
+    proc = run(argv, {"PYTHONHOME": sys.base_prefix, "LD_PRELOAD": preload_path(), "PICKLEGATE_MODE": "warn"}, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "picklegate cannot guard a re-initialized interpreter" in proc.stderr
+    assert "this process runs UNGUARDED" in proc.stderr
+    assert proc.stdout.strip() == "second runtime ran"
+
