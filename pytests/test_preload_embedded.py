@@ -124,3 +124,38 @@ def test_a_reinitialized_interpreter_is_reported_loudly_in_warn_mode(hosts, tmp_
     assert "this process runs UNGUARDED" in proc.stderr
     assert proc.stdout.strip() == "second runtime ran"
 
+
+
+@pytest.fixture(scope="module")
+def loader(tmp_path_factory):
+    """A program with RUNPATH $ORIGIN/lib linking a library with RUNPATH $ORIGIN/plugins."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is absent: the hosts are C programs (scripts/test installs gcc)")
+    out = tmp_path_factory.mktemp("loader")
+    (out / "lib").mkdir()
+    (out / "plugins").mkdir()
+    source = os.path.join(os.path.dirname(__file__), "hosts", "loader.c")
+    for argv in (
+        [gcc, "-shared", "-fPIC", "-DFOO=42", "-o", str(out / "lib" / "libfoo_pg.so"), source],
+        [gcc, "-shared", "-fPIC", "-DFOO=7", "-o", str(out / "plugins" / "libbar_pg.so"), source],
+        [gcc, "-shared", "-fPIC", "-DLIBRARY", "-o", str(out / "libloader_pg.so"), source, "-ldl", "-Wl,--enable-new-dtags,-rpath,$ORIGIN/plugins"],
+        [gcc, "-o", str(out / "loader"), source, f"-L{out}", "-lloader_pg", "-ldl", "-Wl,--enable-new-dtags,-rpath,$ORIGIN/lib:$ORIGIN"],
+    ):
+        subprocess.run(argv, check=True, capture_output=True, text=True)
+    return str(out / "loader")
+
+
+@pytest.mark.parametrize(
+    "name, caller, printed",
+    [("libfoo_pg.so", "program", 42), ("$ORIGIN/lib/libfoo_pg.so", "program", 42), ("libbar_pg.so", "library", 7)],
+    ids=["program-runpath", "program-origin", "library-runpath"],
+)
+def test_the_interposed_dlopen_searches_as_the_callers_own(loader, name, caller, printed, tmp_path):
+    """dlopen is interposed in every process the preload is in: a name is still searched in the
+    RUNPATH of the object that called dlopen, and $ORIGIN is still that object's directory."""
+    plain = run([loader, name, caller], {}, tmp_path)
+    assert (plain.returncode, plain.stdout) == (0, f"foo() = {printed}\n"), plain.stdout + plain.stderr
+    for env in ({"LD_PRELOAD": preload_path()}, {"LD_PRELOAD": preload_path(), "PICKLEGATE_MODE": "enforce"}):
+        proc = run([loader, name, caller], env, tmp_path)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, plain.stdout, ""), proc.stdout + proc.stderr

@@ -186,8 +186,8 @@ pub unsafe extern "C" fn dlopen(filename: *const c_char, flags: c_int) -> *mut c
     let Some(real) = real_dlopen() else {
         return std::ptr::null_mut();
     };
-    // SAFETY: forwarded unchanged; the caller's guarantee is libc's.
-    let handle = unsafe { real(filename, flags) };
+    // SAFETY: the caller's guarantee is libc's.
+    let handle = unsafe { load_as_caller(real, filename, flags) };
     if handle.is_null() || !ACTIVE.load(Ordering::SeqCst) || FOUND.load(Ordering::SeqCst) {
         return handle;
     }
@@ -208,6 +208,228 @@ pub unsafe extern "C" fn dlopen(filename: *const c_char, flags: c_int) -> *mut c
     // SAFETY: dlerror only reads and clears this thread's message.
     unsafe { libc::dlerror() };
     handle
+}
+
+/// libc's `dlopen` decides where a bare name is searched (the calling object's RUNPATH/RPATH) and
+/// what `$ORIGIN` means from the object that called it, which is now this library: for those
+/// names, find the program's calling object and search as libc would have for it.
+///
+/// # Safety
+/// As libc's `dlopen`: `filename` is null or a C string.
+#[cfg(target_env = "gnu")]
+unsafe fn load_as_caller(real: Dlopen, filename: *const c_char, flags: c_int) -> *mut c_void {
+    if filename.is_null() {
+        // SAFETY: a null name is the main program, whoever asks.
+        return unsafe { real(filename, flags) };
+    }
+    // SAFETY: a non-null `filename` is a C string (the caller's guarantee).
+    let name = unsafe { CStr::from_ptr(filename) }.to_bytes();
+    let bare = !name.contains(&b'/');
+    let origin = find(name, b"$ORIGIN", 0).is_some() || find(name, b"${ORIGIN}", 0).is_some();
+    if !bare && !origin {
+        // SAFETY: a path, the same from every caller.
+        return unsafe { real(filename, flags) };
+    }
+    let Some(caller) = calling_object() else {
+        // SAFETY: as libc's, with this library as the caller (the best left).
+        return unsafe { real(filename, flags) };
+    };
+    if origin {
+        let Some(directory) = origin_of(caller) else {
+            // SAFETY: as above.
+            return unsafe { real(filename, flags) };
+        };
+        let mut expanded = name.to_vec();
+        for token in [&b"${ORIGIN}"[..], b"$ORIGIN"] {
+            while let Some(at) = find(&expanded, token, 0) {
+                expanded.splice(at..at + token.len(), directory.iter().copied());
+            }
+        }
+        let Ok(expanded) = CString::new(expanded) else {
+            // SAFETY: as above.
+            return unsafe { real(filename, flags) };
+        };
+        // SAFETY: a C string, the name with the caller's origin in place of `$ORIGIN`.
+        return unsafe { real(expanded.as_ptr(), flags) };
+    }
+    // Already loaded under that name: libc returns it before any search.
+    // SAFETY: `filename` is a C string; RTLD_NOLOAD only looks among loaded objects.
+    let loaded = unsafe { real(filename, flags | libc::RTLD_NOLOAD) };
+    if !loaded.is_null() {
+        return loaded;
+    }
+    for directory in search_path(caller) {
+        let mut path = directory;
+        path.push(b'/');
+        path.extend_from_slice(name);
+        let Ok(path) = CString::new(path) else {
+            continue;
+        };
+        // SAFETY: `path` is a C string; access only asks whether the file exists.
+        if unsafe { libc::access(path.as_ptr(), libc::F_OK) } != 0 {
+            continue;
+        }
+        // SAFETY: `path` is a C string.
+        let handle = unsafe { real(path.as_ptr(), flags) };
+        if !handle.is_null() {
+            return handle;
+        }
+    }
+    // The cache and the system directories are the same for every caller.
+    // SAFETY: as libc's.
+    unsafe { real(filename, flags) }
+}
+
+/// Elsewhere: as libc's, with this library as the caller.
+///
+/// # Safety
+/// As libc's `dlopen`: `filename` is null or a C string.
+#[cfg(not(target_env = "gnu"))]
+unsafe fn load_as_caller(real: Dlopen, filename: *const c_char, flags: c_int) -> *mut c_void {
+    // SAFETY: the caller's guarantee is libc's.
+    unsafe { real(filename, flags) }
+}
+
+/// The link map (glibc: the handle) of the object whose code called `dlopen`: the first frame
+/// up the stack outside this library.
+#[cfg(target_env = "gnu")]
+fn calling_object() -> Option<*mut c_void> {
+    extern "C" {
+        fn _Unwind_Backtrace(
+            trace: extern "C" fn(*mut c_void, *mut c_void) -> c_int,
+            data: *mut c_void,
+        ) -> c_int;
+        fn _Unwind_GetIP(context: *mut c_void) -> usize;
+    }
+    /// glibc's `dladdr1` request for the link map (dlfcn.h; not in the libc crate).
+    const RTLD_DL_LINKMAP: c_int = 2;
+    struct Walk {
+        own_base: *mut c_void,
+        seen_own: bool,
+        caller: Option<*mut c_void>,
+    }
+    extern "C" fn frame(context: *mut c_void, data: *mut c_void) -> c_int {
+        const CONTINUE: c_int = 0; // _URC_NO_REASON
+        const STOP: c_int = 4; // _URC_NORMAL_STOP
+                               // SAFETY: `data` is the `Walk` `calling_object` passes, alive during the walk.
+        let walk = unsafe { &mut *data.cast::<Walk>() };
+        // SAFETY: `context` is the unwinder's, valid during this callback.
+        let ip = unsafe { _Unwind_GetIP(context) };
+        if ip == 0 {
+            return STOP;
+        }
+        // SAFETY: `Dl_info` is pointers and integers, for which all-zero is a valid value.
+        let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+        let mut map: *mut c_void = std::ptr::null_mut();
+        // SAFETY: dladdr1 only describes the address (one before the return address: inside
+        // the call) into `info` and `map`.
+        let found = unsafe {
+            libc::dladdr1(
+                (ip - 1) as *const c_void,
+                &mut info,
+                &mut map,
+                RTLD_DL_LINKMAP,
+            )
+        };
+        if found == 0 {
+            return CONTINUE;
+        }
+        if info.dli_fbase == walk.own_base {
+            walk.seen_own = true;
+            return CONTINUE;
+        }
+        if !walk.seen_own {
+            return CONTINUE; // the unwinder's own frames
+        }
+        walk.caller = (!map.is_null()).then_some(map);
+        STOP
+    }
+    // SAFETY: `Dl_info` is pointers and integers, for which all-zero is a valid value.
+    let mut own: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: `constructor` is code of this library, so dladdr can describe it into `own`.
+    if unsafe { libc::dladdr(constructor as *const c_void, &mut own) } == 0 {
+        return None;
+    }
+    let mut walk = Walk {
+        own_base: own.dli_fbase,
+        seen_own: false,
+        caller: None,
+    };
+    // SAFETY: `frame` has the callback's signature and reads `walk` only during the call.
+    unsafe { _Unwind_Backtrace(frame, (&mut walk as *mut Walk).cast()) };
+    walk.caller
+}
+
+/// `$ORIGIN` of the object `map`: the directory it was loaded from.
+#[cfg(target_env = "gnu")]
+fn origin_of(map: *mut c_void) -> Option<Vec<u8>> {
+    let mut buffer = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: `map` is a loaded object's link map, which glibc takes as its handle; RTLD_DI_ORIGIN
+    // writes at most PATH_MAX bytes and a NUL.
+    if unsafe { libc::dlinfo(map, libc::RTLD_DI_ORIGIN, buffer.as_mut_ptr().cast()) } != 0 {
+        return None;
+    }
+    let end = buffer.iter().position(|&b| b == 0)?;
+    buffer.truncate(end);
+    Some(buffer)
+}
+
+/// The directories glibc searches for a library the object `map` asks for by name: its RPATH
+/// and its loaders', LD_LIBRARY_PATH, its RUNPATH, the system directories (`RTLD_DI_SERINFO`).
+#[cfg(target_env = "gnu")]
+fn search_path(map: *mut c_void) -> Vec<Vec<u8>> {
+    /// `Dl_serpath`.
+    #[repr(C)]
+    struct SearchDirectory {
+        name: *const c_char,
+        flags: std::ffi::c_uint,
+    }
+    /// `Dl_serinfo`'s head, followed by `count` `Dl_serpath`s and their strings.
+    #[repr(C)]
+    struct SearchInfo {
+        size: usize,
+        count: std::ffi::c_uint,
+    }
+    let mut head = SearchInfo { size: 0, count: 0 };
+    // SAFETY: `map` is a loaded object's link map (glibc's handle); SERINFOSIZE fills `head`.
+    if unsafe {
+        libc::dlinfo(
+            map,
+            libc::RTLD_DI_SERINFOSIZE,
+            (&mut head as *mut SearchInfo).cast(),
+        )
+    } != 0
+    {
+        return Vec::new();
+    }
+    let offset =
+        std::mem::size_of::<SearchInfo>().next_multiple_of(std::mem::align_of::<SearchDirectory>());
+    if head.size < offset + head.count as usize * std::mem::size_of::<SearchDirectory>() {
+        return Vec::new();
+    }
+    // u64 words: aligned for the head, the entries and the strings.
+    let mut buffer = vec![0u64; head.size.div_ceil(8)];
+    let base = buffer.as_mut_ptr().cast::<u8>();
+    // SAFETY: `buffer` holds `head.size` bytes, aligned for `SearchInfo`.
+    unsafe {
+        base.cast::<SearchInfo>().write(SearchInfo {
+            size: head.size,
+            count: head.count,
+        })
+    };
+    // SAFETY: as above; SERINFO fills at most the size SERINFOSIZE gave, written in its head.
+    if unsafe { libc::dlinfo(map, libc::RTLD_DI_SERINFO, base.cast()) } != 0 {
+        return Vec::new();
+    }
+    (0..head.count as usize)
+        .filter_map(|i| {
+            // SAFETY: entry `i` of `count`, inside the buffer (checked against its size above).
+            let entry = unsafe { &*base.add(offset).cast::<SearchDirectory>().add(i) };
+            // SAFETY: glibc points each name at a C string inside the buffer.
+            (!entry.name.is_null())
+                .then(|| unsafe { CStr::from_ptr(entry.name) }.to_bytes().to_vec())
+        })
+        .collect()
 }
 
 /// Before a `Py_Initialize*`: a runtime started again after `Py_FinalizeEx` in a guarded process.
