@@ -135,10 +135,12 @@ def loader(tmp_path_factory):
     out = tmp_path_factory.mktemp("loader")
     (out / "lib").mkdir()
     (out / "plugins").mkdir()
+    (out / "env").mkdir()
     source = os.path.join(os.path.dirname(__file__), "hosts", "loader.c")
     for argv in (
         [gcc, "-shared", "-fPIC", "-DFOO=42", "-o", str(out / "lib" / "libfoo_pg.so"), source],
         [gcc, "-shared", "-fPIC", "-DFOO=7", "-o", str(out / "plugins" / "libbar_pg.so"), source],
+        [gcc, "-shared", "-fPIC", "-DFOO=5", "-o", str(out / "env" / "libfoo_pg.so"), source],
         [gcc, "-shared", "-fPIC", "-DLIBRARY", "-o", str(out / "libloader_pg.so"), source, "-ldl", "-Wl,--enable-new-dtags,-rpath,$ORIGIN/plugins"],
         [gcc, "-o", str(out / "loader"), source, f"-L{out}", "-lloader_pg", "-ldl", "-Wl,--enable-new-dtags,-rpath,$ORIGIN/lib:$ORIGIN"],
     ):
@@ -159,3 +161,11 @@ def test_the_interposed_dlopen_searches_as_the_callers_own(loader, name, caller,
     for env in ({"LD_PRELOAD": preload_path()}, {"LD_PRELOAD": preload_path(), "PICKLEGATE_MODE": "enforce"}):
         proc = run([loader, name, caller], env, tmp_path)
         assert (proc.returncode, proc.stdout, proc.stderr) == (0, plain.stdout, ""), proc.stdout + proc.stderr
+
+
+def test_the_interposed_dlopen_keeps_ld_library_path_before_the_callers_runpath(loader, tmp_path):
+    env = {"LD_LIBRARY_PATH": os.path.join(os.path.dirname(loader), "env")}
+    plain = run([loader, "libfoo_pg.so", "program"], env, tmp_path)
+    assert (plain.returncode, plain.stdout) == (0, "foo() = 5\n"), plain.stdout + plain.stderr
+    proc = run([loader, "libfoo_pg.so", "program"], {**env, "LD_PRELOAD": preload_path(), "PICKLEGATE_MODE": "enforce"}, tmp_path)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, plain.stdout, ""), proc.stdout + proc.stderr

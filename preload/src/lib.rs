@@ -258,7 +258,7 @@ unsafe fn load_as_caller(real: Dlopen, filename: *const c_char, flags: c_int) ->
     if !loaded.is_null() {
         return loaded;
     }
-    for directory in search_path(caller) {
+    for directory in callers_own_directories(caller) {
         let mut path = directory;
         path.push(b'/');
         path.extend_from_slice(name);
@@ -275,7 +275,8 @@ unsafe fn load_as_caller(real: Dlopen, filename: *const c_char, flags: c_int) ->
             return handle;
         }
     }
-    // The cache and the system directories are the same for every caller.
+    // The rest (the program's RPATH, LD_LIBRARY_PATH, the cache, the system directories) is the
+    // same for every caller.
     // SAFETY: as libc's.
     unsafe { real(filename, flags) }
 }
@@ -290,6 +291,10 @@ unsafe fn load_as_caller(real: Dlopen, filename: *const c_char, flags: c_int) ->
     unsafe { real(filename, flags) }
 }
 
+/// glibc's `dladdr1` request for the link map (dlfcn.h; not in the libc crate).
+#[cfg(target_env = "gnu")]
+const RTLD_DL_LINKMAP: c_int = 2;
+
 /// The link map (glibc: the handle) of the object whose code called `dlopen`: the first frame
 /// up the stack outside this library.
 #[cfg(target_env = "gnu")]
@@ -301,8 +306,6 @@ fn calling_object() -> Option<*mut c_void> {
         ) -> c_int;
         fn _Unwind_GetIP(context: *mut c_void) -> usize;
     }
-    /// glibc's `dladdr1` request for the link map (dlfcn.h; not in the libc crate).
-    const RTLD_DL_LINKMAP: c_int = 2;
     struct Walk {
         own_base: *mut c_void,
         seen_own: bool,
@@ -358,6 +361,41 @@ fn calling_object() -> Option<*mut c_void> {
     // SAFETY: `frame` has the callback's signature and reads `walk` only during the call.
     unsafe { _Unwind_Backtrace(frame, (&mut walk as *mut Walk).cast()) };
     walk.caller
+}
+
+/// The caller's search path up to the part it shares with this library's (which has no RPATH or
+/// RUNPATH): glibc looks in the cache before those shared system directories, so libc's `dlopen`
+/// searches them, after the caller's own.
+#[cfg(target_env = "gnu")]
+fn callers_own_directories(caller: *mut c_void) -> Vec<Vec<u8>> {
+    let mut callers = search_path(caller);
+    let own = own_map().map(search_path).unwrap_or_default();
+    let shared = callers
+        .iter()
+        .rev()
+        .zip(own.iter().rev())
+        .take_while(|(a, b)| a == b)
+        .count();
+    callers.truncate(callers.len() - shared);
+    callers
+}
+
+/// This library's link map (glibc: its handle).
+#[cfg(target_env = "gnu")]
+fn own_map() -> Option<*mut c_void> {
+    // SAFETY: `Dl_info` is pointers and integers, for which all-zero is a valid value.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    let mut map: *mut c_void = std::ptr::null_mut();
+    // SAFETY: `constructor` is code of this library, so dladdr1 can describe it.
+    let found = unsafe {
+        libc::dladdr1(
+            constructor as *const c_void,
+            &mut info,
+            &mut map,
+            RTLD_DL_LINKMAP,
+        )
+    };
+    (found != 0 && !map.is_null()).then_some(map)
 }
 
 /// `$ORIGIN` of the object `map`: the directory it was loaded from.
