@@ -493,14 +493,66 @@ unsafe fn real_initializer<F>(name: &[u8]) -> F {
     };
     // SAFETY: `scope` is RTLD_NEXT or a handle `dlopen` returned (libpython is never closed:
     // CPython cannot be unloaded); `F` is the signature of `name` (the caller's guarantee).
-    match unsafe { symbol_in::<F>(scope, name) } {
-        Some(function) => function,
-        None => {
-            let name = String::from_utf8_lossy(&name[..name.len() - 1]);
-            eprintln!("picklegate preload: cannot find the real {name}; stopping");
-            // SAFETY: as in `stop`.
-            unsafe { libc::_exit(EX_CONFIG) }
+    if let Some(function) = unsafe { symbol_in::<F>(scope, name) } {
+        return function;
+    }
+    // A libpython outside the default scope that no watched `dlopen` brought in (a process that
+    // did not ask for picklegate, a plugin loaded RTLD_LOCAL that links it): look through every
+    // loaded object.
+    for object in loaded_objects() {
+        let Some(real) = real_dlopen() else { break };
+        // SAFETY: `object` is a C string, the name of a loaded object; RTLD_NOLOAD loads nothing.
+        let handle = unsafe { real(object.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
+        if handle.is_null() {
+            continue;
         }
+        // SAFETY: `handle` was just returned by `dlopen`; asked for as a plain address.
+        let found = unsafe { symbol_in::<*mut c_void>(handle, name) };
+        // SAFETY: balances the reference RTLD_NOLOAD took; the object stays loaded.
+        unsafe { libc::dlclose(handle) };
+        if let Some(address) = found.filter(|&address| !is_own(address)) {
+            // SAFETY: the address of the function `name`, of type `F` (the caller's guarantee).
+            return unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) };
+        }
+    }
+    let name = String::from_utf8_lossy(&name[..name.len() - 1]);
+    eprintln!("picklegate preload: cannot find the real {name}; stopping");
+    // SAFETY: as in `stop`.
+    unsafe { libc::_exit(EX_CONFIG) }
+}
+
+/// The names of the loaded objects (`dl_iterate_phdr`), the program's own (empty) left out.
+fn loaded_objects() -> Vec<CString> {
+    extern "C" fn collect(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
+        // SAFETY: `data` is the Vec `loaded_objects` passes, alive during the iteration.
+        let names = unsafe { &mut *data.cast::<Vec<CString>>() };
+        // SAFETY: glibc passes a valid `dl_phdr_info` for the call.
+        let name = unsafe { (*info).dlpi_name };
+        if !name.is_null() {
+            // SAFETY: a non-null `dlpi_name` is a C string.
+            let name = unsafe { CStr::from_ptr(name) };
+            if !name.is_empty() {
+                names.push(name.to_owned());
+            }
+        }
+        0
+    }
+    let mut names: Vec<CString> = Vec::new();
+    // SAFETY: `collect` has the callback's signature and uses `names` only during the call.
+    unsafe { libc::dl_iterate_phdr(Some(collect), (&mut names as *mut Vec<CString>).cast()) };
+    names
+}
+
+/// True when `address` is in this library.
+fn is_own(address: *mut c_void) -> bool {
+    // SAFETY: `Dl_info` is pointers and integers, for which all-zero is a valid value.
+    let (mut theirs, mut own): (libc::Dl_info, libc::Dl_info) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    // SAFETY: dladdr only describes the addresses into the structures.
+    unsafe {
+        libc::dladdr(address, &mut theirs) != 0
+            && libc::dladdr(constructor as *const c_void, &mut own) != 0
+            && theirs.dli_fbase == own.dli_fbase
     }
 }
 

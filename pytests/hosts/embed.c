@@ -1,7 +1,9 @@
 /* An embedding program for the preload tests: runs each CODE argument in a runtime of its own
    (Py_Initialize, code, Py_FinalizeEx), site disabled as with python -S. Built two ways:
    linked to libpython (-DLINKED: `embed CODE...`), or loading it at run time as uWSGI, mod_wsgi
-   and PyInstaller do (`embed LIBPYTHON global|local CODE...`: dlopen RTLD_GLOBAL or RTLD_LOCAL). */
+   and PyInstaller do (`embed LIBPYTHON global|local CODE...`: dlopen RTLD_GLOBAL or RTLD_LOCAL).
+   With -DLINKED -DPLUGIN it is a plugin (`embed_main`) that a host built with -DPLUGIN_HOST loads
+   RTLD_LOCAL, as Apache loads mod_wsgi (`embed_plugin_host PLUGIN CODE...`). */
 #include <dlfcn.h>
 #include <stdio.h>
 #include <string.h>
@@ -9,6 +11,17 @@
 #include <Python.h>
 #endif
 
+#ifdef PLUGIN_HOST
+int main(int argc, char **argv) {
+    void *plugin = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+    if (!plugin) { fprintf(stderr, "dlopen: %s\n", dlerror()); return 2; }
+    int (*embed_main)(int, char **) = (int (*)(int, char **))dlsym(plugin, "embed_main");
+    return embed_main ? embed_main(argc - 1, argv + 1) : 2;
+}
+#else
+#ifdef PLUGIN
+#define main embed_main
+#endif
 int main(int argc, char **argv) {
     void (*initialize)(void);
     int (*run)(const char *, void *);
@@ -42,3 +55,4 @@ int main(int argc, char **argv) {
     }
     return 0;
 }
+#endif
