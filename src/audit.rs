@@ -5,7 +5,9 @@ use crate::errors::Error;
 use crate::load::{active_approval, carry_out};
 use crate::state;
 use crate::tokens::current_scope;
-use picklegate_core::decision::{decide_global, GlobalFacts};
+use picklegate_core::decision::{
+    decide_global, GlobalFacts, BACKSTOP_FAILED, BACKSTOP_NOT_REGISTERED,
+};
 use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -47,10 +49,7 @@ unsafe extern "C" fn hook(event: *const c_char, args: *mut ffi::PyObject, _: *mu
             -1
         }
         Err(_) => {
-            PyErr::from(Error::Policy(
-                "picklegate's backstop failed; refusing the global".into(),
-            ))
-            .restore(py);
+            PyErr::from(Error::Policy(BACKSTOP_FAILED.into())).restore(py);
             -1
         }
     }
@@ -187,9 +186,7 @@ pub fn install_backstop(py: Python<'_>) -> Result<(), Error> {
     }
     py.import("sys")?.call_method1("audit", (SELF_CHECK,))?;
     if !SELF_CHECK_SEEN.load(Ordering::SeqCst) {
-        return Err(Error::Policy(
-            "picklegate could not register its audit hook (another audit hook vetoed sys.addaudithook); refusing to run unguarded".into(),
-        ));
+        return Err(Error::Policy(BACKSTOP_NOT_REGISTERED.into()));
     }
     Ok(())
 }

@@ -138,7 +138,16 @@ pub fn current(py: Python<'_>) -> PyResult<Arc<str>> {
         // SAFETY: `frame` is a live frame object (PyEval_GetFrame or f_back, held by `frame`), and
         // PyFrame_GetCode returns a new, never null, reference to its code.
         let code = unsafe { Bound::from_owned_ptr(py, PyFrame_GetCode(frame.as_ptr())) };
-        let globals = frame.getattr(intern!(py, "f_globals"))?;
+        // SAFETY: the thread holds the GIL; PyEval_GetGlobals returns the running (innermost)
+        // frame's globals as a borrowed reference, or null, and `from_borrowed_ptr_or_opt` takes a
+        // new reference before anything else runs.
+        let running = innermost
+            .then(|| unsafe { Bound::from_borrowed_ptr_or_opt(py, ffi::PyEval_GetGlobals()) })
+            .flatten();
+        let globals = match running {
+            Some(globals) => globals, // the same as `f_globals`, without an attribute lookup
+            None => frame.getattr(intern!(py, "f_globals"))?,
+        };
         let key = (code.as_ptr() as usize, globals.as_ptr() as usize);
         if innermost {
             if let Some(site) = last_site(key) {

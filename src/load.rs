@@ -8,7 +8,7 @@ use crate::file::HashedFile;
 use crate::state::{self, emit};
 use crate::tokens::{current_scope, ScopeObj};
 use crate::unpickler;
-use picklegate_core::decision::{decide_load, Decision, LoadFacts};
+use picklegate_core::decision::{decide_load, Decision, LoadFacts, UNKNOWN_UNPICKLER_LAYOUT};
 use picklegate_core::event::Event;
 use picklegate_core::hash::Digest;
 use picklegate_core::policy::{Approval, Mode, Scope, ScopeRefusal};
@@ -183,7 +183,7 @@ pub fn carry_out(py: Python<'_>, gate: &Gate, decision: Decision) -> Result<Appr
         if let Some(event) = observed {
             observe_refusal(py, event);
         }
-        return Err(Error::Refused(denial));
+        return Err(Error::Refused(*denial));
     }
     if let (Some(record), Some(file)) = (
         &decision.record,
@@ -479,11 +479,8 @@ pub fn guarded_c_unpickler(
     }
     // Redirected only once the layout is known and the helper set (see redirect_unpickler_load).
     let take = UNPICKLER_TAKE.get(py).filter(|_| unpickler::layout_known());
-    let take = take.ok_or_else(|| {
-        pyo3::exceptions::PyRuntimeError::new_err(
-            "picklegate: the unpickler's input fields are not known; the load was refused",
-        )
-    })?;
+    let take =
+        take.ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err(UNKNOWN_UNPICKLER_LAYOUT))?;
     let Some((read, readline)) = unpickler::reader(unpickler) else {
         return run(); // __init__ was never called: the original raises its own error
     };

@@ -7,7 +7,8 @@ use parking_lot::{Mutex, RwLock};
 use picklegate_core::event::{Event, Sink};
 use picklegate_core::manifest::Manifest;
 use picklegate_core::policy::{
-    install_conflict, install_ignored, settle_install, Mode, Policy, Request, Settlement,
+    install_conflict, install_ignored, record_file_for, settle_install, Mode, Policy, Request,
+    Settlement,
 };
 use picklegate_core::record::RecordFile;
 use pyo3::prelude::*;
@@ -152,15 +153,12 @@ pub fn configure(
 
 /// The record file `record` mode needs (and only it): without one, its loads would go unrecorded.
 fn open_record_file(mode: Mode, path: Option<&str>) -> Result<Option<Arc<RecordFile>>, Error> {
-    match (mode, path.filter(|p| !p.trim().is_empty())) {
-        (Mode::Record, Some(path)) => match RecordFile::open(Path::new(path)) {
+    match record_file_for(mode, path).map_err(Error::Policy)? {
+        Some(path) => match RecordFile::open(Path::new(path)) {
             Ok(file) => Ok(Some(Arc::new(file))),
             Err(e) => Err(Error::Policy(e.to_string())),
         },
-        (Mode::Record, None) => Err(Error::Policy(
-            "picklegate record mode needs a record file: set PICKLEGATE_RECORD=PATH or call install(mode=\"record\", record=PATH)".into(),
-        )),
-        _ => Ok(None),
+        None => Ok(None),
     }
 }
 

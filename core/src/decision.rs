@@ -13,6 +13,16 @@ use serde::Serialize;
 use std::cell::{Cell, OnceCell};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// The refusals that are not a judgement of bytes or of a global, but of picklegate's own state:
+/// each fails closed. A live unpickler whose input fields are unknown cannot be served the bytes
+/// that were judged, so its load is refused.
+pub const UNKNOWN_UNPICKLER_LAYOUT: &str =
+    "picklegate: the unpickler's input fields are not known; the load was refused";
+/// The backstop failed (a panic) while judging a global: the global is refused.
+pub const BACKSTOP_FAILED: &str = "picklegate's backstop failed; refusing the global";
+/// Another audit hook vetoed the backstop's registration: picklegate refuses to run unguarded.
+pub const BACKSTOP_NOT_REGISTERED: &str = "picklegate could not register its audit hook (another audit hook vetoed sys.addaudithook); refusing to run unguarded";
+
 /// What the binding does with the load or the global.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -63,13 +73,13 @@ pub struct Decision {
     /// What the refusal message tells the user to add (an `[[allow]]` entry, or how to widen a rule).
     pub suggestion: Option<String>,
     /// The event to log; `None` for a quiet allowed load (nothing watches).
-    pub event: Option<Event>,
+    pub event: Option<Box<Event>>,
     /// The observer sees the event (load decisions; a global's event is only logged).
     pub observed: bool,
     /// The record-file line, in `record` mode.
-    pub record: Option<Record>,
+    pub record: Option<Box<Record>>,
     /// The error to raise, when refused.
-    pub denial: Option<Denial>,
+    pub denial: Option<Box<Denial>>,
 }
 
 impl Decision {
@@ -296,12 +306,12 @@ pub fn decide_load(
         verdict: Err(verdict),
         outcome: Outcome::Refuse,
         approval,
-        event: Some(event("deny", Some(reason.clone()))),
+        event: Some(Box::new(event("deny", Some(reason.clone())))),
         observed: true,
         reason: Some(reason),
         suggestion,
         record: None,
-        denial: Some(denial),
+        denial: Some(Box::new(denial)),
     };
 
     if let (Action::Refuse, Err(refusal)) = (judgement.action, &judgement.verdict) {
@@ -345,16 +355,18 @@ pub fn decide_load(
         }
         _ => (Outcome::Run, event("allow", None)),
     };
-    let record = (outcome == Outcome::RecordAndRun).then(|| Record {
-        time: event.time,
-        pid: event.pid,
-        callsite: event.callsite.clone(),
-        sha256: sha.to_hex(),
-        size,
-        globals: found.globals.clone(),
-        classes: found.classes.clone(),
-        globals_complete: found.complete,
-        source: event.source.clone(),
+    let record = (outcome == Outcome::RecordAndRun).then(|| {
+        Box::new(Record {
+            time: event.time,
+            pid: event.pid,
+            callsite: event.callsite.clone(),
+            sha256: sha.to_hex(),
+            size,
+            globals: found.globals.clone(),
+            classes: found.classes.clone(),
+            globals_complete: found.complete,
+            source: event.source.clone(),
+        })
     });
     Decision {
         verdict: judgement.verdict.map_err(Refused::Policy),
@@ -362,7 +374,7 @@ pub fn decide_load(
         approval,
         reason,
         suggestion: None,
-        event: Some(event),
+        event: Some(Box::new(event)),
         observed: true,
         record,
         denial: None,
@@ -413,7 +425,7 @@ pub fn decide_global<E>(
             event: None,
             observed: false,
             record: None,
-            denial: Some(denial(ErrorKind::NoPickle, message)),
+            denial: Some(Box::new(denial(ErrorKind::NoPickle, message))),
         });
     }
     if policy.mode == Mode::Off || (active.is_none() && resolved_after_load()?) {
@@ -458,10 +470,10 @@ pub fn decide_global<E>(
         approval: Approval::Unchecked,
         reason: Some(reason),
         suggestion: refused.then_some(suggested),
-        event: Some(event),
+        event: Some(Box::new(event)),
         observed: false,
         record: None,
-        denial: refused.then(|| denial(ErrorKind::PickleDenied, message)),
+        denial: refused.then(|| Box::new(denial(ErrorKind::PickleDenied, message))),
     })
 }
 

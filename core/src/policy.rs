@@ -392,6 +392,18 @@ pub fn settle(held: Request<'_>, wanted: Request<'_>) -> Settlement {
     }
 }
 
+/// The record file an install of `mode` writes: `record` mode needs one (without it, its loads
+/// would go unrecorded); every other mode writes none. A blank path names none.
+pub fn record_file_for(mode: Mode, path: Option<&str>) -> Result<Option<&str>, String> {
+    match (mode, path.filter(|p| !p.trim().is_empty())) {
+        (Mode::Record, Some(path)) => Ok(Some(path)),
+        (Mode::Record, None) => Err(
+            "picklegate record mode needs a record file: set PICKLEGATE_RECORD=PATH or call install(mode=\"record\", record=PATH)".into(),
+        ),
+        _ => Ok(None),
+    }
+}
+
 /// Settles an install against the gate in force: `held` is `None` when nothing is installed, or
 /// only `no_pickles()` switched the interposer on (any install replaces that). Two spellings of
 /// one manifest file (relative, through a link) are one manifest, not a conflict.
@@ -1320,6 +1332,21 @@ mod tests {
             settle_install(Some(request(Mode::Record)), request(Mode::Off)),
             Settlement::Ignored
         );
+    }
+
+    #[test]
+    fn record_mode_and_only_it_needs_a_record_file() {
+        assert_eq!(
+            record_file_for(Mode::Record, Some("r.jsonl")),
+            Ok(Some("r.jsonl"))
+        );
+        for blank in [None, Some(""), Some("  ")] {
+            let error = record_file_for(Mode::Record, blank).unwrap_err();
+            assert!(error.contains("PICKLEGATE_RECORD=PATH"), "{error}");
+        }
+        for mode in [Mode::Off, Mode::Warn, Mode::Enforce] {
+            assert_eq!(record_file_for(mode, Some("r.jsonl")), Ok(None));
+        }
     }
 
     #[test]
