@@ -37,7 +37,8 @@ def shared_libpython():
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
-    """(linked, dlopen, plugin host, plugin) executables and plugin, compiled against this CPython."""
+    """(linked, dlopen, plugin host, plugin, static) hosts, compiled against this CPython; the static
+    one has libpython linked into the executable, where the preload's Py_Initialize* are not called."""
     gcc = shutil.which("gcc")
     if gcc is None:
         pytest.skip("gcc is absent: the embedding hosts are C programs (scripts/test installs gcc)")
@@ -47,15 +48,20 @@ def hosts(tmp_path_factory):
     include = sysconfig.get_config_var("INCLUDEPY")
     linked, dl = str(out / "embed_linked"), str(out / "embed_dl")
     plugin_host, plugin = str(out / "embed_plugin_host"), str(out / "libembed_plugin.so")
+    static = str(out / "embed_static")
+    archive = os.path.join(sysconfig.get_config_var("LIBPL"), sysconfig.get_config_var("LIBRARY"))
+    assert os.path.isfile(archive), f"{archive} is missing: the static host links CPython's own libpython archive"
+    system_libraries = f"{sysconfig.get_config_var('LIBS')} {sysconfig.get_config_var('SYSLIBS')}".split()
     python = [f"-I{include}", f"-L{libdir}", f"-lpython{version}", f"-Wl,-rpath,{libdir}"]
     for argv in (
         [gcc, "-w", "-DLINKED", "-o", linked, HOST_SOURCE, *python],
         [gcc, "-w", "-o", dl, HOST_SOURCE, "-ldl"],
         [gcc, "-w", "-DPLUGIN_HOST", "-o", plugin_host, HOST_SOURCE, "-ldl"],
         [gcc, "-w", "-DLINKED", "-DPLUGIN", "-shared", "-fPIC", "-o", plugin, HOST_SOURCE, *python],
+        [gcc, "-w", "-DLINKED", "-o", static, HOST_SOURCE, f"-I{include}", archive, "-Wl,-E", *system_libraries],
     ):
         subprocess.run(argv, check=True, capture_output=True, text=True)
-    return linked, dl, plugin_host, plugin
+    return linked, dl, plugin_host, plugin, static
 
 
 def runtime_code(canary):
@@ -72,7 +78,7 @@ def embed(argv, tmp_path, preload):
 
 
 def test_preload_guards_a_libpython_loaded_with_dlopen(hosts, tmp_path):
-    _, dl, _, _ = hosts
+    _, dl, _, _, _ = hosts
     canary = tmp_path / "CANARY"
     argv = [dl, shared_libpython(), "global", runtime_code(canary)]
     control = embed(argv, tmp_path, preload=False)
@@ -90,7 +96,7 @@ def test_preload_fails_closed_in_a_libpython_loaded_with_dlopen_rtld_local(hosts
     """RTLD_LOCAL keeps libpython's symbols from every extension module (pickle's _struct as well
     as picklegate's _core): the preload still finds the runtime, through the handle, and since
     picklegate cannot load there, enforce stops the process at the first import."""
-    _, dl, _, _ = hosts
+    _, dl, _, _, _ = hosts
     argv = [dl, shared_libpython(), "local", "import os; print('user code ran', flush=True)"]
     control = embed(argv, tmp_path, preload=False)
     assert control.returncode == 0 and control.stdout == "user code ran\n", control.stderr
@@ -99,12 +105,16 @@ def test_preload_fails_closed_in_a_libpython_loaded_with_dlopen_rtld_local(hosts
     assert "cannot load picklegate" in proc.stderr and "stopping, rather than run unguarded" in proc.stderr
 
 
-@pytest.mark.parametrize("host", ["linked", "dlopen"])
+@pytest.mark.parametrize("host", ["linked", "dlopen", "static"])
 def test_a_reinitialized_interpreter_never_runs_unguarded(hosts, host, tmp_path):
-    linked, dl, _, _ = hosts
+    linked, dl, _, _, static = hosts
     first, second = tmp_path / "CANARY-1", tmp_path / "CANARY-2"
     codes = [runtime_code(first), runtime_code(second)]
-    argv = [linked, *codes] if host == "linked" else [dl, shared_libpython(), "global", *codes]
+    argv = {
+        "linked": [linked, *codes],
+        "dlopen": [dl, shared_libpython(), "global", *codes],
+        "static": [static, *codes],
+    }[host]
     control = embed(argv, tmp_path, preload=False)
     assert control.returncode == 0 and first.exists() and second.exists(), "control: both runtimes run the payload\n" + control.stderr
     first.unlink()
@@ -120,7 +130,7 @@ def test_a_reinitialized_interpreter_never_runs_unguarded(hosts, host, tmp_path)
 
 
 def test_a_reinitialized_interpreter_is_reported_loudly_in_warn_mode(hosts, tmp_path):
-    linked, _, _, _ = hosts
+    linked, _, _, _, _ = hosts
     argv = [linked, "pass", "print('second runtime ran')"]
     proc = run(argv, {"PYTHONHOME": sys.base_prefix, "LD_PRELOAD": preload_path(), "PICKLEGATE_MODE": "warn"}, tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -134,7 +144,7 @@ def test_a_plugin_linked_to_libpython_loaded_rtld_local(hosts, tmp_path):
     """The plugin's Py_Initialize reaches the preload's, which finds libpython's outside the default
     scope: without PICKLEGATE_* the plugin runs as without the preload; with enforce the runtime is
     armed at the dlopen and, since picklegate cannot load there, stopped at the first import."""
-    _, _, plugin_host, plugin = hosts
+    _, _, plugin_host, plugin, _ = hosts
     argv = [plugin_host, plugin, "print('user code ran', flush=True)"]
     plain = embed(argv, tmp_path, preload=False)
     assert (plain.returncode, plain.stdout) == (0, "user code ran\n"), plain.stderr

@@ -41,11 +41,16 @@ pub struct PyStatus {
 }
 /// `PyRun_SimpleStringFlags`.
 type RunString = unsafe extern "C" fn(*const c_char, *mut c_void) -> c_int;
+/// `Py_OpenCodeHookFunction`: a path object in, an open file object (or NULL) out.
+type OpenCodeHook = unsafe extern "C" fn(*mut c_void, *mut c_void) -> *mut c_void;
+/// `PyFile_SetOpenCodeHook`.
+type SetOpenCodeHook = unsafe extern "C" fn(OpenCodeHook, *mut c_void) -> c_int;
 
 /// What the hook needs once CPython runs: two C API functions and the bootstrap statement.
 struct Interpreter {
     is_initialized: IsInitialized,
     run_string: RunString,
+    set_open_code_hook: Option<SetOpenCodeHook>,
     bootstrap: CString,
 }
 
@@ -149,9 +154,13 @@ unsafe fn arm(scope: *mut c_void) -> bool {
     };
     let bootstrap =
         CString::new(bootstrap_statement(&package, host)).expect("hex digits contain no NUL");
+    // SAFETY: `SetOpenCodeHook` is the signature of `PyFile_SetOpenCodeHook`.
+    let set_open_code_hook =
+        unsafe { symbol_in::<SetOpenCodeHook>(scope, b"PyFile_SetOpenCodeHook\0") };
     let _ = INTERPRETER.set(Interpreter {
         is_initialized,
         run_string,
+        set_open_code_hook,
         bootstrap,
     });
     // SAFETY: PEP 578 allows adding a hook before `Py_Initialize` (checked just above: the
@@ -768,6 +777,39 @@ fn started(event: &[u8], interpreter: &Interpreter) -> bool {
         || (event == b"import" && unsafe { (interpreter.is_initialized)() } != 0)
 }
 
+/// The runtime is being finalized, and a second one may start where the preload's `Py_Initialize*`
+/// are not called (libpython linked into the program, or bound inside itself and found with
+/// `dlsym`). The open-code hook outlives finalization (CPython keeps it for the process) and the
+/// next runtime calls it for its first module read from a file (`encodings`, while it starts),
+/// before any of its Python code runs: there the process stops. Only where stopping is the rule:
+/// the lenient modes would need a working `open_code`.
+fn arm_open_code_backstop() {
+    if lenient() {
+        return;
+    }
+    let Some(set_open_code_hook) = INTERPRETER.get().and_then(|i| i.set_open_code_hook) else {
+        return;
+    };
+    // SAFETY: called from the hook during `Py_FinalizeEx`, after the interpreter state is cleared
+    // and with the runtime marked uninitialized, so no audit event is raised and nothing reads the
+    // open-code hook until a runtime starts again; `open_code_after_finalize` has the
+    // `Py_OpenCodeHookFunction` signature. A hook already set (the program's own) stays: -1.
+    let _ = unsafe { set_open_code_hook(open_code_after_finalize, std::ptr::null_mut()) };
+}
+
+/// The open-code hook of a runtime started after `Py_FinalizeEx`: stops the process.
+///
+/// # Safety
+/// Called by CPython only, as `Py_OpenCodeHookFunction`.
+unsafe extern "C" fn open_code_after_finalize(
+    _path: *mut c_void,
+    _user_data: *mut c_void,
+) -> *mut c_void {
+    stop("picklegate cannot guard a re-initialized interpreter (its first module read after Py_FinalizeEx)");
+    // Only if the mode turned lenient since: no file, so the import fails.
+    std::ptr::null_mut()
+}
+
 /// # Safety
 /// Called by CPython only, as a PEP 578 hook: `event` is a C string, the GIL (or the only thread
 /// of a starting runtime) is held.
@@ -780,6 +822,7 @@ unsafe extern "C" fn hook(
     let event = unsafe { CStr::from_ptr(event) }.to_bytes();
     if event == HOOKS_CLEARED {
         FINALIZED.store(true, Ordering::SeqCst);
+        arm_open_code_backstop();
         return 0;
     }
     if event == SELF_CHECK {
