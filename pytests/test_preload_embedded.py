@@ -77,10 +77,11 @@ def embed(argv, tmp_path, preload):
     return run(argv, env, tmp_path)
 
 
-def test_preload_guards_a_libpython_loaded_with_dlopen(hosts, tmp_path):
+@pytest.mark.parametrize("how", ["global", "newlm"], ids=["dlopen-rtld-global", "dlmopen-new-namespace"])
+def test_preload_guards_a_libpython_loaded_with_dlopen(hosts, how, tmp_path):
     _, dl, _, _, _ = hosts
     canary = tmp_path / "CANARY"
-    argv = [dl, shared_libpython(), "global", runtime_code(canary)]
+    argv = [dl, shared_libpython(), how, runtime_code(canary)]
     control = embed(argv, tmp_path, preload=False)
     assert control.returncode == 0 and canary.exists(), "control: without the preload the payload runs\n" + control.stderr
     canary.unlink()

@@ -30,6 +30,8 @@ type InitializeEx = unsafe extern "C" fn(c_int);
 type InitializeFromConfig = unsafe extern "C" fn(*const c_void) -> PyStatus;
 /// `dlopen`.
 type Dlopen = unsafe extern "C" fn(*const c_char, c_int) -> *mut c_void;
+/// A load (name, flags) as `dlopen` or `dlmopen` into one namespace does it.
+type Loader<'a> = &'a dyn Fn(*const c_char, c_int) -> *mut c_void;
 
 /// CPython's `PyStatus` (3.8 to 3.14: an enum, two C strings, an int), only passed through.
 #[repr(C)]
@@ -195,17 +197,66 @@ pub unsafe extern "C" fn dlopen(filename: *const c_char, flags: c_int) -> *mut c
     let Some(real) = real_dlopen() else {
         return std::ptr::null_mut();
     };
+    // SAFETY: `load_as_caller` passes null or a C string, and flags, as libc's `dlopen` takes them.
+    let load = |name: *const c_char, flags: c_int| unsafe { real(name, flags) };
     // SAFETY: the caller's guarantee is libc's.
-    let handle = unsafe { load_as_caller(real, filename, flags) };
+    let handle = unsafe { load_as_caller(&load, false, filename, flags) };
+    look_for_cpython(handle);
+    handle
+}
+
+/// `dlmopen`, as libc's, and then as `dlopen`: a libpython loaded into a namespace of its own.
+///
+/// # Safety
+/// As libc's `dlmopen`: `filename` is a C string.
+#[cfg(target_env = "gnu")]
+#[no_mangle]
+pub unsafe extern "C" fn dlmopen(
+    namespace: libc::Lmid_t,
+    filename: *const c_char,
+    flags: c_int,
+) -> *mut c_void {
+    static REAL: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+    let mut address = REAL.load(Ordering::Acquire);
+    if address.is_null() {
+        // SAFETY: a NUL-terminated name; RTLD_NEXT asks for the definition after this library's.
+        address = unsafe { libc::dlsym(libc::RTLD_NEXT, b"dlmopen\0".as_ptr().cast()) };
+        REAL.store(address, Ordering::Release);
+    }
+    if address.is_null() {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: a non-null address of libc's `dlmopen`, whose signature this is.
+    let real = unsafe {
+        std::mem::transmute::<
+            *mut c_void,
+            unsafe extern "C" fn(libc::Lmid_t, *const c_char, c_int) -> *mut c_void,
+        >(address)
+    };
+    // SAFETY: `load_as_caller` passes a C string and flags, as libc's `dlmopen` takes them.
+    let load = |name: *const c_char, flags: c_int| unsafe { real(namespace, name, flags) };
+    // SAFETY: the caller's guarantee is libc's.
+    let handle = unsafe { load_as_caller(&load, namespace == LM_ID_NEWLM, filename, flags) };
+    look_for_cpython(handle);
+    handle
+}
+
+/// glibc's `LM_ID_NEWLM` (dlfcn.h): `dlmopen` into a new namespace.
+#[cfg(target_env = "gnu")]
+const LM_ID_NEWLM: libc::Lmid_t = -1;
+
+/// After a successful load, in a process that asked for picklegate and has no CPython yet: arm
+/// a libpython it brought in.
+fn look_for_cpython(handle: *mut c_void) {
     if handle.is_null() || !ACTIVE.load(Ordering::SeqCst) || FOUND.load(Ordering::SeqCst) {
-        return handle;
+        return;
     }
     let _looking = LOOKING
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     if !FOUND.load(Ordering::SeqCst) {
-        // SAFETY: `handle` was just returned by `dlopen`; RTLD_DEFAULT is always valid. The
-        // handle first: a library loaded RTLD_LOCAL is not in the default scope.
+        // SAFETY: `handle` was just returned by `dlopen`/`dlmopen`; RTLD_DEFAULT is always
+        // valid. The handle first: a library loaded RTLD_LOCAL is not in the default scope.
         if unsafe { arm(handle) } {
             LIBPYTHON.store(handle, Ordering::SeqCst);
         } else {
@@ -216,37 +267,44 @@ pub unsafe extern "C" fn dlopen(filename: *const c_char, flags: c_int) -> *mut c
     // The look-ups that found nothing left a dlerror message the caller did not cause.
     // SAFETY: dlerror only reads and clears this thread's message.
     unsafe { libc::dlerror() };
-    handle
 }
 
 /// libc's `dlopen` decides where a bare name is searched (the calling object's RUNPATH/RPATH) and
 /// what `$ORIGIN` means from the object that called it, which is now this library: for those
 /// names, find the program's calling object and search as libc would have for it.
 ///
+/// `real` loads (libc's `dlopen`, or `dlmopen` into one namespace); `fresh` when that namespace is
+/// a new one, where nothing is loaded yet.
+///
 /// # Safety
 /// As libc's `dlopen`: `filename` is null or a C string.
 #[cfg(target_env = "gnu")]
-unsafe fn load_as_caller(real: Dlopen, filename: *const c_char, flags: c_int) -> *mut c_void {
+unsafe fn load_as_caller(
+    real: Loader,
+    fresh: bool,
+    filename: *const c_char,
+    flags: c_int,
+) -> *mut c_void {
     if filename.is_null() {
-        // SAFETY: a null name is the main program, whoever asks.
-        return unsafe { real(filename, flags) };
+        // A null name is the main program, whoever asks.
+        return real(filename, flags);
     }
     // SAFETY: a non-null `filename` is a C string (the caller's guarantee).
     let name = unsafe { CStr::from_ptr(filename) }.to_bytes();
     let bare = !name.contains(&b'/');
     let origin = find(name, b"$ORIGIN", 0).is_some() || find(name, b"${ORIGIN}", 0).is_some();
     if !bare && !origin {
-        // SAFETY: a path, the same from every caller.
-        return unsafe { real(filename, flags) };
+        // A path, the same from every caller.
+        return real(filename, flags);
     }
     let Some(caller) = calling_object() else {
-        // SAFETY: as libc's, with this library as the caller (the best left).
-        return unsafe { real(filename, flags) };
+        // As libc's, with this library as the caller (the best left).
+        return real(filename, flags);
     };
     if origin {
         let Some(directory) = origin_of(caller) else {
-            // SAFETY: as above.
-            return unsafe { real(filename, flags) };
+            // As above.
+            return real(filename, flags);
         };
         let mut expanded = name.to_vec();
         for token in [&b"${ORIGIN}"[..], b"$ORIGIN"] {
@@ -255,17 +313,19 @@ unsafe fn load_as_caller(real: Dlopen, filename: *const c_char, flags: c_int) ->
             }
         }
         let Ok(expanded) = CString::new(expanded) else {
-            // SAFETY: as above.
-            return unsafe { real(filename, flags) };
+            // As above.
+            return real(filename, flags);
         };
-        // SAFETY: a C string, the name with the caller's origin in place of `$ORIGIN`.
-        return unsafe { real(expanded.as_ptr(), flags) };
+        // The name with the caller's origin in place of `$ORIGIN`.
+        return real(expanded.as_ptr(), flags);
     }
-    // Already loaded under that name: libc returns it before any search.
-    // SAFETY: `filename` is a C string; RTLD_NOLOAD only looks among loaded objects.
-    let loaded = unsafe { real(filename, flags | libc::RTLD_NOLOAD) };
-    if !loaded.is_null() {
-        return loaded;
+    // Already loaded under that name: libc returns it before any search (RTLD_NOLOAD only looks
+    // among loaded objects; a new namespace has none).
+    if !fresh {
+        let loaded = real(filename, flags | libc::RTLD_NOLOAD);
+        if !loaded.is_null() {
+            return loaded;
+        }
     }
     for directory in callers_own_directories(caller) {
         let mut path = directory;
@@ -278,16 +338,14 @@ unsafe fn load_as_caller(real: Dlopen, filename: *const c_char, flags: c_int) ->
         if unsafe { libc::access(path.as_ptr(), libc::F_OK) } != 0 {
             continue;
         }
-        // SAFETY: `path` is a C string.
-        let handle = unsafe { real(path.as_ptr(), flags) };
+        let handle = real(path.as_ptr(), flags);
         if !handle.is_null() {
             return handle;
         }
     }
     // The rest (the program's RPATH, LD_LIBRARY_PATH, the cache, the system directories) is the
     // same for every caller.
-    // SAFETY: as libc's.
-    unsafe { real(filename, flags) }
+    real(filename, flags)
 }
 
 /// Elsewhere: as libc's, with this library as the caller.
@@ -295,9 +353,13 @@ unsafe fn load_as_caller(real: Dlopen, filename: *const c_char, flags: c_int) ->
 /// # Safety
 /// As libc's `dlopen`: `filename` is null or a C string.
 #[cfg(not(target_env = "gnu"))]
-unsafe fn load_as_caller(real: Dlopen, filename: *const c_char, flags: c_int) -> *mut c_void {
-    // SAFETY: the caller's guarantee is libc's.
-    unsafe { real(filename, flags) }
+unsafe fn load_as_caller(
+    real: Loader,
+    _fresh: bool,
+    filename: *const c_char,
+    flags: c_int,
+) -> *mut c_void {
+    real(filename, flags)
 }
 
 /// glibc's `dladdr1` request for the link map (dlfcn.h; not in the libc crate).

@@ -1,9 +1,11 @@
 /* An embedding program for the preload tests: runs each CODE argument in a runtime of its own
    (Py_Initialize, code, Py_FinalizeEx), site disabled as with python -S. Built two ways:
    linked to libpython (-DLINKED: `embed CODE...`), or loading it at run time as uWSGI, mod_wsgi
-   and PyInstaller do (`embed LIBPYTHON global|local CODE...`: dlopen RTLD_GLOBAL or RTLD_LOCAL).
+   and PyInstaller do (`embed LIBPYTHON global|local|newlm CODE...`: dlopen RTLD_GLOBAL or
+   RTLD_LOCAL, or dlmopen into a new namespace).
    With -DLINKED -DPLUGIN it is a plugin (`embed_main`) that a host built with -DPLUGIN_HOST loads
    RTLD_LOCAL, as Apache loads mod_wsgi (`embed_plugin_host PLUGIN CODE...`). */
+#define _GNU_SOURCE /* dlmopen */
 #include <dlfcn.h>
 #include <stdio.h>
 #include <string.h>
@@ -35,9 +37,10 @@ int main(int argc, char **argv) {
     no_site = &Py_NoSiteFlag;
     first = 1;
 #else
-    if (argc < 3) { fprintf(stderr, "usage: embed LIBPYTHON global|local CODE...\n"); return 2; }
+    if (argc < 3) { fprintf(stderr, "usage: embed LIBPYTHON global|local|newlm CODE...\n"); return 2; }
     int scope = strcmp(argv[2], "global") == 0 ? RTLD_GLOBAL : RTLD_LOCAL;
-    void *lib = dlopen(argv[1], RTLD_NOW | scope);
+    void *lib = strcmp(argv[2], "newlm") == 0 ? dlmopen(LM_ID_NEWLM, argv[1], RTLD_NOW)
+                                              : dlopen(argv[1], RTLD_NOW | scope);
     if (!lib) { fprintf(stderr, "dlopen: %s\n", dlerror()); return 2; }
     initialize = (void (*)(void))dlsym(lib, "Py_Initialize");
     run = (int (*)(const char *, void *))dlsym(lib, "PyRun_SimpleStringFlags");
