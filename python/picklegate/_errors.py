@@ -46,16 +46,16 @@ class PolicyError(Exception):
     def __init__(
         self,
         message: str,
-        file: "str | None" = None,
-        line: "int | None" = None,
-        column: "int | None" = None,
+        file: Optional[str] = None,
+        line: Optional[int] = None,
+        column: Optional[int] = None,
     ) -> None:
         super().__init__(message)
         self.file = file
         self.line = line
         self.column = column
 
-    def __reduce__(self) -> "tuple[type, tuple[str, str | None, int | None, int | None]]":
+    def __reduce__(self) -> tuple[type, tuple[str, Optional[str], Optional[int], Optional[int]]]:
         # The message alone in `args`, as before; the location travels beside it.
         return (type(self), (str(self), self.file, self.line, self.column))
 
