@@ -940,8 +940,9 @@ fn started(event: &[u8], interpreter: &Interpreter) -> bool {
 /// are not called (libpython linked into the program, or bound inside itself and found with
 /// `dlsym`). The open-code hook outlives finalization (CPython keeps it for the process) and the
 /// next runtime calls it for its first module read from a file (`encodings`, while it starts),
-/// before any of its Python code runs: there the process stops. Only where stopping is the rule:
-/// the lenient modes would need a working `open_code`.
+/// before any of its Python code runs: there the process stops. When the program set its own
+/// open-code hook (CPython keeps the first), the process stops here, at finalization. Only where
+/// stopping is the rule: the lenient modes would need a working `open_code`.
 fn arm_open_code_backstop() {
     if lenient() {
         return;
@@ -953,7 +954,11 @@ fn arm_open_code_backstop() {
     // and with the runtime marked uninitialized, so no audit event is raised and nothing reads the
     // open-code hook until a runtime starts again; `open_code_after_finalize` has the
     // `Py_OpenCodeHookFunction` signature. A hook already set (the program's own) stays: -1.
-    let _ = unsafe { set_open_code_hook(open_code_after_finalize, std::ptr::null_mut()) };
+    if unsafe { set_open_code_hook(open_code_after_finalize, std::ptr::null_mut()) } != 0 {
+        // The program's own open-code hook stays, so nothing would stop a runtime started
+        // again (through a `dlsym` pointer, which the preload's `Py_Initialize*` never see).
+        stop("the program set its own open-code hook, so picklegate cannot stop a runtime started again after Py_FinalizeEx; stopping at finalization");
+    }
 }
 
 /// The open-code hook of a runtime started after `Py_FinalizeEx`: stops the process.
