@@ -40,7 +40,12 @@ def test_picklegate_run_never_leaves_a_setuid_python_unguarded(shared_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKLEGATE_") and k != "LD_PRELOAD"}
     # -S: the setuid copy's own site-packages play no part (the preload is what `run` promises).
     as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    reachable = subprocess.run([*as_nobody, sys.executable, "-c", "import picklegate"], env=env, cwd=tmp_path,
+                               capture_output=True, text=True, timeout=120)
+    if reachable.returncode != 0:
+        pytest.skip(f"uid 65534 cannot run this Python and picklegate: {reachable.stderr.strip()[-300:]}")
     proc = subprocess.run([*as_nobody, *picklegate, str(setuid_python), "-S", "-c", code],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert "cannot run" not in proc.stderr, proc.stderr
     assert not canary.exists(), f"attacker bytes RAN under picklegate run --mode enforce:\n{proc.stdout}{proc.stderr}"
+    assert proc.returncode == 78 and "set-user-ID" in proc.stderr, proc.stdout + proc.stderr
