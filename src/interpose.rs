@@ -108,7 +108,7 @@ fn into_raw(py: Python<'_>, result: PyResult<Py<PyAny>>) -> *mut ffi::PyObject {
 }
 
 fn internal_error() -> PyErr {
-    PyRuntimeError::new_err("picklegate: internal error; the load was refused")
+    PyRuntimeError::new_err(picklegate_core::decision::INTERNAL_ERROR)
 }
 
 /// The arguments of a METH_FASTCALL|METH_KEYWORDS call, positional then keyword values.

@@ -198,17 +198,25 @@ pub fn carry_out(py: Python<'_>, gate: &Gate, decision: Decision) -> Result<Appr
     Ok(decision.approval)
 }
 
-/// The `[[allow]]` entry that would list a load, as text telling the user to add it to `target`
-/// (`decision::allow_suggestion`; the pytest plugin's refusals suggest it too).
+/// What the pytest plugin tells a test whose load it refuses (`decision::test_refusal`).
 #[pyfunction]
-#[pyo3(signature = (target, sha256, callsite, globals=None))]
-pub fn allow_suggestion(
-    target: &str,
+#[pyo3(signature = (policy, size, sha256, callsite, reason, globals=None))]
+pub fn test_refusal(
+    policy: Option<&str>,
+    size: u64,
     sha256: &str,
     callsite: &str,
+    reason: &str,
     globals: Option<Vec<String>>,
 ) -> String {
-    picklegate_core::decision::allow_suggestion(target, sha256, callsite, globals.as_deref())
+    picklegate_core::decision::test_refusal(
+        policy,
+        size,
+        sha256,
+        callsite,
+        reason,
+        globals.as_deref(),
+    )
 }
 
 /// Judges a container on its whole file, once.

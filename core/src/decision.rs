@@ -214,6 +214,28 @@ pub fn allow_suggestion(
     format!("To allow it after review, add to {target}:\n\n{toml}")
 }
 
+/// What the pytest plugin's `enforce` tells a test that loaded a pickle neither the policy
+/// (`policy`, its path when one was given) nor the test's `@pytest.mark.picklegate` lists.
+pub fn test_refusal(
+    policy: Option<&str>,
+    size: u64,
+    sha256: &str,
+    callsite: &str,
+    reason: &str,
+    globals: Option<&[String]>,
+) -> String {
+    let target = policy.unwrap_or("a manifest (--picklegate-policy)");
+    let suggestion = allow_suggestion(target, sha256, callsite, globals);
+    format!(
+        "picklegate refused to unpickle {size} bytes (sha256 {sha256}) at {callsite}: {reason}.\n\
+         {suggestion}\nor in this test only: @pytest.mark.picklegate(allow=[\"sha256:{sha256}\"])"
+    )
+}
+
+/// The error a load gets when the binding failed while carrying it out (a panic): the load is
+/// refused, never run unjudged.
+pub const INTERNAL_ERROR: &str = "picklegate: internal error; the load was refused";
+
 /// What a refusal by the policy tells the user to add.
 fn suggestion(
     refusal: &Refusal,
@@ -980,5 +1002,38 @@ mod tests {
             ),
             Err("frame error")
         );
+    }
+
+    #[test]
+    fn a_test_refusal_names_the_load_and_both_ways_to_allow_it() {
+        let sha = "ab".repeat(32);
+        let globals = ["collections.OrderedDict".to_string()];
+        let message = test_refusal(
+            Some("policy.toml"),
+            12,
+            &sha,
+            "tests.test_x:load",
+            "no [[allow]] entry lists its sha256",
+            Some(&globals),
+        );
+        assert!(message.starts_with(&format!(
+            "picklegate refused to unpickle 12 bytes (sha256 {sha}) at tests.test_x:load: no [[allow]] entry lists its sha256.\nTo allow it after review, add to policy.toml:\n"
+        )), "{message}");
+        assert!(
+            message.contains("globals = [\"collections.OrderedDict\"]"),
+            "{message}"
+        );
+        assert!(
+            message.ends_with(&format!(
+                "\nor in this test only: @pytest.mark.picklegate(allow=[\"sha256:{sha}\"])"
+            )),
+            "{message}"
+        );
+        let without_policy = test_refusal(None, 1, &sha, "m:f", "r", None);
+        assert!(
+            without_policy.contains("add to a manifest (--picklegate-policy):"),
+            "{without_policy}"
+        );
+        assert!(!without_policy.contains("globals"), "{without_policy}");
     }
 }
