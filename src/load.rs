@@ -8,7 +8,9 @@ use crate::file::HashedFile;
 use crate::state::{self, emit};
 use crate::tokens::{current_scope, ScopeObj};
 use crate::unpickler;
-use picklegate_core::decision::{decide_load, Decision, LoadFacts, UNKNOWN_UNPICKLER_LAYOUT};
+use picklegate_core::decision::{
+    decide_load, Decision, LoadFacts, RefusedInTest, UNKNOWN_UNPICKLER_LAYOUT,
+};
 use picklegate_core::event::Event;
 use picklegate_core::hash::Digest;
 use picklegate_core::policy::{Approval, Mode, Scope, ScopeRefusal};
@@ -198,7 +200,7 @@ pub fn carry_out(py: Python<'_>, gate: &Gate, decision: Decision) -> Result<Appr
     Ok(decision.approval)
 }
 
-/// What the pytest plugin tells a test whose load it refuses (`decision::test_refusal`).
+/// What the pytest plugin tells a test whose load it refuses (`decision::RefusedInTest`).
 #[pyfunction]
 #[pyo3(signature = (policy, size, sha256, callsite, reason, globals=None))]
 pub fn test_refusal(
@@ -209,14 +211,14 @@ pub fn test_refusal(
     reason: &str,
     globals: Option<Vec<String>>,
 ) -> String {
-    picklegate_core::decision::test_refusal(
-        policy,
+    let refused = RefusedInTest {
         size,
         sha256,
         callsite,
         reason,
-        globals.as_deref(),
-    )
+        globals: globals.as_deref(),
+    };
+    refused.message(policy)
 }
 
 /// Judges a container on its whole file, once.

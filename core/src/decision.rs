@@ -214,22 +214,33 @@ pub fn allow_suggestion(
     format!("To allow it after review, add to {target}:\n\n{toml}")
 }
 
-/// What the pytest plugin's `enforce` tells a test that loaded a pickle neither the policy
-/// (`policy`, its path when one was given) nor the test's `@pytest.mark.picklegate` lists.
-pub fn test_refusal(
-    policy: Option<&str>,
-    size: u64,
-    sha256: &str,
-    callsite: &str,
-    reason: &str,
-    globals: Option<&[String]>,
-) -> String {
-    let target = policy.unwrap_or("a manifest (--picklegate-policy)");
-    let suggestion = allow_suggestion(target, sha256, callsite, globals);
-    format!(
-        "picklegate refused to unpickle {size} bytes (sha256 {sha256}) at {callsite}: {reason}.\n\
-         {suggestion}\nor in this test only: @pytest.mark.picklegate(allow=[\"sha256:{sha256}\"])"
-    )
+/// A load the pytest plugin's `enforce` refuses: neither the policy nor the test's
+/// `@pytest.mark.picklegate(allow=[...])` lists it. Its facts are the load event's.
+pub struct RefusedInTest<'a> {
+    pub size: u64,
+    pub sha256: &'a str,
+    pub callsite: &'a str,
+    pub reason: &'a str,
+    pub globals: Option<&'a [String]>,
+}
+
+impl RefusedInTest<'_> {
+    /// What the test sees; `policy` is the manifest's path when the run was given one.
+    pub fn message(&self, policy: Option<&str>) -> String {
+        let RefusedInTest {
+            size,
+            sha256,
+            callsite,
+            reason,
+            globals,
+        } = self;
+        let target = policy.unwrap_or("a manifest (--picklegate-policy)");
+        let suggestion = allow_suggestion(target, sha256, callsite, *globals);
+        format!(
+            "picklegate refused to unpickle {size} bytes (sha256 {sha256}) at {callsite}: {reason}.\n\
+             {suggestion}\nor in this test only: @pytest.mark.picklegate(allow=[\"sha256:{sha256}\"])"
+        )
+    }
 }
 
 /// The error a load gets when the binding failed while carrying it out (a panic): the load is
@@ -1063,14 +1074,14 @@ mod tests {
     fn a_test_refusal_names_the_load_and_both_ways_to_allow_it() {
         let sha = "ab".repeat(32);
         let globals = ["collections.OrderedDict".to_string()];
-        let message = test_refusal(
-            Some("policy.toml"),
-            12,
-            &sha,
-            "tests.test_x:load",
-            "no [[allow]] entry lists its sha256",
-            Some(&globals),
-        );
+        let refused = RefusedInTest {
+            size: 12,
+            sha256: &sha,
+            callsite: "tests.test_x:load",
+            reason: "no [[allow]] entry lists its sha256",
+            globals: Some(&globals),
+        };
+        let message = refused.message(Some("policy.toml"));
         assert!(message.starts_with(&format!(
             "picklegate refused to unpickle 12 bytes (sha256 {sha}) at tests.test_x:load: no [[allow]] entry lists its sha256.\nTo allow it after review, add to policy.toml:\n"
         )), "{message}");
@@ -1084,7 +1095,11 @@ mod tests {
             )),
             "{message}"
         );
-        let without_policy = test_refusal(None, 1, &sha, "m:f", "r", None);
+        let unscanned = RefusedInTest {
+            globals: None,
+            ..refused
+        };
+        let without_policy = unscanned.message(None);
         assert!(
             without_policy.contains("add to a manifest (--picklegate-policy):"),
             "{without_policy}"
