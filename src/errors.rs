@@ -117,47 +117,26 @@ impl From<PyErr> for Error {
     }
 }
 
-impl From<Denial> for Error {
-    fn from(denial: Denial) -> Self {
-        Error::Refused(denial)
-    }
+/// `From` each failure that is one variant of `Error` as it is.
+macro_rules! variant_from {
+    ($($variant:ident($source:ty)),* $(,)?) => {$(
+        impl From<$source> for Error {
+            fn from(e: $source) -> Self {
+                Error::$variant(e)
+            }
+        }
+    )*};
 }
 
-impl From<ManifestError> for Error {
-    fn from(e: ManifestError) -> Self {
-        Error::Manifest(e)
-    }
-}
-
-impl From<RecordError> for Error {
-    fn from(e: RecordError) -> Self {
-        Error::Record(e)
-    }
-}
-
-impl From<BadToken> for Error {
-    fn from(e: BadToken) -> Self {
-        Error::BadToken(e)
-    }
-}
-
-impl From<BadOnlyObject> for Error {
-    fn from(e: BadOnlyObject) -> Self {
-        Error::OnlyObjects(e)
-    }
-}
-
-impl From<ScanError> for Error {
-    fn from(e: ScanError) -> Self {
-        Error::Scan(e)
-    }
-}
-
-impl From<std::io::Error> for Error {
-    fn from(e: std::io::Error) -> Self {
-        Error::Io(e)
-    }
-}
+variant_from!(
+    Refused(Denial),
+    Manifest(ManifestError),
+    Record(RecordError),
+    BadToken(BadToken),
+    OnlyObjects(BadOnlyObject),
+    Scan(ScanError),
+    Io(std::io::Error),
+);
 
 #[cfg(test)]
 mod tests {
