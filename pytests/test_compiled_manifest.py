@@ -6,6 +6,7 @@ import collections
 import hashlib
 import os
 import pickle
+import struct
 import subprocess
 import sys
 
@@ -196,3 +197,24 @@ def test_verify_audits_an_index_against_its_toml(deployment, tmp_path):
     proc = picklegate_cli("verify", str(index), str(model), cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"picklegate verify: {index}: refused the compiled manifest: its rules are not those of {manifest}"), proc.stderr
+
+
+def test_an_index_claiming_huge_tables_is_refused_without_allocating_them(run_python, tmp_path):
+    """Red-team pass 2, A03(c): 124 bytes claiming 0x3fffffff allow records (about 80 GB of tables).
+    Under a 4 GiB address-space limit an allocation sized by the counts aborts the process; the
+    index must be refused with a PolicyError instead."""
+    counts = struct.pack("<8I", 0x3FFFFFFF, 0, 0, 0, 0, 0, 0, 0)
+    body_len = 32 + 0x3FFFFFFF * 64 + 4 * 2 + 4 * 0x3FFFFFFF + 4 * 2
+    header = b"\x89PGIDX\r\n" + struct.pack("<II", 1, 0) + b"\0" * 64 + struct.pack("<Q", body_len)
+    (tmp_path / "huge.idx").write_bytes(header + counts)
+    script = (
+        "import resource, picklegate\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+        "try:\n"
+        "    picklegate.install(mode='enforce', policy='huge.idx')\n"
+        "except picklegate.PolicyError as error:\n"
+        "    print('refused', error)\n"
+    )
+    proc = run_python(script)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert proc.stdout.startswith("refused") and "truncated (tables cut short)" in proc.stdout, proc.stdout

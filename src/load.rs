@@ -138,15 +138,15 @@ impl Drop for LiveUnpickler {
     }
 }
 
-/// How many entries an unpickler's memo holds (`_pickle`'s memo proxy and `pickle._Unpickler`'s
-/// dict both `copy()` to a dict).
-fn memo_len(unpickler: &Bound<'_, PyAny>) -> Result<u64, String> {
-    let memo = unpickler
+/// The keys an unpickler's memo holds (`_pickle`'s memo proxy and `pickle._Unpickler`'s dict both
+/// `copy()` to a dict): MEMOIZE numbers after them, and they need not be 0..n-1.
+fn memo_keys(unpickler: &Bound<'_, PyAny>) -> Result<Vec<u64>, String> {
+    let keys = unpickler
         .getattr("memo")
         .and_then(|m| m.call_method0("copy"))
-        .and_then(|m| m.len());
-    memo.map(|n| n as u64)
-        .map_err(|e| format!("the unpickler's memo could not be measured: {e}"))
+        .and_then(|m| m.call_method0("keys"))
+        .and_then(|keys| keys.try_iter()?.map(|key| key?.extract::<u64>()).collect());
+    keys.map_err(|e| format!("the unpickler's memo could not be read: {e}"))
 }
 
 /// Decides one load (`decision::decide_load`) against the policy and `scope`, and carries the
@@ -165,8 +165,8 @@ fn decide(py: Python<'_>, gate: &Gate, scope: &Scope, facts: &Facts<'_>) -> PyRe
             watched: state::has_observer(),
         },
         || match &live {
-            Some(unpickler) => memo_len(unpickler.bind(py)),
-            None => Ok(0),
+            Some(unpickler) => memo_keys(unpickler.bind(py)),
+            None => Ok(Vec::new()),
         },
     );
     Ok(carry_out(py, gate, decision)?)
@@ -655,10 +655,20 @@ pub fn guarded_container(
             (Content::Hashed(file.clone().unbind()), sha)
         }
         Err(_) => {
-            let bytes = Bytes::borrow(data)?;
+            // Only `bytes` cannot change between the hash and the library's read: the caller
+            // copies any other buffer (shared memory, a bytearray) and gives the library the copy.
+            let bytes = data.cast::<PyBytes>().map_err(|_| {
+                pyo3::exceptions::PyTypeError::new_err(format!(
+                    "a bytes-like object is required, not '{}'",
+                    data.get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default()
+                ))
+            })?;
             (
                 Content::Buffer(data.clone().unbind()),
-                hash(py, data, bytes.as_slice()),
+                hash(py, data, bytes.as_bytes()),
             )
         }
     };

@@ -487,6 +487,9 @@ pub struct Opened {
     pub callsite_patterns: Vec<String>,
 }
 
+/// The most `open` reserves on an index's word before reading its bytes.
+const PRESIZE_LIMIT: usize = 1 << 24;
+
 /// Reads the index at `path` whose first 8 bytes (`MAGIC`) were already read from `file`, checks
 /// it whole (format version, length, body sha256, every table bound) and checks that the TOML it
 /// was compiled from still has the sha256 it had then. Any failure is an error naming the file.
@@ -536,10 +539,17 @@ pub fn open(path: &Path, mut file: impl Read) -> Result<Opened, ManifestError> {
             "corrupt compiled manifest (its tables do not add up to its length)",
         ));
     }
-    let mut tables = vec![0u8; tables_len];
-    file.read_exact(&mut tables)
-        .map_err(|_| truncated("tables cut short"))?;
-    let mut strings = Vec::with_capacity(strings_len);
+    // Read as the bytes come, reserving at most PRESIZE_LIMIT from the counts: an index that claims
+    // huge tables in a short file is refused as truncated, not met with an allocation that may abort.
+    let mut tables = Vec::with_capacity(tables_len.min(PRESIZE_LIMIT));
+    file.by_ref()
+        .take(tables_len as u64)
+        .read_to_end(&mut tables)
+        .map_err(|e| invalid(path, e.to_string()))?;
+    if tables.len() < tables_len {
+        return Err(truncated("tables cut short"));
+    }
+    let mut strings = Vec::with_capacity(strings_len.min(PRESIZE_LIMIT));
     file.by_ref()
         .take(strings_len as u64 + 1)
         .read_to_end(&mut strings)

@@ -337,11 +337,11 @@ fn scope_reason(refusal: &ScopeRefusal, sha: &Digest) -> (&'static str, String) 
 }
 
 /// Decides one pickle load: the operator's policy first, then the code's scope. `memo_before`
-/// (how many objects a reused unpickler's memo holds already) is asked only when a `[[trust]]`
+/// (the keys a reused unpickler's memo holds already) is asked only when a `[[trust]]`
 /// rule needs the globals scanned.
 pub fn decide_load(
     facts: &LoadFacts<'_>,
-    memo_before: impl FnOnce() -> Result<u64, String>,
+    memo_before: impl FnOnce() -> Result<Vec<u64>, String>,
 ) -> Decision {
     let LoadFacts {
         policy,
@@ -359,7 +359,7 @@ pub fn decide_load(
             callsite,
         },
         || {
-            scan_after(bytes, memo_before()?)
+            scan_after(bytes, &memo_before()?)
                 .map_err(|e| e.to_string())
                 .and_then(|report: Report| report.nameable_globals())
         },
@@ -610,8 +610,8 @@ mod tests {
         }
     }
 
-    fn no_memo() -> Result<u64, String> {
-        Ok(0)
+    fn no_memo() -> Result<Vec<u64>, String> {
+        Ok(Vec::new())
     }
 
     fn closed() -> Scope {
@@ -753,7 +753,7 @@ mod tests {
         ));
         assert!(d.suggestion.unwrap().contains("list it by sha256 instead"));
         // the memo is measured only when a trust rule needs the scan
-        let unasked = || -> Result<u64, String> { panic!("a listed load is not scanned") };
+        let unasked = || -> Result<Vec<u64>, String> { panic!("a listed load is not scanned") };
         assert_eq!(
             decide_load(&facts(&p, &open, PLAIN, SITE), unasked).outcome,
             Outcome::Run

@@ -227,9 +227,10 @@ pub struct Scanner {
     joblib: bool,
     wrappers_made: usize,
     wrappers_built: HashSet<usize>,
-    /// Entries the unpickler's memo holds before this pickle runs (a reused unpickler), which
-    /// MEMOIZE numbers after; see `scan_after`.
-    memo_before: u64,
+    /// The keys the unpickler's memo holds before this pickle runs (a reused unpickler); see
+    /// `scan_after`. `fresh_keys` counts the keys this pickle stored that are not among them.
+    earlier_keys: HashSet<u64>,
+    fresh_keys: u64,
     /// Whether this pickle stored with PUT/BINPUT/LONG_BINPUT (explicit keys), and with MEMOIZE.
     put_explicitly: bool,
     memoized: bool,
@@ -240,16 +241,18 @@ pub struct Scanner {
 
 /// Scans one complete pickle from the start of `bytes`.
 pub fn scan(bytes: &[u8]) -> Result<Report, ScanError> {
-    scan_after(bytes, 0)
+    scan_after(bytes, &[])
 }
 
-/// Scans one pickle that a reused unpickler runs against a memo already holding `memo_before`
-/// entries from earlier loads. MEMOIZE stores at the memo's length, so its keys start there; a GET
-/// of any key this pickle did not store (an earlier load's object) is an error. A pickle mixing
-/// PUT and MEMOIZE on such an unpickler cannot be numbered without the earlier keys: an error too.
-pub fn scan_after(bytes: &[u8], memo_before: u64) -> Result<Report, ScanError> {
+/// Scans one pickle that a reused unpickler runs against a memo already holding `earlier_keys`
+/// from earlier loads. MEMOIZE stores at the memo's length, as CPython's unpicklers do: the number
+/// of distinct keys (earlier and this pickle's), which a store over a taken key does not grow, so
+/// earlier keys that are not 0..n-1 are followed exactly; a GET of any key this pickle did not store
+/// (an earlier load's object) is an error. A pickle mixing PUT and MEMOIZE on such an unpickler is
+/// an error too.
+pub fn scan_after(bytes: &[u8], earlier_keys: &[u64]) -> Result<Report, ScanError> {
     let mut scanner = Scanner {
-        memo_before,
+        earlier_keys: earlier_keys.iter().copied().collect(),
         ..Default::default()
     };
     match scanner.feed(bytes)? {
@@ -754,20 +757,23 @@ impl Scanner {
                     b'p' => Self::memo_index(arg!(cur.line()), at, name)?,
                     b'q' => le_uint(arg!(cur.take(1))),
                     b'r' => le_uint(arg!(cur.take(4))),
-                    _ => self.memo_before + self.memo.len() as u64,
+                    _ => self.earlier_keys.len() as u64 + self.fresh_keys,
                 };
                 if op == 0x94 {
                     self.memoized = true;
                 } else {
                     self.put_explicitly = true;
                 }
-                if self.memo_before > 0 && self.memoized && self.put_explicitly {
+                if !self.earlier_keys.is_empty() && self.memoized && self.put_explicitly {
                     return Err(Self::malformed(at, name, format!(
                         "PUT and MEMOIZE mixed on an unpickler whose memo already holds {} entries from earlier loads",
-                        self.memo_before
+                        self.earlier_keys.len()
                     )));
                 }
                 let top = self.top(at, name)?;
+                if !self.earlier_keys.contains(&index) && !self.memo.contains_key(&index) {
+                    self.fresh_keys += 1;
+                }
                 self.memo.insert(index, top);
             }
             b'c' | b'i' => {
@@ -1137,21 +1143,41 @@ mod tests {
         }
         p.extend_from_slice(b"h\x08.");
         assert!(scan(&p).is_ok()); // a fresh unpickler: key 8 is the pickle's own
-        let err = scan_after(&p, 20).unwrap_err().to_string();
+        let twenty: Vec<u64> = (0..20).collect();
+        let err = scan_after(&p, &twenty).unwrap_err().to_string();
         assert!(err.contains("memo key 8 was never stored"), "{err}");
         // its own entries, at the keys the unpickler gives them, are fine
         let own = [&p[..p.len() - 3], b"h\x1c."].concat();
-        assert!(scan_after(&own, 20).is_ok());
+        assert!(scan_after(&own, &twenty).is_ok());
         // PUT then MEMOIZE cannot be numbered without the earlier keys
         let mixed = b"\x80\x04\x8c\x01xq\x00\x8c\x01y\x94.";
         assert!(scan(mixed).is_ok());
-        assert!(scan_after(mixed, 3)
+        assert!(scan_after(mixed, &[0, 1, 2])
             .unwrap_err()
             .to_string()
             .contains("PUT and MEMOIZE mixed"));
         // protocol 2 (explicit BINPUT keys) stays exact
         let put = b"\x80\x02X\x01\x00\x00\x00xq\x05h\x05\x86.";
-        assert!(scan_after(put, 7).is_ok());
+        assert!(scan_after(put, &[0, 1, 2, 3, 4, 5, 6]).is_ok());
+    }
+
+    #[test]
+    fn memoize_after_sparse_earlier_keys_is_numbered_as_cpython_does() {
+        // red-team pass 2, A01: the earlier load stored keys 41..58, so MEMOIZE fills 18..40 and
+        // then writes key 41 again and again (the memo's length stops growing); key 49 stays the
+        // earlier load's object, which this pickle may not GET.
+        let earlier: Vec<u64> = (41..59).collect();
+        let mut p = b"\x80\x04".to_vec();
+        for _ in 0..50 {
+            p.extend_from_slice(b"\x8c\x01x\x94");
+        }
+        p.extend_from_slice(b"h\x31.");
+        assert!(scan(&p).is_ok()); // a fresh unpickler: key 49 is the pickle's own
+        let err = scan_after(&p, &earlier).unwrap_err().to_string();
+        assert!(err.contains("memo key 49 was never stored"), "{err}");
+        // the keys the unpickler really gave this pickle's strings are its own
+        let own = [&p[..p.len() - 3], b"h\x28h\x29."].concat();
+        assert!(scan_after(&own, &earlier).is_ok());
     }
 
     #[test]

@@ -78,7 +78,7 @@ def guarded_load(
     unpickler: Optional[object] = None,
 ) -> _T: ...
 def guarded_container(
-    data: Union[Buffer, PinnedFile, HashedFile],
+    data: Union[bytes, PinnedFile, HashedFile],
     source: Optional[str],
     run: Callable[[], _T],
     eager: bool,

@@ -7,15 +7,17 @@ import functools
 import importlib.abc
 import io
 import os
+import pickle
 import stat
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 from typing import Any, Optional, Union
 
-from . import _core, _files
+from . import _core, _errors, _files
 
 #: A library function picklegate wraps, and the wrapper (both take what the library takes).
 _Loader = Callable[..., Any]
@@ -160,31 +162,59 @@ def _guard_file_object(original: _Loader, layout: "_core._Layout" = "whole", eag
     return guarded
 
 
+def _frozen(data: Any) -> Any:
+    """``data`` as ``bytes``: any other buffer (shared memory, a bytearray another thread or process
+    can write) is copied, and the copy is what is hashed and loaded, so the bytes that run are the
+    bytes that were hashed. What is not a contiguous buffer is returned as it is (refused later)."""
+    if type(data) is bytes:
+        return data
+    try:
+        view = memoryview(data)
+    except TypeError:
+        return data
+    with view:
+        return view.tobytes() if view.contiguous else data
+
+
 def _guard_file_loader(
     original: _Loader,
     eager: bool = True,
     adapt: Optional[Callable[[Optional[str], Any, Any], tuple[Any, Any]]] = None,
+    own_unpickler: bool = False,
 ) -> _Loader:
     """Wraps ``original(f, ...)`` for a file object (or a path the library does not open through
     a module picklegate can see): read from its position to its end, judged, and given to the
-    library from memory."""
+    library from memory. A stream that cannot seek is given as it is, its pickle loads judged one
+    by one, unless the library has its ``own_unpickler`` (TorchScript's C++ one, which Python's
+    pickle never sees): then it is read whole and judged first, and so is a path that is not a
+    regular file (a FIFO, a device)."""
 
     @functools.wraps(original)
     def guarded(f: Any, *args: Any, **kwargs: Any) -> Any:
         target: Union[_Checked, io.BytesIO]
+        data: Any
         start: Optional[int]
         path = _local_path(f)
         if path is not None:
             checked = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(f)), eager)
-            if checked is None:
-                return original(f, *args, **kwargs)
-            data, start, target = checked, None, checked
+            if checked is not None:
+                data, start, target = checked, None, checked
+            elif own_unpickler and os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+                with builtins.open(path, "rb") as stream:
+                    data, start = stream.read(), None
+                target = io.BytesIO(data)
+            else:
+                return original(f, *args, **kwargs)  # the library raises its own error
         elif hasattr(f, "read") and _files.seekable(f):
             path = _files.source_name(f)
             if eager:
                 _core.refuse_unread(f, path)
             start = f.tell()
-            data = f.read()
+            data = _frozen(f.read())
+            target = io.BytesIO(data)
+        elif hasattr(f, "read") and own_unpickler:
+            path = _files.source_name(f)
+            data, start = _frozen(f.read()), None
             target = io.BytesIO(data)
         else:
             return original(f, *args, **kwargs)  # a stream: its pickle loads are judged one by one
@@ -205,10 +235,12 @@ def _guard_file_loader(
 
 
 def _guard_bytes_loader(original: _Loader) -> _Loader:
-    """Wraps ``original(data, ...)`` (dill.loads): the bytes are the container."""
+    """Wraps ``original(data, ...)`` (dill.loads): the bytes are the container, copied first
+    when they are not ``bytes``, and the library loads the copy that was hashed."""
 
     @functools.wraps(original)
     def guarded(data: Any, *args: Any, **kwargs: Any) -> Any:
+        data = _frozen(data)
         return _core.guarded_container(data, None, lambda: original(data, *args, **kwargs), True)
 
     guarded.__picklegate_original__ = original  # type: ignore[attr-defined]
@@ -307,7 +339,15 @@ def _torch_load(original: _Loader) -> _Loader:
     def load(f: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".safetensors"):
             return original(f, *args, **kwargs)  # torch hands it to safetensors: no pickle
-        return opened(f, *args, **kwargs)
+        try:
+            return opened(f, *args, **kwargs)
+        except pickle.UnpicklingError as error:
+            # torch rewraps what its weights-only unpickler raised ("Weights only load failed"):
+            # picklegate's refusal is given back as it was raised.
+            refusal = error.__context__
+            if isinstance(refusal, _errors._Refusal) and not isinstance(error, _errors._Refusal):
+                raise refusal from None
+            raise
 
     load.__picklegate_original__ = original  # type: ignore[attr-defined]
     return load
@@ -321,6 +361,108 @@ def _patch_torch(torch: Any) -> None:
     _replace(serialization, "load", _torch_load)
     torch.load = serialization.load
     _patch_torch_jit(torch)
+    _patch_torch_c(torch._C)
+    weights_only = sys.modules.get("torch._weights_only_unpickler")
+    if weights_only is not None:
+        _patch_torch_weights_only(weights_only)
+
+
+#: torch's C entry points that read an archive and run its pickles and code: (the one taking a
+#: path, the one taking the archive's bytes, the position of that argument).
+_TORCH_C_LOADERS = (
+    ("_load_for_lite_interpreter", "_load_for_lite_interpreter_from_buffer", 0),
+    ("_load_mobile_module_from_file", "_load_mobile_module_from_bytes", 0),
+    ("_load_jit_module_from_file", "_load_jit_module_from_bytes", 0),
+    ("import_ir_module", "import_ir_module_from_buffer", 1),
+)
+
+
+def _patch_torch_c(c: Any) -> None:
+    """torch's C loaders, for code that calls them directly rather than through the Python
+    functions guarded above (inside those they run as they are): the archive is judged on its
+    sha256, and a path is read once and its bytes given to the variant that takes bytes."""
+    for by_path, by_bytes, at in _TORCH_C_LOADERS:
+        path_loader, bytes_loader = getattr(c, by_path, None), getattr(c, by_bytes, None)
+        if path_loader is None or bytes_loader is None or hasattr(path_loader, "__picklegate_original__"):
+            continue
+        setattr(c, by_bytes, _judged_bytes(bytes_loader, at))
+        setattr(c, by_path, _judged_path(path_loader, bytes_loader, at))
+
+
+def _judged_bytes(original: _Loader, at: int) -> _Loader:
+    @functools.wraps(original)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if len(args) <= at:
+            return original(*args, **kwargs)  # torch raises its own error
+        data = _frozen(args[at])
+        given = args[:at] + (data,) + args[at + 1 :]
+        return _core.guarded_container(data, None, lambda: original(*given, **kwargs), True)
+
+    guarded.__picklegate_original__ = original  # type: ignore[attr-defined]
+    return guarded
+
+
+def _judged_path(original: _Loader, bytes_loader: _Loader, at: int) -> _Loader:
+    @functools.wraps(original)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        path = _local_path(args[at]) if len(args) > at else None
+        if path is None or not os.path.exists(path) or os.path.isdir(path):
+            return original(*args, **kwargs)  # torch raises its own error
+        data: Any = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(args[at])))
+        if data is None:  # not a regular file (a FIFO): read it whole
+            with builtins.open(path, "rb") as stream:
+                data = stream.read()
+
+        def run() -> Any:
+            content = data if isinstance(data, bytes) else data.reopen().read()
+            return bytes_loader(*args[:at], content, *args[at + 1 :], **kwargs)
+
+        return _core.guarded_container(data, path, run, True)
+
+    guarded.__picklegate_original__ = original  # type: ignore[attr-defined]
+    return guarded
+
+
+def _patch_torch_weights_only(weights_only: ModuleType) -> None:
+    """torch.load(..., weights_only=True) (torch's default) unpickles with torch's own pure-Python
+    unpickler, which Python's pickle never sees: its ``load`` is judged like
+    ``pickle._Unpickler.load``, on the pickle's own bytes (a file a guard already judged whole runs
+    under that verdict)."""
+    unpickler = getattr(weights_only, "Unpickler", None)
+    if unpickler is None or hasattr(unpickler.load, "__picklegate_original__"):
+        return
+    original = unpickler.load
+
+    @functools.wraps(original)
+    def load(self: Any) -> Any:
+        from . import _interpose
+
+        read, readline = self.read, self.readline
+        file = getattr(read, "__self__", None)
+        source = _files.source_name(file)
+        if type(file) is _core.PinnedFile:
+            return _core.guarded_container(file, source, lambda: original(self), True)
+        if file is not None and _files.seekable(file):
+            _core.refuse_unread(file, source)
+            start = file.tell()
+            data = _frozen(file.read())
+            file.seek(start)
+            replay = _interpose._Replay(data, file, start)
+        else:
+            data = _interpose._read_one_pickle(read, readline)
+            replay = _interpose._Replay(data, None, 0)
+
+        def run() -> Any:
+            self.read, self.readline = replay.read, replay.readline
+            try:
+                return original(self)
+            finally:
+                self.read, self.readline = read, readline
+
+        return _core.guarded_load(data, source, run)
+
+    load.__picklegate_original__ = original  # type: ignore[attr-defined]
+    unpickler.load = load
 
 
 def _patch_torch_jit(torch: Any) -> None:
@@ -329,14 +471,52 @@ def _patch_torch_jit(torch: Any) -> None:
     jit_serialization = sys.modules.get("torch.jit._serialization")
     if jit_serialization is None:
         return
-    _replace(jit_serialization, "load", _guard_file_loader)
+    own_unpickler = functools.partial(_guard_file_loader, own_unpickler=True)
+    _replace(jit_serialization, "load", own_unpickler)
+    _replace(jit_serialization, "jit_module_from_flatbuffer", own_unpickler)
     torch.jit.load = jit_serialization.load
+
+
+def _patch_torch_mobile(mobile: ModuleType) -> None:
+    """The lite interpreter (``.ptl``) runs its archive's pickles and bytecode in C++, like
+    TorchScript: the whole file (or stream) is judged by its sha256 before torch gets the bytes."""
+    _replace(mobile, "_load_for_lite_interpreter", functools.partial(_guard_file_loader, own_unpickler=True))
+
+
+def _canonical_archive(records: Iterable[tuple[str, bytes]]) -> bytes:
+    """A torch.package's records (name, content) zipped in memory in the order given, stored at a
+    fixed time: the same records always give the same bytes, and so the same sha256."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, content in records:
+            archive.writestr(zipfile.ZipInfo("package/" + name, date_time=(1980, 1, 1, 0, 0, 0)), content)
+    return buffer.getvalue()
+
+
+def _directory_records(root: str) -> Iterator[tuple[str, bytes]]:
+    """Every file of a torch.package unzipped into ``root``, in sorted order (symlinked
+    directories not followed)."""
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories.sort()
+        for name in sorted(files):
+            path = os.path.join(directory, name)
+            with builtins.open(path, "rb") as f:
+                yield os.path.relpath(path, root).replace(os.sep, "/"), f.read()
+
+
+def _reader_records(reader: Any) -> Iterator[tuple[str, bytes]]:
+    """Every record of a ``torch._C.PyTorchFileReader``, in sorted order."""
+    for name in sorted(reader.get_all_records()):
+        yield name, reader.get_record(name)
 
 
 def _patch_torch_package(package_importer: ModuleType) -> None:
     """A torch.package archive carries module source that its pickles import: the whole archive is
     judged on its file's sha256 when it is opened (like a checkpoint), the importer reads only the
-    checked bytes, and its pickles load under that verdict."""
+    checked bytes, and its pickles load under that verdict. A package unzipped into a directory, or
+    given as a ``torch._C.PyTorchFileReader``, is read whole into an archive
+    (``_canonical_archive``), judged on that archive's sha256, and the importer reads that archive,
+    never the directory or the reader again."""
     importer = getattr(package_importer, "PackageImporter", None)
     if importer is None or hasattr(importer.__init__, "__picklegate_original__"):
         return
@@ -345,22 +525,34 @@ def _patch_torch_package(package_importer: ModuleType) -> None:
     @functools.wraps(original_init)
     def __init__(self: Any, file_or_buffer: Any, *args: Any, **kwargs: Any) -> None:
         source: Optional[str]
+        checked: Any
+        reader: Any
+        filename: Optional[str] = None  # what torch names the importer's file, when not "<binary>"
         path = _local_path(file_or_buffer) if isinstance(file_or_buffer, (str, os.PathLike)) else None
-        if path is not None and not os.path.isdir(path):
-            checked: Any = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(file_or_buffer)))
+        file_reader = getattr(sys.modules.get("torch._C"), "PyTorchFileReader", None)
+        if path is not None and os.path.isdir(path):
+            source, filename = path, os.fspath(file_or_buffer)
+            checked = _canonical_archive(_directory_records(path))
+            reader = io.BytesIO(checked)
+        elif file_reader is not None and isinstance(file_or_buffer, file_reader):
+            source, filename = None, "<pytorch_file_reader>"
+            checked = _canonical_archive(_reader_records(file_or_buffer))
+            reader = io.BytesIO(checked)
+        elif path is not None:
+            checked = _open_checked(path, lambda fd: _core.PinnedFile(fd, "whole", os.fspath(file_or_buffer)))
             if checked is None:
                 return original_init(self, file_or_buffer, *args, **kwargs)  # type: ignore[no-any-return]
-            source, reader = path, checked.reopen()
+            source, filename, reader = path, os.fspath(file_or_buffer), checked.reopen()
         elif hasattr(file_or_buffer, "read") and _files.seekable(file_or_buffer):
             source = _files.source_name(file_or_buffer)
-            checked = file_or_buffer.read()
+            checked = _frozen(file_or_buffer.read())
             reader = io.BytesIO(checked)
         else:
             return original_init(self, file_or_buffer, *args, **kwargs)  # type: ignore[no-any-return]
         callsite = _core.current_callsite()
         _core.guarded_container(checked, source, lambda: original_init(self, reader, *args, **kwargs), True, callsite)
-        if path is not None:
-            self.filename = os.fspath(file_or_buffer)
+        if filename is not None:
+            self.filename = filename
         self._picklegate_archive = (checked, source, callsite)
 
     @functools.wraps(original_load_pickle)
@@ -416,7 +608,7 @@ def _patch_dill(dill: ModuleType) -> None:
             _replace(module, "loads", _guard_bytes_loader)
 
 
-PATCHES: dict[str, Callable[[Any], None]] = {"torch": _patch_torch, "torch.package.package_importer": _patch_torch_package, "joblib": _patch_joblib, "numpy": _patch_numpy, "pandas": _patch_pandas, "dill": _patch_dill}
+PATCHES: dict[str, Callable[[Any], None]] = {"torch": _patch_torch, "torch.package.package_importer": _patch_torch_package, "torch.jit.mobile": _patch_torch_mobile, "torch._weights_only_unpickler": _patch_torch_weights_only, "joblib": _patch_joblib, "numpy": _patch_numpy, "pandas": _patch_pandas, "dill": _patch_dill}
 
 
 class _PatchAfterExec(importlib.abc.Loader):
