@@ -3,9 +3,8 @@
 //! The classes live in Python because the load refusals must subclass `pickle.UnpicklingError`.
 
 use picklegate_core::decision::{Denial, ErrorKind};
-use picklegate_core::hash::DigestError;
 use picklegate_core::manifest::ManifestError;
-use picklegate_core::policy::BadToken;
+use picklegate_core::policy::{BadOnlyObject, BadToken};
 use picklegate_core::record::RecordError;
 use picklegate_core::scan::ScanError;
 use pyo3::exceptions::{PyOSError, PyValueError};
@@ -29,12 +28,10 @@ pub enum Error {
     Manifest(ManifestError),
     /// A record file that cannot be frozen: `PolicyError` with its `file` and `line`.
     Record(RecordError),
-    /// `allow_pickles()` refused a token: `BadTokenError`.
+    /// `allow_pickles()` refused a token, as the core decided: `BadTokenError`.
     BadToken(BadToken),
-    /// `allow_pickles()` was given an object no `no_pickles()` made: `BadTokenError`.
-    NotAToken { repr: String },
-    /// An `only_objects` entry that is not a sha256: `ValueError`.
-    OnlyObjects { entry: String, error: DigestError },
+    /// An `only_objects` entry that is not a sha256, as the core parses them: `ValueError`.
+    OnlyObjects(BadOnlyObject),
     /// A load or global refused as the core decided: `PickleDeniedError` (the operator's policy)
     /// or `NoPickleError` (the code's own `no_pickles()`), with its callsite, sha256 and size.
     Refused(Denial),
@@ -61,13 +58,8 @@ impl Error {
             Error::Refused(denial) => denial.message.clone(),
             Error::Manifest(e) => e.to_string(),
             Error::Record(e) => e.to_string(),
-            Error::BadToken(e) => format!("allow_pickles() refused the token: {e}"),
-            Error::NotAToken { repr } => format!(
-                "allow_pickles() refused the token: {repr} is not a token made by picklegate.no_pickles()"
-            ),
-            Error::OnlyObjects { entry, error } => format!(
-                "only_objects entry {entry:?}: {error}; write \"sha256:<64 hex digits>\""
-            ),
+            Error::BadToken(e) => e.to_string(),
+            Error::OnlyObjects(e) => e.to_string(),
             Error::Scan(e) => e.to_string(),
             Error::Io(e) => e.to_string(),
             Error::File { path, error } => format!("{}: {error}", path.display()),
@@ -103,7 +95,7 @@ impl From<Error> for PyErr {
                 let (file, line, column) = error.location();
                 python::PolicyError::new_err((message, file, line, column))
             }
-            Error::BadToken(_) | Error::NotAToken { .. } => python::BadTokenError::new_err(message),
+            Error::BadToken(_) => python::BadTokenError::new_err(message),
             Error::Refused(denial) => {
                 let facts = (message, denial.callsite, denial.sha256, denial.size);
                 match denial.kind {
@@ -111,7 +103,7 @@ impl From<Error> for PyErr {
                     ErrorKind::NoPickle => python::NoPickleError::new_err(facts),
                 }
             }
-            Error::OnlyObjects { .. } => PyValueError::new_err(message),
+            Error::OnlyObjects(_) => PyValueError::new_err(message),
             Error::Scan(_) => python::ScanError::new_err(message),
             Error::Io(_) | Error::File { .. } => PyOSError::new_err(message),
             Error::Python(err) => err, // returned above
@@ -125,41 +117,26 @@ impl From<PyErr> for Error {
     }
 }
 
-impl From<Denial> for Error {
-    fn from(denial: Denial) -> Self {
-        Error::Refused(denial)
-    }
+/// `From` each failure that is one variant of `Error` as it is.
+macro_rules! variant_from {
+    ($($variant:ident($source:ty)),* $(,)?) => {$(
+        impl From<$source> for Error {
+            fn from(e: $source) -> Self {
+                Error::$variant(e)
+            }
+        }
+    )*};
 }
 
-impl From<ManifestError> for Error {
-    fn from(e: ManifestError) -> Self {
-        Error::Manifest(e)
-    }
-}
-
-impl From<RecordError> for Error {
-    fn from(e: RecordError) -> Self {
-        Error::Record(e)
-    }
-}
-
-impl From<BadToken> for Error {
-    fn from(e: BadToken) -> Self {
-        Error::BadToken(e)
-    }
-}
-
-impl From<ScanError> for Error {
-    fn from(e: ScanError) -> Self {
-        Error::Scan(e)
-    }
-}
-
-impl From<std::io::Error> for Error {
-    fn from(e: std::io::Error) -> Self {
-        Error::Io(e)
-    }
-}
+variant_from!(
+    Refused(Denial),
+    Manifest(ManifestError),
+    Record(RecordError),
+    BadToken(BadToken),
+    OnlyObjects(BadOnlyObject),
+    Scan(ScanError),
+    Io(std::io::Error),
+);
 
 #[cfg(test)]
 mod tests {
@@ -207,18 +184,6 @@ mod tests {
     }
 
     #[test]
-    fn token_refusals_say_allow_pickles_refused_the_token() {
-        assert_eq!(
-            Error::from(BadToken::OtherThread).message(),
-            "allow_pickles() refused the token: the token was made by no_pickles() in another thread"
-        );
-        assert_eq!(
-            Error::NotAToken { repr: "42".into() }.message(),
-            "allow_pickles() refused the token: 42 is not a token made by picklegate.no_pickles()"
-        );
-    }
-
-    #[test]
     fn messages_name_the_file_or_entry_at_fault() {
         let error = Error::File {
             path: "/x/model.pkl".into(),
@@ -229,16 +194,6 @@ mod tests {
             "{}",
             error.message()
         );
-        let entry = Error::OnlyObjects {
-            entry: "sha256:abc".into(),
-            error: DigestError::NotHex,
-        };
-        assert!(entry
-            .message()
-            .starts_with("only_objects entry \"sha256:abc\": "));
-        assert!(entry
-            .message()
-            .ends_with("; write \"sha256:<64 hex digits>\""));
         assert_eq!(Error::Policy("p".into()).location(), (None, None, None));
     }
 }

@@ -14,6 +14,7 @@ use crate::ffi::{
 use crate::load::{guarded_c_loads, guarded_c_unpickler};
 use crate::state;
 use parking_lot::Mutex;
+use picklegate_core::decision::{backstop_only_setting, interposition, Interposition};
 use picklegate_core::policy::Mode;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
@@ -108,7 +109,7 @@ fn into_raw(py: Python<'_>, result: PyResult<Py<PyAny>>) -> *mut ffi::PyObject {
 }
 
 fn internal_error() -> PyErr {
-    PyRuntimeError::new_err("picklegate: internal error; the load was refused")
+    PyRuntimeError::new_err(picklegate_core::decision::INTERNAL_ERROR)
 }
 
 /// The arguments of a METH_FASTCALL|METH_KEYWORDS call, positional then keyword values.
@@ -516,22 +517,6 @@ fn missing_redirects(py: Python<'_>) -> Vec<String> {
     missing
 }
 
-/// Reads `PICKLEGATE_BACKSTOP_ONLY`: `1` accepts backstop-only enforcement; empty or `0` does not.
-fn backstop_only_from_environment() -> Result<bool, Error> {
-    backstop_only(std::env::var("PICKLEGATE_BACKSTOP_ONLY").ok().as_deref())
-}
-
-/// The value of `PICKLEGATE_BACKSTOP_ONLY` (`None`: unset) as a choice, or why it is none.
-fn backstop_only(setting: Option<&str>) -> Result<bool, Error> {
-    match setting {
-        None | Some("") | Some("0") => Ok(false),
-        Some("1") => Ok(true),
-        Some(other) => Err(Error::Policy(format!(
-            "PICKLEGATE_BACKSTOP_ONLY={other:?}: expected 1 (accept backstop-only enforcement) or 0"
-        ))),
-    }
-}
-
 /// The operator accepts `enforce` guarded by the audit-hook backstop alone where a redirect cannot
 /// be set up (`install(backstop_only=True)`). It cannot be taken back.
 #[pyfunction]
@@ -544,33 +529,28 @@ pub fn accept_backstop_only() {
 /// Called after every activation; other modes run with what is redirected.
 #[pyfunction]
 pub fn require_full_interposition(py: Python<'_>) -> Result<(), Error> {
-    if state::current().is_none_or(|gate| gate.policy.mode != Mode::Enforce) {
-        return Ok(());
-    }
-    let missing = missing_redirects(py);
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let what = missing.join("; ");
-    if BACKSTOP_ONLY.load(Ordering::SeqCst) || backstop_only_from_environment()? {
-        if !BACKSTOP_ONLY_SAID.swap(true, Ordering::SeqCst) {
-            let message = format!(
-                "picklegate: WARNING: enforce runs BACKSTOP-ONLY, as the operator chose (PICKLEGATE_BACKSTOP_ONLY / \
-                 backstop_only=True): not redirected: {what}. Unpicklers made before install and references \
-                 captured before it are judged only by the audit hook on the globals they resolve.\n"
-            );
-            py.import("sys")?
-                .getattr("stderr")?
-                .call_method1("write", (message,))?;
+    let mode = state::current().map_or(Mode::Off, |gate| gate.policy.mode);
+    let accepted = || {
+        Ok(BACKSTOP_ONLY.load(Ordering::SeqCst)
+            || backstop_only_setting(std::env::var("PICKLEGATE_BACKSTOP_ONLY").ok().as_deref())?)
+    };
+    let missing = if mode == Mode::Enforce {
+        missing_redirects(py)
+    } else {
+        Vec::new()
+    };
+    match interposition(mode, &missing, &running_version(py), accepted).map_err(Error::Policy)? {
+        Interposition::Full => Ok(()),
+        Interposition::BackstopOnly { warning } => {
+            if !BACKSTOP_ONLY_SAID.swap(true, Ordering::SeqCst) {
+                py.import("sys")?
+                    .getattr("stderr")?
+                    .call_method1("write", (warning,))?;
+            }
+            Ok(())
         }
-        return Ok(());
+        Interposition::Refused { message } => Err(Error::Policy(message)),
     }
-    Err(Error::Policy(format!(
-            "enforce cannot give its full guarantee on this Python (CPython {}): not redirected: {what}. \
-             Refusing to run weaker. To run with the audit-hook backstop alone, set PICKLEGATE_BACKSTOP_ONLY=1 \
-             (or install(..., backstop_only=True))",
-            running_version(py)
-    )))
 }
 
 #[cfg(test)]
@@ -593,24 +573,5 @@ mod tests {
         }
         assert_eq!(UnpicklerLoadLayout::NoArgs.flags(), 0x0004);
         assert_eq!(UnpicklerLoadLayout::DefiningClass.flags(), 0x0282);
-    }
-
-    #[test]
-    fn backstop_only_is_opted_into_by_1_alone() {
-        assert!(!backstop_only(None).unwrap());
-        assert!(!backstop_only(Some("")).unwrap());
-        assert!(!backstop_only(Some("0")).unwrap());
-        assert!(backstop_only(Some("1")).unwrap());
-        for wrong in ["yes", "true", " 1", "2"] {
-            let error = backstop_only(Some(wrong)).unwrap_err();
-            assert!(matches!(error, Error::Policy(_)));
-            assert!(
-                error
-                    .message()
-                    .starts_with(&format!("PICKLEGATE_BACKSTOP_ONLY={wrong:?}: expected 1")),
-                "{}",
-                error.message()
-            );
-        }
     }
 }

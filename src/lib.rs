@@ -93,7 +93,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load::guarded_load, m)?)?;
     m.add_function(wrap_pyfunction!(load::guarded_container, m)?)?;
     m.add_function(wrap_pyfunction!(load::refuse_unread, m)?)?;
-    m.add_function(wrap_pyfunction!(load::allow_suggestion, m)?)?;
+    m.add_function(wrap_pyfunction!(load::test_refusal, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::redirect_loads, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::redirect_load, m)?)?;
     m.add_function(wrap_pyfunction!(interpose::redirect_unpickler_load, m)?)?;

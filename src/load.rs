@@ -8,7 +8,9 @@ use crate::file::HashedFile;
 use crate::state::{self, emit};
 use crate::tokens::{current_scope, ScopeObj};
 use crate::unpickler;
-use picklegate_core::decision::{decide_load, Decision, LoadFacts, UNKNOWN_UNPICKLER_LAYOUT};
+use picklegate_core::decision::{
+    decide_load, Decision, LoadFacts, RefusedInTest, UNKNOWN_UNPICKLER_LAYOUT,
+};
 use picklegate_core::event::Event;
 use picklegate_core::hash::Digest;
 use picklegate_core::policy::{Approval, Mode, Scope, ScopeRefusal};
@@ -198,17 +200,25 @@ pub fn carry_out(py: Python<'_>, gate: &Gate, decision: Decision) -> Result<Appr
     Ok(decision.approval)
 }
 
-/// The `[[allow]]` entry that would list a load, as text telling the user to add it to `target`
-/// (`decision::allow_suggestion`; the pytest plugin's refusals suggest it too).
+/// What the pytest plugin tells a test whose load it refuses (`decision::RefusedInTest`).
 #[pyfunction]
-#[pyo3(signature = (target, sha256, callsite, globals=None))]
-pub fn allow_suggestion(
-    target: &str,
+#[pyo3(signature = (policy, size, sha256, callsite, reason, globals=None))]
+pub fn test_refusal(
+    policy: Option<&str>,
+    size: u64,
     sha256: &str,
     callsite: &str,
+    reason: &str,
     globals: Option<Vec<String>>,
 ) -> String {
-    picklegate_core::decision::allow_suggestion(target, sha256, callsite, globals.as_deref())
+    let refused = RefusedInTest {
+        size,
+        sha256,
+        callsite,
+        reason,
+        globals: globals.as_deref(),
+    };
+    refused.message(policy)
 }
 
 /// Judges a container on its whole file, once.

@@ -2,12 +2,10 @@
 //! immutable narrowing stack that `picklegate._scope` keeps in a context variable.
 
 use crate::errors::Error;
-use picklegate_core::hash::Digest;
-use picklegate_core::policy::{Origin, Scope, TokenFacts};
+use picklegate_core::policy::{parse_only_objects, BadToken, Origin, Scope, TokenFacts};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
@@ -123,24 +121,13 @@ impl ScopeObj {
         only_objects: Option<Vec<String>>,
     ) -> Result<ScopeObj, Error> {
         let Ok(token) = token.cast::<Token>() else {
-            let repr = token.repr().map(|r| r.to_string());
-            return Err(Error::NotAToken {
-                repr: repr.unwrap_or_else(|_| "the object".into()),
-            });
+            let repr = token.repr().ok().map(|r| r.to_string());
+            return Err(BadToken::NotAToken { repr }.into());
         };
         let token = token.get();
         let only = only_objects
-            .map(|names| {
-                names
-                    .iter()
-                    .map(|name| {
-                        Digest::parse(name).map_err(|error| Error::OnlyObjects {
-                            entry: name.clone(),
-                            error,
-                        })
-                    })
-                    .collect::<Result<HashSet<Digest>, Error>>()
-            })
+            .as_deref()
+            .map(parse_only_objects)
             .transpose()?;
         let facts = TokenFacts {
             id: token.id,

@@ -214,6 +214,94 @@ pub fn allow_suggestion(
     format!("To allow it after review, add to {target}:\n\n{toml}")
 }
 
+/// A load the pytest plugin's `enforce` refuses: neither the policy nor the test's
+/// `@pytest.mark.picklegate(allow=[...])` lists it. Its facts are the load event's.
+pub struct RefusedInTest<'a> {
+    pub size: u64,
+    pub sha256: &'a str,
+    pub callsite: &'a str,
+    pub reason: &'a str,
+    pub globals: Option<&'a [String]>,
+}
+
+impl RefusedInTest<'_> {
+    /// What the test sees; `policy` is the manifest's path when the run was given one.
+    pub fn message(&self, policy: Option<&str>) -> String {
+        let RefusedInTest {
+            size,
+            sha256,
+            callsite,
+            reason,
+            globals,
+        } = self;
+        let target = policy.unwrap_or("a manifest (--picklegate-policy)");
+        let suggestion = allow_suggestion(target, sha256, callsite, *globals);
+        format!(
+            "picklegate refused to unpickle {size} bytes (sha256 {sha256}) at {callsite}: {reason}.\n\
+             {suggestion}\nor in this test only: @pytest.mark.picklegate(allow=[\"sha256:{sha256}\"])"
+        )
+    }
+}
+
+/// The error a load gets when the binding failed while carrying it out (a panic): the load is
+/// refused, never run unjudged.
+pub const INTERNAL_ERROR: &str = "picklegate: internal error; the load was refused";
+
+/// How a process runs when some of `_pickle`'s entry points could not be redirected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interposition {
+    /// Every entry point is redirected, or the mode promises nothing that needs them.
+    Full,
+    /// `enforce` runs on the audit-hook backstop alone, as the operator chose: say it once, loudly.
+    BackstopOnly { warning: String },
+    /// `enforce` refuses to run weaker than it says (`PolicyError`).
+    Refused { message: String },
+}
+
+/// Whether the process may run with the entry points in `missing` (each named with why) not
+/// redirected, on CPython `version`. Only `enforce` needs them all; `backstop_only` (asked only
+/// then) says whether the operator accepted the audit-hook backstop alone, or why its setting is
+/// unusable.
+pub fn interposition(
+    mode: Mode,
+    missing: &[String],
+    version: &str,
+    backstop_only: impl FnOnce() -> Result<bool, String>,
+) -> Result<Interposition, String> {
+    if mode != Mode::Enforce || missing.is_empty() {
+        return Ok(Interposition::Full);
+    }
+    let what = missing.join("; ");
+    if backstop_only()? {
+        return Ok(Interposition::BackstopOnly {
+            warning: format!(
+                "picklegate: WARNING: enforce runs BACKSTOP-ONLY, as the operator chose (PICKLEGATE_BACKSTOP_ONLY / \
+                 backstop_only=True): not redirected: {what}. Unpicklers made before install and references \
+                 captured before it are judged only by the audit hook on the globals they resolve.\n"
+            ),
+        });
+    }
+    Ok(Interposition::Refused {
+        message: format!(
+            "enforce cannot give its full guarantee on this Python (CPython {version}): not redirected: {what}. \
+             Refusing to run weaker. To run with the audit-hook backstop alone, set PICKLEGATE_BACKSTOP_ONLY=1 \
+             (or install(..., backstop_only=True))"
+        ),
+    })
+}
+
+/// The value of `PICKLEGATE_BACKSTOP_ONLY` (`None`: unset) as a choice: `1` accepts backstop-only
+/// enforcement, empty or `0` does not; anything else is a mistake, said.
+pub fn backstop_only_setting(setting: Option<&str>) -> Result<bool, String> {
+    match setting {
+        None | Some("") | Some("0") => Ok(false),
+        Some("1") => Ok(true),
+        Some(other) => Err(format!(
+            "PICKLEGATE_BACKSTOP_ONLY={other:?}: expected 1 (accept backstop-only enforcement) or 0"
+        )),
+    }
+}
+
 /// What a refusal by the policy tells the user to add.
 fn suggestion(
     refusal: &Refusal,
@@ -979,6 +1067,97 @@ mod tests {
                 failing
             ),
             Err("frame error")
+        );
+    }
+
+    #[test]
+    fn a_test_refusal_names_the_load_and_both_ways_to_allow_it() {
+        let sha = "ab".repeat(32);
+        let globals = ["collections.OrderedDict".to_string()];
+        let refused = RefusedInTest {
+            size: 12,
+            sha256: &sha,
+            callsite: "tests.test_x:load",
+            reason: "no [[allow]] entry lists its sha256",
+            globals: Some(&globals),
+        };
+        let message = refused.message(Some("policy.toml"));
+        assert!(message.starts_with(&format!(
+            "picklegate refused to unpickle 12 bytes (sha256 {sha}) at tests.test_x:load: no [[allow]] entry lists its sha256.\nTo allow it after review, add to policy.toml:\n"
+        )), "{message}");
+        assert!(
+            message.contains("globals = [\"collections.OrderedDict\"]"),
+            "{message}"
+        );
+        assert!(
+            message.ends_with(&format!(
+                "\nor in this test only: @pytest.mark.picklegate(allow=[\"sha256:{sha}\"])"
+            )),
+            "{message}"
+        );
+        let unscanned = RefusedInTest {
+            globals: None,
+            ..refused
+        };
+        let without_policy = unscanned.message(None);
+        assert!(
+            without_policy.contains("add to a manifest (--picklegate-policy):"),
+            "{without_policy}"
+        );
+        assert!(!without_policy.contains("globals"), "{without_policy}");
+    }
+
+    #[test]
+    fn backstop_only_is_opted_into_by_1_alone() {
+        for unset in [None, Some(""), Some("0")] {
+            assert_eq!(backstop_only_setting(unset), Ok(false), "{unset:?}");
+        }
+        assert_eq!(backstop_only_setting(Some("1")), Ok(true));
+        for wrong in ["yes", "true", " 1", "2"] {
+            let error = backstop_only_setting(Some(wrong)).unwrap_err();
+            assert!(
+                error.starts_with(&format!("PICKLEGATE_BACKSTOP_ONLY={wrong:?}: expected 1")),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_enforce_needs_every_entry_point_redirected() {
+        let missing = ["_pickle.load (no slot)".to_string()];
+        let never_asked = || -> Result<bool, String> { panic!("asked outside enforce") };
+        for mode in [Mode::Off, Mode::Record, Mode::Warn] {
+            assert_eq!(
+                interposition(mode, &missing, "3.11.4", never_asked),
+                Ok(Interposition::Full)
+            );
+        }
+        assert_eq!(
+            interposition(Mode::Enforce, &[], "3.11.4", never_asked),
+            Ok(Interposition::Full)
+        );
+        let Ok(Interposition::Refused { message }) =
+            interposition(Mode::Enforce, &missing, "3.11.4", || Ok(false))
+        else {
+            panic!("enforce ran weaker than it says");
+        };
+        assert!(message.starts_with("enforce cannot give its full guarantee on this Python (CPython 3.11.4): not redirected: _pickle.load (no slot). Refusing to run weaker."), "{message}");
+        let Ok(Interposition::BackstopOnly { warning }) =
+            interposition(Mode::Enforce, &missing, "3.11.4", || Ok(true))
+        else {
+            panic!("the operator's choice was not taken");
+        };
+        assert!(
+            warning.starts_with("picklegate: WARNING: enforce runs BACKSTOP-ONLY"),
+            "{warning}"
+        );
+        assert!(
+            warning.contains("not redirected: _pickle.load (no slot)."),
+            "{warning}"
+        );
+        assert_eq!(
+            interposition(Mode::Enforce, &missing, "3.11.4", || Err("bad".into())),
+            Err("bad".to_string())
         );
     }
 }

@@ -24,9 +24,7 @@ pub struct Event {
 
 impl Event {
     pub fn to_json_line(&self) -> String {
-        let mut line = serde_json::to_string(self).expect("an Event always serializes");
-        line.push('\n');
-        line
+        json_line(self)
     }
 }
 
@@ -96,6 +94,13 @@ impl Sink {
             Sink::File { path, .. } => path.display().to_string(),
         }
     }
+}
+
+/// One value as a JSON line, newline included: what every sink and record file writes.
+pub(crate) fn json_line(value: &impl Serialize) -> String {
+    let mut line = serde_json::to_string(value).expect("events and records always serialize");
+    line.push('\n');
+    line
 }
 
 #[cfg(test)]

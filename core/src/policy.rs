@@ -2,7 +2,7 @@
 //! `no_pickles`/`allow_pickles` scope, then the backstop's ruling on each resolved global.
 
 use crate::callsite::{callsite_matches, global_matches, is_exact_global};
-use crate::hash::Digest;
+use crate::hash::{Digest, DigestError};
 use crate::manifest::{Manifest, TrustRule};
 pub use crate::scan::Global;
 use std::collections::HashSet;
@@ -510,8 +510,13 @@ pub struct TokenFacts {
     pub open: bool,
 }
 
+/// Why `allow_pickles()` refuses a token (`BadTokenError`); its text is the message users read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BadToken {
+    /// Not a token `no_pickles()` made; `repr` is the object's repr when it has one.
+    NotAToken {
+        repr: Option<String>,
+    },
     Finished,
     OtherThread,
     OtherTask,
@@ -520,13 +525,57 @@ pub enum BadToken {
 
 impl fmt::Display for BadToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            BadToken::Finished => "the token's no_pickles() block has already finished",
-            BadToken::OtherThread => "the token was made by no_pickles() in another thread",
-            BadToken::OtherTask => "the token was made by no_pickles() in another asyncio task",
-            BadToken::NotInScope => "the token's no_pickles() block is not active in this context",
-        })
+        f.write_str("allow_pickles() refused the token: ")?;
+        match self {
+            BadToken::NotAToken { repr } => write!(
+                f,
+                "{} is not a token made by picklegate.no_pickles()",
+                repr.as_deref().unwrap_or("the object")
+            ),
+            BadToken::Finished => {
+                f.write_str("the token's no_pickles() block has already finished")
+            }
+            BadToken::OtherThread => {
+                f.write_str("the token was made by no_pickles() in another thread")
+            }
+            BadToken::OtherTask => {
+                f.write_str("the token was made by no_pickles() in another asyncio task")
+            }
+            BadToken::NotInScope => {
+                f.write_str("the token's no_pickles() block is not active in this context")
+            }
+        }
     }
+}
+
+/// An `only_objects` entry of `allow_pickles()` that is not a sha256 (`ValueError`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadOnlyObject {
+    pub entry: String,
+    pub error: DigestError,
+}
+
+impl fmt::Display for BadOnlyObject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "only_objects entry {:?}: {}; write \"sha256:<64 hex digits>\"",
+            self.entry, self.error
+        )
+    }
+}
+
+/// The hashes `allow_pickles(token, only_objects=[...])` admits, or the first entry that is none.
+pub fn parse_only_objects(entries: &[String]) -> Result<HashSet<Digest>, BadOnlyObject> {
+    entries
+        .iter()
+        .map(|entry| {
+            Digest::parse(entry).map_err(|error| BadOnlyObject {
+                entry: entry.clone(),
+                error,
+            })
+        })
+        .collect()
 }
 
 /// Why the code's own narrowing refuses a load.
@@ -1080,6 +1129,57 @@ mod tests {
         assert_eq!(
             scope.allow(stranger, HERE, None).unwrap_err(),
             BadToken::NotInScope
+        );
+    }
+
+    #[test]
+    fn each_token_refusal_says_allow_pickles_refused_the_token_and_why() {
+        let said = |bad: BadToken| bad.to_string();
+        let prefix = "allow_pickles() refused the token: ";
+        assert_eq!(
+            said(BadToken::NotAToken {
+                repr: Some("42".into())
+            }),
+            format!("{prefix}42 is not a token made by picklegate.no_pickles()")
+        );
+        assert_eq!(
+            said(BadToken::NotAToken { repr: None }),
+            format!("{prefix}the object is not a token made by picklegate.no_pickles()")
+        );
+        assert_eq!(
+            said(BadToken::Finished),
+            format!("{prefix}the token's no_pickles() block has already finished")
+        );
+        assert_eq!(
+            said(BadToken::OtherThread),
+            format!("{prefix}the token was made by no_pickles() in another thread")
+        );
+        assert_eq!(
+            said(BadToken::OtherTask),
+            format!("{prefix}the token was made by no_pickles() in another asyncio task")
+        );
+        assert_eq!(
+            said(BadToken::NotInScope),
+            format!("{prefix}the token's no_pickles() block is not active in this context")
+        );
+    }
+
+    #[test]
+    fn only_objects_entries_must_be_sha256_and_a_bad_one_is_named() {
+        let d = Digest::of(b"x");
+        let good = [d.to_string(), format!("sha256:{d}")];
+        assert_eq!(parse_only_objects(&good), Ok([d].into()));
+        assert_eq!(parse_only_objects(&[]), Ok(HashSet::new()));
+        let bad = parse_only_objects(&[d.to_string(), "sha256:abc".into()]).unwrap_err();
+        assert_eq!(bad.entry, "sha256:abc");
+        let message = bad.to_string();
+        assert!(
+            message.starts_with("only_objects entry \"sha256:abc\": "),
+            "{message}"
+        );
+        assert!(
+            message.ends_with("; write \"sha256:<64 hex digits>\""),
+            "{message}"
         );
     }
 

@@ -1,7 +1,7 @@
 //! The record file of `record` mode: one JSON line per load, appended by many threads and
 //! processes at once without tearing, and read back line by line (errors name file:line).
 
-use crate::event::{open_for_append, write_line_once};
+use crate::event::{json_line, open_for_append, write_line_once};
 use crate::hash::Digest;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -35,9 +35,7 @@ pub struct Record {
 
 impl Record {
     pub fn to_json_line(&self) -> String {
-        let mut line = serde_json::to_string(self).expect("a Record always serializes");
-        line.push('\n');
-        line
+        json_line(self)
     }
 }
 

@@ -7,12 +7,14 @@ import json
 import os
 import pathlib
 import shutil
+import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional
 
 from . import _core
 from ._errors import PolicyError
+from ._startup import EX_CONFIG, lenient
 
 #: One file's entry of the picklegate-scan/1 JSON document (README: Scan output).
 Summary = dict[str, Any]
@@ -45,6 +47,93 @@ def _preload_path(args: argparse.Namespace) -> int:
     return 0
 
 
+#: How many `#!` scripts deep the kernel follows an interpreter that is itself a script (Linux: 4;
+#: one more step is the binary).
+SCRIPT_DEPTH = 5
+
+
+def _which(name: str, path: Optional[str]) -> Optional[str]:
+    """The file `execvp` runs for `name`: itself when it has a slash, else the first executable
+    file of that name on `path` (os.defpath when PATH is unset)."""
+    if os.sep in name:
+        return name
+    return shutil.which(name, path=os.defpath if path is None else path)
+
+
+def _shebang(path: str) -> Optional[list[str]]:
+    """A `#!` script's interpreter and its one optional argument, split as the kernel splits
+    them; None for a binary or a file that cannot be read."""
+    try:
+        with open(path, "rb") as script:
+            head = script.read(256)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    words = head[2:].split(b"\n", 1)[0].strip().split(None, 1)
+    return [os.fsdecode(word) for word in words] or None
+
+
+def _exec_chain(command: str, path: Optional[str]) -> list[str]:
+    """The files exec goes through for `command`: the one PATH finds, then each `#!` interpreter
+    (for `#!/usr/bin/env NAME`, NAME on PATH), ending with the binary that really runs."""
+    found = _which(command, path)
+    chain: list[str] = []
+    while found is not None and len(chain) < SCRIPT_DEPTH:
+        chain.append(found)
+        line = _shebang(found)
+        if line is None:
+            break
+        found = line[0]
+        if os.path.basename(found) == "env" and len(line) == 2 and not line[1].startswith("-"):
+            found = _which(line[1], path)
+    return chain
+
+
+def _secure_execution_reason(binary: str) -> Optional[str]:
+    """Why glibc would run `binary` in secure-execution mode, where it ignores LD_PRELOAD paths
+    (ld.so(8)): a set-user-ID or set-group-ID bit, or file capabilities; None when none."""
+    try:
+        mode = os.stat(binary).st_mode
+    except OSError:
+        return None
+    if mode & stat.S_ISUID:
+        return "it is set-user-ID"
+    if mode & stat.S_ISGID and mode & stat.S_IXGRP:  # set-group-ID without group-execute is a lock mark
+        return "it is set-group-ID"
+    if hasattr(os, "getxattr"):
+        try:
+            os.getxattr(binary, "security.capability")
+            return "it has file capabilities (the security.capability attribute)"
+        except OSError:  # no such attribute, or a file system without extended attributes
+            pass
+    return None
+
+
+def _refused_for_secure_execution(command: str, env: dict[str, str], preload: bool) -> bool:
+    """True (and says why) when, under enforce, glibc would drop the preload silently for `command`
+    (set-user-ID, set-group-ID, file capabilities, or such an interpreter); else warns where it applies."""
+    mode = (env.get("PICKLEGATE_MODE") or "enforce").strip().lower()
+    chain = _exec_chain(command, env.get("PATH"))
+    reason = _secure_execution_reason(chain[-1]) if chain and mode != "off" else None
+    if reason is None:
+        return False
+    binary = chain[-1] + (f" (the interpreter of {chain[-2]})" if len(chain) > 1 else "")
+    what = f"{binary}: {reason}, so glibc runs it in secure-execution mode, where LD_PRELOAD is ignored"
+    if not preload:
+        print(f"picklegate run: note: {what}; the preload is off anyway, so only a start-up hook (.pth) "
+              "in that interpreter's own site-packages can guard it", file=sys.stderr)
+        return False
+    if not lenient(mode):
+        print(f"picklegate run: refusing to run {what}: the preload cannot load into it and it would run "
+              "unguarded (use the host-wide /etc/ld.so.preload deployment, or --no-preload to rely "
+              "knowingly on the start-up hook)", file=sys.stderr)
+        return True
+    print(f"picklegate run: warning: {what}: the preload will not load and it runs unguarded ({mode})",
+          file=sys.stderr)
+    return False
+
+
 def _run(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
@@ -66,6 +155,8 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         if PRELOAD not in env.get("LD_PRELOAD", "").split(":"):
             env["LD_PRELOAD"] = ":".join(filter(None, [PRELOAD, env.get("LD_PRELOAD")]))
+    if _refused_for_secure_execution(command[0], env, bool(args.preload)):
+        return EX_CONFIG
     sys.stdout.flush()
     try:
         os.execvpe(command[0], command, env)  # the command's exit status and signals are its own

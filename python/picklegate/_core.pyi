@@ -23,7 +23,6 @@ __version__: str
 __all__ = [
     "__version__",
     "accept_backstop_only",
-    "allow_suggestion",
     "close_token",
     "compile_manifest",
     "configure",
@@ -51,6 +50,7 @@ __all__ = [
     "sha256",
     "sha256_file",
     "StreamScanner",
+    "test_refusal",
     "Token",
 ]
 
@@ -85,7 +85,9 @@ def guarded_container(
     callsite: Optional[str] = None,
 ) -> _T: ...
 def refuse_unread(file: object, source: Optional[str]) -> None: ...
-def allow_suggestion(target: str, sha256: str, callsite: str, globals: Optional[Sequence[str]] = None) -> str: ...
+def test_refusal(
+    policy: Optional[str], size: int, sha256: str, callsite: str, reason: str, globals: Optional[Sequence[str]] = None
+) -> str: ...
 
 # Interposition on `_pickle` and the audit-hook backstop
 def redirect_loads(original: Callable[..., Any]) -> None: ...

@@ -42,17 +42,6 @@ def _digest(text: str) -> str:
     return text.strip().lower().removeprefix("sha256:")
 
 
-def denial_message(event: Event, policy: Optional[str]) -> str:
-    """What a test sees when it loaded a pickle the policy does not list."""
-    suggestion = _core.allow_suggestion(
-        policy or "a manifest (--picklegate-policy)", event["sha256"], event["callsite"], event["globals"])
-    return (
-        f"picklegate refused to unpickle {event['size']} bytes (sha256 {event['sha256']}) at "
-        f"{event['callsite']}: {event['reason']}.\n{suggestion}\n"
-        f"or in this test only: @pytest.mark.picklegate(allow=[\"sha256:{event['sha256']}\"])"
-    )
-
-
 class Gate:
     """Installs picklegate for the session and watches every load decision through the observer.
 
@@ -83,7 +72,8 @@ class Gate:
         self.loads.append((self.current_test, event))
         if self.mode != "enforce" or event["decision"] != "warn" or event["sha256"] in self.current_allow:
             return
-        message = denial_message(event, self.policy)
+        message = _core.test_refusal(
+            self.policy, event["size"], event["sha256"], event["callsite"], event["reason"], event["globals"])
         self.refused.setdefault(self.current_test, []).append(message)
         raise PickleDeniedError(message, callsite=event["callsite"], sha256=event["sha256"], size=event["size"])
 

@@ -1,0 +1,51 @@
+"""Red team 3, attack A5: `picklegate run --mode enforce` on a set-user-ID CPython. glibc runs a
+setuid program in secure-execution mode and drops an LD_PRELOAD path containing a slash, so the
+preload never loads; a CPython without picklegate in its site-packages then runs every pickle,
+silently. (The host-wide /etc/ld.so.preload is honoured there; `picklegate run` is not.)"""
+
+import os
+import pathlib
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from test_preload_embedded import Touch
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory the unprivileged user can reach (pytest's tmp_path is under a 0700 directory)."""
+    path = tempfile.mkdtemp(prefix="pg-setuid-", dir="/tmp")
+    os.chmod(path, 0o777)
+    yield pathlib.Path(path)
+    shutil.rmtree(path)
+
+
+def test_picklegate_run_never_leaves_a_setuid_python_unguarded(shared_dir):
+    setpriv = shutil.which("setpriv")
+    python = "/usr/bin/python3"
+    if os.geteuid() != 0 or setpriv is None or not os.path.isfile(python):
+        pytest.skip("needs root, setpriv and a system /usr/bin/python3 to make and run a setuid CPython")
+    tmp_path = shared_dir
+    setuid_python = tmp_path / "python-setuid"
+    shutil.copy(python, setuid_python)
+    setuid_python.chmod(0o4755)
+    canary = tmp_path / "canary"
+    payload = pickle.dumps(Touch(canary))
+    code = f"import pickle; pickle.loads(bytes.fromhex('{payload.hex()}')); print('LOADED')"
+    picklegate = [sys.executable, "-m", "picklegate", "run", "--mode", "enforce", "--"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICKLEGATE_") and k != "LD_PRELOAD"}
+    # -S: the setuid copy's own site-packages play no part (the preload is what `run` promises).
+    as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    reachable = subprocess.run([*as_nobody, sys.executable, "-c", "import picklegate"], env=env, cwd=tmp_path,
+                               capture_output=True, text=True, timeout=120)
+    if reachable.returncode != 0:
+        pytest.skip(f"uid 65534 cannot run this Python and picklegate: {reachable.stderr.strip()[-300:]}")
+    proc = subprocess.run([*as_nobody, *picklegate, str(setuid_python), "-S", "-c", code],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "cannot run" not in proc.stderr, proc.stderr
+    assert not canary.exists(), f"attacker bytes RAN under picklegate run --mode enforce:\n{proc.stdout}{proc.stderr}"
+    assert proc.returncode == 78 and "set-user-ID" in proc.stderr, proc.stdout + proc.stderr
