@@ -105,7 +105,8 @@ extern "C" fn constructor() {
 /// Set by the constructor when picklegate is asked for (host policy or environment): only then do
 /// `dlsym` and `Py_Initialize*` look for a libpython before forwarding to the real functions.
 static ACTIVE: AtomicBool = AtomicBool::new(false);
-/// One thread at a time looks for CPython (two threads must not register two hooks).
+/// One thread at a time looks for CPython (two threads must not register two hooks); a thread that
+/// finds another looking goes on (that one sees what was loaded).
 static LOOKING: Mutex<()> = Mutex::new(());
 thread_local! {
     /// Set while this thread looks: the `dlsym` calls of the look itself must not look again.
@@ -123,17 +124,22 @@ static SECOND_REPORTED: AtomicBool = AtomicBool::new(false);
 static FINALIZED: AtomicBool = AtomicBool::new(false);
 const HOOKS_CLEARED: &[u8] = b"cpython._PySys_ClearAuditHooks";
 
-/// Runs `look` with LOOKING held and this thread marked as looking; nothing if it already is.
+/// Runs `look` with LOOKING held and this thread marked as looking; nothing if it already is, or
+/// if another thread is looking (never wait: this thread may hold the loader's lock, inside a
+/// constructor that calls `dlsym`, which the other thread's look may be waiting for).
 fn looking(look: impl FnOnce()) {
     let Ok(false) = INSIDE.try_with(|inside| inside.replace(true)) else {
         return;
     };
-    {
-        let _looking = LOOKING
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let guard = match LOOKING.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    };
+    if guard.is_some() {
         look();
     }
+    drop(guard);
     let _ = INSIDE.try_with(|inside| inside.set(false));
 }
 
