@@ -563,7 +563,8 @@ fn before_initialize() {
 /// libpython's), else (the program called, or a libpython tail-called through its PLT) the
 /// libpython the program fetched its `Py_Initialize*` from with `dlsym`, else the one it reaches
 /// without this library (the next in the default scope), else the only libpython that defines
-/// it. Stops the process when there is none, or several.
+/// it. Stops the process when there is none, or several; under `enforce`, also when the fetched
+/// one and the next one differ (it does not guess).
 ///
 /// # Safety
 /// `F` is a function pointer type, the signature of the C function `name`.
@@ -586,20 +587,28 @@ unsafe fn real_initializer<F>(name: &[u8]) -> F {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .clone();
+    let mut from_fetch = None;
     if let Some(handle) = fetched.and_then(|object| loaded_handle(&object)) {
         // SAFETY: `handle` was just returned by `dlopen`; asked for as a plain address.
-        let found = unsafe { symbol_in::<*mut c_void>(handle, name) }
+        from_fetch = unsafe { symbol_in::<*mut c_void>(handle, name) }
             .filter(|&address| object_of(address) == handle);
         // SAFETY: balances the reference RTLD_NOLOAD took; the object stays loaded.
         unsafe { libc::dlclose(handle) };
-        if let Some(address) = found {
-            // SAFETY: as above.
-            return unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) };
-        }
     }
     // SAFETY: RTLD_NEXT is a valid scope; asked for as a plain address.
-    let next = unsafe { symbol_in::<*mut c_void>(libc::RTLD_NEXT, name) };
-    if let Some(address) = next.filter(not_own) {
+    let next = unsafe { symbol_in::<*mut c_void>(libc::RTLD_NEXT, name) }.filter(not_own);
+    if let (Some(fetched), Some(next)) = (from_fetch, next) {
+        if fetched != next && ACTIVE.load(Ordering::SeqCst) && !lenient() {
+            // Two libpythons could be meant (the one fetched with `dlsym`, the one the program
+            // is linked to): `enforce` does not guess.
+            stop("two libpythons could be the one starting here; picklegate does not guess which");
+        }
+    }
+    if let Some(address) = from_fetch {
+        // SAFETY: as above.
+        return unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) };
+    }
+    if let Some(address) = next {
         // SAFETY: as above.
         return unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) };
     }
