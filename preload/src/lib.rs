@@ -1,16 +1,17 @@
 //! The LD_PRELOAD library (libc only; Python functions found with dlsym): in CPython it registers an
 //! audit hook before start-up, then at the first event after start-up loads picklegate from beside it.
 //! Listed in /etc/ld.so.preload with a root-owned /etc/picklegate/policy.toml, it guards every CPython
-//! on the host whatever its flags and environment. It also watches `dlopen` (a libpython loaded
-//! later) and `Py_Initialize*` (a runtime started again after `Py_FinalizeEx`).
+//! on the host whatever its flags and environment. It also watches `dlsym` and `Py_Initialize*` (a
+//! libpython loaded later, however; a runtime started again after `Py_FinalizeEx`).
 
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
+use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 // The CPython functions this library calls, found by name with dlsym: public C API with these
@@ -30,8 +31,6 @@ type InitializeEx = unsafe extern "C" fn(c_int);
 type InitializeFromConfig = unsafe extern "C" fn(*const c_void) -> PyStatus;
 /// `dlopen`.
 type Dlopen = unsafe extern "C" fn(*const c_char, c_int) -> *mut c_void;
-/// A load (name, flags) as `dlopen` or `dlmopen` into one namespace does it.
-type Loader<'a> = &'a dyn Fn(*const c_char, c_int) -> *mut c_void;
 
 /// CPython's `PyStatus` (3.8 to 3.14: an enum, two C strings, an int), only passed through.
 #[repr(C)]
@@ -87,35 +86,80 @@ static HOST: AtomicBool = AtomicBool::new(false);
 static CONSTRUCTOR: extern "C" fn() = constructor;
 
 extern "C" fn constructor() {
+    // The trampolines' targets, found now (and lazily if something calls them earlier).
+    for which in [DLOPEN, DLMOPEN, DLSYM] {
+        real_dl_function(which);
+    }
     let host = Path::new(HOST_POLICY).symlink_metadata().is_ok();
     if !host && !configured() {
         return;
     }
     HOST.store(host, Ordering::SeqCst);
     ACTIVE.store(true, Ordering::SeqCst);
-    // SAFETY: RTLD_DEFAULT is a valid scope for dlsym.
-    unsafe { arm(libc::RTLD_DEFAULT) };
+    looking(|| {
+        // SAFETY: RTLD_DEFAULT is a valid scope for dlsym.
+        unsafe { arm(libc::RTLD_DEFAULT) };
+    });
 }
 
 /// Set by the constructor when picklegate is asked for (host policy or environment): only then do
-/// `dlopen` and `Py_Initialize*` look further than forwarding to the real functions.
+/// `dlsym` and `Py_Initialize*` look for a libpython before forwarding to the real functions.
 static ACTIVE: AtomicBool = AtomicBool::new(false);
-/// Set once a CPython was found (armed, or stopped): later loads need no look.
-static FOUND: AtomicBool = AtomicBool::new(false);
-/// One thread at a time looks for CPython (two `dlopen`s at once must not register two hooks).
+/// One thread at a time looks for CPython (two threads must not register two hooks); a thread that
+/// finds another looking goes on (that one sees what was loaded).
 static LOOKING: Mutex<()> = Mutex::new(());
-/// The `dlopen` handle libpython was found through (null: it was there at start-up).
-static LIBPYTHON: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+thread_local! {
+    /// Set while this thread looks: the `dlsym` calls of the look itself must not look again.
+    static INSIDE: Cell<bool> = const { Cell::new(false) };
+}
+/// The link maps of the libpythons armed (at most one: a second one stops `enforce`, A2).
+static ARMED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+/// The loaded objects already looked at (load addresses), and glibc's load counter at the last look.
+static SEEN: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+static LAST_ADDS: AtomicU64 = AtomicU64::new(u64::MAX);
+/// A second libpython was reported (lenient modes warn once).
+static SECOND_REPORTED: AtomicBool = AtomicBool::new(false);
 /// Set when a runtime this library guarded is finalized (`cpython._PySys_ClearAuditHooks`): its
 /// hooks are gone, so a runtime started again would run unguarded.
 static FINALIZED: AtomicBool = AtomicBool::new(false);
 const HOOKS_CLEARED: &[u8] = b"cpython._PySys_ClearAuditHooks";
 
-/// Looks for CPython in `scope` (RTLD_DEFAULT, or a handle `dlopen` returned) and, when it is
+/// Runs `look` with LOOKING held and this thread marked as looking; nothing if it already is, or
+/// if another thread is looking (never wait: this thread may hold the loader's lock, inside a
+/// constructor that calls `dlsym`, which the other thread's look may be waiting for).
+fn looking(look: impl FnOnce()) {
+    let Ok(false) = INSIDE.try_with(|inside| inside.replace(true)) else {
+        return;
+    };
+    let guard = match LOOKING.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    };
+    if guard.is_some() {
+        look();
+    }
+    drop(guard);
+    let _ = INSIDE.try_with(|inside| inside.set(false));
+}
+
+/// The link map of the object defining `address` (glibc: a handle), or null.
+fn object_of(address: *const c_void) -> *mut c_void {
+    // SAFETY: `Dl_info` is pointers and integers, for which all-zero is a valid value.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    let mut map: *mut c_void = std::ptr::null_mut();
+    // SAFETY: dladdr1 only describes the address into `info` and `map`.
+    if unsafe { libc::dladdr1(address, &mut info, &mut map, RTLD_DL_LINKMAP) } == 0 {
+        return std::ptr::null_mut();
+    }
+    map
+}
+
+/// Looks for CPython in `scope` (RTLD_DEFAULT, or a handle of a loaded object) and, when it is
 /// there, registers the hook before the runtime starts. True when CPython was found.
 ///
 /// # Safety
-/// `scope` is RTLD_DEFAULT or a handle returned by `dlopen` and not closed.
+/// `scope` is RTLD_DEFAULT or a handle returned by `dlopen` and not closed; LOOKING is held.
 unsafe fn arm(scope: *mut c_void) -> bool {
     // SAFETY: `AddAuditHook` is the signature of `PySys_AddAuditHook` (see its declaration);
     // `scope` is valid (the caller's guarantee).
@@ -124,12 +168,28 @@ unsafe fn arm(scope: *mut c_void) -> bool {
     let is_initialized = unsafe { symbol_in::<IsInitialized>(scope, b"Py_IsInitialized\0") };
     let Some(add_audit_hook) = add_audit_hook else {
         if is_initialized.is_some() {
-            FOUND.store(true, Ordering::SeqCst);
             stop("this CPython predates audit hooks (3.8); picklegate needs CPython 3.9 or later");
         }
         return false; // not CPython: stay invisible
     };
-    FOUND.store(true, Ordering::SeqCst);
+    let libpython = object_of(add_audit_hook as *const c_void) as usize;
+    {
+        let mut armed = ARMED
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if armed.contains(&libpython) {
+            return true;
+        }
+        if !armed.is_empty() {
+            // A2: picklegate's state lives in the first runtime; a second libpython's runtime
+            // would run without it.
+            if !SECOND_REPORTED.swap(true, Ordering::SeqCst) {
+                stop("a second libpython was loaded after the first one was guarded; picklegate guards one CPython per process");
+            }
+            return true;
+        }
+        armed.push(libpython);
+    }
     // SAFETY: `RunString` is the signature of `PyRun_SimpleStringFlags`.
     let run_string = unsafe { symbol_in::<RunString>(scope, b"PyRun_SimpleStringFlags\0") };
     let (Some(is_initialized), Some(run_string)) = (is_initialized, run_string) else {
@@ -145,8 +205,8 @@ unsafe fn arm(scope: *mut c_void) -> bool {
     }
     // SAFETY: `Py_IsInitialized` takes nothing and may be called at any time.
     if unsafe { is_initialized() } != 0 {
-        // A libpython a `dlopen` brought in that something already started (a constructor):
-        // its start-up ran without the hook.
+        // A libpython loaded later that something already started: its start-up ran without
+        // the hook.
         stop("a CPython loaded with dlopen was already initialized when picklegate saw it, so it cannot be guarded from its start");
         return true;
     }
@@ -174,201 +234,254 @@ unsafe fn arm(scope: *mut c_void) -> bool {
     true
 }
 
-/// The real `dlopen` (the next object's: libc's), found once.
-fn real_dlopen() -> Option<Dlopen> {
-    static REAL: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
-    let mut address = REAL.load(Ordering::Acquire);
-    if address.is_null() {
-        // SAFETY: a NUL-terminated name; RTLD_NEXT asks for the definition after this library's.
-        address = unsafe { libc::dlsym(libc::RTLD_NEXT, b"dlopen\0".as_ptr().cast()) };
-        REAL.store(address, Ordering::Release);
-    }
-    // SAFETY: a non-null address of libc's `dlopen`, whose signature `Dlopen` is.
-    (!address.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, Dlopen>(address) })
-}
-
-/// `dlopen`, as libc's, and then: a libpython it brought in (uWSGI, mod_wsgi, PyInstaller, an
-/// embedding program) is armed like one there at start-up, before anything can initialize it.
-///
-/// # Safety
-/// As libc's `dlopen`: `filename` is null or a C string.
-#[no_mangle]
-pub unsafe extern "C" fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void {
-    let Some(real) = real_dlopen() else {
-        return std::ptr::null_mut();
-    };
-    // SAFETY: `load_as_caller` passes null or a C string, and flags, as libc's `dlopen` takes them.
-    let load = |name: *const c_char, flags: c_int| unsafe { real(name, flags) };
-    // SAFETY: the caller's guarantee is libc's.
-    let handle = unsafe { load_as_caller(&load, false, filename, flags) };
-    look_for_cpython(handle);
-    handle
-}
-
-/// `dlmopen`, as libc's, and then as `dlopen`: a libpython loaded into a namespace of its own.
-///
-/// # Safety
-/// As libc's `dlmopen`: `filename` is a C string.
-#[cfg(target_env = "gnu")]
-#[no_mangle]
-pub unsafe extern "C" fn dlmopen(
-    namespace: libc::Lmid_t,
-    filename: *const c_char,
-    flags: c_int,
-) -> *mut c_void {
-    static REAL: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
-    let mut address = REAL.load(Ordering::Acquire);
-    if address.is_null() {
-        // SAFETY: a NUL-terminated name; RTLD_NEXT asks for the definition after this library's.
-        address = unsafe { libc::dlsym(libc::RTLD_NEXT, b"dlmopen\0".as_ptr().cast()) };
-        REAL.store(address, Ordering::Release);
-    }
-    if address.is_null() {
-        return std::ptr::null_mut();
-    }
-    // SAFETY: a non-null address of libc's `dlmopen`, whose signature this is.
-    let real = unsafe {
-        std::mem::transmute::<
-            *mut c_void,
-            unsafe extern "C" fn(libc::Lmid_t, *const c_char, c_int) -> *mut c_void,
-        >(address)
-    };
-    // SAFETY: `load_as_caller` passes a C string and flags, as libc's `dlmopen` takes them.
-    let load = |name: *const c_char, flags: c_int| unsafe { real(namespace, name, flags) };
-    // SAFETY: the caller's guarantee is libc's.
-    let handle = unsafe { load_as_caller(&load, namespace == LM_ID_NEWLM, filename, flags) };
-    look_for_cpython(handle);
-    handle
-}
-
-/// glibc's `LM_ID_NEWLM` (dlfcn.h): `dlmopen` into a new namespace.
-#[cfg(target_env = "gnu")]
-const LM_ID_NEWLM: libc::Lmid_t = -1;
-
-/// After a successful load, in a process that asked for picklegate and has no CPython yet: arm
-/// a libpython it brought in.
-fn look_for_cpython(handle: *mut c_void) {
-    if handle.is_null() || !ACTIVE.load(Ordering::SeqCst) || FOUND.load(Ordering::SeqCst) {
+/// Before the runtime can start (the `dlsym` that fetches `Py_Initialize*`, or the preload's own
+/// `Py_Initialize*`), in a process that asked for picklegate: a libpython loaded since the last
+/// look, however it was loaded (libc's `dlopen` pointer, RTLD_LOCAL, `dlmopen`), is armed as one
+/// there at start-up; a second one stops `enforce`. `handle` is the `dlsym` handle (null
+/// otherwise): a libpython in a namespace of its own (`dlmopen`) is reached through it.
+fn look_for_new_cpython(handle: *mut c_void) {
+    if !ACTIVE.load(Ordering::SeqCst) {
         return;
     }
-    let _looking = LOOKING
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if !FOUND.load(Ordering::SeqCst) {
-        // SAFETY: `handle` was just returned by `dlopen`/`dlmopen`; RTLD_DEFAULT is always
-        // valid. The handle first: a library loaded RTLD_LOCAL is not in the default scope.
-        if unsafe { arm(handle) } {
-            LIBPYTHON.store(handle, Ordering::SeqCst);
-        } else {
-            // SAFETY: as above.
-            unsafe { arm(libc::RTLD_DEFAULT) };
-        }
-    }
-    // The look-ups that found nothing left a dlerror message the caller did not cause.
-    // SAFETY: dlerror only reads and clears this thread's message.
-    unsafe { libc::dlerror() };
-}
-
-/// libc's `dlopen` decides where a bare name is searched (the calling object's RUNPATH/RPATH) and
-/// what `$ORIGIN` means from the object that called it, which is now this library: for those
-/// names, find the program's calling object and search as libc would have for it.
-///
-/// `real` loads (libc's `dlopen`, or `dlmopen` into one namespace); `fresh` when that namespace is
-/// a new one, where nothing is loaded yet.
-///
-/// # Safety
-/// As libc's `dlopen`: `filename` is null or a C string.
-#[cfg(target_env = "gnu")]
-unsafe fn load_as_caller(
-    real: Loader,
-    fresh: bool,
-    filename: *const c_char,
-    flags: c_int,
-) -> *mut c_void {
-    if filename.is_null() {
-        // A null name is the main program, whoever asks.
-        return real(filename, flags);
-    }
-    // SAFETY: a non-null `filename` is a C string (the caller's guarantee).
-    let name = unsafe { CStr::from_ptr(filename) }.to_bytes();
-    let bare = !name.contains(&b'/');
-    let origin = find(name, b"$ORIGIN", 0).is_some() || find(name, b"${ORIGIN}", 0).is_some();
-    if !bare && !origin {
-        // A path, the same from every caller.
-        return real(filename, flags);
-    }
-    let Some(caller) = calling_object() else {
-        // As libc's, with this library as the caller (the best left).
-        return real(filename, flags);
-    };
-    if origin {
-        let Some(directory) = origin_of(caller) else {
-            // As above.
-            return real(filename, flags);
-        };
-        let mut expanded = name.to_vec();
-        for token in [&b"${ORIGIN}"[..], b"$ORIGIN"] {
-            while let Some(at) = find(&expanded, token, 0) {
-                expanded.splice(at..at + token.len(), directory.iter().copied());
+    looking(|| {
+        if !handle.is_null() && handle != libc::RTLD_NEXT {
+            // SAFETY: the program passes `handle` to `dlsym`, which takes a handle `dlopen` or
+            // `dlmopen` returned and not closed; asked for as a plain address.
+            let cpython =
+                unsafe { symbol_in::<*mut c_void>(handle, b"PySys_AddAuditHook\0") }.is_some();
+            if cpython {
+                // SAFETY: as above; arm looks up CPython's functions in that scope.
+                unsafe { arm(handle) };
             }
         }
-        let Ok(expanded) = CString::new(expanded) else {
-            // As above.
-            return real(filename, flags);
-        };
-        // The name with the caller's origin in place of `$ORIGIN`.
-        return real(expanded.as_ptr(), flags);
-    }
-    // Already loaded under that name: libc returns it before any search (RTLD_NOLOAD only looks
-    // among loaded objects; a new namespace has none).
-    if !fresh {
-        let loaded = real(filename, flags | libc::RTLD_NOLOAD);
-        if !loaded.is_null() {
-            return loaded;
+        let adds = load_counter();
+        if adds.is_some() && adds == Some(LAST_ADDS.load(Ordering::SeqCst)) {
+            return; // nothing loaded since the last look
         }
-    }
-    for directory in callers_own_directories(caller) {
-        let mut path = directory;
-        path.push(b'/');
-        path.extend_from_slice(name);
-        let Ok(path) = CString::new(path) else {
-            continue;
-        };
-        // SAFETY: `path` is a C string; access only asks whether the file exists.
-        if unsafe { libc::access(path.as_ptr(), libc::F_OK) } != 0 {
-            continue;
+        let mut fresh = Vec::new();
+        {
+            let mut seen = SEEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (name, map) in loaded_objects() {
+                if !seen.contains(&map) {
+                    seen.push(map);
+                    fresh.push(name);
+                }
+            }
         }
-        let handle = real(path.as_ptr(), flags);
-        if !handle.is_null() {
-            return handle;
+        for name in fresh {
+            let Some(handle) = loaded_handle(&name) else {
+                continue;
+            };
+            // SAFETY: `handle` was just returned by `dlopen`; asked for as a plain address.
+            let defines = unsafe { symbol_in::<*mut c_void>(handle, b"PySys_AddAuditHook\0") }
+                .is_some_and(|address| object_of(address) == handle);
+            // SAFETY: `handle` is a loaded libpython (the definition is its own) and not closed.
+            if !defines || !unsafe { arm(handle) } {
+                // SAFETY: balances the reference RTLD_NOLOAD took (an armed libpython keeps it).
+                unsafe { libc::dlclose(handle) };
+            }
         }
-    }
-    // The rest (the program's RPATH, LD_LIBRARY_PATH, the cache, the system directories) is the
-    // same for every caller.
-    real(filename, flags)
+        LAST_ADDS.store(adds.unwrap_or(u64::MAX), Ordering::SeqCst);
+        // The look-ups that found nothing left a dlerror message the caller did not cause.
+        // SAFETY: dlerror only reads and clears this thread's message.
+        unsafe { libc::dlerror() };
+    });
 }
 
-/// Elsewhere: as libc's, with this library as the caller.
-///
-/// # Safety
-/// As libc's `dlopen`: `filename` is null or a C string.
-#[cfg(not(target_env = "gnu"))]
-unsafe fn load_as_caller(
-    real: Loader,
-    _fresh: bool,
-    filename: *const c_char,
-    flags: c_int,
-) -> *mut c_void {
-    real(filename, flags)
+/// glibc's count of objects loaded so far (`dlpi_adds`), or None where it is not given.
+fn load_counter() -> Option<u64> {
+    extern "C" fn first(info: *mut libc::dl_phdr_info, size: usize, data: *mut c_void) -> c_int {
+        // SAFETY: `data` is the Option `load_counter` passes, alive during the iteration.
+        let counter = unsafe { &mut *data.cast::<Option<u64>>() };
+        let wanted = std::mem::offset_of!(libc::dl_phdr_info, dlpi_adds) + 8;
+        if size >= wanted {
+            // SAFETY: glibc passes a valid `dl_phdr_info` of `size` bytes, which hold `dlpi_adds`.
+            *counter = Some(unsafe { (*info).dlpi_adds });
+        }
+        1 // the counter is the same in every entry: stop at the first
+    }
+    let mut counter: Option<u64> = None;
+    // SAFETY: `first` has the callback's signature and uses `counter` only during the call.
+    unsafe { libc::dl_iterate_phdr(Some(first), (&mut counter as *mut Option<u64>).cast()) };
+    counter
 }
+
+/// A handle (a reference) to the loaded object `name`, loading nothing.
+fn loaded_handle(name: &CStr) -> Option<*mut c_void> {
+    let real = real_dl_function(DLOPEN);
+    if real == 0 {
+        return None;
+    }
+    // SAFETY: `real` is libc's `dlopen`, whose signature `Dlopen` is.
+    let real = unsafe { std::mem::transmute::<usize, Dlopen>(real) };
+    // SAFETY: `name` is a C string; RTLD_NOLOAD only looks among loaded objects.
+    let handle = unsafe { real(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
+    (!handle.is_null()).then_some(handle)
+}
+
+// `dlopen`, `dlmopen` and `dlsym` are exact tail calls into libc's (glibc takes the caller from
+// the return address: its search path, `$ORIGIN`, RTLD_NEXT stay the program's). Each saves the
+// argument registers, asks `trampoline_target` for libc's function (for `dlsym`, after looking
+// for a new libpython), restores them and jumps, the caller's return address left in place.
+// Only on x86_64 and aarch64 glibc; elsewhere libc's are not replaced.
+const DLOPEN: usize = 0;
+const DLMOPEN: usize = 1;
+const DLSYM: usize = 2;
+const DL_NAMES: [&[u8]; 3] = [b"dlopen\0", b"dlmopen\0", b"dlsym\0"];
+/// The symbol versions of libc's functions, newest first (glibc 2.34 moved them into libc).
+#[cfg(target_arch = "x86_64")]
+const DL_VERSIONS: [[&[u8]; 2]; 3] = [
+    [b"GLIBC_2.34\0", b"GLIBC_2.2.5\0"],
+    [b"GLIBC_2.34\0", b"GLIBC_2.3.4\0"],
+    [b"GLIBC_2.34\0", b"GLIBC_2.2.5\0"],
+];
+#[cfg(not(target_arch = "x86_64"))]
+const DL_VERSIONS: [[&[u8]; 2]; 3] = [
+    [b"GLIBC_2.34\0", b"GLIBC_2.17\0"],
+    [b"GLIBC_2.34\0", b"GLIBC_2.17\0"],
+    [b"GLIBC_2.34\0", b"GLIBC_2.17\0"],
+];
+static DL_REAL: [AtomicUsize; 3] = [
+    AtomicUsize::new(0),
+    AtomicUsize::new(0),
+    AtomicUsize::new(0),
+];
+
+/// libc's function `which` (DLOPEN, DLMOPEN, DLSYM), found once with `dlvsym` (not replaced
+/// here); 0 if libc has none.
+fn real_dl_function(which: usize) -> usize {
+    let known = DL_REAL[which].load(Ordering::Acquire);
+    if known != 0 {
+        return known;
+    }
+    for version in DL_VERSIONS[which] {
+        // SAFETY: NUL-terminated name and version; RTLD_NEXT asks for the definition after
+        // this library's, and `dlvsym` is libc's own (this library does not define it).
+        let address = unsafe {
+            libc::dlvsym(
+                libc::RTLD_NEXT,
+                DL_NAMES[which].as_ptr().cast(),
+                version.as_ptr().cast(),
+            )
+        };
+        if !address.is_null() {
+            DL_REAL[which].store(address as usize, Ordering::Release);
+            return address as usize;
+        }
+    }
+    0
+}
+
+/// What a trampoline jumps to: libc's function `which`, or, if libc has none, one that fails.
+/// `first` and `second` are the call's first two arguments (for `dlsym`: handle and name).
+extern "C" fn trampoline_target(which: usize, first: usize, second: usize) -> usize {
+    if which == DLSYM {
+        note_initializer_fetch(first as *mut c_void, second as *const c_char);
+        look_for_new_cpython(first as *mut c_void);
+    }
+    match real_dl_function(which) {
+        0 => missing as *const () as usize,
+        real => real,
+    }
+}
+
+/// Stands in for a libc function that cannot be found: fails (null), as a failed load does.
+extern "C" fn missing() -> *mut c_void {
+    std::ptr::null_mut()
+}
+
+/// Defines the tail-calling function `$name`, forwarding to libc's function number `$which`.
+#[cfg(all(
+    target_env = "gnu",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+macro_rules! trampoline {
+    ($(#[$doc:meta])* $name:ident, $which:expr) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// As libc's function of the same name.
+        #[no_mangle]
+        #[unsafe(naked)]
+        pub unsafe extern "C" fn $name() {
+            // SAFETY: the argument registers are saved and restored around a call made with the
+            // stack aligned as the ABI wants; the jump leaves the stack and the return address
+            // exactly as the caller left them, so libc's function runs as if called directly.
+            #[cfg(target_arch = "x86_64")]
+            std::arch::naked_asm!(
+                // Entry: rsp = 8 mod 16; three pushes align it for the call.
+                "push rdi",
+                "push rsi",
+                "push rdx",
+                "mov rdx, rsi",
+                "mov rsi, rdi",
+                "mov edi, {which}",
+                "call {target}",
+                "pop rdx",
+                "pop rsi",
+                "pop rdi",
+                "jmp rax",
+                which = const $which,
+                target = sym trampoline_target,
+            );
+            // SAFETY: as above (x0-x2 and the frame record saved on a 16-byte aligned stack;
+            // x30 restored before the jump through x16, the intra-procedure scratch register).
+            #[cfg(target_arch = "aarch64")]
+            std::arch::naked_asm!(
+                "stp x29, x30, [sp, #-48]!",
+                "mov x29, sp",
+                "stp x0, x1, [sp, #16]",
+                "str x2, [sp, #32]",
+                "mov x2, x1",
+                "mov x1, x0",
+                "mov x0, #{which}",
+                "bl {target}",
+                "mov x16, x0",
+                "ldp x0, x1, [sp, #16]",
+                "ldr x2, [sp, #32]",
+                "ldp x29, x30, [sp], #48",
+                "br x16",
+                which = const $which,
+                target = sym trampoline_target,
+            );
+        }
+    };
+}
+
+#[cfg(all(
+    target_env = "gnu",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+trampoline!(
+    /// `dlopen(filename, flags)`: libc's, called as the program called it.
+    dlopen,
+    DLOPEN
+);
+#[cfg(all(
+    target_env = "gnu",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+trampoline!(
+    /// `dlmopen(namespace, filename, flags)`: libc's, called as the program called it.
+    dlmopen,
+    DLMOPEN
+);
+#[cfg(all(
+    target_env = "gnu",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+trampoline!(
+    /// `dlsym(handle, name)`: first a look for a libpython loaded since the last one (hosts that
+    /// load libpython get `Py_Initialize*` through `dlsym`), then libc's, as the program called it.
+    dlsym,
+    DLSYM
+);
 
 /// glibc's `dladdr1` request for the link map (dlfcn.h; not in the libc crate).
-#[cfg(target_env = "gnu")]
 const RTLD_DL_LINKMAP: c_int = 2;
 
-/// The link map (glibc: the handle) of the object whose code called `dlopen`: the first frame
-/// up the stack outside this library.
-#[cfg(target_env = "gnu")]
+/// The link map (glibc: the handle) of the object whose code called into this library: the
+/// first frame up the stack outside it.
 fn calling_object() -> Option<*mut c_void> {
     extern "C" {
         fn _Unwind_Backtrace(
@@ -434,184 +547,183 @@ fn calling_object() -> Option<*mut c_void> {
     walk.caller
 }
 
-/// The caller's search path up to the part it shares with this library's (which has no RPATH or
-/// RUNPATH): glibc looks in the cache before those shared system directories, so libc's `dlopen`
-/// searches them, after the caller's own.
-#[cfg(target_env = "gnu")]
-fn callers_own_directories(caller: *mut c_void) -> Vec<Vec<u8>> {
-    let mut callers = search_path(caller);
-    let own = own_map().map(search_path).unwrap_or_default();
-    let shared = callers
-        .iter()
-        .rev()
-        .zip(own.iter().rev())
-        .take_while(|(a, b)| a == b)
-        .count();
-    callers.truncate(callers.len() - shared);
-    callers
-}
-
-/// This library's link map (glibc: its handle).
-#[cfg(target_env = "gnu")]
-fn own_map() -> Option<*mut c_void> {
-    // SAFETY: `Dl_info` is pointers and integers, for which all-zero is a valid value.
-    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-    let mut map: *mut c_void = std::ptr::null_mut();
-    // SAFETY: `constructor` is code of this library, so dladdr1 can describe it.
-    let found = unsafe {
-        libc::dladdr1(
-            constructor as *const c_void,
-            &mut info,
-            &mut map,
-            RTLD_DL_LINKMAP,
-        )
-    };
-    (found != 0 && !map.is_null()).then_some(map)
-}
-
-/// `$ORIGIN` of the object `map`: the directory it was loaded from.
-#[cfg(target_env = "gnu")]
-fn origin_of(map: *mut c_void) -> Option<Vec<u8>> {
-    let mut buffer = vec![0u8; libc::PATH_MAX as usize + 1];
-    // SAFETY: `map` is a loaded object's link map, which glibc takes as its handle; RTLD_DI_ORIGIN
-    // writes at most PATH_MAX bytes and a NUL.
-    if unsafe { libc::dlinfo(map, libc::RTLD_DI_ORIGIN, buffer.as_mut_ptr().cast()) } != 0 {
-        return None;
-    }
-    let end = buffer.iter().position(|&b| b == 0)?;
-    buffer.truncate(end);
-    Some(buffer)
-}
-
-/// The directories glibc searches for a library the object `map` asks for by name: its RPATH
-/// and its loaders', LD_LIBRARY_PATH, its RUNPATH, the system directories (`RTLD_DI_SERINFO`).
-#[cfg(target_env = "gnu")]
-fn search_path(map: *mut c_void) -> Vec<Vec<u8>> {
-    /// `Dl_serpath`.
-    #[repr(C)]
-    struct SearchDirectory {
-        name: *const c_char,
-        flags: std::ffi::c_uint,
-    }
-    /// `Dl_serinfo`'s head, followed by `count` `Dl_serpath`s and their strings.
-    #[repr(C)]
-    struct SearchInfo {
-        size: usize,
-        count: std::ffi::c_uint,
-    }
-    let mut head = SearchInfo { size: 0, count: 0 };
-    // SAFETY: `map` is a loaded object's link map (glibc's handle); SERINFOSIZE fills `head`.
-    if unsafe {
-        libc::dlinfo(
-            map,
-            libc::RTLD_DI_SERINFOSIZE,
-            (&mut head as *mut SearchInfo).cast(),
-        )
-    } != 0
-    {
-        return Vec::new();
-    }
-    let offset =
-        std::mem::size_of::<SearchInfo>().next_multiple_of(std::mem::align_of::<SearchDirectory>());
-    if head.size < offset + head.count as usize * std::mem::size_of::<SearchDirectory>() {
-        return Vec::new();
-    }
-    // u64 words: aligned for the head, the entries and the strings.
-    let mut buffer = vec![0u64; head.size.div_ceil(8)];
-    let base = buffer.as_mut_ptr().cast::<u8>();
-    // SAFETY: `buffer` holds `head.size` bytes, aligned for `SearchInfo`.
-    unsafe {
-        base.cast::<SearchInfo>().write(SearchInfo {
-            size: head.size,
-            count: head.count,
-        })
-    };
-    // SAFETY: as above; SERINFO fills at most the size SERINFOSIZE gave, written in its head.
-    if unsafe { libc::dlinfo(map, libc::RTLD_DI_SERINFO, base.cast()) } != 0 {
-        return Vec::new();
-    }
-    (0..head.count as usize)
-        .filter_map(|i| {
-            // SAFETY: entry `i` of `count`, inside the buffer (checked against its size above).
-            let entry = unsafe { &*base.add(offset).cast::<SearchDirectory>().add(i) };
-            // SAFETY: glibc points each name at a C string inside the buffer.
-            (!entry.name.is_null())
-                .then(|| unsafe { CStr::from_ptr(entry.name) }.to_bytes().to_vec())
-        })
-        .collect()
-}
-
-/// Before a `Py_Initialize*`: a runtime started again after `Py_FinalizeEx` in a guarded process.
-/// picklegate's state belongs to the first runtime and cannot be set up again in the second, so
-/// `enforce` stops the process rather than let it run unguarded.
+/// Before a `Py_Initialize*`: a libpython loaded since the last look is armed (a plugin linked to
+/// libpython calls these through its PLT), and a runtime started again after `Py_FinalizeEx` in a
+/// guarded process stops `enforce`: picklegate's state belongs to the first runtime and cannot be
+/// set up again in the second.
 fn before_initialize() {
+    look_for_new_cpython(std::ptr::null_mut());
     if ACTIVE.load(Ordering::SeqCst) && FINALIZED.swap(false, Ordering::SeqCst) {
         stop("picklegate cannot guard a re-initialized interpreter (Py_Initialize after Py_FinalizeEx)");
     }
 }
 
-/// The real `Py_Initialize*` `name` (ends with NUL): libpython's, from the handle it was found
-/// through or else the next object in the default scope. Stops the process if there is none.
+/// The real `Py_Initialize*` `name` (ends with NUL) for the object that called: the definition
+/// in its own scope (a libpython calling itself through its PLT reaches its own, never another
+/// libpython's), else (the program called, or a libpython tail-called through its PLT) the
+/// libpython the program fetched its `Py_Initialize*` from with `dlsym`, else the one it reaches
+/// without this library (the next in the default scope), else the only libpython that defines
+/// it. Stops the process when there is none, or several; under `enforce`, also when the fetched
+/// one and the next one differ (it does not guess).
 ///
 /// # Safety
 /// `F` is a function pointer type, the signature of the C function `name`.
 unsafe fn real_initializer<F>(name: &[u8]) -> F {
-    let handle = LIBPYTHON.load(Ordering::SeqCst);
-    let scope = if handle.is_null() {
-        libc::RTLD_NEXT
-    } else {
-        handle
-    };
-    // SAFETY: `scope` is RTLD_NEXT or a handle `dlopen` returned (libpython is never closed:
-    // CPython cannot be unloaded); `F` is the signature of `name` (the caller's guarantee).
-    if let Some(function) = unsafe { symbol_in::<F>(scope, name) } {
-        return function;
-    }
-    // A libpython outside the default scope that no watched `dlopen` brought in (a process that
-    // did not ask for picklegate, a plugin loaded RTLD_LOCAL that links it): look through every
-    // loaded object.
-    for object in loaded_objects() {
-        let Some(real) = real_dlopen() else { break };
-        // SAFETY: `object` is a C string, the name of a loaded object; RTLD_NOLOAD loads nothing.
-        let handle = unsafe { real(object.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
-        if handle.is_null() {
-            continue;
-        }
+    let not_own = |address: &*mut c_void| !is_own(*address);
+    // SAFETY: a null name asks for the main program, loading nothing new.
+    let main = unsafe { libc::dlopen(std::ptr::null(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
+    let caller = calling_object().filter(|&map| map != main);
+    if let Some(handle) = caller.and_then(name_of).and_then(|n| loaded_handle(&n)) {
         // SAFETY: `handle` was just returned by `dlopen`; asked for as a plain address.
-        let found = unsafe { symbol_in::<*mut c_void>(handle, name) };
-        // SAFETY: balances the reference RTLD_NOLOAD took; the object stays loaded.
+        let found = unsafe { symbol_in::<*mut c_void>(handle, name) }.filter(not_own);
+        // SAFETY: balances the reference RTLD_NOLOAD took; the caller stays loaded.
         unsafe { libc::dlclose(handle) };
-        if let Some(address) = found.filter(|&address| !is_own(address)) {
+        if let Some(address) = found {
             // SAFETY: the address of the function `name`, of type `F` (the caller's guarantee).
             return unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) };
         }
     }
+    let fetched = INITIALIZER_FETCHED_FROM
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    let mut from_fetch = None;
+    if let Some(handle) = fetched.and_then(|object| loaded_handle(&object)) {
+        // SAFETY: `handle` was just returned by `dlopen`; asked for as a plain address.
+        from_fetch = unsafe { symbol_in::<*mut c_void>(handle, name) }
+            .filter(|&address| object_of(address) == handle);
+        // SAFETY: balances the reference RTLD_NOLOAD took; the object stays loaded.
+        unsafe { libc::dlclose(handle) };
+    }
+    // SAFETY: RTLD_NEXT is a valid scope; asked for as a plain address.
+    let next = unsafe { symbol_in::<*mut c_void>(libc::RTLD_NEXT, name) }.filter(not_own);
+    if let (Some(fetched), Some(next)) = (from_fetch, next) {
+        if fetched != next && ACTIVE.load(Ordering::SeqCst) && !lenient() {
+            // Two libpythons could be meant (the one fetched with `dlsym`, the one the program
+            // is linked to): `enforce` does not guess.
+            stop("two libpythons could be the one starting here; picklegate does not guess which");
+        }
+    }
+    if let Some(address) = from_fetch {
+        // SAFETY: as above.
+        return unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) };
+    }
+    if let Some(address) = next {
+        // SAFETY: as above.
+        return unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) };
+    }
+    let mut definitions = Vec::new();
+    for (object, _) in loaded_objects() {
+        let Some(handle) = loaded_handle(&object) else {
+            continue;
+        };
+        // SAFETY: `handle` was just returned by `dlopen`; asked for as a plain address.
+        let found = unsafe { symbol_in::<*mut c_void>(handle, name) };
+        if let Some(address) = found.filter(|&a| object_of(a) == handle) {
+            definitions.push(address);
+        }
+        // SAFETY: balances the reference RTLD_NOLOAD took; the object stays loaded.
+        unsafe { libc::dlclose(handle) };
+    }
     let name = String::from_utf8_lossy(&name[..name.len() - 1]);
-    eprintln!("picklegate preload: cannot find the real {name}; stopping");
-    // SAFETY: as in `stop`.
-    unsafe { libc::_exit(EX_CONFIG) }
+    match definitions[..] {
+        // SAFETY: as above.
+        [address] => unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) },
+        [] => {
+            eprintln!("picklegate preload: cannot find the real {name}; stopping");
+            // SAFETY: as in `stop`.
+            unsafe { libc::_exit(EX_CONFIG) }
+        }
+        _ => {
+            eprintln!("picklegate preload: several libpythons define {name} and none is in its caller's scope; stopping rather than start the wrong one");
+            // SAFETY: as in `stop`.
+            unsafe { libc::_exit(EX_CONFIG) }
+        }
+    }
 }
 
-/// The names of the loaded objects (`dl_iterate_phdr`), the program's own (empty) left out.
-fn loaded_objects() -> Vec<CString> {
+/// The object whose `Py_Initialize*` the program fetched last with `dlsym` on a handle: a
+/// libpython's `Py_Initialize` may reach the preload's `Py_InitializeEx` by a tail call through
+/// its PLT, which leaves no frame of it on the stack, only the program's.
+static INITIALIZER_FETCHED_FROM: Mutex<Option<CString>> = Mutex::new(None);
+
+/// Notes, for `real_initializer`, which object a `dlsym(handle, "Py_Initialize*")` finds.
+fn note_initializer_fetch(handle: *mut c_void, name: *const c_char) {
+    if name.is_null() || handle.is_null() || handle == libc::RTLD_NEXT {
+        return;
+    }
+    // SAFETY: `dlsym`'s name is a C string (its caller's guarantee).
+    if !unsafe { CStr::from_ptr(name) }
+        .to_bytes()
+        .starts_with(b"Py_Initialize")
+    {
+        return;
+    }
+    let real = real_dl_function(DLSYM);
+    if real == 0 {
+        return;
+    }
+    // SAFETY: `real` is libc's `dlsym`; `handle` and `name` are the program's own arguments to
+    // it, which it is about to pass again; the look-up changes nothing but dlerror's state.
+    let real = unsafe {
+        std::mem::transmute::<usize, unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void>(
+            real,
+        )
+    };
+    // SAFETY: as above.
+    let address = unsafe { real(handle, name) };
+    let object = (!address.is_null() && !is_own(address))
+        .then(|| object_of(address))
+        .filter(|map| !map.is_null())
+        .and_then(name_of);
+    if object.is_some() {
+        *INITIALIZER_FETCHED_FROM
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = object;
+    }
+}
+
+/// The file name glibc knows the object `map` by (its `l_name`).
+fn name_of(map: *mut c_void) -> Option<CString> {
+    /// The public head of glibc's `struct link_map` (link.h).
+    #[repr(C)]
+    struct LinkMap {
+        addr: usize,
+        name: *const c_char,
+    }
+    // SAFETY: `map` is a loaded object's link map (from dladdr1), whose head is `LinkMap`.
+    let name = unsafe { (*map.cast::<LinkMap>()).name };
+    // SAFETY: a non-null `l_name` is a C string owned by the loader while the object is loaded.
+    (!name.is_null())
+        .then(|| unsafe { CStr::from_ptr(name) }.to_owned())
+        .filter(|name| !name.is_empty())
+}
+
+/// The names and link maps of the loaded objects (`dl_iterate_phdr`), the program (no name) left out.
+fn loaded_objects() -> Vec<(CString, usize)> {
     extern "C" fn collect(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
         // SAFETY: `data` is the Vec `loaded_objects` passes, alive during the iteration.
-        let names = unsafe { &mut *data.cast::<Vec<CString>>() };
+        let objects = unsafe { &mut *data.cast::<Vec<(CString, usize)>>() };
         // SAFETY: glibc passes a valid `dl_phdr_info` for the call.
-        let name = unsafe { (*info).dlpi_name };
+        let (name, base) = unsafe { ((*info).dlpi_name, (*info).dlpi_addr) };
         if !name.is_null() {
             // SAFETY: a non-null `dlpi_name` is a C string.
             let name = unsafe { CStr::from_ptr(name) };
             if !name.is_empty() {
-                names.push(name.to_owned());
+                objects.push((name.to_owned(), base as usize));
             }
         }
         0
     }
-    let mut names: Vec<CString> = Vec::new();
-    // SAFETY: `collect` has the callback's signature and uses `names` only during the call.
-    unsafe { libc::dl_iterate_phdr(Some(collect), (&mut names as *mut Vec<CString>).cast()) };
-    names
+    let mut objects: Vec<(CString, usize)> = Vec::new();
+    // SAFETY: `collect` has the callback's signature and uses `objects` only during the call.
+    unsafe {
+        libc::dl_iterate_phdr(
+            Some(collect),
+            (&mut objects as *mut Vec<(CString, usize)>).cast(),
+        )
+    };
+    objects
 }
 
 /// True when `address` is in this library.
@@ -843,8 +955,9 @@ fn started(event: &[u8], interpreter: &Interpreter) -> bool {
 /// are not called (libpython linked into the program, or bound inside itself and found with
 /// `dlsym`). The open-code hook outlives finalization (CPython keeps it for the process) and the
 /// next runtime calls it for its first module read from a file (`encodings`, while it starts),
-/// before any of its Python code runs: there the process stops. Only where stopping is the rule:
-/// the lenient modes would need a working `open_code`.
+/// before any of its Python code runs: there the process stops. When the program set its own
+/// open-code hook (CPython keeps the first), the process stops here, at finalization. Only where
+/// stopping is the rule: the lenient modes would need a working `open_code`.
 fn arm_open_code_backstop() {
     if lenient() {
         return;
@@ -856,7 +969,11 @@ fn arm_open_code_backstop() {
     // and with the runtime marked uninitialized, so no audit event is raised and nothing reads the
     // open-code hook until a runtime starts again; `open_code_after_finalize` has the
     // `Py_OpenCodeHookFunction` signature. A hook already set (the program's own) stays: -1.
-    let _ = unsafe { set_open_code_hook(open_code_after_finalize, std::ptr::null_mut()) };
+    if unsafe { set_open_code_hook(open_code_after_finalize, std::ptr::null_mut()) } != 0 {
+        // The program's own open-code hook stays, so nothing would stop a runtime started
+        // again (through a `dlsym` pointer, which the preload's `Py_Initialize*` never see).
+        stop("the program set its own open-code hook, so picklegate cannot stop a runtime started again after Py_FinalizeEx; stopping at finalization");
+    }
 }
 
 /// The open-code hook of a runtime started after `Py_FinalizeEx`: stops the process.
