@@ -9,7 +9,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 
 import pytest
 from test_preload import preload_path, run
