@@ -646,6 +646,11 @@ impl Scanner {
         self.pending_array.clone()
     }
 
+    /// How many values the scan holds (stack and memo): what its memory grows with.
+    pub fn tracked_values(&self) -> usize {
+        self.stack.len() + self.memo.len()
+    }
+
     /// What the scan found so far, also when it stopped at an error.
     pub fn partial_report(&self) -> &Report {
         &self.report
