@@ -25,8 +25,8 @@ def shared_dir():
 
 
 def test_picklegate_run_never_leaves_a_setuid_python_unguarded(shared_dir):
-    python = "/usr/bin/python3"
-    if os.geteuid() != 0 or not os.path.isfile(python):
+    python = next((p for p in ("/usr/bin/python3", f"/usr/bin/python3.{sys.version_info[1]}") if os.path.isfile(p)), None)
+    if os.geteuid() != 0 or python is None:
         pytest.skip("needs root (to make a set-user-ID copy) and a system /usr/bin/python3")
     tmp_path = shared_dir
     # Owned by uid 65534 and set-user-ID: run by root, it runs with euid 65534 != ruid 0, so glibc
