@@ -170,9 +170,9 @@ fn read_hashed(file: &File, offset: u64) -> io::Result<(Region, usize, Digest)> 
 
 /// A scan that has taken no in-band array payload by this many bytes gives up (its value
 /// tracking would cost more than it can save on an opcode-heavy pickle).
-const INBAND_SCAN_BUDGET: usize = 64 << 20;
+const INBAND_SCAN_BUDGET: usize = 8 << 20;
 /// A scan tracking more values than this (memo and stack) gives up: the file is kept whole.
-const INBAND_SCAN_VALUES: usize = 1 << 20;
+const INBAND_SCAN_VALUES: usize = 1 << 17;
 
 /// Reads `file` from `offset` to its end and hashes it, as `read_hashed`, except in-band numpy
 /// array payloads (`Scanner::for_inband_arrays`): those are hashed through a scratch buffer and

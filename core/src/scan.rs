@@ -247,13 +247,85 @@ struct InbandProof {
     violation: Option<String>,
 }
 
+/// The memo as the unpickler's: every key stored, and the values the scan tracks. With
+/// `compact` (the in-band proof), a key whose value is `Other` costs one bit (below
+/// `DENSE_KEYS`), and past `MAX_MEMO_VALUES` held values further ones are kept as `Other`, except
+/// a payload taken for data or a tuple holding one, which is always kept: forgetting a value only
+/// makes the scan know less (a name it cannot follow, an argument it cannot check), so the proof
+/// fails rather than passes, while a payload fetched again is always seen.
+#[derive(Debug, Default)]
+struct Memo {
+    compact: bool,
+    dense: Vec<u64>,
+    sparse: HashSet<u64>,
+    values: HashMap<u64, Item>,
+    /// Above every key `values` holds (MEMOIZE's keys only grow: most stores need no removal).
+    past_values: u64,
+}
+
+const DENSE_KEYS: u64 = 1 << 24;
+const MAX_MEMO_VALUES: usize = 1 << 16;
+
+impl Memo {
+    fn contains_key(&self, key: &u64) -> bool {
+        if !self.compact {
+            return self.values.contains_key(key);
+        }
+        if *key < DENSE_KEYS {
+            self.dense
+                .get((*key / 64) as usize)
+                .is_some_and(|word| word & (1 << (key % 64)) != 0)
+        } else {
+            self.sparse.contains(key)
+        }
+    }
+
+    fn get(&self, key: &u64) -> Option<Item> {
+        match self.values.get(key) {
+            Some(item) => Some(item.clone()),
+            None if self.compact && self.contains_key(key) => Some(Item::Other),
+            None => None,
+        }
+    }
+
+    /// Stores `item` (cloned only if held) at `key`.
+    fn insert(&mut self, key: u64, item: &Item) {
+        if !self.compact {
+            self.values.insert(key, item.clone());
+            return;
+        }
+        if key < DENSE_KEYS {
+            let word = (key / 64) as usize;
+            if self.dense.len() <= word {
+                self.dense.resize(word + 1, 0);
+            }
+            self.dense[word] |= 1 << (key % 64);
+        } else {
+            self.sparse.insert(key);
+        }
+        let keep = item.holds_payload()
+            || (!matches!(item, Item::Other) && self.values.len() < MAX_MEMO_VALUES);
+        if keep {
+            self.values.insert(key, item.clone());
+            self.past_values = self.past_values.max(key + 1);
+        } else if key < self.past_values {
+            self.values.remove(&key);
+        }
+    }
+
+    /// How many values are held (what the memo's memory grows with).
+    fn held(&self) -> usize {
+        self.values.len()
+    }
+}
+
 /// A resumable scanner: feed it the input seen so far, and it continues where it stopped.
 #[derive(Debug, Default)]
 pub struct Scanner {
     pos: usize,
     stack: Vec<Item>,
     marks: Vec<usize>,
-    memo: HashMap<u64, Item>,
+    memo: Memo,
     frame_end: usize,
     saw_binary: bool,
     proto: Option<u8>,
@@ -510,6 +582,10 @@ impl Scanner {
     pub fn for_inband_arrays() -> Self {
         Scanner {
             inband: Some(InbandProof::default()),
+            memo: Memo {
+                compact: true,
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
@@ -648,7 +724,7 @@ impl Scanner {
 
     /// How many values the scan holds (stack and memo): what its memory grows with.
     pub fn tracked_values(&self) -> usize {
-        self.stack.len() + self.memo.len()
+        self.stack.len() + self.memo.held()
     }
 
     /// What the scan found so far, also when it stopped at an error.
@@ -743,9 +819,7 @@ impl Scanner {
             Some(item) if self.stack.len() > floor => item.clone(),
             _ => return Err(Self::malformed(offset, opcode, "stack underflow")),
         };
-        if !matches!(opcode, "PUT" | "BINPUT" | "LONG_BINPUT" | "MEMOIZE") {
-            self.check_taken(std::slice::from_ref(&item), offset, opcode);
-        }
+        self.check_taken(std::slice::from_ref(&item), offset, opcode);
         Ok(item)
     }
 
@@ -874,7 +948,7 @@ impl Scanner {
             }
             b'N' => self.stack.push(Item::None),
             b')' => self.stack.push(Item::Tuple(Vec::new())),
-            b'}' if self.tracks_values() => self.stack.push(Item::Dict(Arc::default())),
+            b'}' if self.joblib => self.stack.push(Item::Dict(Arc::default())),
             0x88 | 0x89 | b'}' | b']' | 0x8f | 0x97 => self.stack.push(Item::Other),
             b'S' => {
                 let text = arg!(cur.line());
@@ -936,7 +1010,7 @@ impl Scanner {
             b'l' | b'd' | 0x91 => {
                 let items = self.pop_mark(at, name)?;
                 self.stack.push(match op {
-                    b'd' if self.tracks_values() => Item::Dict(Arc::default()),
+                    b'd' if self.joblib => Item::Dict(Arc::default()),
                     _ => Item::Other,
                 });
                 if op == b'd' {
@@ -962,7 +1036,7 @@ impl Scanner {
                     b'h' => le_uint(arg!(cur.take(1))),
                     _ => le_uint(arg!(cur.take(4))),
                 };
-                let item = self.memo.get(&index).cloned().ok_or_else(|| {
+                let item = self.memo.get(&index).ok_or_else(|| {
                     Self::malformed(at, name, format!("memo key {index} was never stored"))
                 })?;
                 self.check_taken(std::slice::from_ref(&item), at, name);
@@ -986,7 +1060,11 @@ impl Scanner {
                         self.earlier_keys.len()
                     )));
                 }
-                let top = self.top(at, name)?;
+                let floor = self.marks.last().copied().unwrap_or(0);
+                let top = match self.stack.last() {
+                    Some(item) if self.stack.len() > floor => item,
+                    _ => return Err(Self::malformed(at, name, "stack underflow")),
+                };
                 if !self.earlier_keys.contains(&index) && !self.memo.contains_key(&index) {
                     self.fresh_keys += 1;
                 }
@@ -1970,6 +2048,42 @@ mod tests {
             .concat(),
         );
         assert_eq!(inband_array_data(&framed), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_payload_fetched_after_the_memo_stops_holding_values_is_still_seen() {
+        use inband::*;
+        let strings: Vec<u8> = (0..MAX_MEMO_VALUES + 10)
+            .flat_map(|_| [text("s"), b"\x940".to_vec()].concat())
+            .collect();
+        let index = (MAX_MEMO_VALUES + 10) as u32;
+        let fetched = [
+            frombuffer(),
+            b"(".to_vec(),
+            strings.clone(),
+            bytearray8(N),
+            b"\x94".to_vec(),
+            rest("f8"),
+            b"tR0j".to_vec(),
+            index.to_le_bytes().to_vec(),
+        ]
+        .concat();
+        let err = inband_array_data(&pickle(&fetched)).unwrap_err();
+        assert!(err.contains("LONG_BINGET"), "{err}");
+        // a forgotten value is fetched as an unknown one, not an error; the array is still data
+        let forgotten = [
+            frombuffer(),
+            b"(".to_vec(),
+            strings,
+            bytearray8(N),
+            rest("f8"),
+            b"tR0j\x00\x00\x00\x00".to_vec(),
+        ]
+        .concat();
+        assert_eq!(
+            inband_array_data(&pickle(&forgotten)).map(|r| r.len()),
+            Ok(1)
+        );
     }
 
     #[test]
