@@ -2087,6 +2087,32 @@ mod tests {
     }
 
     #[test]
+    fn in_band_streams_with_any_opcode_byte_changed_never_panic() {
+        use inband::*;
+        let data = pickle(
+            &[
+                global("builtins", "list"),
+                b"(".to_vec(),
+                array(N),
+                array(N),
+                b"\x86\x85R".to_vec(),
+            ]
+            .concat(),
+        );
+        let header = 2 + global("builtins", "list").len() + 1 + frombuffer().len() + 1 + 9;
+        let opcodes = (0..header)
+            .chain(header + N..header + N + 80)
+            .chain(data.len() - 80..data.len());
+        for at in opcodes {
+            for value in [0u8, 1, 0x28, 0x30, 0x52, 0x68, 0x74, 0x94, 0x96, 0xff] {
+                let mut changed = data.clone();
+                changed[at] = value;
+                let _ = inband_array_data(&changed);
+            }
+        }
+    }
+
+    #[test]
     fn every_prefix_of_an_in_band_array_is_an_error_never_a_panic() {
         use inband::*;
         let data = pickle(&array(N));
