@@ -188,7 +188,8 @@ fn read_hashed_arrays(
     // Not populated at once: payload pages are never touched. Each chunk is populated before
     // it is read into (one call instead of a fault per page).
     let mut region = Region::new(expected + page, false)?;
-    let mut scratch = vec![0u8; READ_CHUNK];
+    // Allocated at the first payload (most files have none).
+    let mut scratch = Vec::new();
     let mut hasher = Hasher::default();
     let mut scanner = Some(Scanner::for_inband_arrays());
     let mut proof: Option<Result<Vec<std::ops::Range<usize>>, String>> = None;
@@ -211,7 +212,10 @@ fn read_hashed_arrays(
             .min(region.cap)
             .min(payload_end.unwrap_or(usize::MAX));
         let target = match payload_end {
-            Some(_) => &mut scratch[..end - len],
+            Some(_) => {
+                scratch.resize(READ_CHUNK, 0);
+                &mut scratch[..end - len]
+            }
             None => {
                 region.populate(len..end);
                 region.slice_mut(len..end)
