@@ -347,13 +347,45 @@ static DL_REAL: [AtomicUsize; 3] = [
     AtomicUsize::new(0),
 ];
 
-/// libc's function `which` (DLOPEN, DLMOPEN, DLSYM), found once with `dlvsym` (not replaced
-/// here); 0 if libc has none.
+/// The function `which` (DLOPEN, DLMOPEN, DLSYM) that follows this library's: the next definition
+/// after it (a dlopen/dlsym interposer preloaded after this one, else libc's), asked for with libc's
+/// `dlsym` (found with `dlvsym`: this library defines `dlsym`) so RTLD_NEXT is taken from here;
+/// libc's own by version if there is no such definition. Found once; 0 if libc has none.
 fn real_dl_function(which: usize) -> usize {
     let known = DL_REAL[which].load(Ordering::Acquire);
     if known != 0 {
         return known;
     }
+    let libc = libc_dl_function(which);
+    let libc_dlsym = if which == DLSYM {
+        libc
+    } else {
+        libc_dl_function(DLSYM)
+    };
+    let mut address = libc;
+    if libc_dlsym != 0 {
+        // SAFETY: `libc_dlsym` is libc's `dlsym`; called from this library, RTLD_NEXT asks for the
+        // definition after it; the name is NUL-terminated.
+        let dlsym = unsafe {
+            std::mem::transmute::<
+                usize,
+                unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void,
+            >(libc_dlsym)
+        };
+        // SAFETY: as above.
+        let next = unsafe { dlsym(libc::RTLD_NEXT, DL_NAMES[which].as_ptr().cast()) } as usize;
+        if next != 0 && !is_own(next as *mut c_void) {
+            address = next;
+        }
+    }
+    if address != 0 {
+        DL_REAL[which].store(address, Ordering::Release);
+    }
+    address
+}
+
+/// libc's function `which`, found with `dlvsym` by version (not replaced here); 0 if none.
+fn libc_dl_function(which: usize) -> usize {
     for version in DL_VERSIONS[which] {
         // SAFETY: NUL-terminated name and version; RTLD_NEXT asks for the definition after
         // this library's, and `dlvsym` is libc's own (this library does not define it).
@@ -365,7 +397,6 @@ fn real_dl_function(which: usize) -> usize {
             )
         };
         if !address.is_null() {
-            DL_REAL[which].store(address as usize, Ordering::Release);
             return address as usize;
         }
     }
