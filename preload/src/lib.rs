@@ -29,6 +29,8 @@ type Initialize = unsafe extern "C" fn();
 type InitializeEx = unsafe extern "C" fn(c_int);
 /// `Py_InitializeFromConfig`: the `PyConfig *` is opaque; the status comes back by value.
 type InitializeFromConfig = unsafe extern "C" fn(*const c_void) -> PyStatus;
+/// `Py_BytesMain` (`char **argv`) and `Py_Main` (`wchar_t **argv`): the arguments are only passed on.
+type RunMain = unsafe extern "C" fn(c_int, *mut *mut c_void) -> c_int;
 /// `dlopen`.
 type Dlopen = unsafe extern "C" fn(*const c_char, c_int) -> *mut c_void;
 
@@ -805,6 +807,32 @@ pub unsafe extern "C" fn Py_InitializeFromConfig(config: *const c_void) -> PySta
     // SAFETY: `InitializeFromConfig` is the signature of `Py_InitializeFromConfig` (`PyStatus`
     // is CPython's layout); the argument is the caller's.
     unsafe { real_initializer::<InitializeFromConfig>(b"Py_InitializeFromConfig\0")(config) }
+}
+
+/// `Py_BytesMain`, after `before_initialize`: a libpython whose calls are bound inside it (Debian's,
+/// built with -fno-semantic-interposition) starts its runtime from here without reaching the
+/// preload's `Py_InitializeFromConfig` (red team 4 C1/C2/C5).
+///
+/// # Safety
+/// As CPython's.
+#[no_mangle]
+#[allow(non_snake_case)]
+pub unsafe extern "C" fn Py_BytesMain(argc: c_int, argv: *mut *mut c_void) -> c_int {
+    before_initialize();
+    // SAFETY: `RunMain` is the signature of `Py_BytesMain`; the arguments are the caller's.
+    unsafe { real_initializer::<RunMain>(b"Py_BytesMain\0")(argc, argv) }
+}
+
+/// `Py_Main`, after `before_initialize` (as `Py_BytesMain`).
+///
+/// # Safety
+/// As CPython's.
+#[no_mangle]
+#[allow(non_snake_case)]
+pub unsafe extern "C" fn Py_Main(argc: c_int, argv: *mut *mut c_void) -> c_int {
+    before_initialize();
+    // SAFETY: `RunMain` is the signature of `Py_Main`; the arguments are the caller's.
+    unsafe { real_initializer::<RunMain>(b"Py_Main\0")(argc, argv) }
 }
 
 /// True when the operator asked for picklegate; empty values count as unset, as for `PYTHON*`.
