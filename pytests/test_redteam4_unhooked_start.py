@@ -9,8 +9,11 @@ C3    the same plugin linked to this CPython's libpython, dlopen'ed with RTLD_DE
       inside the plugin's scope, never to the preload;
 C4    the plugin loaded with dlmopen(LM_ID_NEWLM): the preload is not in the new namespace at all;
 C5    a program with a weak, lazily bound Py_BytesMain that dlopen's the libpython RTLD_GLOBAL.
-C1, C2 and C5 are fixed (the preload wraps Py_BytesMain and Py_Main too); C3 and C4 are open."""
+C15   a plugin with CPython linked into it (a distribution's libpython3.X-pic.a) and -Bsymbolic: its
+      Py_BytesMain -> Py_InitializeFromConfig calls are bound inside it.
+C1, C2 and C5 are fixed (the preload wraps Py_BytesMain and Py_Main too); C3, C4 and C15 are open."""
 
+import glob
 import os
 import shutil
 import subprocess
@@ -93,3 +96,26 @@ def test_c5_lazily_bound_py_bytesmain(build, tmp_path):
     _, lazy, _ = build
     lib, home = builtin_pickle_libpython()
     attempt([lazy, "lazy", lib, "CODE"], {"PYTHONHOME": home}, tmp_path, "c5")
+
+
+def pic_archive():
+    """A distribution's position-independent libpython archive, its python and home, or skip."""
+    for archive in sorted(glob.glob("/usr/lib/python3.*/config-3.*/libpython3.*-pic.a")):
+        version = archive.split("/")[3][len("python"):]
+        python = f"/usr/bin/python{version}"
+        if os.path.isfile(python):
+            return archive, python, "/usr"
+    pytest.skip("no distribution libpython3.X-pic.a")
+
+
+@pytest.mark.xfail(strict=True, reason="red-team 4 C15: CPython linked into a -Bsymbolic plugin starts with no call reaching the preload")
+def test_c15_plugin_with_cpython_linked_in_bsymbolic(build, tmp_path):
+    host, _, _ = build
+    archive, python, home = pic_archive()
+    libs = subprocess.run([python, "-c", "import sysconfig as s; print(s.get_config_var('LIBS'), s.get_config_var('MODLIBS'))"],
+                          check=True, capture_output=True, text=True).stdout.split()
+    plugin = str(tmp_path / "plugin_static.so")
+    subprocess.run([shutil.which("gcc"), "-w", "-shared", "-fPIC", "-o", plugin, os.path.join(HOSTS, "redteam4_plugin.c"),
+                    "-Wl,-Bsymbolic", "-Wl,--whole-archive", archive, "-Wl,--no-whole-archive", *libs],
+                   check=True, capture_output=True)
+    attempt([host, "dlopen", plugin, "CODE", "local"], {"PYTHONHOME": home}, tmp_path, "c15")
