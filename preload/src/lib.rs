@@ -423,17 +423,18 @@ extern "C" fn missing() -> *mut c_void {
     std::ptr::null_mut()
 }
 
-/// Defines the tail-calling function `$name`, forwarding to libc's function number `$which`.
-#[cfg(all(
-    target_env = "gnu",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-))]
+/// Defines the tail-calling function `$name`, forwarding to libc's function number `$which`
+/// (on the architectures and libc the trampolines are written for; elsewhere, nothing).
 macro_rules! trampoline {
     ($(#[$doc:meta])* $name:ident, $which:expr) => {
         $(#[$doc])*
         ///
         /// # Safety
         /// As libc's function of the same name.
+        #[cfg(all(
+            target_env = "gnu",
+            any(target_arch = "x86_64", target_arch = "aarch64")
+        ))]
         #[no_mangle]
         #[unsafe(naked)]
         pub unsafe extern "C" fn $name() {
@@ -481,28 +482,16 @@ macro_rules! trampoline {
     };
 }
 
-#[cfg(all(
-    target_env = "gnu",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-))]
 trampoline!(
     /// `dlopen(filename, flags)`: libc's, called as the program called it.
     dlopen,
     DLOPEN
 );
-#[cfg(all(
-    target_env = "gnu",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-))]
 trampoline!(
     /// `dlmopen(namespace, filename, flags)`: libc's, called as the program called it.
     dlmopen,
     DLMOPEN
 );
-#[cfg(all(
-    target_env = "gnu",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-))]
 trampoline!(
     /// `dlsym(handle, name)`: first a look for a libpython loaded since the last one (hosts that
     /// load libpython get `Py_Initialize*` through `dlsym`), then libc's, as the program called it.
