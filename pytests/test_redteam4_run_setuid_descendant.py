@@ -55,3 +55,18 @@ def test_c7_env_split_string_shebang_to_a_setuid_python(shared_dir):  # noqa: F8
 def test_c8_wrapper_command_execs_a_setuid_python(shared_dir):  # noqa: F811
     setuid_python, code, canary, run, env = setup(shared_dir)
     check([*run, "env", str(setuid_python), "-S", "-c", code], env, shared_dir, canary)
+
+
+def test_c16_picklegate_run_with_mixed_real_and_effective_uid(shared_dir):  # noqa: F811
+    """C16 (fixed): `picklegate run` itself started with real uid != effective uid (from a set-user-ID
+    helper, or a service that changed only one of them): every program it execs gets AT_SECURE, so
+    glibc drops the LD_PRELOAD path even for an ordinary CPython."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv to run with real uid 65534 and effective uid 0")
+    canary = shared_dir / "canary"
+    code = f"import pickle; pickle.loads(bytes.fromhex('{pickle.dumps(Touch(canary)).hex()}')); print('LOADED')"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICKLEGATE_") and k != "LD_PRELOAD"}
+    mixed = [setpriv, "--ruid=65534", "--euid=0", "--clear-groups"]
+    check([*mixed, sys.executable, "-m", "picklegate", "run", "--mode", "enforce", "--", sys.executable, "-S", "-c", code],
+          env, shared_dir, canary)
