@@ -1,5 +1,5 @@
-"""Red team 4, attacks C7/C8: `picklegate run --mode enforce` refuses a set-user-ID command and a `#!`
-script whose interpreter is one, but misses a set-user-ID CPython reached (C7) through a
+"""Red team 4, attacks C7/C8/C16 (C7 and C16 fixed, C8 open): `picklegate run --mode enforce` refuses
+a set-user-ID command and a `#!` script whose interpreter is one, but missed a set-user-ID CPython reached (C7) through a
 `#!/usr/bin/env -S INTERPRETER ARGS` line (the interpreter is inside env's -S string), or (C8) through
 a wrapper command (`env`, `nice`, `sh -c`...) that execs it: glibc drops the LD_PRELOAD there, so the
 CPython runs every pickle."""
@@ -42,7 +42,6 @@ def check(argv, env, tmp_path, canary):
     assert proc.returncode == 78, proc.stdout + proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="red-team 4 C7: #!/usr/bin/env -S <setuid python> is not followed")
 def test_c7_env_split_string_shebang_to_a_setuid_python(shared_dir):  # noqa: F811
     setuid_python, code, canary, run, env = setup(shared_dir)
     script = shared_dir / "script.py"

@@ -87,6 +87,11 @@ def _exec_chain(command: str, path: Optional[str]) -> list[str]:
         found = line[0]
         if os.path.basename(found) == "env" and len(line) == 2 and not line[1].startswith("-"):
             found = _which(line[1], path)
+        elif os.path.basename(found) == "env" and len(line) == 2 and line[1].startswith("-S"):
+            # `env -S "NAME ARGS"` splits its one argument: NAME is the first word that is neither an
+            # option nor a VAR=VALUE assignment.
+            words = [w for w in line[1][2:].split() if not w.startswith("-") and "=" not in w]
+            found = _which(words[0], path) if words else None
     return chain
 
 
