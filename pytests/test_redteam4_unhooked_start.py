@@ -9,9 +9,10 @@ C3    the same plugin linked to this CPython's libpython, dlopen'ed with RTLD_DE
       inside the plugin's scope, never to the preload;
 C4    the plugin loaded with dlmopen(LM_ID_NEWLM): the preload is not in the new namespace at all;
 C5    a program with a weak, lazily bound Py_BytesMain that dlopen's the libpython RTLD_GLOBAL.
+C17   as C2, the plugin starting a frozen program with Py_FrozenMain (Tools/freeze).
 C15   a plugin with CPython linked into it (a distribution's libpython3.X-pic.a) and -Bsymbolic: its
       Py_BytesMain -> Py_InitializeFromConfig calls are bound inside it.
-C1, C2 and C5 are fixed (the preload wraps Py_BytesMain and Py_Main too); C3, C4 and C15 are open."""
+C1, C2, C5 and C17 are fixed (the preload wraps Py_BytesMain, Py_Main and Py_FrozenMain too); C3, C4 and C15 are open."""
 
 import glob
 import os
@@ -119,3 +120,35 @@ def test_c15_plugin_with_cpython_linked_in_bsymbolic(build, tmp_path):
                     "-Wl,-Bsymbolic", "-Wl,--whole-archive", archive, "-Wl,--no-whole-archive", *libs],
                    check=True, capture_output=True)
     attempt([host, "dlopen", plugin, "CODE", "local"], {"PYTHONHOME": home}, tmp_path, "c15")
+
+
+def test_c17_plugin_starts_a_frozen_program_with_py_frozenmain(build, tmp_path):
+    host, _, _ = build
+    lib, home = builtin_pickle_libpython()
+    version = os.path.basename(lib)[len("libpython") : -len(".so.1.0")]
+    python = f"/usr/bin/python{version}"
+    if not os.path.isfile(python):
+        pytest.skip(f"{python} is absent (it marshals the frozen program for {lib})")
+    if tuple(map(int, version.split("."))) < (3, 11):
+        pytest.skip("the plugin declares CPython 3.11+'s struct _frozen")
+    control, canary = tmp_path / "c17-control", tmp_path / "c17-canary"
+    plugins = []
+    for target in (control, canary):
+        header = tmp_path / f"{target.name}.h"
+        marshal = "import marshal, sys; b = marshal.dumps(compile(sys.argv[1], '<frozen __main__>', 'exec')); " \
+                  "print('static const unsigned char frozen_main[] = {' + ','.join(map(str, b)) + '};')"
+        header.write_text(subprocess.run([python, "-c", marshal, runtime_code(target)], check=True, capture_output=True,
+                                         text=True).stdout)
+        plugin = str(tmp_path / f"{target.name}.so")
+        subprocess.run([shutil.which("gcc"), "-w", "-shared", "-fPIC", "-DFROZEN_MAIN", "-include", str(header), "-o",
+                        plugin, os.path.join(HOSTS, "redteam4_plugin.c"), lib, f"-Wl,-rpath,{os.path.dirname(lib)}"],
+                       check=True, capture_output=True)
+        plugins.append(plugin)
+    plain = run([host, "dlopen", plugins[0], "unused", "local"], {"PYTHONHOME": home}, tmp_path)
+    assert control.exists(), f"control: the payload should run without picklegate\n{plain.stdout}{plain.stderr}"
+    policy = tmp_path / "empty.toml"
+    policy.write_text("version = 1\n")
+    env = {"PYTHONHOME": home, "LD_PRELOAD": preload_path(), "PICKLEGATE_MODE": "enforce", "PICKLEGATE_POLICY": str(policy)}
+    proc = run([host, "dlopen", plugins[1], "unused", "local"], env, tmp_path)
+    assert not canary.exists(), f"attacker bytes RAN under enforce (c17):\n{proc.stdout}{proc.stderr}"
+    assert "LOADED" not in proc.stdout

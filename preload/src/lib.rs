@@ -29,7 +29,8 @@ type Initialize = unsafe extern "C" fn();
 type InitializeEx = unsafe extern "C" fn(c_int);
 /// `Py_InitializeFromConfig`: the `PyConfig *` is opaque; the status comes back by value.
 type InitializeFromConfig = unsafe extern "C" fn(*const c_void) -> PyStatus;
-/// `Py_BytesMain` (`char **argv`) and `Py_Main` (`wchar_t **argv`): the arguments are only passed on.
+/// `Py_BytesMain`, `Py_FrozenMain` (`char **argv`) and `Py_Main` (`wchar_t **argv`): the arguments
+/// are only passed on.
 type RunMain = unsafe extern "C" fn(c_int, *mut *mut c_void) -> c_int;
 /// `dlopen`.
 type Dlopen = unsafe extern "C" fn(*const c_char, c_int) -> *mut c_void;
@@ -800,7 +801,7 @@ pub unsafe extern "C" fn Py_InitializeFromConfig(config: *const c_void) -> PySta
 
 /// `Py_BytesMain`, after `before_initialize`: a libpython whose calls are bound inside it (Debian's,
 /// built with -fno-semantic-interposition) starts its runtime from here without reaching the
-/// preload's `Py_InitializeFromConfig` (red team 4 C1/C2/C5).
+/// preload's `Py_InitializeFromConfig` (red team 4 C1/C2/C5; C17 for `Py_FrozenMain`).
 ///
 /// # Safety
 /// As CPython's.
@@ -822,6 +823,18 @@ pub unsafe extern "C" fn Py_Main(argc: c_int, argv: *mut *mut c_void) -> c_int {
     before_initialize();
     // SAFETY: `RunMain` is the signature of `Py_Main`; the arguments are the caller's.
     unsafe { real_initializer::<RunMain>(b"Py_Main\0")(argc, argv) }
+}
+
+/// `Py_FrozenMain` (a program made by Tools/freeze), after `before_initialize` (as `Py_BytesMain`).
+///
+/// # Safety
+/// As CPython's.
+#[no_mangle]
+#[allow(non_snake_case)]
+pub unsafe extern "C" fn Py_FrozenMain(argc: c_int, argv: *mut *mut c_void) -> c_int {
+    before_initialize();
+    // SAFETY: `RunMain` is the signature of `Py_FrozenMain`; the arguments are the caller's.
+    unsafe { real_initializer::<RunMain>(b"Py_FrozenMain\0")(argc, argv) }
 }
 
 /// True when the operator asked for picklegate; empty values count as unset, as for `PYTHON*`.
