@@ -29,6 +29,9 @@ type Initialize = unsafe extern "C" fn();
 type InitializeEx = unsafe extern "C" fn(c_int);
 /// `Py_InitializeFromConfig`: the `PyConfig *` is opaque; the status comes back by value.
 type InitializeFromConfig = unsafe extern "C" fn(*const c_void) -> PyStatus;
+/// `Py_BytesMain`, `Py_FrozenMain` (`char **argv`) and `Py_Main` (`wchar_t **argv`): the arguments
+/// are only passed on.
+type RunMain = unsafe extern "C" fn(c_int, *mut *mut c_void) -> c_int;
 /// `dlopen`.
 type Dlopen = unsafe extern "C" fn(*const c_char, c_int) -> *mut c_void;
 
@@ -347,13 +350,45 @@ static DL_REAL: [AtomicUsize; 3] = [
     AtomicUsize::new(0),
 ];
 
-/// libc's function `which` (DLOPEN, DLMOPEN, DLSYM), found once with `dlvsym` (not replaced
-/// here); 0 if libc has none.
+/// The function `which` (DLOPEN, DLMOPEN, DLSYM) that follows this library's: the next definition
+/// after it (a dlopen/dlsym interposer preloaded after this one, else libc's), asked for with libc's
+/// `dlsym` (found with `dlvsym`: this library defines `dlsym`) so RTLD_NEXT is taken from here;
+/// libc's own by version if there is no such definition. Found once; 0 if libc has none.
 fn real_dl_function(which: usize) -> usize {
     let known = DL_REAL[which].load(Ordering::Acquire);
     if known != 0 {
         return known;
     }
+    let libc = libc_dl_function(which);
+    let libc_dlsym = if which == DLSYM {
+        libc
+    } else {
+        libc_dl_function(DLSYM)
+    };
+    let mut address = libc;
+    if libc_dlsym != 0 {
+        // SAFETY: `libc_dlsym` is libc's `dlsym`; called from this library, RTLD_NEXT asks for the
+        // definition after it; the name is NUL-terminated.
+        let dlsym = unsafe {
+            std::mem::transmute::<
+                usize,
+                unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void,
+            >(libc_dlsym)
+        };
+        // SAFETY: as above.
+        let next = unsafe { dlsym(libc::RTLD_NEXT, DL_NAMES[which].as_ptr().cast()) } as usize;
+        if next != 0 && !is_own(next as *mut c_void) {
+            address = next;
+        }
+    }
+    if address != 0 {
+        DL_REAL[which].store(address, Ordering::Release);
+    }
+    address
+}
+
+/// libc's function `which`, found with `dlvsym` by version (not replaced here); 0 if none.
+fn libc_dl_function(which: usize) -> usize {
     for version in DL_VERSIONS[which] {
         // SAFETY: NUL-terminated name and version; RTLD_NEXT asks for the definition after
         // this library's, and `dlvsym` is libc's own (this library does not define it).
@@ -365,7 +400,6 @@ fn real_dl_function(which: usize) -> usize {
             )
         };
         if !address.is_null() {
-            DL_REAL[which].store(address as usize, Ordering::Release);
             return address as usize;
         }
     }
@@ -763,6 +797,44 @@ pub unsafe extern "C" fn Py_InitializeFromConfig(config: *const c_void) -> PySta
     // SAFETY: `InitializeFromConfig` is the signature of `Py_InitializeFromConfig` (`PyStatus`
     // is CPython's layout); the argument is the caller's.
     unsafe { real_initializer::<InitializeFromConfig>(b"Py_InitializeFromConfig\0")(config) }
+}
+
+/// `Py_BytesMain`, after `before_initialize`: a libpython whose calls are bound inside it (Debian's,
+/// built with -fno-semantic-interposition) starts its runtime from here without reaching the
+/// preload's `Py_InitializeFromConfig` (red team 4 C1/C2/C5; C17 for `Py_FrozenMain`).
+///
+/// # Safety
+/// As CPython's.
+#[no_mangle]
+#[allow(non_snake_case)]
+pub unsafe extern "C" fn Py_BytesMain(argc: c_int, argv: *mut *mut c_void) -> c_int {
+    before_initialize();
+    // SAFETY: `RunMain` is the signature of `Py_BytesMain`; the arguments are the caller's.
+    unsafe { real_initializer::<RunMain>(b"Py_BytesMain\0")(argc, argv) }
+}
+
+/// `Py_Main`, after `before_initialize` (as `Py_BytesMain`).
+///
+/// # Safety
+/// As CPython's.
+#[no_mangle]
+#[allow(non_snake_case)]
+pub unsafe extern "C" fn Py_Main(argc: c_int, argv: *mut *mut c_void) -> c_int {
+    before_initialize();
+    // SAFETY: `RunMain` is the signature of `Py_Main`; the arguments are the caller's.
+    unsafe { real_initializer::<RunMain>(b"Py_Main\0")(argc, argv) }
+}
+
+/// `Py_FrozenMain` (a program made by Tools/freeze), after `before_initialize` (as `Py_BytesMain`).
+///
+/// # Safety
+/// As CPython's.
+#[no_mangle]
+#[allow(non_snake_case)]
+pub unsafe extern "C" fn Py_FrozenMain(argc: c_int, argv: *mut *mut c_void) -> c_int {
+    before_initialize();
+    // SAFETY: `RunMain` is the signature of `Py_FrozenMain`; the arguments are the caller's.
+    unsafe { real_initializer::<RunMain>(b"Py_FrozenMain\0")(argc, argv) }
 }
 
 /// True when the operator asked for picklegate; empty values count as unset, as for `PYTHON*`.

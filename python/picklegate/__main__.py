@@ -87,6 +87,11 @@ def _exec_chain(command: str, path: Optional[str]) -> list[str]:
         found = line[0]
         if os.path.basename(found) == "env" and len(line) == 2 and not line[1].startswith("-"):
             found = _which(line[1], path)
+        elif os.path.basename(found) == "env" and len(line) == 2 and line[1].startswith("-S"):
+            # `env -S "NAME ARGS"` splits its one argument: NAME is the first word that is neither an
+            # option nor a VAR=VALUE assignment.
+            words = [w for w in line[1][2:].split() if not w.startswith("-") and "=" not in w]
+            found = _which(words[0], path) if words else None
     return chain
 
 
@@ -112,13 +117,18 @@ def _secure_execution_reason(binary: str) -> Optional[str]:
 
 def _refused_for_secure_execution(command: str, env: dict[str, str], preload: bool) -> bool:
     """True (and says why) when, under enforce, glibc would drop the preload silently for `command`
-    (set-user-ID, set-group-ID, file capabilities, or such an interpreter); else warns where it applies."""
+    (set-user-ID, set-group-ID, file capabilities, or such an interpreter; or this process's real and
+    effective IDs differ, which the exec keeps); else warns where it applies."""
     mode = (env.get("PICKLEGATE_MODE") or "enforce").strip().lower()
     chain = _exec_chain(command, env.get("PATH"))
     reason = _secure_execution_reason(chain[-1]) if chain and mode != "off" else None
+    binary = chain[-1] + (f" (the interpreter of {chain[-2]})" if len(chain) > 1 else "") if chain else command
+    (ruid, euid, _), (rgid, egid, _) = os.getresuid(), os.getresgid()
+    if mode != "off" and (ruid != euid or rgid != egid):
+        # The kernel sets AT_SECURE for any program exec'd with effective IDs other than the real ones.
+        reason = f"picklegate run itself has real uid/gid {ruid}/{rgid} and effective uid/gid {euid}/{egid}"
     if reason is None:
         return False
-    binary = chain[-1] + (f" (the interpreter of {chain[-2]})" if len(chain) > 1 else "")
     what = f"{binary}: {reason}, so glibc runs it in secure-execution mode, where LD_PRELOAD is ignored"
     if not preload:
         print(f"picklegate run: note: {what}; the preload is off anyway, so only a start-up hook (.pth) "
