@@ -88,6 +88,25 @@ impl Region {
         }
     }
 
+    /// Maps the pages of `range` now, in one call (a hint: on kernels without
+    /// `MADV_POPULATE_WRITE` the pages fault in as they are written).
+    fn populate(&mut self, range: std::ops::Range<usize>) {
+        let page = page_size();
+        let (from, upto) = (range.start / page * page, range.end.min(self.cap));
+        if upto > from {
+            // SAFETY: `from..upto` lies inside the mapping (clamped to `cap`, `from` rounded
+            // down inside it); populating only maps zero pages, it does not change the contents.
+            #[cfg(target_os = "linux")]
+            unsafe {
+                libc::madvise(
+                    self.ptr.add(from) as *mut libc::c_void,
+                    upto - from,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+        }
+    }
+
     /// Gives the pages of `range` (page-aligned) back; they read as zeros afterwards.
     fn release(&mut self, range: std::ops::Range<usize>) {
         if range.end > range.start {
@@ -149,8 +168,124 @@ fn read_hashed(file: &File, offset: u64) -> io::Result<(Region, usize, Digest)> 
     Ok((region, len, hasher.finish()))
 }
 
+/// A scan that has taken no in-band array payload by this many bytes gives up (its value
+/// tracking would cost more than it can save on an opcode-heavy pickle).
+const INBAND_SCAN_BUDGET: usize = 8 << 20;
+/// A scan tracking more values than this (memo and stack) gives up: the file is kept whole.
+const INBAND_SCAN_VALUES: usize = 1 << 17;
+
+/// Reads `file` from `offset` to its end and hashes it, as `read_hashed`, except in-band numpy
+/// array payloads (`Scanner::for_inband_arrays`): those are hashed through a scratch buffer and
+/// not kept; the returned ranges are read from the file after the check. Their plan is made at
+/// each payload's header and proven at STOP; if the proof fails, the file is read again whole
+/// (and must hash the same).
+fn read_hashed_arrays(
+    file: &File,
+    offset: u64,
+) -> io::Result<(Region, usize, Digest, Vec<std::ops::Range<usize>>)> {
+    let expected = file.metadata()?.len().saturating_sub(offset) as usize;
+    let page = page_size();
+    // Not populated at once: payload pages are never touched. Each chunk is populated before
+    // it is read into (one call instead of a fault per page).
+    let mut region = Region::new(expected + page, false)?;
+    // Allocated at the first payload (most files have none).
+    let mut scratch = Vec::new();
+    let mut hasher = Hasher::default();
+    let mut scanner = Some(Scanner::for_inband_arrays());
+    let mut proof: Option<Result<Vec<std::ops::Range<usize>>, String>> = None;
+    let mut live: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut mark = 0usize;
+    let mut len = 0;
+    loop {
+        if len == region.cap {
+            let mut bigger = Region::new(region.cap * 2, false)?;
+            bigger
+                .slice_mut(0..len)
+                .copy_from_slice(region.slice(0..len));
+            region = bigger;
+        }
+        let payload_end = live
+            .last()
+            .filter(|r| r.start <= len && len < r.end)
+            .map(|r| r.end);
+        let end = (len + READ_CHUNK)
+            .min(region.cap)
+            .min(payload_end.unwrap_or(usize::MAX));
+        let target = match payload_end {
+            Some(_) => {
+                scratch.resize(READ_CHUNK, 0);
+                &mut scratch[..end - len]
+            }
+            None => {
+                region.populate(len..end);
+                region.slice_mut(len..end)
+            }
+        };
+        let n = match file.read_at(target, offset + len as u64) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            break;
+        }
+        hasher.update(&target[..n]);
+        len += n;
+        if let Some(scan) = scanner.as_mut() {
+            match scan.feed(region.slice(0..len)) {
+                Ok(Progress::Done(report)) => {
+                    proof = Some(scan.proven_array_data(&report));
+                    scanner = None;
+                }
+                Ok(Progress::NeedMore(_)) => {
+                    if let Some(array) = scan.pending_array() {
+                        if live.last().map(|r| r.start) != Some(array.start) {
+                            // Give back the payload's pages read so far; the rest of it goes
+                            // through the scratch buffer.
+                            let from = (array.start.div_ceil(page) * page).max(mark);
+                            let upto = array.end.min(region.cap) / page * page;
+                            if upto > from {
+                                region.release(from..upto);
+                                mark = upto;
+                            }
+                            live.push(array);
+                        }
+                    } else if scan.tracked_values() > INBAND_SCAN_VALUES
+                        || (live.is_empty() && len > INBAND_SCAN_BUDGET)
+                    {
+                        proof = Some(Err("the scan gave up".to_string()));
+                        scanner = None;
+                    }
+                }
+                Err(e) => {
+                    proof = Some(Err(e.to_string()));
+                    scanner = None;
+                }
+            }
+        }
+    }
+    let sha = hasher.finish();
+    let proven = match &proof {
+        Some(Ok(ranges)) => live.iter().all(|r| r.end <= len && ranges.contains(r)),
+        _ => false,
+    };
+    if !live.is_empty() && !proven {
+        // The provisional plan does not hold: keep everything (read again, same hash).
+        let (region, whole_len, whole_sha) = read_hashed(file, offset)?;
+        if whole_sha != sha {
+            return Err(io::Error::other(
+                "the file changed while it was being read for its sha256",
+            ));
+        }
+        return Ok((region, whole_len, sha, Vec::new()));
+    }
+    Ok((region, len, sha, live))
+}
+
 /// The rest of a file opened for reading, as the bytes that were hashed: `read`, `readinto`,
-/// `readline` and `tell` for the unpickler.
+/// `readline` and `tell` for the unpickler. In-band numpy array payloads proven to be data are
+/// not held: they are read from the file at their hashed offset when the unpickler asks for them
+/// (into its own buffer with `readinto`); every other byte is served from private memory.
 #[pyclass(module = "picklegate._core")]
 pub struct HashedFile {
     /// `None` once closed.
@@ -159,6 +294,11 @@ pub struct HashedFile {
     pos: usize,
     released: usize,
     pub sha: Digest,
+    /// The file (a duplicate descriptor) and where the hashed bytes start in it.
+    file: Option<File>,
+    offset: u64,
+    /// Sorted, disjoint ranges (from `offset`) read from the file, not from `region`.
+    live: Vec<std::ops::Range<usize>>,
 }
 
 impl HashedFile {
@@ -168,7 +308,8 @@ impl HashedFile {
             .map_or(&[], |region| region.slice(range))
     }
 
-    /// Everything read from the file, while nothing has been consumed yet.
+    /// Everything read from the file (array payloads read as zeros), while nothing has been
+    /// consumed yet: what the decision scans.
     pub fn bytes(&self) -> &[u8] {
         self.slice(0..self.len)
     }
@@ -177,10 +318,28 @@ impl HashedFile {
         self.len == 0
     }
 
-    fn take(&mut self, n: usize) -> std::ops::Range<usize> {
-        let start = self.pos;
-        self.pos = (self.pos + n).min(self.len);
-        start..self.pos
+    /// Whether some bytes will be read from the file after the check.
+    pub fn has_live(&self) -> bool {
+        !self.live.is_empty()
+    }
+
+    /// Gives up the array plan before anything was consumed: reads the file whole into private
+    /// memory again, which must hash the same (for a reused unpickler, whose memo the proof
+    /// cannot follow).
+    pub fn keep_whole(&mut self) -> Result<(), Error> {
+        let Some(file) = self.file.as_ref() else {
+            return Ok(());
+        };
+        if self.live.is_empty() || self.pos != 0 {
+            return Ok(());
+        }
+        let (region, len, sha) = read_hashed(file, self.offset)?;
+        if sha != self.sha {
+            return Err(io::Error::other("the file changed after its check").into());
+        }
+        (self.region, self.len, self.released) = (Some(region), len, 0);
+        self.live.clear();
+        Ok(())
     }
 
     /// Gives back the whole pages before the read position once a step's worth accumulates.
@@ -202,6 +361,58 @@ impl HashedFile {
             _ => left,
         }
     }
+
+    /// Whether `pos..pos + n` touches a range read from the file.
+    fn touches_live(&self, n: usize) -> bool {
+        let i = self.live.partition_point(|r| r.end <= self.pos);
+        self.live.get(i).is_some_and(|r| r.start < self.pos + n)
+    }
+
+    /// Copies the next `out.len()` bytes (at most `remaining`) into `out` and moves past them,
+    /// private bytes from memory, array payloads from the file. A file cut short after the check
+    /// ends the stream where the file now ends, as the unguarded read would find it.
+    fn fill(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let total = out.len().min(self.len - self.pos);
+        let mut done = 0;
+        while done < total {
+            let at = self.pos;
+            let i = self.live.partition_point(|r| r.end <= at);
+            let (upto, from_file) = match self.live.get(i) {
+                Some(r) if r.start <= at => (r.end.min(at + total - done), true),
+                Some(r) => (r.start.min(at + total - done).min(at + RELEASE_STEP), false),
+                None => ((at + total - done).min(at + RELEASE_STEP), false),
+            };
+            let target = &mut out[done..done + (upto - at)];
+            if from_file {
+                let file = self
+                    .file
+                    .as_ref()
+                    .expect("live ranges come with their file");
+                let mut got = 0;
+                while got < target.len() {
+                    match file.read_at(&mut target[got..], self.offset + (at + got) as u64) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                self.pos += got;
+                done += got;
+                if got < target.len() {
+                    // Truncated after the check: the stream ends here, as the file does.
+                    self.len = self.pos;
+                    break;
+                }
+            } else {
+                target.copy_from_slice(self.slice(at..upto));
+                self.pos = upto;
+                done += upto - at;
+                self.release_consumed();
+            }
+        }
+        Ok(done)
+    }
 }
 
 #[pymethods]
@@ -209,60 +420,87 @@ impl HashedFile {
     /// Reads the file descriptor `fd` from `offset` to the end (without moving its position).
     #[new]
     fn new(py: Python<'_>, fd: i32, offset: u64) -> Result<Self, Error> {
-        // Borrow the descriptor: its owner (a Python file object) closes it, not us.
+        // Borrow the descriptor to duplicate it: its owner (a Python file object) closes it.
         // SAFETY: `ManuallyDrop` never closes `fd`, so the `File` only borrows it, for this call,
         // while the Python caller keeps its file object (and so the descriptor) open.
-        let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
-        let (region, len, sha) = py.detach(|| read_hashed(&file, offset))?;
+        let borrowed = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+        let file = borrowed.try_clone()?;
+        let (region, len, sha, live) = py.detach(|| read_hashed_arrays(&file, offset))?;
         Ok(HashedFile {
             region: Some(region),
             len,
             pos: 0,
             released: 0,
             sha,
+            file: (!live.is_empty()).then_some(file),
+            offset,
+            live,
         })
     }
 
     /// Lets go of the memory (an unpickler may outlive its load); reads then find nothing.
     fn close(&mut self) {
         self.region = None;
+        self.file = None;
+        self.live.clear();
         self.len = 0;
         self.pos = 0;
     }
 
     #[pyo3(signature = (n=-1))]
-    fn read<'py>(&mut self, py: Python<'py>, n: Option<isize>) -> Bound<'py, PyBytes> {
-        let range = self.take(self.remaining(n));
-        let out = PyBytes::new(py, self.slice(range));
-        self.release_consumed();
-        out
+    fn read<'py>(
+        &mut self,
+        py: Python<'py>,
+        n: Option<isize>,
+    ) -> Result<Bound<'py, PyBytes>, Error> {
+        let n = self.remaining(n);
+        if !self.touches_live(n) {
+            let start = self.pos;
+            self.pos += n;
+            let out = PyBytes::new(py, self.slice(start..self.pos));
+            self.release_consumed();
+            return Ok(out);
+        }
+        let mut out = vec![0u8; n];
+        let got = py.detach(|| self.fill(&mut out))?;
+        Ok(PyBytes::new(py, &out[..got]))
     }
 
-    /// Copies into `buffer` in steps, giving back each step's source pages as it goes.
-    fn readinto(&mut self, buffer: &Bound<'_, PyAny>) -> PyResult<usize> {
+    /// Fills `buffer`: private bytes copied in steps (each step's source pages given back), an
+    /// array payload read from the file straight into it.
+    fn readinto(&mut self, py: Python<'_>, buffer: &Bound<'_, PyAny>) -> Result<usize, Error> {
         let mut target = BytesMut::borrow(buffer)?;
         let target = target.as_mut_slice();
-        let total = self.remaining(Some(target.len() as isize));
-        let mut done = 0;
-        while done < total {
-            let range = self.take((total - done).min(RELEASE_STEP));
-            let n = range.len();
-            target[done..done + n].copy_from_slice(self.slice(range));
-            done += n;
-            self.release_consumed();
+        if !self.touches_live(target.len()) {
+            return Ok(self.fill(target)?);
         }
-        Ok(total)
+        Ok(py.detach(|| self.fill(target))?)
     }
 
     #[pyo3(signature = (size=-1))]
-    fn readline<'py>(&mut self, py: Python<'py>, size: Option<isize>) -> Bound<'py, PyBytes> {
+    fn readline<'py>(
+        &mut self,
+        py: Python<'py>,
+        size: Option<isize>,
+    ) -> Result<Bound<'py, PyBytes>, Error> {
         let limit = self.remaining(size);
-        let rest = self.slice(self.pos..self.pos + limit);
-        let n = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(limit, |i| i + 1);
-        self.read(py, Some(n as isize))
+        if !self.touches_live(limit) {
+            let rest = self.slice(self.pos..self.pos + limit);
+            let n = rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(limit, |i| i + 1);
+            return self.read(py, Some(n as isize));
+        }
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while line.len() < limit && self.fill(&mut byte)? == 1 {
+            line.push(byte[0]);
+            if byte[0] == b'\n' {
+                break;
+            }
+        }
+        Ok(PyBytes::new(py, &line))
     }
 
     fn tell(&self) -> usize {
@@ -273,6 +511,12 @@ impl HashedFile {
     #[getter]
     fn sha256(&self) -> String {
         self.sha.to_hex()
+    }
+
+    /// How many bytes are read from the file after the check instead of private memory.
+    #[getter]
+    fn live_bytes(&self) -> usize {
+        self.live.iter().map(|r| r.len()).sum()
     }
 }
 

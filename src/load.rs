@@ -149,6 +149,25 @@ fn memo_keys(unpickler: &Bound<'_, PyAny>) -> Result<Vec<u64>, String> {
     keys.map_err(|e| format!("the unpickler's memo could not be read: {e}"))
 }
 
+/// Whether the load about to run starts from an empty memo and resolves globals with the
+/// standard `find_class`: a plain `pickle.load`, or a live `_pickle.Unpickler` that is so. The
+/// in-band array proof follows the memo from empty and takes `_frombuffer` for numpy's.
+fn fresh_standard_unpickler(py: Python<'_>) -> bool {
+    let live = LIVE_UNPICKLER.with(|u| u.borrow().as_ref().map(|u| u.clone_ref(py)));
+    let Some(unpickler) = live else {
+        return true;
+    };
+    let unpickler = unpickler.bind(py);
+    let standard = (|| -> PyResult<bool> {
+        let base = py
+            .import("_pickle")?
+            .getattr("Unpickler")?
+            .getattr("find_class")?;
+        Ok(unpickler.get_type().getattr("find_class")?.is(&base))
+    })();
+    standard.unwrap_or(false) && memo_keys(unpickler).is_ok_and(|keys| keys.is_empty())
+}
+
 /// Decides one load (`decision::decide_load`) against the policy and `scope`, and carries the
 /// decision out: raises the refusal, or returns the approval the load runs under.
 fn decide(py: Python<'_>, gate: &Gate, scope: &Scope, facts: &Facts<'_>) -> PyResult<Approval> {
@@ -301,6 +320,12 @@ fn guard(
 ) -> PyResult<Py<PyAny>> {
     if let Some(covered) = decided_without_hash(py, gate, scope)? {
         return run_covered(covered, run);
+    }
+    if let Pickle::File(file) = pickle {
+        if file.borrow().has_live() && !fresh_standard_unpickler(py) {
+            // The array plan was proven for a fresh memo and the standard `find_class`.
+            file.borrow_mut().keep_whole()?;
+        }
     }
     // A buffer stays borrowed while it runs; a hashed file only while it is judged (the
     // unpickler then reads it).

@@ -12,6 +12,15 @@ pub type Global = (String, String);
 const MAX_TRACKED_STRING: usize = 4096;
 /// The class joblib pickles in place of a numpy array; the array's bytes follow its BUILD.
 pub const JOBLIB_ARRAY_WRAPPER: (&str, &str) = ("joblib.numpy_pickle", "NumpyArrayWrapper");
+/// numpy's reducer for arrays pickled in-band with protocol 5: `_frombuffer(buf, dtype, shape,
+/// order)` (`numpy.core` before numpy 2, `numpy._core` since).
+pub const NUMPY_FROMBUFFER: [(&str, &str); 2] = [
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy.core.numeric", "_frombuffer"),
+];
+/// In-band `BYTEARRAY8` payloads from this size on are candidates for array data
+/// (`Scanner::for_inband_arrays`); shorter ones are not worth a second read.
+pub const INBAND_ARRAY_MIN: usize = 1 << 20;
 
 /// What a scan found in one pickle stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -209,7 +218,105 @@ enum Item {
     Wrapper(usize),
     DtypeClass,
     Dtype(Arc<Mutex<Dtype>>),
+    /// numpy's `_frombuffer`, as a GLOBAL/STACK_GLOBAL of its exact name resolves it.
+    Frombuffer,
+    /// A large in-band `BYTEARRAY8` taken at its header for array data: the index of its range.
+    Payload(usize),
     Other,
+}
+
+impl Item {
+    /// Whether this value is, or is a tuple holding, a payload taken for array data.
+    fn holds_payload(&self) -> bool {
+        match self {
+            Item::Payload(_) => true,
+            Item::Tuple(items) => items.iter().any(Item::holds_payload),
+            _ => false,
+        }
+    }
+}
+
+/// The proof that every large in-band array payload is read only as the buffer of numpy's
+/// `_frombuffer` (see `Scanner::for_inband_arrays`).
+#[derive(Debug, Default)]
+struct InbandProof {
+    /// The payloads taken for data at their header, in stream order, and whether `_frombuffer`
+    /// has consumed each.
+    payloads: Vec<(std::ops::Range<usize>, bool)>,
+    /// The first reason the proof fails.
+    violation: Option<String>,
+}
+
+/// The memo as the unpickler's: every key stored, and the values the scan tracks. With
+/// `compact` (the in-band proof), a key whose value is `Other` costs one bit (below
+/// `DENSE_KEYS`), and past `MAX_MEMO_VALUES` held values further ones are kept as `Other`, except
+/// a payload taken for data or a tuple holding one, which is always kept: forgetting a value only
+/// makes the scan know less (a name it cannot follow, an argument it cannot check), so the proof
+/// fails rather than passes, while a payload fetched again is always seen.
+#[derive(Debug, Default)]
+struct Memo {
+    compact: bool,
+    dense: Vec<u64>,
+    sparse: HashSet<u64>,
+    values: HashMap<u64, Item>,
+    /// Above every key `values` holds (MEMOIZE's keys only grow: most stores need no removal).
+    past_values: u64,
+}
+
+const DENSE_KEYS: u64 = 1 << 24;
+const MAX_MEMO_VALUES: usize = 1 << 16;
+
+impl Memo {
+    fn contains_key(&self, key: &u64) -> bool {
+        if !self.compact {
+            return self.values.contains_key(key);
+        }
+        if *key < DENSE_KEYS {
+            self.dense
+                .get((*key / 64) as usize)
+                .is_some_and(|word| word & (1 << (key % 64)) != 0)
+        } else {
+            self.sparse.contains(key)
+        }
+    }
+
+    fn get(&self, key: &u64) -> Option<Item> {
+        match self.values.get(key) {
+            Some(item) => Some(item.clone()),
+            None if self.compact && self.contains_key(key) => Some(Item::Other),
+            None => None,
+        }
+    }
+
+    /// Stores `item` (cloned only if held) at `key`.
+    fn insert(&mut self, key: u64, item: &Item) {
+        if !self.compact {
+            self.values.insert(key, item.clone());
+            return;
+        }
+        if key < DENSE_KEYS {
+            let word = (key / 64) as usize;
+            if self.dense.len() <= word {
+                self.dense.resize(word + 1, 0);
+            }
+            self.dense[word] |= 1 << (key % 64);
+        } else {
+            self.sparse.insert(key);
+        }
+        let keep = item.holds_payload()
+            || (!matches!(item, Item::Other) && self.values.len() < MAX_MEMO_VALUES);
+        if keep {
+            self.values.insert(key, item.clone());
+            self.past_values = self.past_values.max(key + 1);
+        } else if key < self.past_values {
+            self.values.remove(&key);
+        }
+    }
+
+    /// How many values are held (what the memo's memory grows with).
+    fn held(&self) -> usize {
+        self.values.len()
+    }
 }
 
 /// A resumable scanner: feed it the input seen so far, and it continues where it stopped.
@@ -218,7 +325,7 @@ pub struct Scanner {
     pos: usize,
     stack: Vec<Item>,
     marks: Vec<usize>,
-    memo: HashMap<u64, Item>,
+    memo: Memo,
     frame_end: usize,
     saw_binary: bool,
     proto: Option<u8>,
@@ -234,9 +341,11 @@ pub struct Scanner {
     /// Whether this pickle stored with PUT/BINPUT/LONG_BINPUT (explicit keys), and with MEMOIZE.
     put_explicitly: bool,
     memoized: bool,
-    /// The raw array bytes (offsets in the input) a joblib scan is waiting for, if that is what
-    /// it needs next.
+    /// The raw array bytes (offsets in the input) the scan is waiting for, if that is what it
+    /// needs next: a joblib array's, or an in-band payload provisionally taken for array data.
     pending_array: Option<std::ops::Range<usize>>,
+    /// Set by `for_inband_arrays`: the proof that large in-band payloads are array data.
+    inband: Option<InbandProof>,
 }
 
 /// Scans one complete pickle from the start of `bytes`.
@@ -258,6 +367,17 @@ pub fn scan_after(bytes: &[u8], earlier_keys: &[u64]) -> Result<Report, ScanErro
     match scanner.feed(bytes)? {
         Progress::Done(report) => Ok(report),
         Progress::NeedMore(_) => Err(scanner.truncation(bytes)),
+    }
+}
+
+/// Scans one complete pickle as `Scanner::for_inband_arrays` does: the in-band payload ranges
+/// proven to be numpy array data (see `Scanner::proven_array_data`), or why the proof fails.
+pub fn inband_array_data(bytes: &[u8]) -> Result<Vec<std::ops::Range<usize>>, String> {
+    let mut scanner = Scanner::for_inband_arrays();
+    match scanner.feed(bytes) {
+        Ok(Progress::Done(report)) => scanner.proven_array_data(&report),
+        Ok(Progress::NeedMore(_)) => Err(scanner.truncation(bytes).to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -454,10 +574,157 @@ impl Scanner {
         }
     }
 
-    /// When the scan waits for a joblib array's raw bytes: where they lie in the input. joblib
-    /// reads them as data (or maps them), never as opcodes.
+    /// A scanner that also proves which large in-band payloads (`BYTEARRAY8` of at least
+    /// `INBAND_ARRAY_MIN` bytes, outside a frame) are array data: at the payload's header the
+    /// stack must read `_frombuffer MARK` (the first argument of numpy's reducer is about to come),
+    /// which `pending_array` then reports, so a reader can leave the payload out of memory while
+    /// the scan goes on; `proven_array_data` at STOP says whether that provisional plan held.
+    pub fn for_inband_arrays() -> Self {
+        Scanner {
+            inband: Some(InbandProof::default()),
+            memo: Memo {
+                compact: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// After STOP (`report` is what `feed` returned): the payload ranges taken for data, proven
+    /// to be read only as numpy array bytes, or why not. The rule: each such payload is consumed
+    /// exactly once, by a REDUCE of `_frombuffer` (named by GLOBAL/STACK_GLOBAL, directly or
+    /// through the memo as the scan follows it) on the tuple `(payload, dtype, shape, order)`
+    /// with a dtype numpy sizes without objects, a shape of sizes and order 'C' or 'F'; nothing
+    /// else ever takes the payload or a tuple holding it off the stack, duplicates it, or fetches
+    /// it from the memo; and the pickle imports nothing the risk table calls `code` and nothing
+    /// whose name is not spelled out (EXT codes, computed names), so no import can rebind what
+    /// `_frombuffer` resolves to. The memo is followed exactly only from an empty memo: a
+    /// reused unpickler must not serve such a plan.
+    pub fn proven_array_data(
+        &self,
+        report: &Report,
+    ) -> Result<Vec<std::ops::Range<usize>>, String> {
+        let Some(proof) = &self.inband else {
+            return Err("not an in-band array scan".to_string());
+        };
+        if proof.payloads.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(violation) = &proof.violation {
+            return Err(violation.clone());
+        }
+        if let Some(first) = report.unresolved.first() {
+            return Err(format!("{first}: an import the scan cannot name"));
+        }
+        if let Some((module, name)) = report
+            .globals
+            .iter()
+            .find(|(m, n)| crate::risk::classify(m, n).0 == crate::risk::Risk::Code)
+        {
+            return Err(format!(
+                "the pickle imports {module}.{name}, which can run code"
+            ));
+        }
+        if let Some((range, _)) = proof.payloads.iter().find(|(_, used)| !used) {
+            return Err(format!(
+                "the payload at offset {} is never given to numpy's _frombuffer",
+                range.start
+            ));
+        }
+        Ok(proof.payloads.iter().map(|(r, _)| r.clone()).collect())
+    }
+
+    /// Records the first reason the in-band proof fails (a no-op for other scans).
+    fn violate(&mut self, why: impl FnOnce() -> String) {
+        if let Some(proof) = &mut self.inband {
+            proof.violation.get_or_insert_with(why);
+        }
+    }
+
+    /// Whether the values `opcode` takes off the stack (or out of the memo) hold a payload taken
+    /// for data, which only TUPLE (building `_frombuffer`'s arguments) and REDUCE may do.
+    fn check_taken(&mut self, items: &[Item], offset: usize, opcode: &'static str) {
+        if self.inband.is_some()
+            && !matches!(opcode, "TUPLE" | "TUPLE1" | "TUPLE2" | "TUPLE3" | "REDUCE")
+            && items.iter().any(Item::holds_payload)
+        {
+            self.violate(|| {
+                format!("in-band array bytes reach {opcode} at offset {offset}, not numpy's _frombuffer")
+            });
+        }
+    }
+
+    /// At a `BYTEARRAY8` header: whether its payload is provisionally array data (see
+    /// `for_inband_arrays`); `data_at` is where the payload starts.
+    fn takes_as_array_data(&self, len: usize, data_at: usize) -> bool {
+        self.inband.is_some()
+            && len >= INBAND_ARRAY_MIN
+            && data_at >= self.frame_end
+            && self.marks.last() == Some(&self.stack.len())
+            && matches!(self.stack.last(), Some(Item::Frombuffer))
+    }
+
+    /// REDUCE of `callable` on `args` where either holds a payload: `_frombuffer(payload, dtype,
+    /// shape, order)` consumes it; anything else fails the proof.
+    fn reduce_payload(&mut self, callable: &Item, args: &Item, offset: usize) {
+        let why = match (callable, args) {
+            (Item::Frombuffer, Item::Tuple(items)) => match items.as_slice() {
+                [Item::Payload(id), Item::Dtype(dtype), Item::Tuple(shape), Item::Str(order)] => {
+                    let dtype = dtype
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    // An object code is objects whatever flags its state claims.
+                    let element = match dtype.element() {
+                        Ok(_) if dtype.code.starts_with('O') => Ok(Element::Object),
+                        element => element,
+                    };
+                    drop(dtype);
+                    let used = self.inband.as_ref().map(|p| p.payloads[*id].1);
+                    match element {
+                        _ if used != Some(false) => {
+                            Some("the payload is given to _frombuffer twice".to_string())
+                        }
+                        Ok(Element::Bytes(_))
+                            if shape.iter().all(|d| matches!(d, Item::Int(d) if *d >= 0))
+                                && matches!(order.as_str(), "C" | "F") =>
+                        {
+                            if let Some(proof) = &mut self.inband {
+                                proof.payloads[*id].1 = true;
+                            }
+                            None
+                        }
+                        Ok(Element::Object) => {
+                            Some("_frombuffer with a dtype holding objects".to_string())
+                        }
+                        Ok(Element::Bytes(_)) => Some(
+                            "_frombuffer with a shape or order numpy does not write".to_string(),
+                        ),
+                        Err(problem) => Some(format!("_frombuffer with {problem}")),
+                    }
+                }
+                _ => Some(
+                    "_frombuffer's arguments are not (payload, dtype, shape, order)".to_string(),
+                ),
+            },
+            _ => Some(
+                "in-band array bytes given to a callable other than numpy's _frombuffer"
+                    .to_string(),
+            ),
+        };
+        if let Some(why) = why {
+            self.violate(|| format!("REDUCE at offset {offset}: {why}"));
+        }
+    }
+
+    /// When the scan waits for a joblib array's raw bytes, or an in-band payload taken for array
+    /// data: where they lie in the input. They are read as data (or mapped), never as opcodes.
     pub fn pending_array(&self) -> Option<std::ops::Range<usize>> {
         self.pending_array.clone()
+    }
+
+    /// How many values the scan holds (stack and memo): what its memory grows with.
+    pub fn tracked_values(&self) -> usize {
+        self.stack.len() + self.memo.held()
     }
 
     /// What the scan found so far, also when it stopped at an error.
@@ -510,7 +777,10 @@ impl Scanner {
         if self.stack.len() < floor + n {
             return Err(Self::malformed(offset, opcode, "stack underflow"));
         }
-        Self::refuse_wrapper_class(self.stack.split_off(self.stack.len() - n), offset, opcode)
+        let items =
+            Self::refuse_wrapper_class(self.stack.split_off(self.stack.len() - n), offset, opcode)?;
+        self.check_taken(&items, offset, opcode);
+        Ok(items)
     }
 
     fn pop_mark(&mut self, offset: usize, opcode: &'static str) -> Result<Vec<Item>, ScanError> {
@@ -518,7 +788,9 @@ impl Scanner {
             .marks
             .pop()
             .ok_or_else(|| Self::malformed(offset, opcode, "no MARK on the stack"))?;
-        Self::refuse_wrapper_class(self.stack.split_off(mark), offset, opcode)
+        let items = Self::refuse_wrapper_class(self.stack.split_off(mark), offset, opcode)?;
+        self.check_taken(&items, offset, opcode);
+        Ok(items)
     }
 
     /// joblib's NumpyArrayWrapper class may only be instantiated the way joblib does (NEWOBJ
@@ -540,12 +812,15 @@ impl Scanner {
         ))
     }
 
-    fn top(&self, offset: usize, opcode: &'static str) -> Result<Item, ScanError> {
+    /// The top of the stack, for an opcode that keeps it there (and may store it in the memo).
+    fn top(&mut self, offset: usize, opcode: &'static str) -> Result<Item, ScanError> {
         let floor = self.marks.last().copied().unwrap_or(0);
-        match self.stack.last() {
-            Some(item) if self.stack.len() > floor => Ok(item.clone()),
-            _ => Err(Self::malformed(offset, opcode, "stack underflow")),
-        }
+        let item = match self.stack.last() {
+            Some(item) if self.stack.len() > floor => item.clone(),
+            _ => return Err(Self::malformed(offset, opcode, "stack underflow")),
+        };
+        self.check_taken(std::slice::from_ref(&item), offset, opcode);
+        Ok(item)
     }
 
     fn add_global(&mut self, module: String, name: String) {
@@ -616,7 +891,8 @@ impl Scanner {
             }
             b'0' => {
                 if self.stack.len() > self.marks.last().copied().unwrap_or(0) {
-                    self.stack.pop();
+                    let popped = self.stack.pop().into_iter().collect::<Vec<_>>();
+                    self.check_taken(&popped, at, name);
                 } else {
                     self.pop_mark(at, name)?;
                 }
@@ -635,7 +911,7 @@ impl Scanner {
                     .map(|t| t.trim_end_matches('L'))
                     .and_then(|t| t.parse().ok());
                 self.stack.push(match int {
-                    Some(value) if op != b'F' && self.joblib => Item::Int(value),
+                    Some(value) if op != b'F' && self.tracks_values() => Item::Int(value),
                     _ => Item::Other,
                 });
             }
@@ -696,12 +972,25 @@ impl Scanner {
                 }
                 let len = usize::try_from(len)
                     .map_err(|_| Self::malformed(at, name, "length does not fit in memory"))?;
-                let data = arg!(cur.take(len));
+                let data_at = cur.at;
+                let as_data = op == 0x96 && self.takes_as_array_data(len, data_at);
+                let data = match cur.take(len) {
+                    Arg::Bytes(data) => data,
+                    Arg::Missing(need) => {
+                        if as_data {
+                            self.pending_array = Some(data_at..data_at.saturating_add(len));
+                        }
+                        return Ok(Some(need));
+                    }
+                };
                 let is_text = matches!(op, b'T' | b'U' | b'X' | 0x8c | 0x8d);
-                self.stack.push(if is_text {
-                    plain_text(data)
-                } else {
-                    Item::Other
+                self.stack.push(match &mut self.inband {
+                    Some(proof) if as_data => {
+                        proof.payloads.push((data_at..data_at + len, false));
+                        Item::Payload(proof.payloads.len() - 1)
+                    }
+                    _ if is_text => plain_text(data),
+                    _ => Item::Other,
                 });
             }
             0x98 => {
@@ -747,9 +1036,10 @@ impl Scanner {
                     b'h' => le_uint(arg!(cur.take(1))),
                     _ => le_uint(arg!(cur.take(4))),
                 };
-                let item = self.memo.get(&index).cloned().ok_or_else(|| {
+                let item = self.memo.get(&index).ok_or_else(|| {
                     Self::malformed(at, name, format!("memo key {index} was never stored"))
                 })?;
+                self.check_taken(std::slice::from_ref(&item), at, name);
                 self.stack.push(item);
             }
             b'p' | b'q' | b'r' | 0x94 => {
@@ -770,7 +1060,11 @@ impl Scanner {
                         self.earlier_keys.len()
                     )));
                 }
-                let top = self.top(at, name)?;
+                let floor = self.marks.last().copied().unwrap_or(0);
+                let top = match self.stack.last() {
+                    Some(item) if self.stack.len() > floor => item,
+                    _ => return Err(Self::malformed(at, name, "stack underflow")),
+                };
                 if !self.earlier_keys.contains(&index) && !self.memo.contains_key(&index) {
                     self.fresh_keys += 1;
                 }
@@ -833,6 +1127,9 @@ impl Scanner {
             }
             b'R' => {
                 let operands = self.pop(2, at, name)?;
+                if self.inband.is_some() && operands.iter().any(Item::holds_payload) {
+                    self.reduce_payload(&operands[0], &operands[1], at);
+                }
                 self.stack.push(Self::reduced(&operands[0], &operands[1]));
             }
             b'b' => {
@@ -913,10 +1210,15 @@ impl Scanner {
     }
 }
 
-/// Value tracking, only as deep as joblib's arrays need: where each array's raw bytes end.
+/// Value tracking, only as deep as joblib's arrays (where each array's raw bytes end) and the
+/// in-band proof (`_frombuffer`'s arguments) need.
 impl Scanner {
+    fn tracks_values(&self) -> bool {
+        self.joblib || self.inband.is_some()
+    }
+
     fn push_int(&mut self, value: i64) {
-        self.stack.push(if self.joblib {
+        self.stack.push(if self.tracks_values() {
             Item::Int(value)
         } else {
             Item::Other
@@ -924,7 +1226,7 @@ impl Scanner {
     }
 
     fn push_tuple(&mut self, items: Vec<Item>) {
-        self.stack.push(if self.joblib {
+        self.stack.push(if self.tracks_values() {
             Item::Tuple(items)
         } else {
             Item::Other
@@ -933,8 +1235,11 @@ impl Scanner {
 
     fn class_item(&self, module: &str, name: &str) -> Item {
         match (module, name) {
-            _ if !self.joblib => Item::Other,
-            (m, n) if (m, n) == JOBLIB_ARRAY_WRAPPER => Item::WrapperClass,
+            _ if !self.tracks_values() => Item::Other,
+            (m, n) if self.joblib && (m, n) == JOBLIB_ARRAY_WRAPPER => Item::WrapperClass,
+            (m, n) if self.inband.is_some() && NUMPY_FROMBUFFER.contains(&(m, n)) => {
+                Item::Frombuffer
+            }
             ("numpy", "dtype") => Item::DtypeClass,
             _ => Item::Other,
         }
@@ -1455,5 +1760,372 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("built twice"));
+    }
+
+    /// Pieces of protocol-5 pickles for the in-band array proof.
+    mod inband {
+        use super::super::*;
+
+        pub const N: usize = INBAND_ARRAY_MIN;
+
+        pub fn text(s: &str) -> Vec<u8> {
+            [&[0x8c, s.len() as u8][..], s.as_bytes()].concat()
+        }
+
+        pub fn global(module: &str, name: &str) -> Vec<u8> {
+            [text(module), text(name), vec![0x93]].concat()
+        }
+
+        pub fn frombuffer() -> Vec<u8> {
+            global("numpy._core.numeric", "_frombuffer")
+        }
+
+        pub fn bytearray8(len: usize) -> Vec<u8> {
+            let mut out = vec![0x96];
+            out.extend_from_slice(&(len as u64).to_le_bytes());
+            out.resize(out.len() + len, b'x');
+            out
+        }
+
+        pub fn dtype(code: &str) -> Vec<u8> {
+            [
+                global("numpy", "dtype"),
+                text(code),
+                b"\x89\x88\x87R(K\x03".to_vec(),
+                text("<"),
+                b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb".to_vec(),
+            ]
+            .concat()
+        }
+
+        /// `dtype, shape, order` after the payload: numpy's own arguments.
+        pub fn rest(code: &str) -> Vec<u8> {
+            [dtype(code), b"J\x00\x00\x02\x00\x85".to_vec(), text("C")].concat()
+        }
+
+        /// `_frombuffer(payload, dtype, shape, order)` as numpy pickles an array in-band; the
+        /// payload is memoized (slot 0 when nothing was memoized before).
+        pub fn array(len: usize) -> Vec<u8> {
+            [
+                frombuffer(),
+                b"(".to_vec(),
+                bytearray8(len),
+                b"\x94".to_vec(),
+                rest("f8"),
+                b"tR".to_vec(),
+            ]
+            .concat()
+        }
+
+        pub fn pickle(body: &[u8]) -> Vec<u8> {
+            [b"\x80\x05".as_slice(), body, b"."].concat()
+        }
+    }
+
+    #[test]
+    fn an_in_band_numpy_array_is_proven_data() {
+        use inband::*;
+        let data = pickle(&array(N));
+        let start = 2 + frombuffer().len() + 1 + 9;
+        assert_eq!(
+            inband_array_data(&data),
+            Ok(std::iter::once(start..start + N).collect::<Vec<_>>())
+        );
+        // two arrays, the second reaching _frombuffer through the memo as pickle does
+        let two = pickle(
+            &[
+                frombuffer(),
+                b"\x94(".to_vec(),
+                bytearray8(N),
+                b"\x94".to_vec(),
+                rest("f8"),
+                b"tR".to_vec(),
+                b"h\x00(".to_vec(),
+                bytearray8(N),
+                b"\x94".to_vec(),
+                rest("i8"),
+                b"tR\x86".to_vec(),
+            ]
+            .concat(),
+        );
+        assert_eq!(inband_array_data(&two).map(|r| r.len()), Ok(2));
+        // a short payload is not worth it: private
+        assert_eq!(inband_array_data(&pickle(&array(1000))), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_payload_that_may_reach_anything_but_frombuffer_is_not_data() {
+        use inband::*;
+        let refused = |body: Vec<u8>, why: &str| {
+            let err = inband_array_data(&pickle(&body)).expect_err(why);
+            assert!(err.contains(why), "{why}: {err}");
+        };
+        // the payload's memo slot fetched again, and given to eval
+        refused(
+            [
+                global("builtins", "eval"),
+                array(N),
+                b"0h\x00\x85R".to_vec(),
+            ]
+            .concat(),
+            "BINGET",
+        );
+        refused([array(N), b"0h\x00".to_vec()].concat(), "BINGET");
+        // the arguments tuple memoized and fetched for a second call
+        refused(
+            [
+                frombuffer(),
+                b"(".to_vec(),
+                bytearray8(N),
+                rest("f8"),
+                b"t\x94R0".to_vec(),
+                frombuffer(),
+                b"h\x00R".to_vec(),
+            ]
+            .concat(),
+            "BINGET",
+        );
+        // the payload duplicated, popped, appended, built, made a tuple of another shape
+        refused(
+            [
+                frombuffer(),
+                b"(".to_vec(),
+                bytearray8(N),
+                b"2".to_vec(),
+                rest("f8"),
+                b"tR".to_vec(),
+            ]
+            .concat(),
+            "DUP",
+        );
+        refused(
+            [
+                frombuffer(),
+                b"(".to_vec(),
+                bytearray8(N),
+                b"0".to_vec(),
+                rest("f8"),
+                b"tR".to_vec(),
+            ]
+            .concat(),
+            "POP",
+        );
+        refused(
+            [frombuffer(), b"(".to_vec(), bytearray8(N), b"t1".to_vec()].concat(),
+            "POP_MARK",
+        );
+        refused(
+            [frombuffer(), b"(".to_vec(), bytearray8(N), b"tR".to_vec()].concat(),
+            "not (payload, dtype, shape, order)",
+        );
+        refused(
+            [
+                frombuffer(),
+                b"(".to_vec(),
+                bytearray8(N),
+                b"\x98NNNtR".to_vec(),
+            ]
+            .concat(),
+            "READONLY_BUFFER",
+        );
+        // object dtype, a shape or order numpy does not write
+        refused(
+            [
+                frombuffer(),
+                b"(".to_vec(),
+                bytearray8(N),
+                dtype("O8"),
+                b")".to_vec(),
+                text("C"),
+                b"tR".to_vec(),
+            ]
+            .concat(),
+            "objects",
+        );
+        refused(
+            [
+                frombuffer(),
+                b"(".to_vec(),
+                bytearray8(N),
+                dtype("f8"),
+                b")".to_vec(),
+                text("X"),
+                b"tR".to_vec(),
+            ]
+            .concat(),
+            "order",
+        );
+        // _frombuffer's result given to code (nested REDUCE): the pickle imports eval
+        refused(
+            [global("builtins", "eval"), array(N), b"\x85R".to_vec()].concat(),
+            "builtins.eval",
+        );
+        // an import the scan cannot name
+        refused(
+            [b"\x82\x01".to_vec(), array(N), b"\x86".to_vec()].concat(),
+            "EXT1",
+        );
+        // the payload is the result
+        refused(
+            [frombuffer(), b"(".to_vec(), bytearray8(N)].concat(),
+            "STOP",
+        );
+        // taken at the header, then the stack is unwound before any REDUCE
+        refused(
+            [frombuffer(), b"(".to_vec(), bytearray8(N), b"l".to_vec()].concat(),
+            "LIST",
+        );
+    }
+
+    #[test]
+    fn a_payload_not_headed_for_frombuffer_is_never_taken() {
+        use inband::*;
+        let private = |body: Vec<u8>| assert_eq!(inband_array_data(&pickle(&body)), Ok(vec![]));
+        // another callable (CodeType with BINBYTES8 is not even a candidate)
+        private(
+            [
+                global("types", "CodeType").split_last().unwrap().1.to_vec(),
+                b"\x93(".to_vec(),
+                b"\x8e".to_vec(),
+                (N as u64).to_le_bytes().to_vec(),
+                vec![b'x'; N],
+                b"t0".to_vec(),
+            ]
+            .concat(),
+        );
+        private(
+            [
+                global("builtins", "bytearray"),
+                b"(".to_vec(),
+                bytearray8(N),
+                b"tR".to_vec(),
+            ]
+            .concat(),
+        );
+        // the payload second: the stack below the MARK is not _frombuffer
+        private(
+            [
+                frombuffer(),
+                b"(".to_vec(),
+                dtype("f8"),
+                bytearray8(N),
+                b"t0".to_vec(),
+            ]
+            .concat(),
+        );
+        // _frombuffer's memo slot shadowed by another object before it is fetched
+        private(
+            [
+                frombuffer(),
+                b"\x940".to_vec(),
+                global("builtins", "bytearray"),
+                b"q\x000h\x00(".to_vec(),
+                bytearray8(N),
+                b"tR".to_vec(),
+            ]
+            .concat(),
+        );
+        // a computed name is not _frombuffer
+        private(
+            [
+                global("builtins", "str"),
+                text("numpy._core.numeric"),
+                b"\x85R".to_vec(),
+                text("_frombuffer"),
+                b"\x93(".to_vec(),
+                bytearray8(N),
+                b"t0".to_vec(),
+            ]
+            .concat(),
+        );
+        // inside a frame (numpy never frames a payload this size)
+        let framed = pickle(
+            &[
+                b"\x95".to_vec(),
+                ((N + 100) as u64).to_le_bytes().to_vec(),
+                array(N),
+            ]
+            .concat(),
+        );
+        assert_eq!(inband_array_data(&framed), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_payload_fetched_after_the_memo_stops_holding_values_is_still_seen() {
+        use inband::*;
+        let strings: Vec<u8> = (0..MAX_MEMO_VALUES + 10)
+            .flat_map(|_| [text("s"), b"\x940".to_vec()].concat())
+            .collect();
+        let index = (MAX_MEMO_VALUES + 10) as u32;
+        let fetched = [
+            frombuffer(),
+            b"(".to_vec(),
+            strings.clone(),
+            bytearray8(N),
+            b"\x94".to_vec(),
+            rest("f8"),
+            b"tR0j".to_vec(),
+            index.to_le_bytes().to_vec(),
+        ]
+        .concat();
+        let err = inband_array_data(&pickle(&fetched)).unwrap_err();
+        assert!(err.contains("LONG_BINGET"), "{err}");
+        // a forgotten value is fetched as an unknown one, not an error; the array is still data
+        let forgotten = [
+            frombuffer(),
+            b"(".to_vec(),
+            strings,
+            bytearray8(N),
+            rest("f8"),
+            b"tR0j\x00\x00\x00\x00".to_vec(),
+        ]
+        .concat();
+        assert_eq!(
+            inband_array_data(&pickle(&forgotten)).map(|r| r.len()),
+            Ok(1)
+        );
+    }
+
+    #[test]
+    fn in_band_streams_with_any_opcode_byte_changed_never_panic() {
+        use inband::*;
+        let data = pickle(
+            &[
+                global("builtins", "list"),
+                b"(".to_vec(),
+                array(N),
+                array(N),
+                b"\x86\x85R".to_vec(),
+            ]
+            .concat(),
+        );
+        let header = 2 + global("builtins", "list").len() + 1 + frombuffer().len() + 1 + 9;
+        let opcodes = (0..header)
+            .chain(header + N..header + N + 80)
+            .chain(data.len() - 80..data.len());
+        for at in opcodes {
+            for value in [0u8, 1, 0x28, 0x30, 0x52, 0x68, 0x74, 0x94, 0x96, 0xff] {
+                let mut changed = data.clone();
+                changed[at] = value;
+                let _ = inband_array_data(&changed);
+            }
+        }
+    }
+
+    #[test]
+    fn every_prefix_of_an_in_band_array_is_an_error_never_a_panic() {
+        use inband::*;
+        let data = pickle(&array(N));
+        for cut in (0..data.len()).filter(|&c| c < 200 || c > data.len() - 200) {
+            assert!(inband_array_data(&data[..cut]).is_err(), "prefix {cut}");
+        }
+        // streaming: at the header the scan says where the payload lies, before it is read
+        let mut scanner = Scanner::for_inband_arrays();
+        let header = 2 + frombuffer().len() + 1 + 9;
+        assert!(matches!(
+            scanner.feed(&data[..header + 10]),
+            Ok(Progress::NeedMore(_))
+        ));
+        assert_eq!(scanner.pending_array(), Some(header..header + N));
     }
 }
