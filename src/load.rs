@@ -163,7 +163,13 @@ fn fresh_standard_unpickler(py: Python<'_>) -> bool {
             .import("_pickle")?
             .getattr("Unpickler")?
             .getattr("find_class")?;
-        Ok(unpickler.get_type().getattr("find_class")?.is(&base))
+        // The unpickler calls `self.find_class`: an instance attribute of a subclass wins over
+        // the class's (red team 5 E2), so the bound method itself must be the base's, on it.
+        let resolved = unpickler.getattr("find_class")?;
+        let bound_here = resolved
+            .is_instance(&py.import("types")?.getattr("BuiltinMethodType")?)?
+            && resolved.getattr("__self__")?.is(unpickler);
+        Ok(bound_here && unpickler.get_type().getattr("find_class")?.is(&base))
     })();
     standard.unwrap_or(false) && memo_keys(unpickler).is_ok_and(|keys| keys.is_empty())
 }

@@ -2,13 +2,26 @@
 can seek back, and the path it came from (for logs and records)."""
 
 import os
+import stat
 from typing import Optional
 
 
 def seekable(file: object) -> bool:
+    """Whether the file can be read to its end and sought back: it says it is seekable and, if it
+    has a descriptor, that is a regular file (a device such as ``/dev/zero`` says it is seekable
+    but never ends: it is read as a stream, only as far as the pickle goes; red team 5 E9)."""
     try:
-        return bool(file.seekable())  # type: ignore[attr-defined]
+        if not file.seekable():  # type: ignore[attr-defined]
+            return False
     except Exception:
+        return False
+    try:
+        fd = file.fileno()  # type: ignore[attr-defined]
+    except Exception:
+        return True  # no descriptor (BytesIO and the like): its end is its end
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except (OSError, TypeError, ValueError):
         return False
 
 
