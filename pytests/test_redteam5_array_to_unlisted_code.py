@@ -7,7 +7,8 @@ calls ``code``. It says nothing of where the *array* goes, and a global the tabl
 ``unknown``, not ``code``: ``yaml.unsafe_load(bytes(_frombuffer(...)))`` passes. The victim's
 approved pickle keeps a YAML document in a byte array; the attacker rewrites the payload after the
 check with a YAML ``!!python/object/apply`` tag, and ``os.system`` runs under ``enforce``
-(SECURITY.md claims such a pickle keeps its payloads private)."""
+(SECURITY.md claimed such a pickle keeps its payloads private). Fixed: the proof admits only
+globals the risk table calls `data` and a reviewed list of pandas containers."""
 
 import hashlib
 import pickle
@@ -56,7 +57,6 @@ class YamlDocument:
         return (yaml.unsafe_load, (AsBytes(self.array),))
 
 
-@pytest.mark.xfail(strict=True, reason="red team 5 E8: an array fed to a global the risk table does not list (yaml.unsafe_load) is read after the check")
 def test_array_bytes_rewritten_after_the_check_never_reach_unlisted_code(run_python, tmp_path):
     text = b"threshold: 1\n"
     array = numpy.frombuffer(text + b" " * (N - len(text)), dtype="u1").copy()

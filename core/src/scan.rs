@@ -370,6 +370,41 @@ pub fn scan_after(bytes: &[u8], earlier_keys: &[u64]) -> Result<Report, ScanErro
     }
 }
 
+/// The globals, besides those the risk table calls `data`, that an in-band array's pickle may
+/// import and keep its array bytes out of memory (red team 5, E8: a global the table does not know,
+/// such as `yaml.unsafe_load`, could be handed the array and run its bytes). pandas' containers,
+/// as pandas 2.x and 3.x spell them: they hold arrays and build indexes and blocks, and read no
+/// bytes as code. A pickle that imports anything else keeps every payload private.
+const ARRAY_HOLDERS: &[(&str, &str)] = &[
+    ("pandas", "Categorical"),
+    ("pandas", "CategoricalDtype"),
+    ("pandas", "DataFrame"),
+    ("pandas", "Index"),
+    ("pandas", "RangeIndex"),
+    ("pandas", "Series"),
+    ("pandas", "StringDtype"),
+    ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
+    ("pandas._libs.internals", "_unpickle_block"),
+    ("pandas.arrays", "DatetimeArray"),
+    ("pandas.arrays", "StringArray"),
+    ("pandas.core.arrays.categorical", "Categorical"),
+    ("pandas.core.arrays.datetimes", "DatetimeArray"),
+    ("pandas.core.dtypes.dtypes", "CategoricalDtype"),
+    ("pandas.core.frame", "DataFrame"),
+    ("pandas.core.indexes.base", "Index"),
+    ("pandas.core.indexes.base", "_new_Index"),
+    ("pandas.core.indexes.range", "RangeIndex"),
+    ("pandas.core.internals.managers", "BlockManager"),
+    ("pandas.core.internals.managers", "SingleBlockManager"),
+    ("pandas.core.series", "Series"),
+];
+
+/// Whether an in-band array's pickle may import `module.name` and keep its arrays as data.
+fn keeps_arrays_as_data(module: &str, name: &str) -> bool {
+    crate::risk::classify(module, name).0 == crate::risk::Risk::Data
+        || ARRAY_HOLDERS.contains(&(module, name))
+}
+
 /// Scans one complete pickle as `Scanner::for_inband_arrays` does: the in-band payload ranges
 /// proven to be numpy array data (see `Scanner::proven_array_data`), or why the proof fails.
 pub fn inband_array_data(bytes: &[u8]) -> Result<Vec<std::ops::Range<usize>>, String> {
@@ -596,8 +631,9 @@ impl Scanner {
     /// through the memo as the scan follows it) on the tuple `(payload, dtype, shape, order)`
     /// with a dtype numpy sizes without objects, a shape of sizes and order 'C' or 'F'; nothing
     /// else ever takes the payload or a tuple holding it off the stack, duplicates it, or fetches
-    /// it from the memo; and the pickle imports nothing the risk table calls `code` and nothing
-    /// whose name is not spelled out (EXT codes, computed names), so no import can rebind what
+    /// it from the memo; and the pickle imports only what the risk table calls `data` or
+    /// `ARRAY_HOLDERS` lists, each spelled out (no EXT codes, no computed names): `_frombuffer`'s
+    /// array can reach nothing that treats its bytes as code, and no import can rebind what
     /// `_frombuffer` resolves to. The memo is followed exactly only from an empty memo: a
     /// reused unpickler must not serve such a plan.
     pub fn proven_array_data(
@@ -619,10 +655,10 @@ impl Scanner {
         if let Some((module, name)) = report
             .globals
             .iter()
-            .find(|(m, n)| crate::risk::classify(m, n).0 == crate::risk::Risk::Code)
+            .find(|(m, n)| !keeps_arrays_as_data(m, n))
         {
             return Err(format!(
-                "the pickle imports {module}.{name}, which can run code"
+                "the pickle imports {module}.{name}, which is neither data nor a reviewed holder of arrays"
             ));
         }
         if let Some((range, _)) = proof.payloads.iter().find(|(_, used)| !used) {
@@ -1849,6 +1885,9 @@ mod tests {
             .concat(),
         );
         assert_eq!(inband_array_data(&two).map(|r| r.len()), Ok(2));
+        // held by a reviewed pandas container: still data
+        let held = pickle(&[global("pandas", "Series"), array(N), b"\x85R".to_vec()].concat());
+        assert_eq!(inband_array_data(&held).map(|r| r.len()), Ok(1));
         // a short payload is not worth it: private
         assert_eq!(inband_array_data(&pickle(&array(1000))), Ok(vec![]));
     }
@@ -1959,6 +1998,20 @@ mod tests {
         refused(
             [global("builtins", "eval"), array(N), b"\x85R".to_vec()].concat(),
             "builtins.eval",
+        );
+        // _frombuffer's result given to a global the risk table does not know (red team 5, E8)
+        refused(
+            [global("yaml", "unsafe_load"), array(N), b"\x85R".to_vec()].concat(),
+            "yaml.unsafe_load",
+        );
+        refused(
+            [
+                global("__main__", "run_config"),
+                array(N),
+                b"\x85R".to_vec(),
+            ]
+            .concat(),
+            "__main__.run_config",
         );
         // an import the scan cannot name
         refused(
