@@ -132,6 +132,8 @@ struct Dtype {
     code: String,
     /// `(elsize, flags)` from a version 3 or 4 state tuple.
     state: Option<(i64, i64)>,
+    /// The state's subarray and fields (`None` when it has neither): the dtypes inside them.
+    parts: Vec<Item>,
     /// Why the last BUILD's state was not understood (the dtype then has no known size).
     bad_state: Option<String>,
 }
@@ -139,15 +141,33 @@ struct Dtype {
 /// numpy's `NPY_ITEM_HASOBJECT` bit of `dtype.flags`: joblib pickles such arrays.
 const DTYPE_HAS_OBJECT: i64 = 0x01;
 
+/// How deep dtypes nested in subarrays and fields are followed; deeper ones are not understood.
+const DTYPE_NESTING: usize = 8;
+
 impl Dtype {
     /// The element joblib reads for this dtype, as numpy would size it after the BUILD: for
     /// flexible codes (S, U, V) the state's elsize, for the others the code's own size;
     /// `hasobject` is the state's flag (numpy takes it from the state as is).
+    ///
+    /// numpy takes the flags as they are, so a state whose flags deny the objects its code, subarray
+    /// or fields hold makes a dtype that reads raw bytes as object pointers (`frombuffer` and
+    /// joblib check only the flags; red team 6, F1-F3): numpy never writes one, and it is refused.
     fn element(&self) -> Result<Element, String> {
+        self.element_within(0)
+    }
+
+    fn element_within(&self, depth: usize) -> Result<Element, String> {
         if let Some(problem) = &self.bad_state {
             return Err(problem.clone());
         }
         let code = self.code.as_str();
+        let holds_objects = code.starts_with('O') || self.parts_hold_objects(depth)?;
+        if holds_objects && matches!(self.state, Some((_, flags)) if flags & DTYPE_HAS_OBJECT == 0)
+        {
+            return Err(format!(
+                "dtype {code} holds objects but its pickled flags say it does not (raw bytes would be read as object pointers)"
+            ));
+        }
         let flexible = matches!(code.as_bytes().first(), Some(b'S' | b'U' | b'V'))
             && code.len() > 1
             && code[1..].bytes().all(|b| b.is_ascii_digit());
@@ -176,14 +196,63 @@ impl Dtype {
         }
     }
 
+    /// Whether a dtype in the state's subarray `(base, shape)` or fields `{name: (dtype, offset[,
+    /// title])}` holds objects; a part that is not such a tracked dtype is not understood.
+    fn parts_hold_objects(&self, depth: usize) -> Result<bool, String> {
+        let nested = |item: &Item| -> Result<bool, String> {
+            let Item::Dtype(inner) = item else {
+                return Err("dtype with a subarray or field that is not a numpy.dtype".to_string());
+            };
+            if depth >= DTYPE_NESTING {
+                return Err("dtype nested too deep".to_string());
+            }
+            // A dtype reaching itself through the memo is already locked: not understood.
+            let inner = inner
+                .try_lock()
+                .map_err(|_| "dtype that holds itself".to_string())?;
+            Ok(inner.element_within(depth + 1)? == Element::Object)
+        };
+        let mut holds = false;
+        for part in &self.parts {
+            holds |= match part {
+                Item::None => false,
+                Item::Tuple(subarray) => match subarray.as_slice() {
+                    [base, Item::Tuple(_)] => nested(base)?,
+                    _ => return Err("dtype subarray is not (dtype, shape)".to_string()),
+                },
+                Item::Dict(fields) => {
+                    let fields = fields
+                        .try_lock()
+                        .map_err(|_| "dtype fields that hold themselves".to_string())?;
+                    let mut any = false;
+                    for (_, field) in fields.iter() {
+                        any |= match field {
+                            Item::Tuple(field) if matches!(field.len(), 2 | 3) => {
+                                nested(&field[0])?
+                            }
+                            _ => return Err("dtype field is not (dtype, offset)".to_string()),
+                        };
+                    }
+                    any
+                }
+                _ => {
+                    return Err(
+                        "dtype with fields or a subarray the scan does not follow".to_string()
+                    )
+                }
+            };
+        }
+        Ok(holds)
+    }
+
     /// `dtype.__setstate__`: `(version, byteorder, subarray, names, fields, elsize, alignment,
     /// flags[, metadata])` for versions 3 and 4, the only ones numpy has written since 1.x.
     fn set_state(&mut self, state: &Item) {
         let parsed = match state {
             Item::Tuple(items) => match items.as_slice() {
-                [Item::Int(3), _, _, _, _, Item::Int(elsize), Item::Int(_), Item::Int(flags)]
-                | [Item::Int(4), _, _, _, _, Item::Int(elsize), Item::Int(_), Item::Int(flags), _] => {
-                    Ok((*elsize, *flags))
+                [Item::Int(3), _, subarray, _, fields, Item::Int(elsize), Item::Int(_), Item::Int(flags)]
+                | [Item::Int(4), _, subarray, _, fields, Item::Int(elsize), Item::Int(_), Item::Int(flags), _] => {
+                    Ok(((*elsize, *flags), vec![subarray.clone(), fields.clone()]))
                 }
                 [Item::Int(version), ..] => Err(format!(
                     "dtype state version {version} with {} fields is not one numpy writes",
@@ -194,8 +263,9 @@ impl Dtype {
             _ => Err("dtype state is not a tuple of plain values".to_string()),
         };
         match parsed {
-            Ok(state) => {
+            Ok((state, parts)) => {
                 self.state = Some(state);
+                self.parts = parts;
                 self.bad_state = None;
             }
             Err(problem) => self.bad_state = Some(problem),
@@ -1745,7 +1815,7 @@ mod tests {
             Dtype {
                 code: code.into(),
                 state,
-                bad_state: None,
+                ..Default::default()
             }
             .element()
         };
@@ -1755,8 +1825,12 @@ mod tests {
         assert_eq!(dtype("f8", Some((4, 0))), Ok(Element::Bytes(8)));
         assert_eq!(dtype("f8", Some((-1, 1))), Ok(Element::Object));
         assert_eq!(dtype("V9", Some((9, 27))), Ok(Element::Object));
-        assert_eq!(dtype("O8", Some((-1, 0))), Ok(Element::Bytes(8)));
         assert_eq!(dtype("O8", None), Ok(Element::Object));
+        // flags that deny the objects a dtype holds: numpy would read raw bytes as object
+        // pointers (red team 6, F3: joblib reads such an array's bytes from the file)
+        assert!(dtype("O8", Some((-1, 0)))
+            .unwrap_err()
+            .contains("flags say it does not"));
         assert!(dtype("U3", None).unwrap_err().contains("no pickled state"));
         assert!(dtype("float64", Some((8, 0)))
             .unwrap_err()
@@ -1770,6 +1844,75 @@ mod tests {
         };
         odd.set_state(&Item::Tuple(vec![Item::Int(2), Item::Other]));
         assert!(odd.element().unwrap_err().contains("version 2"));
+    }
+
+    #[test]
+    fn dtype_objects_in_a_subarray_or_fields_must_be_flagged() {
+        let inner = |code: &str, flags: i64| {
+            Item::Dtype(Arc::new(Mutex::new(Dtype {
+                code: code.into(),
+                state: Some((8, flags)),
+                ..Default::default()
+            })))
+        };
+        let outer = |parts: Vec<Item>, flags: i64| {
+            Dtype {
+                code: "V8".into(),
+                state: Some((8, flags)),
+                parts,
+                ..Default::default()
+            }
+            .element()
+        };
+        let subarray = |base| Item::Tuple(vec![base, Item::Tuple(vec![Item::Int(1)])]);
+        let fields = |dtype| {
+            Item::Dict(Arc::new(Mutex::new(vec![(
+                Item::Str("a".into()),
+                Item::Tuple(vec![dtype, Item::Int(0)]),
+            )])))
+        };
+        // red team 6, F1 and F2: objects in a subarray or a field, flags 0
+        for parts in [
+            vec![subarray(inner("O8", 63)), Item::None],
+            vec![Item::None, fields(inner("O8", 63))],
+            // an inner structured dtype whose own flags hide its object subarray
+            vec![
+                Item::None,
+                fields(Item::Dtype(Arc::new(Mutex::new(Dtype {
+                    code: "V8".into(),
+                    state: Some((8, 63)),
+                    parts: vec![subarray(inner("O8", 0)), Item::None],
+                    ..Default::default()
+                })))),
+            ],
+        ] {
+            let err = outer(parts, 0).unwrap_err();
+            assert!(err.contains("flags say it does not"), "{err}");
+        }
+        // as numpy writes them
+        assert_eq!(
+            outer(vec![subarray(inner("O8", 63)), Item::None], 63),
+            Ok(Element::Object)
+        );
+        assert_eq!(
+            outer(vec![Item::None, fields(inner("f8", 0))], 0),
+            Ok(Element::Bytes(8))
+        );
+        assert_eq!(
+            outer(vec![Item::None, Item::None], 0),
+            Ok(Element::Bytes(8))
+        );
+        // parts the scan does not follow, a dtype holding itself
+        assert!(outer(vec![Item::None, Item::Other], 0).is_err());
+        let looped = Arc::new(Mutex::new(Dtype {
+            code: "V8".into(),
+            state: Some((8, 0)),
+            ..Default::default()
+        }));
+        looped.lock().unwrap().parts = vec![subarray(Item::Dtype(looped.clone())), Item::None];
+        let err = looped.lock().unwrap().element().unwrap_err();
+        assert!(err.contains("itself"), "{err}");
+        looped.lock().unwrap().parts.clear();
     }
 
     #[test]
@@ -1966,6 +2109,31 @@ mod tests {
             ]
             .concat(),
             "READONLY_BUFFER",
+        );
+        // red team 6, F1: a V8 dtype whose state gives it a subarray of objects but flags 0, so
+        // that numpy's frombuffer makes an object array of the payload's bytes read as pointers
+        let objects_subarray = [
+            global("numpy", "dtype"),
+            text("V8"),
+            b"\x89\x88\x87R(K\x03".to_vec(),
+            text("|"),
+            b"(".to_vec(),
+            dtype("O8"),
+            b"K\x01\x85tNNK\x08K\x08K\x00tb".to_vec(),
+        ]
+        .concat();
+        refused(
+            [
+                frombuffer(),
+                b"(".to_vec(),
+                bytearray8(N),
+                objects_subarray,
+                b"J\x00\x00\x04\x00K\x01\x86".to_vec(),
+                text("C"),
+                b"tR".to_vec(),
+            ]
+            .concat(),
+            "flags say it does not",
         );
         // object dtype, a shape or order numpy does not write
         refused(
