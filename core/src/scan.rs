@@ -136,6 +136,9 @@ struct Dtype {
     parts: Vec<Item>,
     /// Why the last BUILD's state was not understood (the dtype then has no known size).
     bad_state: Option<String>,
+    /// The in-band proof saw this dtype taken by something that might hand it back (a call, a
+    /// container): a BUILD the scan does not follow could then change it (red team 6, F4).
+    escaped: bool,
 }
 
 /// numpy's `NPY_ITEM_HASOBJECT` bit of `dtype.flags`: joblib pickles such arrays.
@@ -159,6 +162,12 @@ impl Dtype {
     fn element_within(&self, depth: usize) -> Result<Element, String> {
         if let Some(problem) = &self.bad_state {
             return Err(problem.clone());
+        }
+        if self.escaped {
+            return Err(format!(
+                "dtype {} that the pickle also hands to something else, which may change it",
+                self.code
+            ));
         }
         let code = self.code.as_str();
         let holds_objects = code.starts_with('O') || self.parts_hold_objects(depth)?;
@@ -290,6 +299,8 @@ enum Item {
     Dtype(Arc<Mutex<Dtype>>),
     /// numpy's `_frombuffer`, as a GLOBAL/STACK_GLOBAL of its exact name resolves it.
     Frombuffer,
+    /// numpy's scalar reducer (`numpy._core.multiarray.scalar(dtype, bytes)`).
+    ScalarFn,
     /// A large in-band `BYTEARRAY8` taken at its header for array data: the index of its range.
     Payload(usize),
     Other,
@@ -304,6 +315,39 @@ impl Item {
             _ => false,
         }
     }
+
+    /// Whether this value is, or is a tuple holding, the class `numpy.dtype`.
+    fn holds_dtype_class(&self) -> bool {
+        match self {
+            Item::DtypeClass => true,
+            Item::Tuple(items) => items.iter().any(Item::holds_dtype_class),
+            _ => false,
+        }
+    }
+
+    /// Marks every dtype this value is or holds as taken by something the scan does not follow.
+    fn escape(&self) {
+        match self {
+            Item::Dtype(dtype) => {
+                if let Ok(mut dtype) = dtype.try_lock() {
+                    dtype.escaped = true;
+                }
+            }
+            Item::Tuple(items) => items.iter().for_each(Item::escape),
+            _ => {}
+        }
+    }
+
+    /// Whether the memo must never forget this value: a payload, or what the in-band proof needs
+    /// to see every change of a dtype (a forgotten one could be changed by a BUILD the scan does
+    /// not follow while another reference still shows the old state; red team 6, F4).
+    fn always_kept(&self) -> bool {
+        match self {
+            Item::Payload(_) | Item::DtypeClass | Item::Dtype(_) => true,
+            Item::Tuple(items) => items.iter().any(Item::always_kept),
+            _ => false,
+        }
+    }
 }
 
 /// The proof that every large in-band array payload is read only as the buffer of numpy's
@@ -315,6 +359,9 @@ struct InbandProof {
     payloads: Vec<(std::ops::Range<usize>, bool)>,
     /// The first reason the proof fails.
     violation: Option<String>,
+    /// The dtypes `_frombuffer` was given: checked again at the end, since a later BUILD (or an
+    /// escape) changes the dtype of arrays already made from it.
+    dtypes: Vec<Arc<Mutex<Dtype>>>,
 }
 
 /// The memo as the unpickler's: every key stored, and the values the scan tracks. With
@@ -373,7 +420,7 @@ impl Memo {
         } else {
             self.sparse.insert(key);
         }
-        let keep = item.holds_payload()
+        let keep = item.always_kept()
             || (!matches!(item, Item::Other) && self.values.len() < MAX_MEMO_VALUES);
         if keep {
             self.values.insert(key, item.clone());
@@ -737,6 +784,21 @@ impl Scanner {
                 range.start
             ));
         }
+        for dtype in &proof.dtypes {
+            let dtype = dtype
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match dtype.element() {
+                Ok(Element::Bytes(_)) if !dtype.code.starts_with('O') => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "dtype {} of an in-band array holds objects by the end",
+                        dtype.code
+                    ))
+                }
+                Err(problem) => return Err(format!("an in-band array's {problem}")),
+            }
+        }
         Ok(proof.payloads.iter().map(|(r, _)| r.clone()).collect())
     }
 
@@ -758,6 +820,73 @@ impl Scanner {
                 format!("in-band array bytes reach {opcode} at offset {offset}, not numpy's _frombuffer")
             });
         }
+        // The memo and the stack's own moves hand a value to nothing.
+        let moved = matches!(
+            opcode,
+            "GET"
+                | "BINGET"
+                | "LONG_BINGET"
+                | "PUT"
+                | "BINPUT"
+                | "LONG_BINPUT"
+                | "MEMOIZE"
+                | "DUP"
+                | "POP"
+                | "POP_MARK"
+        );
+        if self.inband.is_some()
+            && !moved
+            && opcode != "REDUCE"
+            && items.iter().any(Item::holds_dtype_class)
+        {
+            self.violate(|| format!("numpy.dtype reaches {opcode} at offset {offset}"));
+        }
+        if self.inband.is_some()
+            && !moved
+            && !matches!(
+                opcode,
+                "TUPLE" | "TUPLE1" | "TUPLE2" | "TUPLE3" | "REDUCE" | "BUILD"
+            )
+        {
+            items.iter().for_each(Item::escape);
+        }
+    }
+
+    /// The in-band proof follows a dtype's state through the BUILDs of the value
+    /// `numpy.dtype(code, ...)` returns. `numpy.dtype` called any other way (`numpy.dtype(d)` is
+    /// `d`, NEWOBJ, or handed to a function that calls it) returns an existing dtype whose state a
+    /// BUILD the scan does not follow can change after its size was checked (red team 6, F4).
+    fn check_dtype_call(&mut self, callable: &Item, args: &Item, offset: usize) {
+        let by_code =
+            matches!(args, Item::Tuple(items) if matches!(items.first(), Some(Item::Str(_))));
+        if self.inband.is_some()
+            && (args.holds_dtype_class() || (matches!(callable, Item::DtypeClass) && !by_code))
+        {
+            self.violate(|| {
+                format!("REDUCE at offset {offset}: numpy.dtype called other than on a type code")
+            });
+        }
+        // A dtype handed to any call but as `_frombuffer`'s dtype has escaped.
+        if self.inband.is_some() {
+            match (callable, args) {
+                (Item::Frombuffer, Item::Tuple(items)) if items.len() > 1 => {
+                    items[0].escape();
+                    items[2..].iter().for_each(Item::escape);
+                }
+                // numpy's scalar reducer returns its second argument for an object dtype only
+                (Item::ScalarFn, Item::Tuple(items))
+                    if matches!(items.first(), Some(Item::Dtype(dtype)) if dtype.try_lock().is_ok_and(|d| {
+                        !d.code.starts_with('O') && matches!(d.element(), Ok(Element::Bytes(_)))
+                    })) =>
+                {
+                    items[1..].iter().for_each(Item::escape);
+                }
+                _ => {
+                    callable.escape();
+                    args.escape();
+                }
+            }
+        }
     }
 
     /// At a `BYTEARRAY8` header: whether its payload is provisionally array data (see
@@ -775,8 +904,11 @@ impl Scanner {
     fn reduce_payload(&mut self, callable: &Item, args: &Item, offset: usize) {
         let why = match (callable, args) {
             (Item::Frombuffer, Item::Tuple(items)) => match items.as_slice() {
-                [Item::Payload(id), Item::Dtype(dtype), Item::Tuple(shape), Item::Str(order)] => {
-                    let dtype = dtype
+                [Item::Payload(id), Item::Dtype(shared), Item::Tuple(shape), Item::Str(order)] => {
+                    if let Some(proof) = &mut self.inband {
+                        proof.dtypes.push(shared.clone());
+                    }
+                    let dtype = shared
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner());
                     // An object code is objects whatever flags its state claims.
@@ -1182,6 +1314,9 @@ impl Scanner {
                 let class = self.class_item(&module, &attr);
                 self.add_global(module, attr);
                 if op == b'i' {
+                    if matches!(class, Item::DtypeClass) {
+                        self.violate(|| format!("INST of numpy.dtype at offset {at}"));
+                    }
                     self.pop_mark(at, name)?;
                     if matches!(class, Item::WrapperClass) {
                         return Err(Self::malformed(
@@ -1236,6 +1371,7 @@ impl Scanner {
                 if self.inband.is_some() && operands.iter().any(Item::holds_payload) {
                     self.reduce_payload(&operands[0], &operands[1], at);
                 }
+                self.check_dtype_call(&operands[0], &operands[1], at);
                 self.stack.push(Self::reduced(&operands[0], &operands[1]));
             }
             b'b' => {
@@ -1250,6 +1386,9 @@ impl Scanner {
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner())
                         .set_state(&operands[1]);
+                } else if self.inband.is_some() {
+                    // dtypes in the state of anything but a dtype have escaped
+                    operands[1].escape();
                 }
                 // BUILD leaves the object on the stack; joblib replaces a wrapper with its array.
                 self.stack.push(match operands.swap_remove(0) {
@@ -1347,6 +1486,11 @@ impl Scanner {
                 Item::Frombuffer
             }
             ("numpy", "dtype") => Item::DtypeClass,
+            ("numpy._core.multiarray" | "numpy.core.multiarray", "scalar")
+                if self.inband.is_some() =>
+            {
+                Item::ScalarFn
+            }
             _ => Item::Other,
         }
     }
@@ -2134,6 +2278,82 @@ mod tests {
             ]
             .concat(),
             "flags say it does not",
+        );
+        // red team 6, F4-F6: a V8 dtype (memo 1) changed by a BUILD the scan does not follow,
+        // through numpy.dtype(d) is d, through NEWOBJ, or after _frombuffer used it
+        let v8 = |subarray: &[u8]| {
+            [
+                b"(K\x03".to_vec(),
+                text("|"),
+                subarray.to_vec(),
+                b"NNK\x08K\x08K\x00tb".to_vec(),
+            ]
+            .concat()
+        };
+        let objects = [
+            b"(h\x00".to_vec(),
+            text("O8"),
+            b"\x89\x88\x87RK\x01\x85t".to_vec(),
+        ]
+        .concat();
+        let d = [
+            global("numpy", "dtype"),
+            b"\x94".to_vec(),
+            text("V8"),
+            b"\x89\x88\x87R\x94".to_vec(),
+            v8(b"N"),
+            b"0".to_vec(),
+        ]
+        .concat();
+        let made = [
+            frombuffer(),
+            b"(".to_vec(),
+            bytearray8(N),
+            b"h\x01J\x00\x00\x04\x00K\x01\x86".to_vec(),
+            text("C"),
+            b"tR".to_vec(),
+        ]
+        .concat();
+        for (alias, why) in [
+            (
+                b"h\x00h\x01\x85R".as_slice(),
+                "numpy.dtype called other than on a type code",
+            ),
+            (b"h\x00h\x01\x85\x81", "numpy.dtype reaches NEWOBJ"),
+        ] {
+            refused(
+                [
+                    d.clone(),
+                    alias.to_vec(),
+                    v8(&objects),
+                    b"0".to_vec(),
+                    made.clone(),
+                ]
+                .concat(),
+                why,
+            );
+        }
+        refused(
+            [
+                d.clone(),
+                made.clone(),
+                b"h\x01".to_vec(),
+                v8(&objects),
+                b"0".to_vec(),
+            ]
+            .concat(),
+            "an in-band array's dtype V8 holds objects",
+        );
+        // a dtype handed to a call (here a tuple given to builtins.list) has escaped
+        refused(
+            [
+                d,
+                global("builtins", "list"),
+                b"h\x01\x85\x85R0".to_vec(),
+                made,
+            ]
+            .concat(),
+            "hands to something else",
         );
         // object dtype, a shape or order numpy does not write
         refused(
