@@ -91,3 +91,42 @@ def test_a_dtype_changed_where_the_scan_does_not_look(run_python, tmp_path, vari
     assert proc.returncode == 0, proc.stderr
     assert "loaded the approved bytes" in proc.stdout, proc.stdout
     assert not (tmp_path / "CANARY").exists(), "bytes written after the check became an object pointer"
+
+
+JOBLIB_CHILD = CHILD.replace('"victim.pkl", "r+b"', '"victim.joblib", "r+b"').replace(
+    'with open("victim.pkl", "rb") as f:\n    array = pickle.load(f)',
+    'import joblib\narray = joblib.load("victim.joblib")[0]',
+)
+
+
+def test_f7_joblib_dtype_changed_after_its_array_was_read(run_python, tmp_path):
+    """joblib reads a wrapper's raw bytes (from the file, after the check) at its BUILD, into an
+    array that keeps the wrapper's dtype object; a later BUILD on that dtype (GET from the memo)
+    gives it an object field with flags 0."""
+    import io
+    import pickletools
+
+    joblib = pytest.importorskip("joblib")
+    n = 1 << 16
+    joblib.dump([numpy.zeros(n, dtype="V8")], tmp_path / "orig")
+    data = (tmp_path / "orig").read_bytes()
+    ops = []
+    try:
+        ops.extend(pickletools.genops(io.BytesIO(data)))
+    except ValueError:  # the raw array bytes after the wrapper's BUILD are not opcodes
+        pass
+    first_reduce = next(i for i, (op, _, _) in enumerate(ops) if op.name == "REDUCE")
+    assert ops[first_reduce - 6][1] == "V8" and ops[first_reduce + 1][0].name == "MEMOIZE"
+    memo = sum(1 for op, _, _ in ops[:first_reduce] if op.name == "MEMOIZE")
+    field = s("a") + s("numpy") + s("dtype") + b"\x93" + s("O8") + b"\x89\x88\x87RK\x00\x86"
+    forged = b"h" + bytes([memo]) + b"(K\x03" + s("|") + b"N" + s("a") + b"\x85}" + field + b"sK\x08K\x01K\x00tb0"
+    assert data.endswith(b"a.")
+    data = data[:-1] + forged + b"."
+    assert joblib.load(tmp_path / "orig").__class__ is list
+    (tmp_path / "victim.joblib").write_bytes(data)
+    write_manifest(tmp_path / "pickles.toml", (hashlib.sha256(data).hexdigest(), "__main__:*"))
+    start = data.index(bytes(8 * n))
+    proc = run_python(JOBLIB_CHILD, args=[str(start)])
+    assert proc.returncode == 0, proc.stderr
+    assert "loaded the approved bytes" in proc.stdout, proc.stdout
+    assert not (tmp_path / "CANARY").exists(), "bytes written after the check became an object pointer"

@@ -334,6 +334,14 @@ impl Item {
                 }
             }
             Item::Tuple(items) => items.iter().for_each(Item::escape),
+            Item::Dict(pairs) => {
+                if let Ok(pairs) = pairs.try_lock() {
+                    pairs.iter().for_each(|(k, v)| {
+                        k.escape();
+                        v.escape();
+                    });
+                }
+            }
             _ => {}
         }
     }
@@ -361,7 +369,7 @@ struct InbandProof {
     violation: Option<String>,
     /// The dtypes `_frombuffer` was given: checked again at the end, since a later BUILD (or an
     /// escape) changes the dtype of arrays already made from it.
-    dtypes: Vec<Arc<Mutex<Dtype>>>,
+    dtypes: Vec<(Arc<Mutex<Dtype>>, Element)>,
 }
 
 /// The memo as the unpickler's: every key stored, and the values the scan tracks. With
@@ -439,6 +447,13 @@ impl Memo {
 /// A resumable scanner: feed it the input seen so far, and it continues where it stopped.
 #[derive(Debug, Default)]
 pub struct Scanner {
+    /// joblib: why a dtype was used in a way the scan cannot follow (see `raw_arrays_unsound`).
+    joblib_violation: Option<String>,
+    /// joblib: the dtypes of arrays whose raw bytes were read as data, checked again at STOP (a
+    /// later BUILD changes the dtype of the array already made; red team 6, F7).
+    joblib_dtypes: Vec<(Arc<Mutex<Dtype>>, Element)>,
+    /// See `raw_arrays_unsound`.
+    raw_arrays_unsound: Option<String>,
     pos: usize,
     stack: Vec<Item>,
     marks: Vec<usize>,
@@ -708,6 +723,9 @@ impl Scanner {
                 *self.report.risky_opcodes.entry(name).or_default() += 1;
             }
             if op == b'.' {
+                if self.joblib {
+                    self.raw_arrays_unsound = self.check_joblib_dtypes().err();
+                }
                 let mut report = std::mem::take(&mut self.report);
                 report.protocol = self.proto.unwrap_or(self.saw_binary as u8);
                 report.end = self.pos;
@@ -784,15 +802,15 @@ impl Scanner {
                 range.start
             ));
         }
-        for dtype in &proof.dtypes {
+        for (dtype, was) in &proof.dtypes {
             let dtype = dtype
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             match dtype.element() {
-                Ok(Element::Bytes(_)) if !dtype.code.starts_with('O') => {}
+                Ok(element) if element == *was && !dtype.code.starts_with('O') => {}
                 Ok(_) => {
                     return Err(format!(
-                        "dtype {} of an in-band array holds objects by the end",
+                        "dtype {} of an in-band array changed after the array was made",
                         dtype.code
                     ))
                 }
@@ -834,21 +852,72 @@ impl Scanner {
                 | "POP"
                 | "POP_MARK"
         );
-        if self.inband.is_some()
+        if self.tracks_values()
             && !moved
             && opcode != "REDUCE"
             && items.iter().any(Item::holds_dtype_class)
         {
-            self.violate(|| format!("numpy.dtype reaches {opcode} at offset {offset}"));
+            self.dtype_violation(|| format!("numpy.dtype reaches {opcode} at offset {offset}"));
         }
-        if self.inband.is_some()
+        // TUPLE, REDUCE and BUILD are judged where they are carried out; SETITEM(S) and DICT
+        // into a dict the scan tracks (joblib's wrapper state) hand nothing to anyone yet.
+        if self.tracks_values()
             && !moved
             && !matches!(
                 opcode,
-                "TUPLE" | "TUPLE1" | "TUPLE2" | "TUPLE3" | "REDUCE" | "BUILD"
+                "TUPLE"
+                    | "TUPLE1"
+                    | "TUPLE2"
+                    | "TUPLE3"
+                    | "REDUCE"
+                    | "BUILD"
+                    | "SETITEM"
+                    | "SETITEMS"
+                    | "DICT"
             )
         {
             items.iter().for_each(Item::escape);
+        }
+    }
+
+    /// At STOP of a joblib pickle: every array read as raw bytes still has a dtype of that size
+    /// without objects, and no dtype was used in a way the scan cannot follow.
+    fn check_joblib_dtypes(&self) -> Result<(), String> {
+        if let Some(why) = &self.joblib_violation {
+            return Err(why.clone());
+        }
+        for (dtype, was) in &self.joblib_dtypes {
+            let dtype = dtype
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match dtype.element() {
+                Ok(element) if element == *was => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "dtype {} changed after its array was read",
+                        dtype.code
+                    ))
+                }
+                Err(problem) => return Err(problem),
+            }
+        }
+        Ok(())
+    }
+
+    /// For a joblib scan that reached STOP: why the raw array bytes it found must not be read
+    /// from the file after the check (a dtype changed or used where the scan cannot follow it;
+    /// red team 6, F7), or `None`. The scan itself stands: only the file is then kept whole.
+    pub fn raw_arrays_unsound(&self) -> Option<&str> {
+        self.raw_arrays_unsound.as_deref()
+    }
+
+    /// A dtype used in a way the scan cannot follow: the in-band proof fails; a joblib
+    /// file is kept whole (`raw_arrays_unsound`).
+    fn dtype_violation(&mut self, why: impl FnOnce() -> String) {
+        if self.inband.is_some() {
+            self.violate(why);
+        } else if self.joblib {
+            self.joblib_violation.get_or_insert_with(why);
         }
     }
 
@@ -859,15 +928,15 @@ impl Scanner {
     fn check_dtype_call(&mut self, callable: &Item, args: &Item, offset: usize) {
         let by_code =
             matches!(args, Item::Tuple(items) if matches!(items.first(), Some(Item::Str(_))));
-        if self.inband.is_some()
+        if self.tracks_values()
             && (args.holds_dtype_class() || (matches!(callable, Item::DtypeClass) && !by_code))
         {
-            self.violate(|| {
+            self.dtype_violation(|| {
                 format!("REDUCE at offset {offset}: numpy.dtype called other than on a type code")
             });
         }
         // A dtype handed to any call but as `_frombuffer`'s dtype has escaped.
-        if self.inband.is_some() {
+        if self.tracks_values() {
             match (callable, args) {
                 (Item::Frombuffer, Item::Tuple(items)) if items.len() > 1 => {
                     items[0].escape();
@@ -905,9 +974,6 @@ impl Scanner {
         let why = match (callable, args) {
             (Item::Frombuffer, Item::Tuple(items)) => match items.as_slice() {
                 [Item::Payload(id), Item::Dtype(shared), Item::Tuple(shape), Item::Str(order)] => {
-                    if let Some(proof) = &mut self.inband {
-                        proof.dtypes.push(shared.clone());
-                    }
                     let dtype = shared
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -922,12 +988,13 @@ impl Scanner {
                         _ if used != Some(false) => {
                             Some("the payload is given to _frombuffer twice".to_string())
                         }
-                        Ok(Element::Bytes(_))
+                        Ok(Element::Bytes(size))
                             if shape.iter().all(|d| matches!(d, Item::Int(d) if *d >= 0))
                                 && matches!(order.as_str(), "C" | "F") =>
                         {
                             if let Some(proof) = &mut self.inband {
                                 proof.payloads[*id].1 = true;
+                                proof.dtypes.push((shared.clone(), Element::Bytes(size)));
                             }
                             None
                         }
@@ -1242,7 +1309,7 @@ impl Scanner {
                 let items = self.pop_mark(at, name)?;
                 let target = self.top(at, name)?;
                 if op == b'u' {
-                    Self::set_items(&target, items);
+                    self.set_items_or_escape(&target, items);
                 }
             }
             b'l' | b'd' | 0x91 => {
@@ -1252,7 +1319,10 @@ impl Scanner {
                     _ => Item::Other,
                 });
                 if op == b'd' {
-                    Self::set_items(self.stack.last().expect("just pushed"), items);
+                    let dict = self.stack.last().expect("just pushed").clone();
+                    self.set_items_or_escape(&dict, items);
+                } else if self.tracks_values() {
+                    items.iter().for_each(Item::escape);
                 }
             }
             b't' => {
@@ -1266,7 +1336,7 @@ impl Scanner {
             b's' => {
                 let items = self.pop(2, at, name)?;
                 let target = self.top(at, name)?;
-                Self::set_items(&target, items);
+                self.set_items_or_escape(&target, items);
             }
             b'g' | b'h' | b'j' => {
                 let index = match op {
@@ -1315,7 +1385,7 @@ impl Scanner {
                 self.add_global(module, attr);
                 if op == b'i' {
                     if matches!(class, Item::DtypeClass) {
-                        self.violate(|| format!("INST of numpy.dtype at offset {at}"));
+                        self.dtype_violation(|| format!("INST of numpy.dtype at offset {at}"));
                     }
                     self.pop_mark(at, name)?;
                     if matches!(class, Item::WrapperClass) {
@@ -1386,8 +1456,9 @@ impl Scanner {
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner())
                         .set_state(&operands[1]);
-                } else if self.inband.is_some() {
-                    // dtypes in the state of anything but a dtype have escaped
+                } else if self.tracks_values() && !matches!(operands[0], Item::Wrapper(_)) {
+                    // dtypes in the state of anything but a dtype (or joblib's wrapper, which reads
+                    // its array at this BUILD) have escaped
                     operands[1].escape();
                 }
                 // BUILD leaves the object on the stack; joblib replaces a wrapper with its array.
@@ -1486,11 +1557,7 @@ impl Scanner {
                 Item::Frombuffer
             }
             ("numpy", "dtype") => Item::DtypeClass,
-            ("numpy._core.multiarray" | "numpy.core.multiarray", "scalar")
-                if self.inband.is_some() =>
-            {
-                Item::ScalarFn
-            }
+            ("numpy._core.multiarray" | "numpy.core.multiarray", "scalar") => Item::ScalarFn,
             _ => Item::Other,
         }
     }
@@ -1508,6 +1575,15 @@ impl Scanner {
             code: code.clone(),
             ..Default::default()
         })))
+    }
+
+    /// SETITEM(S) and DICT: pairs go into a tracked dict; into anything else, a dtype among
+    /// them has escaped.
+    fn set_items_or_escape(&self, target: &Item, items: Vec<Item>) {
+        if self.tracks_values() && !matches!(target, Item::Dict(_)) {
+            items.iter().for_each(Item::escape);
+        }
+        Self::set_items(target, items);
     }
 
     /// SETITEM(S) and DICT: pairs go into a tracked dict (the last value of a key wins).
@@ -1572,11 +1648,17 @@ impl Scanner {
         }
         .ok_or_else(|| bad("shape is not a tuple of sizes"))?;
         let element = match fields.get("dtype") {
-            Some(Item::Dtype(dtype)) => dtype
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .element()
-                .map_err(|p| bad(&p))?,
+            Some(Item::Dtype(dtype)) => {
+                let element = dtype
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .element()
+                    .map_err(|p| bad(&p))?;
+                if matches!(element, Element::Bytes(_)) {
+                    self.joblib_dtypes.push((dtype.clone(), element));
+                }
+                element
+            }
             _ => {
                 return Err(bad(
                     "dtype is not a numpy.dtype made by numpy.dtype(code, align, copy)",
