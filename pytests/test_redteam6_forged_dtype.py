@@ -84,11 +84,16 @@ class InBand:
         return (_frombuffer, (bytearray(self.n), self.dtype, (self.n // 8, 1), "C"))
 
 
-def test_f1_in_band_subarray_of_objects_with_flags_zero(run_python, tmp_path):
+@pytest.mark.parametrize("part", ["subarray", "field"])
+def test_f1_in_band_objects_with_flags_zero(run_python, tmp_path, part):
     n = 2 << 20
-    forged = _forged("V8", (3, "|", (numpy.dtype("O"), (1,)), None, None, 8, 8, 0))
+    objects = numpy.dtype("O")
+    if part == "subarray":
+        forged = _forged("V8", (3, "|", (objects, (1,)), None, None, 8, 8, 0))
+    else:
+        forged = _forged("V8", (3, "|", None, ("a",), {"a": (objects, 0)}, 8, 1, 0))
     data = pickle.dumps({"weights": InBand(n, forged)}, protocol=5)
-    assert pickle.loads(data)["weights"][0, 0] is None  # the approved values
+    assert pickle.loads(data)["weights"].tobytes()[:8] == bytes(8)  # the approved values: None
     _approve(tmp_path, data)
     start = data.index(b"\x96" + n.to_bytes(8, "little")) + 9
     _assert_not_run(run_python(CHILD, args=[str(start), "pickle"]), tmp_path)

@@ -841,7 +841,8 @@ impl Scanner {
         // The memo and the stack's own moves hand a value to nothing.
         let moved = matches!(
             opcode,
-            "GET"
+            "STOP"
+                | "GET"
                 | "BINGET"
                 | "LONG_BINGET"
                 | "PUT"
@@ -1253,7 +1254,7 @@ impl Scanner {
             }
             b'N' => self.stack.push(Item::None),
             b')' => self.stack.push(Item::Tuple(Vec::new())),
-            b'}' if self.joblib => self.stack.push(Item::Dict(Arc::default())),
+            b'}' if self.tracks_values() => self.stack.push(Item::Dict(Arc::default())),
             0x88 | 0x89 | b'}' | b']' | 0x8f | 0x97 => self.stack.push(Item::Other),
             b'S' => {
                 let text = arg!(cur.line());
@@ -1315,7 +1316,7 @@ impl Scanner {
             b'l' | b'd' | 0x91 => {
                 let items = self.pop_mark(at, name)?;
                 self.stack.push(match op {
-                    b'd' if self.joblib => Item::Dict(Arc::default()),
+                    b'd' if self.tracks_values() => Item::Dict(Arc::default()),
                     _ => Item::Other,
                 });
                 if op == b'd' {
@@ -1456,11 +1457,11 @@ impl Scanner {
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner())
                         .set_state(&operands[1]);
-                } else if self.tracks_values() && !matches!(operands[0], Item::Wrapper(_)) {
-                    // dtypes in the state of anything but a dtype (or joblib's wrapper, which reads
-                    // its array at this BUILD) have escaped
-                    operands[1].escape();
                 }
+                // A dtype in the state of anything else has not escaped: BUILD leaves its target,
+                // never the state, and a dtype held in an object's state can be fetched back
+                // only by `numpy.dtype(object)`, which the scan refuses (an ndarray's state, as
+                // numpy pickles a non-contiguous array, holds its dtype).
                 // BUILD leaves the object on the stack; joblib replaces a wrapper with its array.
                 self.stack.push(match operands.swap_remove(0) {
                     Item::Wrapper(_) => Item::Other,
@@ -1583,16 +1584,22 @@ impl Scanner {
         if self.tracks_values() && !matches!(target, Item::Dict(_)) {
             items.iter().for_each(Item::escape);
         }
-        Self::set_items(target, items);
+        self.set_items(target, items);
     }
 
-    /// SETITEM(S) and DICT: pairs go into a tracked dict (the last value of a key wins).
-    fn set_items(target: &Item, items: Vec<Item>) {
+    /// SETITEM(S) and DICT: pairs go into a tracked dict (the last value of a key wins). The
+    /// in-band proof keeps only pairs whose value holds a dtype (a structured dtype's fields):
+    /// the others are one `(Other, Other)` pair, so its memory grows only with dtypes.
+    fn set_items(&self, target: &Item, items: Vec<Item>) {
         if let Item::Dict(dict) = target {
             let mut items = items.into_iter();
             let mut dict = dict.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             while let (Some(key), Some(value)) = (items.next(), items.next()) {
-                dict.push((key, value));
+                if self.joblib || value.always_kept() {
+                    dict.push((key, value));
+                } else if !matches!(dict.first(), Some((Item::Other, Item::Other))) {
+                    dict.insert(0, (Item::Other, Item::Other));
+                }
             }
         }
     }
