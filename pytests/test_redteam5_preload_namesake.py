@@ -16,8 +16,10 @@ import sysconfig
 import pytest
 
 from test_preload import preload_path, run
+from test_redteam3_unseen_libpython import builtin_pickle_libpython
 
 HOSTS = os.path.join(os.path.dirname(__file__), "hosts")
+REINIT_REPORTED = "picklegate cannot guard a re-initialized interpreter (Py_Initialize after Py_FinalizeEx)"
 EXPECTED = [
     "Py_BytesMain 1 tag-ok",
     "Py_Main 1",
@@ -74,8 +76,26 @@ def test_a_libpythons_start_up_functions_are_still_wrapped(reinit_host, entry, t
     warn mode, reports) a runtime started again after Py_FinalizeEx at that call."""
     proc = run([reinit_host, entry], {"PYTHONHOME": sys.base_prefix, "LD_PRELOAD": preload_path(),
                                       "PICKLEGATE_MODE": "warn"}, tmp_path)
-    reported = "picklegate cannot guard a re-initialized interpreter (Py_Initialize after Py_FinalizeEx)"
-    assert reported in proc.stderr, proc.stdout + proc.stderr
+    assert REINIT_REPORTED in proc.stderr, proc.stdout + proc.stderr
     assert "this process runs UNGUARDED" in proc.stderr
     if entry != "Py_FrozenMain":  # the host freezes no __main__: Py_FrozenMain fails once started
         assert (proc.returncode, proc.stdout) == (0, "second runtime ran\n"), proc.stderr
+
+
+def test_a_namesake_shim_that_starts_a_self_bound_libpython_is_still_checked(tmp_path):
+    """A shim's Py_Main (not CPython) is called untouched, but after the wrapper's check: the
+    self-bound libpython it forwards to starts with no other call reaching the preload."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is absent")
+    lib, home = builtin_pickle_libpython()
+    source = os.path.join(HOSTS, "redteam5_shim.c")
+    shim, host = tmp_path / "libshim.so", tmp_path / "shimmed"
+    subprocess.run([gcc, "-w", "-DSHIM", "-shared", "-fPIC", "-o", shim, source, "-ldl"], check=True)
+    subprocess.run([gcc, "-w", "-o", host, source, f"-L{tmp_path}", "-lshim", f"-Wl,-rpath,{tmp_path}", lib,
+                    f"-Wl,-rpath,{os.path.dirname(lib)}", "-ldl"], check=True)
+    plain = run([host], {"PYTHONHOME": home}, tmp_path)
+    assert (plain.returncode, plain.stdout) == (0, "second runtime ran\n"), plain.stderr
+    proc = run([host], {"PYTHONHOME": home, "LD_PRELOAD": preload_path(), "PICKLEGATE_MODE": "warn"}, tmp_path)
+    assert REINIT_REPORTED in proc.stderr, proc.stdout + proc.stderr
+    assert (proc.returncode, proc.stdout) == (0, "second runtime ran\n"), proc.stderr

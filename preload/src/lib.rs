@@ -950,12 +950,16 @@ trampoline!(
 
 /// Where the preload's `Py_Initialize*`/`Py_*Main` number `which`, called from `return_address`,
 /// goes: the wrapper of that name when a libpython's definition could be the one meant (or this
-/// cannot tell), as `real_initializer` ranks them; else the one definition the call reaches, a
-/// namesake in a library that is not CPython, whose signature may differ from CPython's (E7).
+/// cannot tell), as `real_initializer` ranks them; else, after `before_initialize` (a shim that is
+/// not CPython may still start one), the one definition the call reaches: a namesake, whose
+/// signature may differ from CPython's, called with the caller's arguments untouched (E7).
 fn starter_target(which: usize, return_address: usize) -> usize {
     let name = STARTER_NAMES[which - PY_INITIALIZE];
     let caller = object_of(return_address.wrapping_sub(1) as *const c_void);
     let namesake = definitions(name, (!caller.is_null()).then_some(caller)).namesake();
+    if namesake.is_some() {
+        before_initialize();
+    }
     // The look-ups that found nothing left a dlerror message the caller did not cause.
     // SAFETY: dlerror only reads and clears this thread's message.
     unsafe { libc::dlerror() };
