@@ -739,7 +739,14 @@ pub struct Pinned {
     /// Sorted, disjoint ranges served from the file, not from `region`.
     live: Vec<std::ops::Range<usize>>,
     pub sha: Digest,
+    /// The last block read ahead from the file for small reads of `live` ranges (a torch zip of
+    /// many small tensors): its start and bytes. Only ever serves bytes of `live` ranges.
+    window: parking_lot::Mutex<(usize, Vec<u8>)>,
 }
+
+/// Reads of `live` bytes smaller than this go through the read-ahead window of `WINDOW` bytes.
+const WINDOWED_READ: usize = 16 << 10;
+const WINDOW: usize = 128 << 10;
 
 impl Pinned {
     fn read(file: File, layout: Layout) -> io::Result<Self> {
@@ -852,6 +859,7 @@ impl Pinned {
             len,
             live,
             sha,
+            window: parking_lot::Mutex::new((0, Vec::new())),
         })
     }
 
@@ -862,6 +870,33 @@ impl Pinned {
 
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Fills `target` with the file's bytes at `at` from the read-ahead window, reading a new
+    /// window there if needed; `false` when the file ends before `target` does (read it directly).
+    fn read_windowed(&self, at: usize, target: &mut [u8]) -> io::Result<bool> {
+        let mut window = self.window.lock();
+        let (start, bytes) = &mut *window;
+        if !(*start <= at && at + target.len() <= *start + bytes.len()) {
+            bytes.resize(WINDOW.min(self.len - at), 0);
+            let mut got = 0;
+            while got < bytes.len() {
+                match self.file.read_at(&mut bytes[got..], (at + got) as u64) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            bytes.truncate(got);
+            *start = at;
+            if got < target.len() {
+                return Ok(false);
+            }
+        }
+        let from = at - *start;
+        target.copy_from_slice(&bytes[from..from + target.len()]);
+        Ok(true)
     }
 
     /// Copies the bytes at `pos..pos + out.len()` (clamped to the file) into `out`.
@@ -876,7 +911,9 @@ impl Pinned {
                 None => (end, false),
             };
             let target = &mut out[at - pos..upto - pos];
-            if from_file {
+            if !from_file {
+                target.copy_from_slice(self.region.slice(at..upto));
+            } else if target.len() >= WINDOWED_READ || !self.read_windowed(at, target)? {
                 let mut done = 0;
                 while done < target.len() {
                     match self.file.read_at(&mut target[done..], (at + done) as u64) {
@@ -891,8 +928,6 @@ impl Pinned {
                         Err(e) => return Err(e),
                     }
                 }
-            } else {
-                target.copy_from_slice(self.region.slice(at..upto));
             }
             at = upto;
         }
