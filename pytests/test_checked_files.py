@@ -204,3 +204,29 @@ def test_a_mutable_buffer_rewritten_after_the_check_does_not_run(run_python, tmp
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [str({"pad": "x" * 200}), "True"]
     assert not (tmp_path / "CANARY").exists()
+
+
+def test_torch_checkpoint_of_many_small_tensors_loads_the_same_values_guarded(run_python, tmp_path):
+    """Small storages are read from the file after the check through a read-ahead window: every
+    tensor (tiny, window-sized, larger than a window read, crossing window edges) must come back
+    exactly as the unguarded load gives it."""
+    pytest.importorskip("torch")
+    import hashlib
+
+    import torch
+
+    sizes = [1, 3, 250, 4095, 4097, 40_000, 7, 33_000, 1, 16_383, 16_385, 200_000] * 40
+    torch.save({f"t{i}": torch.arange(float(n)) * (i + 1) for i, n in enumerate(sizes)}, tmp_path / "many.pt")
+    write_manifest(tmp_path / "pickles.toml", (hashlib.sha256((tmp_path / "many.pt").read_bytes()).hexdigest(), "__main__:*"))
+    proc = run_python("""
+        import hashlib, sys, torch, picklegate
+        plain = torch.load("many.pt", weights_only=False)
+        picklegate.install(policy="pickles.toml")
+        guarded = torch.load("many.pt", weights_only=False)
+        assert list(guarded) == list(plain)
+        for name, tensor in plain.items():
+            assert torch.equal(guarded[name], tensor), name
+        print("same", len(guarded))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "same 480" in proc.stdout

@@ -25,13 +25,24 @@ def setup(tmp_path):
     setuid_python.chmod(0o4755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICKLEGATE_") and k != "LD_PRELOAD"}
     as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
-    reachable = subprocess.run([*as_nobody, sys.executable, "-c", "import picklegate"], env=env, cwd=tmp_path,
+    runner = sys.executable
+    if subprocess.run([*as_nobody, runner, "-c", "import picklegate"], env=env, cwd=tmp_path,
+                      capture_output=True, timeout=120).returncode != 0:
+        # This Python is out of uid 65534's reach (pyenv under /root): the system one, with the
+        # wheel under test unpacked where that user can read it.
+        wheel = os.environ.get("PICKLEGATE_TEST_WHEEL")
+        if wheel is None:
+            pytest.skip("uid 65534 cannot run this Python, and PICKLEGATE_TEST_WHEEL names no wheel to give /usr/bin/python3")
+        site = tmp_path / "site"
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), wheel],
+                       check=True, timeout=300)
+        runner, env = python, {**env, "PYTHONPATH": str(site)}
+    reachable = subprocess.run([*as_nobody, runner, "-c", "import picklegate"], env=env, cwd=tmp_path,
                                capture_output=True, text=True, timeout=120)
-    if reachable.returncode != 0:
-        pytest.skip(f"uid 65534 cannot run this Python and picklegate: {reachable.stderr.strip()[-300:]}")
+    assert reachable.returncode == 0, f"uid 65534 cannot run {runner} and picklegate: {reachable.stderr.strip()[-300:]}"
     canary = tmp_path / "canary"
     code = f"import pickle; pickle.loads(bytes.fromhex('{pickle.dumps(Touch(canary)).hex()}')); print('LOADED')"
-    run = [*as_nobody, sys.executable, "-m", "picklegate", "run", "--mode", "enforce", "--"]
+    run = [*as_nobody, runner, "-m", "picklegate", "run", "--mode", "enforce", "--"]
     return setuid_python, code, canary, run, env
 
 

@@ -109,6 +109,7 @@ impl Region {
 
     /// Gives the pages of `range` (page-aligned) back; they read as zeros afterwards.
     fn release(&mut self, range: std::ops::Range<usize>) {
+        assert!(range.end <= self.cap);
         if range.end > range.start {
             // SAFETY: the caller passes a page-aligned range inside the mapping (`&mut self`: no
             // slice of it is borrowed); MADV_DONTNEED on a private anonymous mapping only turns
@@ -283,9 +284,11 @@ fn read_hashed_arrays(
 }
 
 /// The rest of a file opened for reading, as the bytes that were hashed: `read`, `readinto`,
-/// `readline` and `tell` for the unpickler. In-band numpy array payloads proven to be data are
-/// not held: they are read from the file at their hashed offset when the unpickler asks for them
-/// (into its own buffer with `readinto`); every other byte is served from private memory.
+/// `readline`, `seek` and `tell` for the unpickler. In-band numpy array payloads proven to be data
+/// are not held: they are read from the file at their hashed offset when the unpickler asks for
+/// them (into its own buffer with `readinto`); every other byte is served from private memory.
+/// A seek back (pandas' fallback unpickler reads the file again) serves the bytes still held, or
+/// reads the file whole again, which must hash the same: never unproven bytes.
 #[pyclass(module = "picklegate._core")]
 pub struct HashedFile {
     /// `None` once closed.
@@ -294,7 +297,7 @@ pub struct HashedFile {
     pos: usize,
     released: usize,
     pub sha: Digest,
-    /// The file (a duplicate descriptor) and where the hashed bytes start in it.
+    /// The file (a duplicate descriptor, `None` once closed) and where the hashed bytes start.
     file: Option<File>,
     offset: u64,
     /// Sorted, disjoint ranges (from `offset`) read from the file, not from `region`.
@@ -303,9 +306,10 @@ pub struct HashedFile {
 
 impl HashedFile {
     fn slice(&self, range: std::ops::Range<usize>) -> &[u8] {
-        self.region
-            .as_ref()
-            .map_or(&[], |region| region.slice(range))
+        match &self.region {
+            Some(region) if range.start < range.end => region.slice(range),
+            _ => &[],
+        }
     }
 
     /// Everything read from the file (array payloads read as zeros), while nothing has been
@@ -323,16 +327,25 @@ impl HashedFile {
         !self.live.is_empty()
     }
 
-    /// Gives up the array plan before anything was consumed: reads the file whole into private
-    /// memory again, which must hash the same (for a reused unpickler, whose memo the proof
-    /// cannot follow).
+    /// Gives up the array plan: reads the file whole into private memory again, which must hash
+    /// the same (for an unpickler the proof does not cover: a reused one, whose memo it cannot
+    /// follow, or one with its own `find_class`).
     pub fn keep_whole(&mut self) -> Result<(), Error> {
-        let Some(file) = self.file.as_ref() else {
-            return Ok(());
-        };
-        if self.live.is_empty() || self.pos != 0 {
+        if self.live.is_empty() {
             return Ok(());
         }
+        self.hold_whole()
+    }
+
+    /// Makes every hashed byte private memory again (array payloads, pages given back): the file
+    /// read whole, which must hash the same; nothing to do while they are all still held.
+    fn hold_whole(&mut self) -> Result<(), Error> {
+        if self.live.is_empty() && self.released == 0 && self.region.is_some() {
+            return Ok(());
+        }
+        let Some(file) = self.file.as_ref() else {
+            return Err(closed_file());
+        };
         let (region, len, sha) = read_hashed(file, self.offset)?;
         if sha != self.sha {
             return Err(io::Error::other("the file changed after its check").into());
@@ -345,7 +358,7 @@ impl HashedFile {
     /// Gives back the whole pages before the read position once a step's worth accumulates.
     fn release_consumed(&mut self) {
         let page = page_size();
-        let upto = self.pos / page * page;
+        let upto = self.pos.min(self.len) / page * page;
         if upto >= self.released + RELEASE_STEP || (self.pos == self.len && upto > self.released) {
             if let Some(region) = &mut self.region {
                 region.release(self.released..upto);
@@ -355,7 +368,7 @@ impl HashedFile {
     }
 
     fn remaining(&self, n: Option<isize>) -> usize {
-        let left = self.len - self.pos;
+        let left = self.len.saturating_sub(self.pos);
         match n {
             Some(n) if n >= 0 => (n as usize).min(left),
             _ => left,
@@ -372,7 +385,7 @@ impl HashedFile {
     /// private bytes from memory, array payloads from the file. A file cut short after the check
     /// ends the stream where the file now ends, as the unguarded read would find it.
     fn fill(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let total = out.len().min(self.len - self.pos);
+        let total = out.len().min(self.len.saturating_sub(self.pos));
         let mut done = 0;
         while done < total {
             let at = self.pos;
@@ -432,7 +445,7 @@ impl HashedFile {
             pos: 0,
             released: 0,
             sha,
-            file: (!live.is_empty()).then_some(file),
+            file: Some(file),
             offset,
             live,
         })
@@ -507,6 +520,45 @@ impl HashedFile {
         self.pos
     }
 
+    /// Moves to `offset` (from the start of the hashed bytes, the position, or their end). Pages
+    /// before the position may have been given back, and array payloads are read from the file
+    /// (proven for one pass of a standard unpickler, not for whoever reads next): a move back
+    /// over given-back pages, or any move with array payloads planned, reads the file whole again
+    /// and requires the same sha256 (else `OSError`); the next reader reads only hashed bytes.
+    #[pyo3(signature = (offset, whence=0))]
+    fn seek(&mut self, py: Python<'_>, offset: i64, whence: i32) -> Result<usize, Error> {
+        if self.region.is_none() {
+            return Err(closed_file());
+        }
+        let base = match whence {
+            0 => 0,
+            1 => self.pos as i64,
+            2 => self.len as i64,
+            _ => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "invalid whence ({whence}, should be 0, 1 or 2)"
+                ))
+                .into())
+            }
+        };
+        let Some(target) = base.checked_add(offset).filter(|&t| t >= 0) else {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "negative seek position {offset}"
+            ))
+            .into());
+        };
+        let target = target as usize;
+        if target != self.pos && (!self.live.is_empty() || target < self.released) {
+            py.detach(|| self.hold_whole())?;
+        }
+        self.pos = target;
+        Ok(self.pos)
+    }
+
+    fn seekable(&self) -> bool {
+        true
+    }
+
     /// The sha256 of the bytes read, as 64 hex digits.
     #[getter]
     fn sha256(&self) -> String {
@@ -518,6 +570,10 @@ impl HashedFile {
     fn live_bytes(&self) -> usize {
         self.live.iter().map(|r| r.len()).sum()
     }
+}
+
+fn closed_file() -> Error {
+    pyo3::exceptions::PyValueError::new_err("I/O operation on closed file.").into()
 }
 
 /// Which bytes of a pinned file may be served from the file itself after the check.
@@ -739,7 +795,14 @@ pub struct Pinned {
     /// Sorted, disjoint ranges served from the file, not from `region`.
     live: Vec<std::ops::Range<usize>>,
     pub sha: Digest,
+    /// The last block read ahead from the file for small reads of `live` ranges (a torch zip of
+    /// many small tensors): its start and bytes. Only ever serves bytes of `live` ranges.
+    window: parking_lot::Mutex<(usize, Vec<u8>)>,
 }
+
+/// Reads of `live` bytes smaller than this go through the read-ahead window of `WINDOW` bytes.
+const WINDOWED_READ: usize = 16 << 10;
+const WINDOW: usize = 128 << 10;
 
 impl Pinned {
     fn read(file: File, layout: Layout) -> io::Result<Self> {
@@ -855,6 +918,7 @@ impl Pinned {
             len,
             live,
             sha,
+            window: parking_lot::Mutex::new((0, Vec::new())),
         })
     }
 
@@ -865,6 +929,33 @@ impl Pinned {
 
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Fills `target` with the file's bytes at `at` from the read-ahead window, reading a new
+    /// window there if needed; `false` when the file ends before `target` does (read it directly).
+    fn read_windowed(&self, at: usize, target: &mut [u8]) -> io::Result<bool> {
+        let mut window = self.window.lock();
+        let (start, bytes) = &mut *window;
+        if !(*start <= at && at + target.len() <= *start + bytes.len()) {
+            bytes.resize(WINDOW.min(self.len - at), 0);
+            let mut got = 0;
+            while got < bytes.len() {
+                match self.file.read_at(&mut bytes[got..], (at + got) as u64) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            bytes.truncate(got);
+            *start = at;
+            if got < target.len() {
+                return Ok(false);
+            }
+        }
+        let from = at - *start;
+        target.copy_from_slice(&bytes[from..from + target.len()]);
+        Ok(true)
     }
 
     /// Copies the bytes at `pos..pos + out.len()` (clamped to the file) into `out`.
@@ -879,7 +970,9 @@ impl Pinned {
                 None => (end, false),
             };
             let target = &mut out[at - pos..upto - pos];
-            if from_file {
+            if !from_file {
+                target.copy_from_slice(self.region.slice(at..upto));
+            } else if target.len() >= WINDOWED_READ || !self.read_windowed(at, target)? {
                 let mut done = 0;
                 while done < target.len() {
                     match self.file.read_at(&mut target[done..], (at + done) as u64) {
@@ -894,8 +987,6 @@ impl Pinned {
                         Err(e) => return Err(e),
                     }
                 }
-            } else {
-                target.copy_from_slice(self.region.slice(at..upto));
             }
             at = upto;
         }

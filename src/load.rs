@@ -324,14 +324,15 @@ fn guard(
     source: Option<&str>,
     run: impl FnOnce() -> PyResult<Py<PyAny>>,
 ) -> PyResult<Py<PyAny>> {
-    if let Some(covered) = decided_without_hash(py, gate, scope)? {
-        return run_covered(covered, run);
-    }
     if let Pickle::File(file) = pickle {
-        if file.borrow().has_live() && !fresh_standard_unpickler(py) {
-            // The array plan was proven for a fresh memo and the standard `find_class`.
+        if !passthrough(gate, scope) && file.borrow().has_live() && !fresh_standard_unpickler(py) {
+            // The array plan was proven for a fresh memo and the standard `find_class`, also
+            // inside a container (pandas' fallback `pickle_compat.Unpickler` has its own).
             file.borrow_mut().keep_whole()?;
         }
+    }
+    if let Some(covered) = decided_without_hash(py, gate, scope)? {
+        return run_covered(covered, run);
     }
     // A buffer stays borrowed while it runs; a hashed file only while it is judged (the
     // unpickler then reads it).

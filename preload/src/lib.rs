@@ -326,7 +326,11 @@ fn loaded_handle(name: &CStr) -> Option<*mut c_void> {
 // the return address: its search path, `$ORIGIN`, RTLD_NEXT stay the program's). Each saves the
 // argument registers, asks `trampoline_target` for libc's function (for `dlsym`, after looking
 // for a new libpython), restores them and jumps, the caller's return address left in place.
-// Only on x86_64 and aarch64 glibc; elsewhere libc's are not replaced.
+// `Py_Initialize*` and `Py_*Main` are trampolines too (red team 5 E7): `trampoline_target` picks
+// the preload's wrapper when the definition the call reaches is a libpython's, else that
+// definition itself (a namesake with any signature: a program that is not Python keeps its call).
+// Only on x86_64 and aarch64 glibc; elsewhere libc's are not replaced and the wrappers are
+// exported under CPython's names themselves.
 const DLOPEN: usize = 0;
 const DLMOPEN: usize = 1;
 const DLSYM: usize = 2;
@@ -406,11 +410,24 @@ fn libc_dl_function(which: usize) -> usize {
     0
 }
 
-/// What a trampoline jumps to: libc's function `which`, or, if libc has none, one that fails.
-/// `first` and `second` are the call's first two arguments (for `dlsym`: handle and name).
-extern "C" fn trampoline_target(which: usize, first: usize, second: usize) -> usize {
+/// What a trampoline jumps to: for a `Py_Initialize*`/`Py_*Main`, `starter_target`; else libc's
+/// function `which`, or, if libc has none, one that fails. `first` and `second` are the call's
+/// first two arguments (for `dlsym`: handle and name), `return_address` the caller's.
+extern "C" fn trampoline_target(
+    which: usize,
+    first: usize,
+    second: usize,
+    return_address: usize,
+) -> usize {
+    if which >= PY_INITIALIZE {
+        return starter_target(which, return_address);
+    }
     if which == DLSYM {
-        note_initializer_fetch(first as *mut c_void, second as *const c_char);
+        note_initializer_fetch(
+            first as *mut c_void,
+            second as *const c_char,
+            return_address,
+        );
         look_for_new_cpython(first as *mut c_void);
     }
     match real_dl_function(which) {
@@ -424,14 +441,18 @@ extern "C" fn missing() -> *mut c_void {
     std::ptr::null_mut()
 }
 
-/// Defines the tail-calling function `$name`, forwarding to libc's function number `$which`
-/// (on the architectures and libc the trampolines are written for; elsewhere, nothing).
+/// Defines the tail-calling function `$name`, which jumps where `trampoline_target` says for
+/// function number `$which` (on the architectures and libc the trampolines are written for;
+/// elsewhere, nothing). Every argument register is saved and restored around that call (the
+/// integer ones, the vector ones, the x86_64 vector count `al`, the aarch64 result address `x8`),
+/// and stack arguments are not touched, so the function jumped to runs as if called directly,
+/// whatever its signature.
 macro_rules! trampoline {
-    ($(#[$doc:meta])* $name:ident, $which:expr) => {
-        $(#[$doc])*
+    ($(#[$attribute:meta])* $name:ident, $which:expr) => {
+        $(#[$attribute])*
         ///
         /// # Safety
-        /// As libc's function of the same name.
+        /// As the function of the same name it forwards to.
         #[cfg(all(
             target_env = "gnu",
             any(target_arch = "x86_64", target_arch = "aarch64")
@@ -440,41 +461,85 @@ macro_rules! trampoline {
         #[unsafe(naked)]
         pub unsafe extern "C" fn $name() {
             // SAFETY: the argument registers are saved and restored around a call made with the
-            // stack aligned as the ABI wants; the jump leaves the stack and the return address
-            // exactly as the caller left them, so libc's function runs as if called directly.
+            // stack aligned as the ABI wants; the jump (through r11, which no argument uses)
+            // leaves the stack and the return address exactly as the caller left them.
             #[cfg(target_arch = "x86_64")]
             std::arch::naked_asm!(
-                // Entry: rsp = 8 mod 16; three pushes align it for the call.
+                // Entry: rsp = 8 mod 16; seven pushes and 128 bytes align it for the call.
                 "push rdi",
                 "push rsi",
                 "push rdx",
+                "push rcx",
+                "push r8",
+                "push r9",
+                "push rax",
+                "sub rsp, 128",
+                "movaps [rsp], xmm0",
+                "movaps [rsp + 16], xmm1",
+                "movaps [rsp + 32], xmm2",
+                "movaps [rsp + 48], xmm3",
+                "movaps [rsp + 64], xmm4",
+                "movaps [rsp + 80], xmm5",
+                "movaps [rsp + 96], xmm6",
+                "movaps [rsp + 112], xmm7",
+                "mov rcx, [rsp + 184]",
                 "mov rdx, rsi",
                 "mov rsi, rdi",
                 "mov edi, {which}",
                 "call {target}",
+                "mov r11, rax",
+                "movaps xmm0, [rsp]",
+                "movaps xmm1, [rsp + 16]",
+                "movaps xmm2, [rsp + 32]",
+                "movaps xmm3, [rsp + 48]",
+                "movaps xmm4, [rsp + 64]",
+                "movaps xmm5, [rsp + 80]",
+                "movaps xmm6, [rsp + 96]",
+                "movaps xmm7, [rsp + 112]",
+                "add rsp, 128",
+                "pop rax",
+                "pop r9",
+                "pop r8",
+                "pop rcx",
                 "pop rdx",
                 "pop rsi",
                 "pop rdi",
-                "jmp rax",
+                "jmp r11",
                 which = const $which,
                 target = sym trampoline_target,
             );
-            // SAFETY: as above (x0-x2 and the frame record saved on a 16-byte aligned stack;
-            // x30 restored before the jump through x16, the intra-procedure scratch register).
+            // SAFETY: as above (x0-x8, q0-q7 and the frame record saved on a 16-byte aligned
+            // stack; x30 restored before the jump through x16, the intra-procedure scratch
+            // register).
             #[cfg(target_arch = "aarch64")]
             std::arch::naked_asm!(
-                "stp x29, x30, [sp, #-48]!",
+                "stp x29, x30, [sp, #-224]!",
                 "mov x29, sp",
                 "stp x0, x1, [sp, #16]",
-                "str x2, [sp, #32]",
+                "stp x2, x3, [sp, #32]",
+                "stp x4, x5, [sp, #48]",
+                "stp x6, x7, [sp, #64]",
+                "str x8, [sp, #80]",
+                "stp q0, q1, [sp, #96]",
+                "stp q2, q3, [sp, #128]",
+                "stp q4, q5, [sp, #160]",
+                "stp q6, q7, [sp, #192]",
+                "mov x3, x30",
                 "mov x2, x1",
                 "mov x1, x0",
                 "mov x0, #{which}",
                 "bl {target}",
                 "mov x16, x0",
+                "ldp q6, q7, [sp, #192]",
+                "ldp q4, q5, [sp, #160]",
+                "ldp q2, q3, [sp, #128]",
+                "ldp q0, q1, [sp, #96]",
+                "ldr x8, [sp, #80]",
+                "ldp x6, x7, [sp, #64]",
+                "ldp x4, x5, [sp, #48]",
+                "ldp x2, x3, [sp, #32]",
                 "ldp x0, x1, [sp, #16]",
-                "ldr x2, [sp, #32]",
-                "ldp x29, x30, [sp], #48",
+                "ldp x29, x30, [sp], #224",
                 "br x16",
                 which = const $which,
                 target = sym trampoline_target,
@@ -581,29 +646,33 @@ fn before_initialize() {
     }
 }
 
-/// The real `Py_Initialize*` `name` (ends with NUL) for the object that called: the definition
-/// in its own scope (a libpython calling itself through its PLT reaches its own, never another
-/// libpython's), else (the program called, or a libpython tail-called through its PLT) the
-/// libpython the program fetched its `Py_Initialize*` from with `dlsym`, else the one it reaches
-/// without this library (the next in the default scope), else the only libpython that defines
-/// it. Stops the process when there is none, or several; under `enforce`, also when the fetched
-/// one and the next one differ (it does not guess).
-///
-/// # Safety
-/// `F` is a function pointer type, the signature of the C function `name`.
-unsafe fn real_initializer<F>(name: &[u8]) -> F {
+/// The definitions of a `Py_Initialize*`/`Py_*Main` that a call from the object `caller` can mean,
+/// best first: the one in the caller's own scope (a libpython calling itself through its PLT
+/// reaches its own, never another libpython's), else (the program called, or a libpython
+/// tail-called through its PLT) the one in the object the program fetched its `Py_Initialize*`
+/// from with `dlsym`, else the one it reaches without this library (the next in the default
+/// scope), else every loaded object's own.
+enum Definitions {
+    InCallerScope(*mut c_void),
+    /// With the next one, if there is one: it may be another libpython.
+    Fetched(*mut c_void, Option<*mut c_void>),
+    Next(*mut c_void),
+    Loaded(Vec<*mut c_void>),
+}
+
+/// The definitions of `name` (ends with NUL) that a call from `caller` can mean (see `Definitions`).
+fn definitions(name: &[u8], caller: Option<*mut c_void>) -> Definitions {
     let not_own = |address: &*mut c_void| !is_own(*address);
     // SAFETY: a null name asks for the main program, loading nothing new.
     let main = unsafe { libc::dlopen(std::ptr::null(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
-    let caller = calling_object().filter(|&map| map != main);
+    let caller = caller.filter(|&map| map != main);
     if let Some(handle) = caller.and_then(name_of).and_then(|n| loaded_handle(&n)) {
         // SAFETY: `handle` was just returned by `dlopen`; asked for as a plain address.
         let found = unsafe { symbol_in::<*mut c_void>(handle, name) }.filter(not_own);
         // SAFETY: balances the reference RTLD_NOLOAD took; the caller stays loaded.
         unsafe { libc::dlclose(handle) };
         if let Some(address) = found {
-            // SAFETY: the address of the function `name`, of type `F` (the caller's guarantee).
-            return unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) };
+            return Definitions::InCallerScope(address);
         }
     }
     let fetched = INITIALIZER_FETCHED_FROM
@@ -620,22 +689,12 @@ unsafe fn real_initializer<F>(name: &[u8]) -> F {
     }
     // SAFETY: RTLD_NEXT is a valid scope; asked for as a plain address.
     let next = unsafe { symbol_in::<*mut c_void>(libc::RTLD_NEXT, name) }.filter(not_own);
-    if let (Some(fetched), Some(next)) = (from_fetch, next) {
-        if fetched != next && ACTIVE.load(Ordering::SeqCst) && !lenient() {
-            // Two libpythons could be meant (the one fetched with `dlsym`, the one the program
-            // is linked to): `enforce` does not guess.
-            stop("two libpythons could be the one starting here; picklegate does not guess which");
-        }
+    match (from_fetch, next) {
+        (Some(fetched), next) => return Definitions::Fetched(fetched, next),
+        (None, Some(next)) => return Definitions::Next(next),
+        (None, None) => {}
     }
-    if let Some(address) = from_fetch {
-        // SAFETY: as above.
-        return unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) };
-    }
-    if let Some(address) = next {
-        // SAFETY: as above.
-        return unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) };
-    }
-    let mut definitions = Vec::new();
+    let mut loaded = Vec::new();
     for (object, _) in loaded_objects() {
         let Some(handle) = loaded_handle(&object) else {
             continue;
@@ -643,26 +702,94 @@ unsafe fn real_initializer<F>(name: &[u8]) -> F {
         // SAFETY: `handle` was just returned by `dlopen`; asked for as a plain address.
         let found = unsafe { symbol_in::<*mut c_void>(handle, name) };
         if let Some(address) = found.filter(|&a| object_of(a) == handle) {
-            definitions.push(address);
+            loaded.push(address);
         }
         // SAFETY: balances the reference RTLD_NOLOAD took; the object stays loaded.
         unsafe { libc::dlclose(handle) };
     }
-    let name = String::from_utf8_lossy(&name[..name.len() - 1]);
-    match definitions[..] {
-        // SAFETY: as above.
-        [address] => unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) },
-        [] => {
-            eprintln!("picklegate preload: cannot find the real {name}; stopping");
-            // SAFETY: as in `stop`.
-            unsafe { libc::_exit(EX_CONFIG) }
-        }
-        _ => {
-            eprintln!("picklegate preload: several libpythons define {name} and none is in its caller's scope; stopping rather than start the wrong one");
-            // SAFETY: as in `stop`.
-            unsafe { libc::_exit(EX_CONFIG) }
-        }
+    Definitions::Loaded(loaded)
+}
+
+impl Definitions {
+    /// The one definition meant, when no definition that could be meant is a libpython's (a
+    /// namesake, of a signature this library does not know); None otherwise, or when there is no
+    /// single one: then the wrapper decides, as for a libpython.
+    fn namesake(&self) -> Option<*mut c_void> {
+        let (meant, other) = match self {
+            Definitions::InCallerScope(address) | Definitions::Next(address) => (*address, None),
+            Definitions::Fetched(fetched, next) => (*fetched, *next),
+            Definitions::Loaded(loaded) => match loaded[..] {
+                [address] => (address, None),
+                _ => return None,
+            },
+        };
+        (!in_libpython(meant) && !other.is_some_and(in_libpython)).then_some(meant)
     }
+}
+
+/// True when the object that defines `address` is a CPython, or when this cannot tell: it defines
+/// `Py_IsInitialized` or `PySys_AddAuditHook` itself (every CPython from 3.8 does; `arm` knows
+/// CPython by the same two).
+fn in_libpython(address: *mut c_void) -> bool {
+    let map = object_of(address);
+    let Some(handle) = (!map.is_null())
+        .then(|| name_of(map))
+        .flatten()
+        .and_then(|name| loaded_handle(&name))
+    else {
+        return true;
+    };
+    let defines = |name: &[u8]| {
+        // SAFETY: `handle` was just returned by `dlopen`; asked for as a plain address.
+        unsafe { symbol_in::<*mut c_void>(handle, name) }
+            .is_some_and(|address| object_of(address) == handle)
+    };
+    let cpython =
+        handle != map || defines(b"Py_IsInitialized\0") || defines(b"PySys_AddAuditHook\0");
+    // SAFETY: balances the reference RTLD_NOLOAD took; the object stays loaded.
+    unsafe { libc::dlclose(handle) };
+    cpython
+}
+
+/// The real `Py_Initialize*` `name` (ends with NUL) for the object that called, as `definitions`
+/// ranks them. Stops the process when there is none, or several; under `enforce`, also when the
+/// fetched one and the next one differ (it does not guess).
+///
+/// # Safety
+/// `F` is a function pointer type, the signature of the C function `name`.
+unsafe fn real_initializer<F>(name: &[u8]) -> F {
+    let address = match definitions(name, calling_object()) {
+        Definitions::InCallerScope(address) | Definitions::Next(address) => address,
+        Definitions::Fetched(fetched, next) => {
+            if next.is_some_and(|next| next != fetched)
+                && ACTIVE.load(Ordering::SeqCst)
+                && !lenient()
+            {
+                // Two libpythons could be meant (the one fetched with `dlsym`, the one the
+                // program is linked to): `enforce` does not guess.
+                stop("two libpythons could be the one starting here; picklegate does not guess which");
+            }
+            fetched
+        }
+        Definitions::Loaded(loaded) => {
+            let name = String::from_utf8_lossy(&name[..name.len() - 1]);
+            match loaded[..] {
+                [address] => address,
+                [] => {
+                    eprintln!("picklegate preload: cannot find the real {name}; stopping");
+                    // SAFETY: as in `stop`.
+                    unsafe { libc::_exit(EX_CONFIG) }
+                }
+                _ => {
+                    eprintln!("picklegate preload: several libpythons define {name} and none is in its caller's scope; stopping rather than start the wrong one");
+                    // SAFETY: as in `stop`.
+                    unsafe { libc::_exit(EX_CONFIG) }
+                }
+            }
+        }
+    };
+    // SAFETY: the address of the function `name`, of type `F` (the caller's guarantee).
+    unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address) }
 }
 
 /// The object whose `Py_Initialize*` the program fetched last with `dlsym` on a handle: a
@@ -670,8 +797,9 @@ unsafe fn real_initializer<F>(name: &[u8]) -> F {
 /// its PLT, which leaves no frame of it on the stack, only the program's.
 static INITIALIZER_FETCHED_FROM: Mutex<Option<CString>> = Mutex::new(None);
 
-/// Notes, for `real_initializer`, which object a `dlsym(handle, "Py_Initialize*")` finds.
-fn note_initializer_fetch(handle: *mut c_void, name: *const c_char) {
+/// Notes, for `real_initializer`, which object a `dlsym(handle, "Py_Initialize*")` called from
+/// `return_address` finds: the program's fetches only, not this library's own look-ups.
+fn note_initializer_fetch(handle: *mut c_void, name: *const c_char, return_address: usize) {
     if name.is_null() || handle.is_null() || handle == libc::RTLD_NEXT {
         return;
     }
@@ -679,6 +807,7 @@ fn note_initializer_fetch(handle: *mut c_void, name: *const c_char) {
     if !unsafe { CStr::from_ptr(name) }
         .to_bytes()
         .starts_with(b"Py_Initialize")
+        || is_own(return_address.wrapping_sub(1) as *mut c_void)
     {
         return;
     }
@@ -762,13 +891,104 @@ fn is_own(address: *mut c_void) -> bool {
     }
 }
 
+// The preload's `Py_Initialize*` and `Py_*Main`: trampolines (see `trampoline!`) to `starter_target`,
+// which jumps to the wrapper below of the same name for a libpython's, and to the definition itself
+// for anything else.
+const PY_INITIALIZE: usize = 3;
+const PY_INITIALIZE_EX: usize = 4;
+const PY_INITIALIZE_FROM_CONFIG: usize = 5;
+const PY_BYTES_MAIN: usize = 6;
+const PY_MAIN: usize = 7;
+const PY_FROZEN_MAIN: usize = 8;
+/// Their names, from PY_INITIALIZE on.
+const STARTER_NAMES: [&[u8]; 6] = [
+    b"Py_Initialize\0",
+    b"Py_InitializeEx\0",
+    b"Py_InitializeFromConfig\0",
+    b"Py_BytesMain\0",
+    b"Py_Main\0",
+    b"Py_FrozenMain\0",
+];
+
+trampoline!(
+    /// `Py_Initialize()`: `initialize` for a libpython's, else the namesake, untouched.
+    #[allow(non_snake_case)]
+    Py_Initialize,
+    PY_INITIALIZE
+);
+trampoline!(
+    /// `Py_InitializeEx(int)`: `initialize_ex` for a libpython's, else the namesake, untouched.
+    #[allow(non_snake_case)]
+    Py_InitializeEx,
+    PY_INITIALIZE_EX
+);
+trampoline!(
+    /// `Py_InitializeFromConfig(const PyConfig *)`: `initialize_from_config` for a libpython's,
+    /// else the namesake, untouched.
+    #[allow(non_snake_case)]
+    Py_InitializeFromConfig,
+    PY_INITIALIZE_FROM_CONFIG
+);
+trampoline!(
+    /// `Py_BytesMain(int, char **)`: `bytes_main` for a libpython's, else the namesake, untouched.
+    #[allow(non_snake_case)]
+    Py_BytesMain,
+    PY_BYTES_MAIN
+);
+trampoline!(
+    /// `Py_Main(int, wchar_t **)`: `py_main` for a libpython's, else the namesake, untouched.
+    #[allow(non_snake_case)]
+    Py_Main,
+    PY_MAIN
+);
+trampoline!(
+    /// `Py_FrozenMain(int, char **)`: `frozen_main` for a libpython's, else the namesake, untouched.
+    #[allow(non_snake_case)]
+    Py_FrozenMain,
+    PY_FROZEN_MAIN
+);
+
+/// Where the preload's `Py_Initialize*`/`Py_*Main` number `which`, called from `return_address`,
+/// goes: the wrapper of that name when a libpython's definition could be the one meant (or this
+/// cannot tell), as `real_initializer` ranks them; else, after `before_initialize` (a shim that is
+/// not CPython may still start one), the one definition the call reaches: a namesake, whose
+/// signature may differ from CPython's, called with the caller's arguments untouched (E7).
+fn starter_target(which: usize, return_address: usize) -> usize {
+    let name = STARTER_NAMES[which - PY_INITIALIZE];
+    let caller = object_of(return_address.wrapping_sub(1) as *const c_void);
+    let namesake = definitions(name, (!caller.is_null()).then_some(caller)).namesake();
+    if namesake.is_some() {
+        before_initialize();
+    }
+    // The look-ups that found nothing left a dlerror message the caller did not cause.
+    // SAFETY: dlerror only reads and clears this thread's message.
+    unsafe { libc::dlerror() };
+    if let Some(address) = namesake {
+        return address as usize;
+    }
+    let wrapper = match which {
+        PY_INITIALIZE => initialize as *const (),
+        PY_INITIALIZE_EX => initialize_ex as *const (),
+        PY_INITIALIZE_FROM_CONFIG => initialize_from_config as *const (),
+        PY_BYTES_MAIN => bytes_main as *const (),
+        PY_MAIN => py_main as *const (),
+        _ => frozen_main as *const (),
+    };
+    wrapper as usize
+}
+
 /// `Py_Initialize`, after `before_initialize`.
 ///
 /// # Safety
 /// As CPython's.
-#[no_mangle]
-#[allow(non_snake_case)]
-pub unsafe extern "C" fn Py_Initialize() {
+#[cfg_attr(
+    not(all(
+        target_env = "gnu",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    )),
+    export_name = "Py_Initialize"
+)]
+unsafe extern "C" fn initialize() {
     before_initialize();
     // SAFETY: `Initialize` is the signature of `Py_Initialize`; called as the caller called us.
     unsafe { real_initializer::<Initialize>(b"Py_Initialize\0")() }
@@ -778,9 +998,14 @@ pub unsafe extern "C" fn Py_Initialize() {
 ///
 /// # Safety
 /// As CPython's.
-#[no_mangle]
-#[allow(non_snake_case)]
-pub unsafe extern "C" fn Py_InitializeEx(install_signal_handlers: c_int) {
+#[cfg_attr(
+    not(all(
+        target_env = "gnu",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    )),
+    export_name = "Py_InitializeEx"
+)]
+unsafe extern "C" fn initialize_ex(install_signal_handlers: c_int) {
     before_initialize();
     // SAFETY: `InitializeEx` is the signature of `Py_InitializeEx`; the argument is the caller's.
     unsafe { real_initializer::<InitializeEx>(b"Py_InitializeEx\0")(install_signal_handlers) }
@@ -790,9 +1015,14 @@ pub unsafe extern "C" fn Py_InitializeEx(install_signal_handlers: c_int) {
 ///
 /// # Safety
 /// As CPython's: `config` points to a `PyConfig`.
-#[no_mangle]
-#[allow(non_snake_case)]
-pub unsafe extern "C" fn Py_InitializeFromConfig(config: *const c_void) -> PyStatus {
+#[cfg_attr(
+    not(all(
+        target_env = "gnu",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    )),
+    export_name = "Py_InitializeFromConfig"
+)]
+unsafe extern "C" fn initialize_from_config(config: *const c_void) -> PyStatus {
     before_initialize();
     // SAFETY: `InitializeFromConfig` is the signature of `Py_InitializeFromConfig` (`PyStatus`
     // is CPython's layout); the argument is the caller's.
@@ -805,9 +1035,14 @@ pub unsafe extern "C" fn Py_InitializeFromConfig(config: *const c_void) -> PySta
 ///
 /// # Safety
 /// As CPython's.
-#[no_mangle]
-#[allow(non_snake_case)]
-pub unsafe extern "C" fn Py_BytesMain(argc: c_int, argv: *mut *mut c_void) -> c_int {
+#[cfg_attr(
+    not(all(
+        target_env = "gnu",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    )),
+    export_name = "Py_BytesMain"
+)]
+unsafe extern "C" fn bytes_main(argc: c_int, argv: *mut *mut c_void) -> c_int {
     before_initialize();
     // SAFETY: `RunMain` is the signature of `Py_BytesMain`; the arguments are the caller's.
     unsafe { real_initializer::<RunMain>(b"Py_BytesMain\0")(argc, argv) }
@@ -817,9 +1052,14 @@ pub unsafe extern "C" fn Py_BytesMain(argc: c_int, argv: *mut *mut c_void) -> c_
 ///
 /// # Safety
 /// As CPython's.
-#[no_mangle]
-#[allow(non_snake_case)]
-pub unsafe extern "C" fn Py_Main(argc: c_int, argv: *mut *mut c_void) -> c_int {
+#[cfg_attr(
+    not(all(
+        target_env = "gnu",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    )),
+    export_name = "Py_Main"
+)]
+unsafe extern "C" fn py_main(argc: c_int, argv: *mut *mut c_void) -> c_int {
     before_initialize();
     // SAFETY: `RunMain` is the signature of `Py_Main`; the arguments are the caller's.
     unsafe { real_initializer::<RunMain>(b"Py_Main\0")(argc, argv) }
@@ -829,9 +1069,14 @@ pub unsafe extern "C" fn Py_Main(argc: c_int, argv: *mut *mut c_void) -> c_int {
 ///
 /// # Safety
 /// As CPython's.
-#[no_mangle]
-#[allow(non_snake_case)]
-pub unsafe extern "C" fn Py_FrozenMain(argc: c_int, argv: *mut *mut c_void) -> c_int {
+#[cfg_attr(
+    not(all(
+        target_env = "gnu",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    )),
+    export_name = "Py_FrozenMain"
+)]
+unsafe extern "C" fn frozen_main(argc: c_int, argv: *mut *mut c_void) -> c_int {
     before_initialize();
     // SAFETY: `RunMain` is the signature of `Py_FrozenMain`; the arguments are the caller's.
     unsafe { real_initializer::<RunMain>(b"Py_FrozenMain\0")(argc, argv) }

@@ -84,9 +84,10 @@ def _finished(
 ) -> None:
     """Moves the file past what the unpickler used, and lets go of the memory read for it. After a
     failed load, a file with ``peek`` stays where it was: the C unpickler only peeks at such a file
-    and consumes what it used when the load completes."""
+    and consumes what it used when the load completes. A ``HashedFile`` that is the caller's own
+    file (a loader library's guard made it) stays open: the library may seek back and read again."""
     finish(0 if failed and hasattr(file, "peek") else stream.tell())
-    if isinstance(data, _core.HashedFile):
+    if isinstance(data, _core.HashedFile) and data is not file:
         data.close()
 
 
@@ -208,6 +209,10 @@ def _guarded_py_load(self: Any) -> Any:
     if type(file) is _core.PinnedFile:
         # A file a loader library's guard read and hashed whole: judged as that file, read in place.
         return _core.guarded_container(file, source, functools.partial(_original_py_load, self), True)
+    if type(file) is _core.HashedFile:
+        # Read and hashed already by a loader library's guard (pandas' fallback unpickler after
+        # its seek back): read in place, whole (this unpickler is not the one its array plan is for).
+        return _core.guarded_load(file, source, functools.partial(_original_py_load, self), self)
     if file is not None and _files.seekable(file):
         _core.refuse_unread(file, source)
         start = file.tell()
