@@ -117,8 +117,9 @@ thread_local! {
 }
 /// The link maps of the libpythons armed (at most one: a second one stops `enforce`, A2).
 static ARMED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-/// The loaded objects already looked at (load addresses), and glibc's load counter at the last look.
-static SEEN: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+/// The loaded objects already looked at (name and load address: an address alone is reused by the
+/// next object mapped after one is unloaded, red team 7 P2), and glibc's load counter at the last look.
+static SEEN: Mutex<Vec<(CString, usize)>> = Mutex::new(Vec::new());
 static LAST_ADDS: AtomicU64 = AtomicU64::new(u64::MAX);
 /// A second libpython was reported (lenient modes warn once).
 static SECOND_REPORTED: AtomicBool = AtomicBool::new(false);
@@ -264,10 +265,10 @@ fn look_for_new_cpython(handle: *mut c_void) {
         let mut fresh = Vec::new();
         {
             let mut seen = SEEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            for (name, map) in loaded_objects() {
-                if !seen.contains(&map) {
-                    seen.push(map);
-                    fresh.push(name);
+            for object in loaded_objects() {
+                if !seen.contains(&object) {
+                    fresh.push(object.0.clone());
+                    seen.push(object);
                 }
             }
         }
