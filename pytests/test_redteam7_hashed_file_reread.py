@@ -10,7 +10,6 @@ pickle that runs ``os.system``) while the fallback runs, after the re-read. Neit
 unhashed bytes as opcodes: the outcome is the unguarded load's of the approved file."""
 
 import hashlib
-import os
 import pickle
 
 import pytest
