@@ -159,6 +159,20 @@ fn fresh_standard_unpickler(py: Python<'_>) -> bool {
     };
     let unpickler = unpickler.bind(py);
     let standard = (|| -> PyResult<bool> {
+        // The unpickler looks `find_class` up again at every global: a class that computes its
+        // attributes (`__getattribute__`) may answer this check and the load differently (red
+        // team 7 H3), and asking it here could change what it answers the load.
+        let generic = py
+            .import("builtins")?
+            .getattr("object")?
+            .getattr("__getattribute__")?;
+        if !unpickler
+            .get_type()
+            .getattr("__getattribute__")?
+            .is(&generic)
+        {
+            return Ok(false);
+        }
         let base = py
             .import("_pickle")?
             .getattr("Unpickler")?
