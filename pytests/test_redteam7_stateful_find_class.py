@@ -50,10 +50,25 @@ class FirstLookStandard(pickle.Unpickler):
                 return lambda m, n: run_text if n == "_frombuffer" else pickle.Unpickler.find_class(self, m, n)
         return super().__getattribute__(name)
 
+class Meta(type):                          # the class answers for itself: the standard find_class
+    def __getattribute__(cls, name):
+        return pickle.Unpickler.find_class if name == "find_class" else super().__getattribute__(name)
+
+property_looks = []
+
+def first_look_standard(self):
+    property_looks.append(1)
+    if len(property_looks) > 1:
+        return lambda m, n: run_text if n == "_frombuffer" else pickle.Unpickler.find_class(self, m, n)
+    return pickle.Unpickler.find_class.__get__(self)    # the base's method, bound to this unpickler
+
+class PropertyFirstLookStandard(pickle.Unpickler, metaclass=Meta):
+    find_class = property(first_look_standard)
+
 with open("victim.pkl", "rb") as f:
-    unpickler = FirstLookStandard(f)
+    unpickler = CLASS(f)
     unpickler.load()
-print("loaded", unpickler.looks)
+print("loaded", getattr(unpickler, "looks", None) or len(property_looks))
 """
 
 
@@ -64,9 +79,12 @@ def victim():
     return data, data.index(b"\x96" + N.to_bytes(8, "little")) + 9
 
 
-def test_an_unpickler_that_computes_find_class_is_not_served_the_live_payload(run_python, tmp_path):
+@pytest.mark.parametrize("cls", ["FirstLookStandard", "PropertyFirstLookStandard"])
+def test_an_unpickler_that_computes_find_class_is_not_served_the_live_payload(run_python, tmp_path, cls):
+    """Also a property whose class's metaclass names the standard ``find_class`` for the class: only
+    ``_pickle.Unpickler`` itself is served the payload from the file."""
     data, start = victim()
-    code = CHILD.replace("EVIL_BYTES", repr(EVIL))
+    code = CHILD.replace("EVIL_BYTES", repr(EVIL)).replace("CLASS(f)", f"{cls}(f)")
     write_manifest(tmp_path / "pickles.toml", (hashlib.sha256(data).hexdigest(), "__main__:*"))
     results = {}
     for mode in ("unguarded", "guarded"):
