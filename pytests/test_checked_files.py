@@ -81,13 +81,29 @@ def canary_pickle(tmp_path):
     return pickle.dumps(Canary(tmp_path / "CANARY"), protocol=2)
 
 
-def torch_files(tmp_path):
+# A file this large has its tensor/array bytes read from the file after the check (the plan under
+# test); a smaller one is kept whole in private memory.
+LARGE = 40 << 20
+
+
+def live_bytes(good, layout, tmp_path):
+    """How many bytes of ``good`` a loader's checked file reads from the file after the check."""
+    from picklegate import _core
+
+    probe = tmp_path / "probe.bin"
+    probe.write_bytes(good)
+    with open(probe, "rb") as f:
+        return _core.PinnedFile(f.fileno(), layout).live_bytes
+
+
+def torch_files(tmp_path, large=False):
     """A torch checkpoint, and the same checkpoint with its data.pkl replaced in place (CRCs fixed)."""
     import io
     import torch
 
     buffer = io.BytesIO()
-    torch.save({"w": torch.arange(4096.0), "note": "x" * 400}, buffer)
+    big = {"big": torch.zeros(LARGE // 4)} if large else {}
+    torch.save({"w": torch.arange(4096.0), "note": "x" * 400, **big}, buffer)
     good = buffer.getvalue()
     with zipfile.ZipFile(io.BytesIO(good)) as z:
         info = next(i for i in z.infolist() if i.filename.endswith("/data.pkl"))
@@ -109,31 +125,36 @@ def torch_files(tmp_path):
     return good, bytes(evil)
 
 
+@pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
 @pytest.mark.parametrize("mmap", [True, False])
-def test_torch_checkpoint_rewritten_after_the_check_does_not_run(run_python, tmp_path, mmap):
+def test_torch_checkpoint_rewritten_after_the_check_does_not_run(run_python, tmp_path, mmap, large):
     pytest.importorskip("torch")
-    good, evil = torch_files(tmp_path)
+    good, evil = torch_files(tmp_path, large)
+    assert (live_bytes(good, "torch-zip", tmp_path) >= LARGE) == large
     out = run_case(run_python, tmp_path, f"torch.load(path, weights_only=False, mmap={mmap})", good, evil, "import torch")
     assert "loaded dict" in out, out
     assert "rewritten: ['" in out, out
     assert not (tmp_path / "CANARY").exists()
 
 
-def joblib_files(tmp_path):
+def joblib_files(tmp_path, large=False):
     import io
     import joblib
     import numpy
 
     buffer = io.BytesIO()
-    joblib.dump({"a": numpy.arange(2000.0)}, buffer)
+    big = {"big": numpy.zeros(LARGE // 8)} if large else {}
+    joblib.dump({"a": numpy.arange(2000.0), **big}, buffer)
     good = buffer.getvalue()
     return good, padded(canary_pickle(tmp_path), len(good))
 
 
 @pytest.mark.parametrize("mmap_mode", ["r", None])
-def test_joblib_file_rewritten_after_the_check_does_not_run(run_python, tmp_path, mmap_mode):
+@pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
+def test_joblib_file_rewritten_after_the_check_does_not_run(run_python, tmp_path, mmap_mode, large):
     pytest.importorskip("joblib")
-    good, evil = joblib_files(tmp_path)
+    good, evil = joblib_files(tmp_path, large)
+    assert (live_bytes(good, "joblib", tmp_path) >= LARGE) == large
     out = run_case(run_python, tmp_path, f"joblib.load(path, mmap_mode={mmap_mode!r})", good, evil, "import joblib")
     assert "loaded dict" in out, out
     assert "rewritten: ['" in out, out
@@ -217,6 +238,7 @@ def test_torch_checkpoint_of_many_small_tensors_loads_the_same_values_guarded(ru
 
     sizes = [1, 3, 250, 4095, 4097, 40_000, 7, 33_000, 1, 16_383, 16_385, 200_000] * 40
     torch.save({f"t{i}": torch.arange(float(n)) * (i + 1) for i, n in enumerate(sizes)}, tmp_path / "many.pt")
+    assert live_bytes((tmp_path / "many.pt").read_bytes(), "torch-zip", tmp_path) > LARGE
     write_manifest(tmp_path / "pickles.toml", (hashlib.sha256((tmp_path / "many.pt").read_bytes()).hexdigest(), "__main__:*"))
     proc = run_python("""
         import hashlib, sys, torch, picklegate

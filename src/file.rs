@@ -28,6 +28,12 @@ struct Region {
     cap: usize,
 }
 
+/// A dropped region up to this size is kept for the next region filled whole (a fresh mapping costs
+/// a fault and a zeroed page per 4 KiB, as much as hashing them), the way malloc keeps blocks under
+/// its largest mmap threshold (32 MiB on 64-bit glibc). Its address and size.
+const SPARE_REGION_MAX: usize = 32 << 20;
+static SPARE_REGION: parking_lot::Mutex<Option<(usize, usize)>> = parking_lot::Mutex::new(None);
+
 // SAFETY: the mapping belongs to this `Region` alone (nothing else holds `ptr`), like a `Box<[u8]>`:
 // moving it to another thread moves the ownership, and `munmap` in `Drop` runs once, wherever.
 unsafe impl Send for Region {}
@@ -40,6 +46,18 @@ impl Region {
     /// a fault per page, a third of a guarded load's added time otherwise).
     fn new(cap: usize, populate: bool) -> io::Result<Self> {
         let cap = cap.max(1);
+        // Only a region filled whole may reuse one: its earlier bytes are all overwritten before
+        // anything reads them (a region with payload holes must read zeros there).
+        if populate && cap <= SPARE_REGION_MAX {
+            let mut spare = SPARE_REGION.lock();
+            if let Some((ptr, spare_cap)) = spare.filter(|&(_, spare_cap)| spare_cap >= cap) {
+                *spare = None;
+                return Ok(Region {
+                    ptr: ptr as *mut u8,
+                    cap: spare_cap,
+                });
+            }
+        }
         let flags =
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if populate { libc::MAP_POPULATE } else { 0 };
         // SAFETY: an anonymous private mapping at an address of the kernel's choice: no file, no
@@ -127,8 +145,16 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`cap` are exactly the mapping made in `new`, unmapped once, here; no slice
-        // of it can outlive `self`.
+        if self.cap <= SPARE_REGION_MAX {
+            let mut spare = SPARE_REGION.lock();
+            if spare.is_none() {
+                // Ownership of the mapping moves to the spare slot; `new` hands it out once.
+                *spare = Some((self.ptr as usize, self.cap));
+                return;
+            }
+        }
+        // SAFETY: `ptr`/`cap` are exactly the mapping made in `new` (or taken whole from the spare
+        // slot, which then forgot it), unmapped once, here; no slice of it can outlive `self`.
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.cap) };
     }
 }
@@ -807,6 +833,13 @@ const WINDOW: usize = 128 << 10;
 impl Pinned {
     fn read(file: File, layout: Layout) -> io::Result<Self> {
         let expected = file.metadata()?.len() as usize;
+        // A small file is kept whole: its payloads would cost more to plan and read again than to
+        // hold, and its region can be the spare one.
+        let layout = if expected < SPARE_REGION_MAX {
+            Layout::Whole
+        } else {
+            layout
+        };
         let page = page_size();
         let mut region = Region::new(expected + page, layout == Layout::Whole)?;
         let mut scratch = vec![

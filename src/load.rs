@@ -158,20 +158,15 @@ fn fresh_standard_unpickler(py: Python<'_>) -> bool {
         return true;
     };
     let unpickler = unpickler.bind(py);
-    let standard = (|| -> PyResult<bool> {
-        let base = py
-            .import("_pickle")?
-            .getattr("Unpickler")?
-            .getattr("find_class")?;
-        // The unpickler calls `self.find_class`: an instance attribute of a subclass wins over
-        // the class's (red team 5 E2), so the bound method itself must be the base's, on it.
-        let resolved = unpickler.getattr("find_class")?;
-        let bound_here = resolved
-            .is_instance(&py.import("types")?.getattr("BuiltinMethodType")?)?
-            && resolved.getattr("__self__")?.is(unpickler);
-        Ok(bound_here && unpickler.get_type().getattr("find_class")?.is(&base))
-    })();
-    standard.unwrap_or(false) && memo_keys(unpickler).is_ok_and(|keys| keys.is_empty())
+    // Only `_pickle.Unpickler` itself: its `find_class` cannot be replaced on an instance, while a
+    // subclass can answer a check and the load differently (an instance attribute, red team 5 E2;
+    // `__getattribute__`, red team 7 H3; a property, or a metaclass answering for the class). A
+    // subclass keeps the file whole, in private memory.
+    let standard = py
+        .import("_pickle")
+        .and_then(|m| m.getattr("Unpickler"))
+        .is_ok_and(|base| unpickler.get_type().is(&base));
+    standard && memo_keys(unpickler).is_ok_and(|keys| keys.is_empty())
 }
 
 /// Decides one load (`decision::decide_load`) against the policy and `scope`, and carries the

@@ -117,8 +117,9 @@ thread_local! {
 }
 /// The link maps of the libpythons armed (at most one: a second one stops `enforce`, A2).
 static ARMED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-/// The loaded objects already looked at (load addresses), and glibc's load counter at the last look.
-static SEEN: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+/// The loaded objects already looked at (name and load address: an address alone is reused by the
+/// next object mapped after one is unloaded, red team 7 P2), and glibc's load counter at the last look.
+static SEEN: Mutex<Vec<(CString, usize)>> = Mutex::new(Vec::new());
 static LAST_ADDS: AtomicU64 = AtomicU64::new(u64::MAX);
 /// A second libpython was reported (lenient modes warn once).
 static SECOND_REPORTED: AtomicBool = AtomicBool::new(false);
@@ -264,10 +265,10 @@ fn look_for_new_cpython(handle: *mut c_void) {
         let mut fresh = Vec::new();
         {
             let mut seen = SEEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            for (name, map) in loaded_objects() {
-                if !seen.contains(&map) {
-                    seen.push(map);
-                    fresh.push(name);
+            for object in loaded_objects() {
+                if !seen.contains(&object) {
+                    fresh.push(object.0.clone());
+                    seen.push(object);
                 }
             }
         }
@@ -647,8 +648,9 @@ fn before_initialize() {
 }
 
 /// The definitions of a `Py_Initialize*`/`Py_*Main` that a call from the object `caller` can mean,
-/// best first: the one in the caller's own scope (a libpython calling itself through its PLT
-/// reaches its own, never another libpython's), else (the program called, or a libpython
+/// best first: the one in the caller's own scope when it is a libpython's (a libpython calling
+/// itself through its PLT reaches its own, never another libpython's; a namesake there yields to
+/// the global scope's, as the loader orders them), else (the program called, or a libpython
 /// tail-called through its PLT) the one in the object the program fetched its `Py_Initialize*`
 /// from with `dlsym`, else the one it reaches without this library (the next in the default
 /// scope), else every loaded object's own.
@@ -672,7 +674,14 @@ fn definitions(name: &[u8], caller: Option<*mut c_void>) -> Definitions {
         // SAFETY: balances the reference RTLD_NOLOAD took; the caller stays loaded.
         unsafe { libc::dlclose(handle) };
         if let Some(address) = found {
-            return Definitions::InCallerScope(address);
+            if in_libpython(address) {
+                return Definitions::InCallerScope(address);
+            }
+            // A namesake: the loader searches the global scope before the caller's own (a library
+            // earlier in the program's order overrides it, red team 7 P16).
+            // SAFETY: RTLD_NEXT is a valid scope; asked for as a plain address.
+            let next = unsafe { symbol_in::<*mut c_void>(libc::RTLD_NEXT, name) }.filter(not_own);
+            return Definitions::InCallerScope(next.unwrap_or(address));
         }
     }
     let fetched = INITIALIZER_FETCHED_FROM
