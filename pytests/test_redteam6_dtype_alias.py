@@ -107,7 +107,7 @@ def test_f7_joblib_dtype_changed_after_its_array_was_read(run_python, tmp_path):
     import pickletools
 
     joblib = pytest.importorskip("joblib")
-    n = 1 << 16
+    n = 1 << 22  # 32 MiB of array bytes: a loader file under 32 MiB is held whole
     joblib.dump([numpy.zeros(n, dtype="V8")], tmp_path / "orig")
     data = (tmp_path / "orig").read_bytes()
     ops = []
@@ -123,6 +123,7 @@ def test_f7_joblib_dtype_changed_after_its_array_was_read(run_python, tmp_path):
     assert data.endswith(b"a.")
     data = data[:-1] + forged + b"."
     assert joblib.load(tmp_path / "orig").__class__ is list
+    assert len(data) >= 32 << 20  # else picklegate holds the loader's file whole
     (tmp_path / "victim.joblib").write_bytes(data)
     write_manifest(tmp_path / "pickles.toml", (hashlib.sha256(data).hexdigest(), "__main__:*"))
     start = data.index(bytes(8 * n))
