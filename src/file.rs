@@ -896,7 +896,10 @@ impl Pinned {
             len += n;
             if let (Some(scanner), None) = (joblib.as_mut(), joblib_end) {
                 match scanner.feed(region.slice(0..len)) {
-                    Ok(Progress::Done(_)) => joblib_end = Some(true),
+                    // A dtype the scan could not follow to the end: keep the file whole.
+                    Ok(Progress::Done(_)) => {
+                        joblib_end = Some(scanner.raw_arrays_unsound().is_none())
+                    }
                     Ok(Progress::NeedMore(_)) => {
                         if let Some(array) = scanner.pending_array() {
                             if live.last().map(|r: &std::ops::Range<usize>| r.start)

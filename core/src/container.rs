@@ -262,8 +262,10 @@ fn scan_zip<R: Read + Seek>(contents: &mut Contents, reader: R) -> Result<(), Co
             .name_for_index(index)
             .unwrap_or_default()
             .to_string();
-        let is_pickle = name.ends_with(".pkl");
-        if !is_pickle && !name.ends_with(".npy") {
+        // torch finds its records case-insensitively (miniz): `data.PKL` is its pickle too
+        let lower = name.to_ascii_lowercase();
+        let is_pickle = lower.ends_with(".pkl");
+        if !is_pickle && !lower.ends_with(".npy") {
             continue;
         }
         let mut member = archive
@@ -520,6 +522,10 @@ mod tests {
         let names: Vec<&str> = contents.parts.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["archive/data.pkl", "archive/extra.pkl"]);
         assert_eq!(contents.parts[0].report.globals, odict());
+        // red team 6, T2: torch reads `archive/data.PKL` as its pickle (case-insensitive lookup)
+        let upper = scan_contents(&zip_of(&[("archive/data.PKL", ODICT_P4)])).unwrap();
+        assert_eq!(upper.format, "torch zip");
+        assert_eq!(upper.parts[0].report.globals, odict());
         let broken = zip_of(&[("archive/data.pkl", &ODICT_P4[..20])]);
         let err = scan_contents(&broken).unwrap_err();
         assert!(

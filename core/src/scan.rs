@@ -132,22 +132,51 @@ struct Dtype {
     code: String,
     /// `(elsize, flags)` from a version 3 or 4 state tuple.
     state: Option<(i64, i64)>,
+    /// The state's subarray and fields (`None` when it has neither): the dtypes inside them.
+    parts: Vec<Item>,
     /// Why the last BUILD's state was not understood (the dtype then has no known size).
     bad_state: Option<String>,
+    /// The in-band proof saw this dtype taken by something that might hand it back (a call, a
+    /// container): a BUILD the scan does not follow could then change it (red team 6, F4).
+    escaped: bool,
 }
 
 /// numpy's `NPY_ITEM_HASOBJECT` bit of `dtype.flags`: joblib pickles such arrays.
 const DTYPE_HAS_OBJECT: i64 = 0x01;
 
+/// How deep dtypes nested in subarrays and fields are followed; deeper ones are not understood.
+const DTYPE_NESTING: usize = 8;
+
 impl Dtype {
     /// The element joblib reads for this dtype, as numpy would size it after the BUILD: for
     /// flexible codes (S, U, V) the state's elsize, for the others the code's own size;
     /// `hasobject` is the state's flag (numpy takes it from the state as is).
+    ///
+    /// numpy takes the flags as they are, so a state whose flags deny the objects its code, subarray
+    /// or fields hold makes a dtype that reads raw bytes as object pointers (`frombuffer` and
+    /// joblib check only the flags; red team 6, F1-F3): numpy never writes one, and it is refused.
     fn element(&self) -> Result<Element, String> {
+        self.element_within(0)
+    }
+
+    fn element_within(&self, depth: usize) -> Result<Element, String> {
         if let Some(problem) = &self.bad_state {
             return Err(problem.clone());
         }
+        if self.escaped {
+            return Err(format!(
+                "dtype {} that the pickle also hands to something else, which may change it",
+                self.code
+            ));
+        }
         let code = self.code.as_str();
+        let holds_objects = code.starts_with('O') || self.parts_hold_objects(depth)?;
+        if holds_objects && matches!(self.state, Some((_, flags)) if flags & DTYPE_HAS_OBJECT == 0)
+        {
+            return Err(format!(
+                "dtype {code} holds objects but its pickled flags say it does not (raw bytes would be read as object pointers)"
+            ));
+        }
         let flexible = matches!(code.as_bytes().first(), Some(b'S' | b'U' | b'V'))
             && code.len() > 1
             && code[1..].bytes().all(|b| b.is_ascii_digit());
@@ -176,14 +205,63 @@ impl Dtype {
         }
     }
 
+    /// Whether a dtype in the state's subarray `(base, shape)` or fields `{name: (dtype, offset[,
+    /// title])}` holds objects; a part that is not such a tracked dtype is not understood.
+    fn parts_hold_objects(&self, depth: usize) -> Result<bool, String> {
+        let nested = |item: &Item| -> Result<bool, String> {
+            let Item::Dtype(inner) = item else {
+                return Err("dtype with a subarray or field that is not a numpy.dtype".to_string());
+            };
+            if depth >= DTYPE_NESTING {
+                return Err("dtype nested too deep".to_string());
+            }
+            // A dtype reaching itself through the memo is already locked: not understood.
+            let inner = inner
+                .try_lock()
+                .map_err(|_| "dtype that holds itself".to_string())?;
+            Ok(inner.element_within(depth + 1)? == Element::Object)
+        };
+        let mut holds = false;
+        for part in &self.parts {
+            holds |= match part {
+                Item::None => false,
+                Item::Tuple(subarray) => match subarray.as_slice() {
+                    [base, Item::Tuple(_)] => nested(base)?,
+                    _ => return Err("dtype subarray is not (dtype, shape)".to_string()),
+                },
+                Item::Dict(fields) => {
+                    let fields = fields
+                        .try_lock()
+                        .map_err(|_| "dtype fields that hold themselves".to_string())?;
+                    let mut any = false;
+                    for (_, field) in fields.iter() {
+                        any |= match field {
+                            Item::Tuple(field) if matches!(field.len(), 2 | 3) => {
+                                nested(&field[0])?
+                            }
+                            _ => return Err("dtype field is not (dtype, offset)".to_string()),
+                        };
+                    }
+                    any
+                }
+                _ => {
+                    return Err(
+                        "dtype with fields or a subarray the scan does not follow".to_string()
+                    )
+                }
+            };
+        }
+        Ok(holds)
+    }
+
     /// `dtype.__setstate__`: `(version, byteorder, subarray, names, fields, elsize, alignment,
     /// flags[, metadata])` for versions 3 and 4, the only ones numpy has written since 1.x.
     fn set_state(&mut self, state: &Item) {
         let parsed = match state {
             Item::Tuple(items) => match items.as_slice() {
-                [Item::Int(3), _, _, _, _, Item::Int(elsize), Item::Int(_), Item::Int(flags)]
-                | [Item::Int(4), _, _, _, _, Item::Int(elsize), Item::Int(_), Item::Int(flags), _] => {
-                    Ok((*elsize, *flags))
+                [Item::Int(3), _, subarray, _, fields, Item::Int(elsize), Item::Int(_), Item::Int(flags)]
+                | [Item::Int(4), _, subarray, _, fields, Item::Int(elsize), Item::Int(_), Item::Int(flags), _] => {
+                    Ok(((*elsize, *flags), vec![subarray.clone(), fields.clone()]))
                 }
                 [Item::Int(version), ..] => Err(format!(
                     "dtype state version {version} with {} fields is not one numpy writes",
@@ -194,8 +272,9 @@ impl Dtype {
             _ => Err("dtype state is not a tuple of plain values".to_string()),
         };
         match parsed {
-            Ok(state) => {
+            Ok((state, parts)) => {
                 self.state = Some(state);
+                self.parts = parts;
                 self.bad_state = None;
             }
             Err(problem) => self.bad_state = Some(problem),
@@ -220,6 +299,8 @@ enum Item {
     Dtype(Arc<Mutex<Dtype>>),
     /// numpy's `_frombuffer`, as a GLOBAL/STACK_GLOBAL of its exact name resolves it.
     Frombuffer,
+    /// numpy's scalar reducer (`numpy._core.multiarray.scalar(dtype, bytes)`).
+    ScalarFn,
     /// A large in-band `BYTEARRAY8` taken at its header for array data: the index of its range.
     Payload(usize),
     Other,
@@ -234,6 +315,47 @@ impl Item {
             _ => false,
         }
     }
+
+    /// Whether this value is, or is a tuple holding, the class `numpy.dtype`.
+    fn holds_dtype_class(&self) -> bool {
+        match self {
+            Item::DtypeClass => true,
+            Item::Tuple(items) => items.iter().any(Item::holds_dtype_class),
+            _ => false,
+        }
+    }
+
+    /// Marks every dtype this value is or holds as taken by something the scan does not follow.
+    fn escape(&self) {
+        match self {
+            Item::Dtype(dtype) => {
+                if let Ok(mut dtype) = dtype.try_lock() {
+                    dtype.escaped = true;
+                }
+            }
+            Item::Tuple(items) => items.iter().for_each(Item::escape),
+            Item::Dict(pairs) => {
+                if let Ok(pairs) = pairs.try_lock() {
+                    pairs.iter().for_each(|(k, v)| {
+                        k.escape();
+                        v.escape();
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the memo must never forget this value: a payload, or what the in-band proof needs
+    /// to see every change of a dtype (a forgotten one could be changed by a BUILD the scan does
+    /// not follow while another reference still shows the old state; red team 6, F4).
+    fn always_kept(&self) -> bool {
+        match self {
+            Item::Payload(_) | Item::DtypeClass | Item::Dtype(_) => true,
+            Item::Tuple(items) => items.iter().any(Item::always_kept),
+            _ => false,
+        }
+    }
 }
 
 /// The proof that every large in-band array payload is read only as the buffer of numpy's
@@ -245,6 +367,9 @@ struct InbandProof {
     payloads: Vec<(std::ops::Range<usize>, bool)>,
     /// The first reason the proof fails.
     violation: Option<String>,
+    /// The dtypes `_frombuffer` was given: checked again at the end, since a later BUILD (or an
+    /// escape) changes the dtype of arrays already made from it.
+    dtypes: Vec<(Arc<Mutex<Dtype>>, Element)>,
 }
 
 /// The memo as the unpickler's: every key stored, and the values the scan tracks. With
@@ -303,7 +428,7 @@ impl Memo {
         } else {
             self.sparse.insert(key);
         }
-        let keep = item.holds_payload()
+        let keep = item.always_kept()
             || (!matches!(item, Item::Other) && self.values.len() < MAX_MEMO_VALUES);
         if keep {
             self.values.insert(key, item.clone());
@@ -322,6 +447,13 @@ impl Memo {
 /// A resumable scanner: feed it the input seen so far, and it continues where it stopped.
 #[derive(Debug, Default)]
 pub struct Scanner {
+    /// joblib: why a dtype was used in a way the scan cannot follow (see `raw_arrays_unsound`).
+    joblib_violation: Option<String>,
+    /// joblib: the dtypes of arrays whose raw bytes were read as data, checked again at STOP (a
+    /// later BUILD changes the dtype of the array already made; red team 6, F7).
+    joblib_dtypes: Vec<(Arc<Mutex<Dtype>>, Element)>,
+    /// See `raw_arrays_unsound`.
+    raw_arrays_unsound: Option<String>,
     pos: usize,
     stack: Vec<Item>,
     marks: Vec<usize>,
@@ -591,6 +723,9 @@ impl Scanner {
                 *self.report.risky_opcodes.entry(name).or_default() += 1;
             }
             if op == b'.' {
+                if self.joblib {
+                    self.raw_arrays_unsound = self.check_joblib_dtypes().err();
+                }
                 let mut report = std::mem::take(&mut self.report);
                 report.protocol = self.proto.unwrap_or(self.saw_binary as u8);
                 report.end = self.pos;
@@ -667,6 +802,21 @@ impl Scanner {
                 range.start
             ));
         }
+        for (dtype, was) in &proof.dtypes {
+            let dtype = dtype
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match dtype.element() {
+                Ok(element) if element == *was && !dtype.code.starts_with('O') => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "dtype {} of an in-band array changed after the array was made",
+                        dtype.code
+                    ))
+                }
+                Err(problem) => return Err(format!("an in-band array's {problem}")),
+            }
+        }
         Ok(proof.payloads.iter().map(|(r, _)| r.clone()).collect())
     }
 
@@ -688,6 +838,125 @@ impl Scanner {
                 format!("in-band array bytes reach {opcode} at offset {offset}, not numpy's _frombuffer")
             });
         }
+        // The memo and the stack's own moves hand a value to nothing.
+        let moved = matches!(
+            opcode,
+            "STOP"
+                | "GET"
+                | "BINGET"
+                | "LONG_BINGET"
+                | "PUT"
+                | "BINPUT"
+                | "LONG_BINPUT"
+                | "MEMOIZE"
+                | "DUP"
+                | "POP"
+                | "POP_MARK"
+        );
+        if self.tracks_values()
+            && !moved
+            && opcode != "REDUCE"
+            && items.iter().any(Item::holds_dtype_class)
+        {
+            self.dtype_violation(|| format!("numpy.dtype reaches {opcode} at offset {offset}"));
+        }
+        // TUPLE, REDUCE and BUILD are judged where they are carried out; SETITEM(S) and DICT
+        // into a dict the scan tracks (joblib's wrapper state) hand nothing to anyone yet.
+        if self.tracks_values()
+            && !moved
+            && !matches!(
+                opcode,
+                "TUPLE"
+                    | "TUPLE1"
+                    | "TUPLE2"
+                    | "TUPLE3"
+                    | "REDUCE"
+                    | "BUILD"
+                    | "SETITEM"
+                    | "SETITEMS"
+                    | "DICT"
+            )
+        {
+            items.iter().for_each(Item::escape);
+        }
+    }
+
+    /// At STOP of a joblib pickle: every array read as raw bytes still has a dtype of that size
+    /// without objects, and no dtype was used in a way the scan cannot follow.
+    fn check_joblib_dtypes(&self) -> Result<(), String> {
+        if let Some(why) = &self.joblib_violation {
+            return Err(why.clone());
+        }
+        for (dtype, was) in &self.joblib_dtypes {
+            let dtype = dtype
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match dtype.element() {
+                Ok(element) if element == *was => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "dtype {} changed after its array was read",
+                        dtype.code
+                    ))
+                }
+                Err(problem) => return Err(problem),
+            }
+        }
+        Ok(())
+    }
+
+    /// For a joblib scan that reached STOP: why the raw array bytes it found must not be read
+    /// from the file after the check (a dtype changed or used where the scan cannot follow it;
+    /// red team 6, F7), or `None`. The scan itself stands: only the file is then kept whole.
+    pub fn raw_arrays_unsound(&self) -> Option<&str> {
+        self.raw_arrays_unsound.as_deref()
+    }
+
+    /// A dtype used in a way the scan cannot follow: the in-band proof fails; a joblib
+    /// file is kept whole (`raw_arrays_unsound`).
+    fn dtype_violation(&mut self, why: impl FnOnce() -> String) {
+        if self.inband.is_some() {
+            self.violate(why);
+        } else if self.joblib {
+            self.joblib_violation.get_or_insert_with(why);
+        }
+    }
+
+    /// The in-band proof follows a dtype's state through the BUILDs of the value
+    /// `numpy.dtype(code, ...)` returns. `numpy.dtype` called any other way (`numpy.dtype(d)` is
+    /// `d`, NEWOBJ, or handed to a function that calls it) returns an existing dtype whose state a
+    /// BUILD the scan does not follow can change after its size was checked (red team 6, F4).
+    fn check_dtype_call(&mut self, callable: &Item, args: &Item, offset: usize) {
+        let by_code =
+            matches!(args, Item::Tuple(items) if matches!(items.first(), Some(Item::Str(_))));
+        if self.tracks_values()
+            && (args.holds_dtype_class() || (matches!(callable, Item::DtypeClass) && !by_code))
+        {
+            self.dtype_violation(|| {
+                format!("REDUCE at offset {offset}: numpy.dtype called other than on a type code")
+            });
+        }
+        // A dtype handed to any call but as `_frombuffer`'s dtype has escaped.
+        if self.tracks_values() {
+            match (callable, args) {
+                (Item::Frombuffer, Item::Tuple(items)) if items.len() > 1 => {
+                    items[0].escape();
+                    items[2..].iter().for_each(Item::escape);
+                }
+                // numpy's scalar reducer returns its second argument for an object dtype only
+                (Item::ScalarFn, Item::Tuple(items))
+                    if matches!(items.first(), Some(Item::Dtype(dtype)) if dtype.try_lock().is_ok_and(|d| {
+                        !d.code.starts_with('O') && matches!(d.element(), Ok(Element::Bytes(_)))
+                    })) =>
+                {
+                    items[1..].iter().for_each(Item::escape);
+                }
+                _ => {
+                    callable.escape();
+                    args.escape();
+                }
+            }
+        }
     }
 
     /// At a `BYTEARRAY8` header: whether its payload is provisionally array data (see
@@ -705,8 +974,8 @@ impl Scanner {
     fn reduce_payload(&mut self, callable: &Item, args: &Item, offset: usize) {
         let why = match (callable, args) {
             (Item::Frombuffer, Item::Tuple(items)) => match items.as_slice() {
-                [Item::Payload(id), Item::Dtype(dtype), Item::Tuple(shape), Item::Str(order)] => {
-                    let dtype = dtype
+                [Item::Payload(id), Item::Dtype(shared), Item::Tuple(shape), Item::Str(order)] => {
+                    let dtype = shared
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner());
                     // An object code is objects whatever flags its state claims.
@@ -720,12 +989,13 @@ impl Scanner {
                         _ if used != Some(false) => {
                             Some("the payload is given to _frombuffer twice".to_string())
                         }
-                        Ok(Element::Bytes(_))
+                        Ok(Element::Bytes(size))
                             if shape.iter().all(|d| matches!(d, Item::Int(d) if *d >= 0))
                                 && matches!(order.as_str(), "C" | "F") =>
                         {
                             if let Some(proof) = &mut self.inband {
                                 proof.payloads[*id].1 = true;
+                                proof.dtypes.push((shared.clone(), Element::Bytes(size)));
                             }
                             None
                         }
@@ -984,7 +1254,7 @@ impl Scanner {
             }
             b'N' => self.stack.push(Item::None),
             b')' => self.stack.push(Item::Tuple(Vec::new())),
-            b'}' if self.joblib => self.stack.push(Item::Dict(Arc::default())),
+            b'}' if self.tracks_values() => self.stack.push(Item::Dict(Arc::default())),
             0x88 | 0x89 | b'}' | b']' | 0x8f | 0x97 => self.stack.push(Item::Other),
             b'S' => {
                 let text = arg!(cur.line());
@@ -1040,17 +1310,20 @@ impl Scanner {
                 let items = self.pop_mark(at, name)?;
                 let target = self.top(at, name)?;
                 if op == b'u' {
-                    Self::set_items(&target, items);
+                    self.set_items_or_escape(&target, items);
                 }
             }
             b'l' | b'd' | 0x91 => {
                 let items = self.pop_mark(at, name)?;
                 self.stack.push(match op {
-                    b'd' if self.joblib => Item::Dict(Arc::default()),
+                    b'd' if self.tracks_values() => Item::Dict(Arc::default()),
                     _ => Item::Other,
                 });
                 if op == b'd' {
-                    Self::set_items(self.stack.last().expect("just pushed"), items);
+                    let dict = self.stack.last().expect("just pushed").clone();
+                    self.set_items_or_escape(&dict, items);
+                } else if self.tracks_values() {
+                    items.iter().for_each(Item::escape);
                 }
             }
             b't' => {
@@ -1064,7 +1337,7 @@ impl Scanner {
             b's' => {
                 let items = self.pop(2, at, name)?;
                 let target = self.top(at, name)?;
-                Self::set_items(&target, items);
+                self.set_items_or_escape(&target, items);
             }
             b'g' | b'h' | b'j' => {
                 let index = match op {
@@ -1112,6 +1385,9 @@ impl Scanner {
                 let class = self.class_item(&module, &attr);
                 self.add_global(module, attr);
                 if op == b'i' {
+                    if matches!(class, Item::DtypeClass) {
+                        self.dtype_violation(|| format!("INST of numpy.dtype at offset {at}"));
+                    }
                     self.pop_mark(at, name)?;
                     if matches!(class, Item::WrapperClass) {
                         return Err(Self::malformed(
@@ -1166,6 +1442,7 @@ impl Scanner {
                 if self.inband.is_some() && operands.iter().any(Item::holds_payload) {
                     self.reduce_payload(&operands[0], &operands[1], at);
                 }
+                self.check_dtype_call(&operands[0], &operands[1], at);
                 self.stack.push(Self::reduced(&operands[0], &operands[1]));
             }
             b'b' => {
@@ -1181,6 +1458,10 @@ impl Scanner {
                         .unwrap_or_else(|poisoned| poisoned.into_inner())
                         .set_state(&operands[1]);
                 }
+                // A dtype in the state of anything else has not escaped: BUILD leaves its target,
+                // never the state, and a dtype held in an object's state can be fetched back
+                // only by `numpy.dtype(object)`, which the scan refuses (an ndarray's state, as
+                // numpy pickles a non-contiguous array, holds its dtype).
                 // BUILD leaves the object on the stack; joblib replaces a wrapper with its array.
                 self.stack.push(match operands.swap_remove(0) {
                     Item::Wrapper(_) => Item::Other,
@@ -1277,6 +1558,7 @@ impl Scanner {
                 Item::Frombuffer
             }
             ("numpy", "dtype") => Item::DtypeClass,
+            ("numpy._core.multiarray" | "numpy.core.multiarray", "scalar") => Item::ScalarFn,
             _ => Item::Other,
         }
     }
@@ -1296,13 +1578,28 @@ impl Scanner {
         })))
     }
 
-    /// SETITEM(S) and DICT: pairs go into a tracked dict (the last value of a key wins).
-    fn set_items(target: &Item, items: Vec<Item>) {
+    /// SETITEM(S) and DICT: pairs go into a tracked dict; into anything else, a dtype among
+    /// them has escaped.
+    fn set_items_or_escape(&self, target: &Item, items: Vec<Item>) {
+        if self.tracks_values() && !matches!(target, Item::Dict(_)) {
+            items.iter().for_each(Item::escape);
+        }
+        self.set_items(target, items);
+    }
+
+    /// SETITEM(S) and DICT: pairs go into a tracked dict (the last value of a key wins). The
+    /// in-band proof keeps only pairs whose value holds a dtype (a structured dtype's fields):
+    /// the others are one `(Other, Other)` pair, so its memory grows only with dtypes.
+    fn set_items(&self, target: &Item, items: Vec<Item>) {
         if let Item::Dict(dict) = target {
             let mut items = items.into_iter();
             let mut dict = dict.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             while let (Some(key), Some(value)) = (items.next(), items.next()) {
-                dict.push((key, value));
+                if self.joblib || value.always_kept() {
+                    dict.push((key, value));
+                } else if !matches!(dict.first(), Some((Item::Other, Item::Other))) {
+                    dict.insert(0, (Item::Other, Item::Other));
+                }
             }
         }
     }
@@ -1358,11 +1655,17 @@ impl Scanner {
         }
         .ok_or_else(|| bad("shape is not a tuple of sizes"))?;
         let element = match fields.get("dtype") {
-            Some(Item::Dtype(dtype)) => dtype
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .element()
-                .map_err(|p| bad(&p))?,
+            Some(Item::Dtype(dtype)) => {
+                let element = dtype
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .element()
+                    .map_err(|p| bad(&p))?;
+                if matches!(element, Element::Bytes(_)) {
+                    self.joblib_dtypes.push((dtype.clone(), element));
+                }
+                element
+            }
             _ => {
                 return Err(bad(
                     "dtype is not a numpy.dtype made by numpy.dtype(code, align, copy)",
@@ -1745,7 +2048,7 @@ mod tests {
             Dtype {
                 code: code.into(),
                 state,
-                bad_state: None,
+                ..Default::default()
             }
             .element()
         };
@@ -1755,8 +2058,12 @@ mod tests {
         assert_eq!(dtype("f8", Some((4, 0))), Ok(Element::Bytes(8)));
         assert_eq!(dtype("f8", Some((-1, 1))), Ok(Element::Object));
         assert_eq!(dtype("V9", Some((9, 27))), Ok(Element::Object));
-        assert_eq!(dtype("O8", Some((-1, 0))), Ok(Element::Bytes(8)));
         assert_eq!(dtype("O8", None), Ok(Element::Object));
+        // flags that deny the objects a dtype holds: numpy would read raw bytes as object
+        // pointers (red team 6, F3: joblib reads such an array's bytes from the file)
+        assert!(dtype("O8", Some((-1, 0)))
+            .unwrap_err()
+            .contains("flags say it does not"));
         assert!(dtype("U3", None).unwrap_err().contains("no pickled state"));
         assert!(dtype("float64", Some((8, 0)))
             .unwrap_err()
@@ -1770,6 +2077,75 @@ mod tests {
         };
         odd.set_state(&Item::Tuple(vec![Item::Int(2), Item::Other]));
         assert!(odd.element().unwrap_err().contains("version 2"));
+    }
+
+    #[test]
+    fn dtype_objects_in_a_subarray_or_fields_must_be_flagged() {
+        let inner = |code: &str, flags: i64| {
+            Item::Dtype(Arc::new(Mutex::new(Dtype {
+                code: code.into(),
+                state: Some((8, flags)),
+                ..Default::default()
+            })))
+        };
+        let outer = |parts: Vec<Item>, flags: i64| {
+            Dtype {
+                code: "V8".into(),
+                state: Some((8, flags)),
+                parts,
+                ..Default::default()
+            }
+            .element()
+        };
+        let subarray = |base| Item::Tuple(vec![base, Item::Tuple(vec![Item::Int(1)])]);
+        let fields = |dtype| {
+            Item::Dict(Arc::new(Mutex::new(vec![(
+                Item::Str("a".into()),
+                Item::Tuple(vec![dtype, Item::Int(0)]),
+            )])))
+        };
+        // red team 6, F1 and F2: objects in a subarray or a field, flags 0
+        for parts in [
+            vec![subarray(inner("O8", 63)), Item::None],
+            vec![Item::None, fields(inner("O8", 63))],
+            // an inner structured dtype whose own flags hide its object subarray
+            vec![
+                Item::None,
+                fields(Item::Dtype(Arc::new(Mutex::new(Dtype {
+                    code: "V8".into(),
+                    state: Some((8, 63)),
+                    parts: vec![subarray(inner("O8", 0)), Item::None],
+                    ..Default::default()
+                })))),
+            ],
+        ] {
+            let err = outer(parts, 0).unwrap_err();
+            assert!(err.contains("flags say it does not"), "{err}");
+        }
+        // as numpy writes them
+        assert_eq!(
+            outer(vec![subarray(inner("O8", 63)), Item::None], 63),
+            Ok(Element::Object)
+        );
+        assert_eq!(
+            outer(vec![Item::None, fields(inner("f8", 0))], 0),
+            Ok(Element::Bytes(8))
+        );
+        assert_eq!(
+            outer(vec![Item::None, Item::None], 0),
+            Ok(Element::Bytes(8))
+        );
+        // parts the scan does not follow, a dtype holding itself
+        assert!(outer(vec![Item::None, Item::Other], 0).is_err());
+        let looped = Arc::new(Mutex::new(Dtype {
+            code: "V8".into(),
+            state: Some((8, 0)),
+            ..Default::default()
+        }));
+        looped.lock().unwrap().parts = vec![subarray(Item::Dtype(looped.clone())), Item::None];
+        let err = looped.lock().unwrap().element().unwrap_err();
+        assert!(err.contains("itself"), "{err}");
+        looped.lock().unwrap().parts.clear();
     }
 
     #[test]
@@ -1966,6 +2342,107 @@ mod tests {
             ]
             .concat(),
             "READONLY_BUFFER",
+        );
+        // red team 6, F1: a V8 dtype whose state gives it a subarray of objects but flags 0, so
+        // that numpy's frombuffer makes an object array of the payload's bytes read as pointers
+        let objects_subarray = [
+            global("numpy", "dtype"),
+            text("V8"),
+            b"\x89\x88\x87R(K\x03".to_vec(),
+            text("|"),
+            b"(".to_vec(),
+            dtype("O8"),
+            b"K\x01\x85tNNK\x08K\x08K\x00tb".to_vec(),
+        ]
+        .concat();
+        refused(
+            [
+                frombuffer(),
+                b"(".to_vec(),
+                bytearray8(N),
+                objects_subarray,
+                b"J\x00\x00\x04\x00K\x01\x86".to_vec(),
+                text("C"),
+                b"tR".to_vec(),
+            ]
+            .concat(),
+            "flags say it does not",
+        );
+        // red team 6, F4-F6: a V8 dtype (memo 1) changed by a BUILD the scan does not follow,
+        // through numpy.dtype(d) is d, through NEWOBJ, or after _frombuffer used it
+        let v8 = |subarray: &[u8]| {
+            [
+                b"(K\x03".to_vec(),
+                text("|"),
+                subarray.to_vec(),
+                b"NNK\x08K\x08K\x00tb".to_vec(),
+            ]
+            .concat()
+        };
+        let objects = [
+            b"(h\x00".to_vec(),
+            text("O8"),
+            b"\x89\x88\x87RK\x01\x85t".to_vec(),
+        ]
+        .concat();
+        let d = [
+            global("numpy", "dtype"),
+            b"\x94".to_vec(),
+            text("V8"),
+            b"\x89\x88\x87R\x94".to_vec(),
+            v8(b"N"),
+            b"0".to_vec(),
+        ]
+        .concat();
+        let made = [
+            frombuffer(),
+            b"(".to_vec(),
+            bytearray8(N),
+            b"h\x01J\x00\x00\x04\x00K\x01\x86".to_vec(),
+            text("C"),
+            b"tR".to_vec(),
+        ]
+        .concat();
+        for (alias, why) in [
+            (
+                b"h\x00h\x01\x85R".as_slice(),
+                "numpy.dtype called other than on a type code",
+            ),
+            (b"h\x00h\x01\x85\x81", "numpy.dtype reaches NEWOBJ"),
+        ] {
+            refused(
+                [
+                    d.clone(),
+                    alias.to_vec(),
+                    v8(&objects),
+                    b"0".to_vec(),
+                    made.clone(),
+                ]
+                .concat(),
+                why,
+            );
+        }
+        refused(
+            [
+                d.clone(),
+                made.clone(),
+                b"h\x01".to_vec(),
+                v8(&objects),
+                b"0".to_vec(),
+            ]
+            .concat(),
+            "an in-band array's dtype V8 holds objects",
+        );
+        // a dtype handed to a call (here a tuple given to builtins.list) has escaped
+        refused(
+            [
+                d,
+                global("builtins", "list"),
+                b"h\x01\x85\x85R0".to_vec(),
+                made,
+            ]
+            .concat(),
+            "hands to something else",
         );
         // object dtype, a shape or order numpy does not write
         refused(
