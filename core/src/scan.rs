@@ -306,7 +306,20 @@ enum Item {
     Other,
 }
 
+/// How deep tracked tuples may nest inside each other (shapes, dtype states and joblib's wrapper
+/// arguments nest a few levels).
+const MAX_TUPLE_NESTING: usize = 64;
+
 impl Item {
+    /// Whether tuples nest more than `limit` deep in this value (looking no deeper than that).
+    fn nests_deeper(&self, limit: usize) -> bool {
+        match self {
+            Item::Tuple(_) if limit == 0 => true,
+            Item::Tuple(items) => items.iter().any(|item| item.nests_deeper(limit - 1)),
+            _ => false,
+        }
+    }
+
     /// Whether this value is, or is a tuple holding, a payload taken for array data.
     fn holds_payload(&self) -> bool {
         match self {
@@ -1328,11 +1341,11 @@ impl Scanner {
             }
             b't' => {
                 let items = self.pop_mark(at, name)?;
-                self.push_tuple(items);
+                self.push_tuple(items, at, name)?;
             }
             0x85..=0x87 => {
                 let items = self.pop((op - 0x84) as usize, at, name)?;
-                self.push_tuple(items);
+                self.push_tuple(items, at, name)?;
             }
             b's' => {
                 let items = self.pop(2, at, name)?;
@@ -1542,12 +1555,27 @@ impl Scanner {
         });
     }
 
-    fn push_tuple(&mut self, items: Vec<Item>) {
-        self.stack.push(if self.tracks_values() {
-            Item::Tuple(items)
+    /// A tracked tuple nesting deeper than `MAX_TUPLE_NESTING` is not followed: the scan stops
+    /// with an error (the caller keeps the file whole), where walking and dropping such a nest
+    /// would recurse as deep as the pickle says (red team 6, F9: a stack overflow).
+    fn push_tuple(
+        &mut self,
+        items: Vec<Item>,
+        offset: usize,
+        opcode: &'static str,
+    ) -> Result<(), ScanError> {
+        if !self.tracks_values() {
+            self.stack.push(Item::Other);
+        } else if items.iter().any(|item| item.nests_deeper(MAX_TUPLE_NESTING)) {
+            return Err(Self::malformed(
+                offset,
+                opcode,
+                format!("tuples nested more than {MAX_TUPLE_NESTING} deep are not followed"),
+            ));
         } else {
-            Item::Other
-        });
+            self.stack.push(Item::Tuple(items));
+        }
+        Ok(())
     }
 
     fn class_item(&self, module: &str, name: &str) -> Item {
@@ -2657,5 +2685,27 @@ mod tests {
             Ok(Progress::NeedMore(_))
         ));
         assert_eq!(scanner.pending_array(), Some(header..header + N));
+    }
+
+    #[test]
+    fn tuples_nested_past_the_bound_stop_a_value_tracking_scan_not_the_stack() {
+        let nest = |depth: usize| {
+            let mut data = b"\x80\x05N".to_vec();
+            data.extend(std::iter::repeat_n(0x85u8, depth));
+            data.push(b'.');
+            data
+        };
+        // within the bound: followed (no payload, so nothing to prove)
+        assert_eq!(inband_array_data(&nest(MAX_TUPLE_NESTING)), Ok(Vec::new()));
+        assert!(scan(&nest(MAX_TUPLE_NESTING)).is_ok());
+        // past it (red team 6 F9: 300,000 levels overflowed the stack): an error, at once
+        for depth in [MAX_TUPLE_NESTING + 2, 1_000_000] {
+            let proof = inband_array_data(&nest(depth));
+            assert!(proof.as_ref().is_err_and(|e| e.contains("nested more than")), "{proof:?}");
+            let mut joblib = Scanner::for_joblib();
+            assert!(joblib.feed(&nest(depth)).is_err());
+            // the plain scan tracks no values: the same pickle scans whole
+            assert!(scan(&nest(depth)).is_ok());
+        }
     }
 }
