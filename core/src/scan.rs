@@ -1566,7 +1566,10 @@ impl Scanner {
     ) -> Result<(), ScanError> {
         if !self.tracks_values() {
             self.stack.push(Item::Other);
-        } else if items.iter().any(|item| item.nests_deeper(MAX_TUPLE_NESTING)) {
+        } else if items
+            .iter()
+            .any(|item| item.nests_deeper(MAX_TUPLE_NESTING))
+        {
             return Err(Self::malformed(
                 offset,
                 opcode,
@@ -2701,7 +2704,12 @@ mod tests {
         // past it (red team 6 F9: 300,000 levels overflowed the stack): an error, at once
         for depth in [MAX_TUPLE_NESTING + 2, 1_000_000] {
             let proof = inband_array_data(&nest(depth));
-            assert!(proof.as_ref().is_err_and(|e| e.contains("nested more than")), "{proof:?}");
+            assert!(
+                proof
+                    .as_ref()
+                    .is_err_and(|e| e.contains("nested more than")),
+                "{proof:?}"
+            );
             let mut joblib = Scanner::for_joblib();
             assert!(joblib.feed(&nest(depth)).is_err());
             // the plain scan tracks no values: the same pickle scans whole
