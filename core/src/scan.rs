@@ -1,6 +1,7 @@
 //! Static pickle opcode scanning, protocols 0-5, with no code executed: protocol, the globals a
 //! pickle would import, risky opcodes, where it ends, and precise errors for broken input.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -289,7 +290,8 @@ enum Item {
     Str(String),
     Int(i64),
     None,
-    Tuple(Vec<Item>),
+    /// Shared, like the memo's references: a GET copies no items.
+    Tuple(Arc<Vec<Item>>),
     /// Shared like a Python dict: the memo and the stack see the same one.
     Dict(Arc<Mutex<Vec<(Item, Item)>>>),
     WrapperClass,
@@ -310,12 +312,36 @@ enum Item {
 /// arguments nest a few levels).
 const MAX_TUPLE_NESTING: usize = 64;
 
+/// How many tracked values one scan may visit in its walks of tuples and dicts (each pop walks
+/// what it pops; through the memo, a few hundred bytes build a tuple whose walk would never end).
+/// Past it, a value-tracking scan stops with an error and the caller keeps the file whole.
+const MAX_WALK: usize = 1 << 22;
+
+thread_local! {
+    /// What is left of the walk budget of the scan whose `feed` is running on this thread.
+    static WALK_LEFT: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// Counts one value a walk visits; `false` once the running scan's budget is spent (the walk
+/// then answers as if the worst were there, and the scan stops after this opcode).
+fn walk_step() -> bool {
+    WALK_LEFT.with(|left| match left.get() {
+        0 => false,
+        n => {
+            left.set(n - 1);
+            true
+        }
+    })
+}
+
 impl Item {
     /// Whether tuples nest more than `limit` deep in this value (looking no deeper than that).
     fn nests_deeper(&self, limit: usize) -> bool {
         match self {
             Item::Tuple(_) if limit == 0 => true,
-            Item::Tuple(items) => items.iter().any(|item| item.nests_deeper(limit - 1)),
+            Item::Tuple(items) => items
+                .iter()
+                .any(|item| !walk_step() || item.nests_deeper(limit - 1)),
             _ => false,
         }
     }
@@ -324,7 +350,9 @@ impl Item {
     fn holds_payload(&self) -> bool {
         match self {
             Item::Payload(_) => true,
-            Item::Tuple(items) => items.iter().any(Item::holds_payload),
+            Item::Tuple(items) => items
+                .iter()
+                .any(|item| !walk_step() || item.holds_payload()),
             _ => false,
         }
     }
@@ -333,7 +361,9 @@ impl Item {
     fn holds_dtype_class(&self) -> bool {
         match self {
             Item::DtypeClass => true,
-            Item::Tuple(items) => items.iter().any(Item::holds_dtype_class),
+            Item::Tuple(items) => items
+                .iter()
+                .any(|item| !walk_step() || item.holds_dtype_class()),
             _ => false,
         }
     }
@@ -346,10 +376,10 @@ impl Item {
                     dtype.escaped = true;
                 }
             }
-            Item::Tuple(items) => items.iter().for_each(Item::escape),
+            Item::Tuple(items) => items.iter().filter(|_| walk_step()).for_each(Item::escape),
             Item::Dict(pairs) => {
                 if let Ok(pairs) = pairs.try_lock() {
-                    pairs.iter().for_each(|(k, v)| {
+                    pairs.iter().filter(|_| walk_step()).for_each(|(k, v)| {
                         k.escape();
                         v.escape();
                     });
@@ -365,7 +395,7 @@ impl Item {
     fn always_kept(&self) -> bool {
         match self {
             Item::Payload(_) | Item::DtypeClass | Item::Dtype(_) => true,
-            Item::Tuple(items) => items.iter().any(Item::always_kept),
+            Item::Tuple(items) => items.iter().any(|item| !walk_step() || item.always_kept()),
             _ => false,
         }
     }
@@ -460,6 +490,8 @@ impl Memo {
 /// A resumable scanner: feed it the input seen so far, and it continues where it stopped.
 #[derive(Debug, Default)]
 pub struct Scanner {
+    /// Tracked values visited by walks so far (see `MAX_WALK`).
+    walked: usize,
     /// joblib: why a dtype was used in a way the scan cannot follow (see `raw_arrays_unsound`).
     joblib_violation: Option<String>,
     /// joblib: the dtypes of arrays whose raw bytes were read as data, checked again at STOP (a
@@ -717,6 +749,14 @@ fn quoted_text(bytes: &[u8]) -> Option<Item> {
 impl Scanner {
     /// Continues scanning `buf` (all input so far, from the start of the pickle).
     pub fn feed(&mut self, buf: &[u8]) -> Result<Progress, ScanError> {
+        let outer = WALK_LEFT.with(|left| left.replace(MAX_WALK.saturating_sub(self.walked)));
+        let progress = self.feed_steps(buf);
+        let left = WALK_LEFT.with(|left| left.replace(outer));
+        self.walked = MAX_WALK - left;
+        progress
+    }
+
+    fn feed_steps(&mut self, buf: &[u8]) -> Result<Progress, ScanError> {
         self.pending_array = None;
         loop {
             let start = self.pos;
@@ -728,7 +768,17 @@ impl Scanner {
                 byte: op,
             })?;
             let mut cur = Cursor { buf, at: start + 1 };
-            match self.step(op, name, &mut cur, start)? {
+            let stepped = self.step(op, name, &mut cur, start)?;
+            if WALK_LEFT.with(Cell::get) == 0 {
+                return Err(Self::malformed(
+                    start,
+                    name,
+                    format!(
+                        "values shared through the memo take more than {MAX_WALK} steps to follow"
+                    ),
+                ));
+            }
+            match stepped {
                 Some(need) => return Ok(Progress::NeedMore(self.hint(buf, need))),
                 None => self.pos = cur.at,
             }
@@ -1266,7 +1316,7 @@ impl Scanner {
                 }
             }
             b'N' => self.stack.push(Item::None),
-            b')' => self.stack.push(Item::Tuple(Vec::new())),
+            b')' => self.stack.push(Item::Tuple(Arc::new(Vec::new()))),
             b'}' if self.tracks_values() => self.stack.push(Item::Dict(Arc::default())),
             0x88 | 0x89 | b'}' | b']' | 0x8f | 0x97 => self.stack.push(Item::Other),
             b'S' => {
@@ -1576,7 +1626,7 @@ impl Scanner {
                 format!("tuples nested more than {MAX_TUPLE_NESTING} deep are not followed"),
             ));
         } else {
-            self.stack.push(Item::Tuple(items));
+            self.stack.push(Item::Tuple(Arc::new(items)));
         }
         Ok(())
     }
@@ -2106,7 +2156,7 @@ mod tests {
             code: "U3".into(),
             ..Default::default()
         };
-        odd.set_state(&Item::Tuple(vec![Item::Int(2), Item::Other]));
+        odd.set_state(&Item::Tuple(Arc::new(vec![Item::Int(2), Item::Other])));
         assert!(odd.element().unwrap_err().contains("version 2"));
     }
 
@@ -2128,11 +2178,16 @@ mod tests {
             }
             .element()
         };
-        let subarray = |base| Item::Tuple(vec![base, Item::Tuple(vec![Item::Int(1)])]);
+        let subarray = |base| {
+            Item::Tuple(Arc::new(vec![
+                base,
+                Item::Tuple(Arc::new(vec![Item::Int(1)])),
+            ]))
+        };
         let fields = |dtype| {
             Item::Dict(Arc::new(Mutex::new(vec![(
                 Item::Str("a".into()),
-                Item::Tuple(vec![dtype, Item::Int(0)]),
+                Item::Tuple(Arc::new(vec![dtype, Item::Int(0)])),
             )])))
         };
         // red team 6, F1 and F2: objects in a subarray or a field, flags 0
@@ -2714,6 +2769,36 @@ mod tests {
             assert!(joblib.feed(&nest(depth)).is_err());
             // the plain scan tracks no values: the same pickle scans whole
             assert!(scan(&nest(depth)).is_ok());
+        }
+    }
+
+    #[test]
+    fn tuples_shared_through_the_memo_cost_a_bounded_walk() {
+        // Each level a tuple of 8 references to the level below: 251 bytes whose tree has 8^12
+        // leaves, popped again and again; and a 50,000-item tuple popped 50,000 times.
+        let mut shared = b"\x80\x05(".to_vec();
+        shared.extend([b'N'; 8]);
+        shared.extend(b"t\x94");
+        for level in 0..12u8 {
+            shared.push(b'(');
+            for _ in 0..8 {
+                shared.extend([b'h', level]);
+            }
+            shared.extend(b"t\x94");
+        }
+        shared.extend([b'h', 12, b'0'].repeat(3));
+        shared.push(b'.');
+        let mut wide = b"\x80\x05(".to_vec();
+        wide.extend(std::iter::repeat_n(b'N', 50_000));
+        wide.extend(b"t\x94");
+        wide.extend(b"h\x000".repeat(50_000));
+        wide.push(b'.');
+        // Unbounded, each of these scans would run for hours.
+        for data in [shared, wide] {
+            let proof = inband_array_data(&data);
+            assert!(proof.is_err(), "{proof:?}");
+            let _ = Scanner::for_joblib().feed(&data);
+            assert!(scan(&data).is_ok());
         }
     }
 }
